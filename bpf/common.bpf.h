@@ -1,0 +1,149 @@
+/* common.bpf.h: maps and helpers shared by every tcptrace program.
+ *
+ * kernel/loader.py compiles one translation unit per command that includes
+ * this file once and then the program parts it needs (lifecycle.bpf.c, ...).
+ *
+ * Knobs (-D cflags set by the loader, all optional):
+ *   TT_FILTER_PID=N      keep sockets owned by tgid N
+ *   TT_FILTER_COMM       keep sockets whose owner's comm equals comm_filter[0]
+ *   TT_FILTER_PORTS      keep sockets whose local or remote port is in port_filter
+ *   TT_FILTER_FAMILY=N   keep AF_INET (2) or AF_INET6 (10) only
+ *   TT_WITH_STACKS       take kernel (and, in process context, user) stacks
+ *   TT_SK_FLAGS_OFF=N    byte offset of sk->sk_flags (from BTF), to report it
+ */
+#ifndef TT_COMMON_BPF_H
+#define TT_COMMON_BPF_H
+
+#include "tcptrace.h"
+
+/* Every event of every kind, in one ring buffer so their order is kept.
+ * Written by tt_emit(); read by kernel/stream.py. */
+BPF_RINGBUF_OUTPUT(events, TT_RINGBUF_PAGES);
+
+/* Never written: it exists so that bcc derives the user side's layout of
+ * struct tt_event from this file (kernel/stream.py decodes with its Leaf). */
+BPF_ARRAY(event_layout, struct tt_event, 1);
+
+/* Exact per-CPU counters (TT_STAT_*). Incremented here; read, never reset,
+ * by the user side. */
+BPF_PERCPU_ARRAY(stats, __u64, TT_STAT_MAX);
+
+/* Per-socket state, keyed by skaddr. Inserted when a socket is born
+ * (CLOSE->*, LISTEN->SYN_RECV) or first seen; updated on every transition;
+ * deleted when it reaches CLOSE. LRU, so a socket whose CLOSE we never see
+ * cannot pin an entry forever. */
+BPF_TABLE("lru_hash", __u64, struct tt_sock, socks, TT_MAX_SOCKS);
+
+/* Listening sockets' owners by (family << 16 | port): a passively opened
+ * child is born in softirq (LISTEN->SYN_RECV), and inherits its listener's
+ * owner from here. Inserted at CLOSE->LISTEN, deleted at LISTEN->CLOSE. */
+BPF_HASH(listeners, __u32, struct tt_sock, TT_MAX_LISTENERS);
+
+#ifdef TT_FILTER_PORTS
+/* Ports to keep (host order); filled by the loader before attaching. */
+BPF_HASH(port_filter, __u16, __u8, TT_MAX_PORT_FILTERS);
+#endif
+
+#ifdef TT_FILTER_COMM
+struct tt_comm { char c[TT_COMM_LEN]; };
+/* One entry: the comm to keep; filled by the loader before attaching. */
+BPF_ARRAY(comm_filter, struct tt_comm, 1);
+#endif
+
+#ifdef TT_WITH_STACKS
+/* Stack traces by id. Ids are referenced from events; entries are never
+ * deleted by the kernel side, so the size bounds a run's distinct stacks
+ * (failures are counted in TT_STAT_STACK_FAIL). */
+BPF_STACK_TRACE(stacks, TT_STACK_ENTRIES);
+#endif
+
+static __always_inline void tt_stat(__u32 idx)
+{
+    __u64 *v = stats.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+/* Whether a socket with these ports, family and owner passes the filters.
+ * Owner filters need a known owner: a socket whose owner was never learned
+ * does not match --pid or --comm. */
+static __always_inline int tt_keep(__u16 family, __u16 sport, __u16 dport,
+                                   __u32 owner_tgid, const char *owner_comm)
+{
+#ifdef TT_FILTER_FAMILY
+    if (family != TT_FILTER_FAMILY)
+        return 0;
+#endif
+#ifdef TT_FILTER_PID
+    if (owner_tgid != TT_FILTER_PID)
+        return 0;
+#endif
+#ifdef TT_FILTER_COMM
+    {
+        int zero = 0;
+        struct tt_comm *want = comm_filter.lookup(&zero);
+        if (!want)
+            return 0;
+#pragma unroll
+        for (int i = 0; i < TT_COMM_LEN; i++) {
+            if (want->c[i] != owner_comm[i])
+                return 0;
+            if (want->c[i] == 0)
+                break;
+        }
+    }
+#endif
+#ifdef TT_FILTER_PORTS
+    if (!port_filter.lookup(&sport) && !port_filter.lookup(&dport))
+        return 0;
+#endif
+    return 1;
+}
+
+/* Reserve an event, fill the fields every kind shares, or count a loss. */
+static __always_inline struct tt_event *tt_reserve(void *ctx, __u8 kind, int process_ctx)
+{
+    struct tt_event *e = events.ringbuf_reserve(sizeof(struct tt_event));
+    if (!e) {
+        tt_stat(TT_STAT_LOST);
+        return 0;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    __u64 id = bpf_get_current_pid_tgid();
+    e->ts_ns = bpf_ktime_get_ns();
+    e->task_tgid = id >> 32;
+    e->task_pid = (__u32)id;
+    e->kind = kind;
+    bpf_get_current_comm(&e->task_comm, sizeof(e->task_comm));
+    e->kstack = -1;
+    e->ustack = -1;
+#ifdef TT_WITH_STACKS
+    e->kstack = stacks.get_stackid(ctx, 0);
+    if (e->kstack < 0)
+        tt_stat(TT_STAT_STACK_FAIL);
+    if (process_ctx) {
+        e->ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+        if (e->ustack < 0)
+            tt_stat(TT_STAT_STACK_FAIL);
+    }
+#endif
+    return e;
+}
+
+static __always_inline void tt_submit(struct tt_event *e)
+{
+    events.ringbuf_submit(e, 0);
+    tt_stat(TT_STAT_EMITTED);
+}
+
+/* sk->sk_flags, raw, when the loader passed its BTF offset; else 0. */
+static __always_inline __u64 tt_sk_flags(const void *sk)
+{
+    __u64 flags = 0;
+#ifdef TT_SK_FLAGS_OFF
+    bpf_probe_read_kernel(&flags, sizeof(flags), (const char *)sk + TT_SK_FLAGS_OFF);
+#endif
+    return flags;
+}
+
+#endif /* TT_COMMON_BPF_H */

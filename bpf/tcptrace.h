@@ -1,0 +1,112 @@
+/* tcptrace.h: the one definition of what crosses from the kernel to user space.
+ *
+ * Every program in bpf/ includes this file. The user side never restates these
+ * layouts: kernel/stream.py takes them from bcc (table.event()), and
+ * model/events.py names the raw numbers (kinds, states, ops).
+ *
+ * Only tracepoint fields and BTF-derived offsets (passed as -D cflags by
+ * kernel/loader.py) are read from the kernel: the installed headers may be of
+ * another kernel version, so no kernel struct layout is taken from them.
+ */
+#ifndef TCPTRACE_H
+#define TCPTRACE_H
+
+/* Event kinds (tt_event.kind). */
+#define TT_KIND_TRANSITION 1 /* sock:inet_sock_set_state on a TCP socket */
+#define TT_KIND_TOUCH 2      /* a process-context operation on a TCP socket */
+#define TT_KIND_TIMEWAIT 3   /* a timewait socket's life (see timewait programs) */
+#define TT_KIND_CLOSE 4      /* one close()/shutdown() call on a TCP socket */
+
+/* Operations of TT_KIND_TOUCH events (tt_event.op). */
+#define TT_OP_NONE 0
+#define TT_OP_CONNECT 1
+#define TT_OP_ACCEPT 2
+#define TT_OP_SEND 3
+#define TT_OP_RECV 4
+#define TT_OP_CLOSE 5
+#define TT_OP_SHUTDOWN 6
+#define TT_OP_LISTEN 7
+
+/* TCP states as the kernel numbers them (include/net/tcp_states.h). */
+#define TT_TCP_ESTABLISHED 1
+#define TT_TCP_SYN_SENT 2
+#define TT_TCP_SYN_RECV 3
+#define TT_TCP_FIN_WAIT1 4
+#define TT_TCP_FIN_WAIT2 5
+#define TT_TCP_TIME_WAIT 6
+#define TT_TCP_CLOSE 7
+#define TT_TCP_CLOSE_WAIT 8
+#define TT_TCP_LAST_ACK 9
+#define TT_TCP_LISTEN 10
+#define TT_TCP_CLOSING 11
+#define TT_TCP_NEW_SYN_RECV 12
+
+#define TT_AF_INET 2
+#define TT_AF_INET6 10
+#define TT_IPPROTO_TCP 6
+#define TT_COMM_LEN 16
+
+/* Indexes of the per-CPU counter array `stats`. The user side sums them over
+ * CPUs; they are exact even when the event stream overflows. */
+#define TT_STAT_TRANSITIONS 0   /* TCP transitions that passed the filters */
+#define TT_STAT_EMITTED 1       /* events submitted to the ring buffer */
+#define TT_STAT_LOST 2          /* ring buffer reservations that failed */
+#define TT_STAT_SOCK_UPDATE_FAIL 3 /* socket table updates that failed */
+#define TT_STAT_STACK_FAIL 4    /* bpf_get_stackid failures (map full, fault) */
+#define TT_STAT_MAX 16
+
+/* One record for every kind, so that a single ring buffer keeps the global
+ * order of events (a socket's owner is always learned before it is used).
+ * Fields a kind does not use are zero. */
+struct tt_event {
+    __u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __u64 skaddr;       /* struct sock * (kernel address; reused after free) */
+    __u64 value_ns;     /* TRANSITION: ns spent in oldstate, 0 when unknown */
+    __u64 sk_flags;     /* raw sk->sk_flags when the loader knows its offset */
+    __u32 task_tgid;    /* the task the kernel ran this in (softirq: anyone) */
+    __u32 task_pid;
+    __u32 owner_tgid;   /* the socket's owner as learned in process context, 0 unknown */
+    __s32 kstack;       /* stack ids in `stacks`, negative when not taken */
+    __s32 ustack;
+    __s32 ret;          /* TOUCH: syscall or operation result */
+    __u8 saddr[16];     /* IPv4 in the first 4 bytes */
+    __u8 daddr[16];
+    __u16 sport;        /* host order */
+    __u16 dport;        /* host order */
+    __u16 family;
+    __u8 kind;
+    __u8 oldstate;
+    __u8 newstate;
+    __u8 op;
+    __u8 pad[2];
+    char task_comm[TT_COMM_LEN];
+    char owner_comm[TT_COMM_LEN];
+};
+
+/* Per-socket state kept in the kernel (map `socks`, keyed by skaddr). */
+struct tt_sock {
+    __u64 since_ns;     /* when the socket entered its current state */
+    __u32 owner_tgid;   /* 0: not yet learned */
+    __u8 state;
+    __u8 pad[3];
+    char owner_comm[TT_COMM_LEN];
+};
+
+/* Sizes; every one can be overridden with -D by the loader. */
+#ifndef TT_MAX_SOCKS
+#define TT_MAX_SOCKS 262144
+#endif
+#ifndef TT_MAX_LISTENERS
+#define TT_MAX_LISTENERS 4096
+#endif
+#ifndef TT_RINGBUF_PAGES
+#define TT_RINGBUF_PAGES 1024
+#endif
+#ifndef TT_STACK_ENTRIES
+#define TT_STACK_ENTRIES 16384
+#endif
+#ifndef TT_MAX_PORT_FILTERS
+#define TT_MAX_PORT_FILTERS 64
+#endif
+
+#endif /* TCPTRACE_H */

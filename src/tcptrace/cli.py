@@ -1,0 +1,310 @@
+"""The command line: options -> source -> model -> view. The only module that imports click."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+
+from tcptrace import __version__
+from tcptrace.errors import TcptraceError, UsageError
+from tcptrace.model.events import SocketEvent
+from tcptrace.model.filters import EventFilter
+from tcptrace.model.states import StatesSummary
+from tcptrace.recording import JsonLinesWriter, make_header, open_recording
+from tcptrace.session import StopFlag, run
+from tcptrace.sources import KernelSource, RecordingSource, Source
+from tcptrace.views.common import make_console
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class TcptraceGroup(click.Group):
+    """Turns TcptraceError into one line on stderr and its exit code: never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TcptraceError as exc:
+            hint = f" ({exc.hint})" if exc.hint else ""
+            click.echo(f"tcptrace: error: {exc}{hint}", err=True)
+            ctx.exit(exc.exit_code)
+        except BrokenPipeError:
+            # The reader went away (`tcptrace states --json | head`): not an error of ours.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(0)
+
+
+@click.group(cls=TcptraceGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tcptrace")
+def cli() -> None:
+    """Trace TCP socket lifecycles from the kernel with eBPF.
+
+    Finds the process and code path behind sockets stuck in CLOSE_WAIT, counts TIME_WAIT
+    creation exactly, and times close(). Tracing needs root (or CAP_BPF + CAP_PERFMON).
+
+    \b
+    Start with:
+      sudo tcptrace doctor          check this machine can trace
+      sudo tcptrace states          every TCP state transition, live
+    """
+
+
+def filter_options(fn: F) -> F:
+    """--pid, --comm, --port, -4/-6: applied in the kernel, and to recordings alike."""
+    fn = click.option("-6", "ipv6", is_flag=True, help="IPv6 sockets only.")(fn)
+    fn = click.option("-4", "ipv4", is_flag=True, help="IPv4 sockets only.")(fn)
+    fn = click.option(
+        "--port",
+        "ports",
+        multiple=True,
+        type=click.IntRange(1, 65535),
+        help="Sockets with this local or remote port (repeatable).",
+    )(fn)
+    fn = click.option("--comm", help="Sockets owned by a process of this name (first 15 characters).")(fn)
+    fn = click.option("--pid", type=click.IntRange(min=1), help="Sockets owned by this process.")(fn)
+    return fn
+
+
+def run_options(fn: F) -> F:
+    """--interval, --duration, --json, --from."""
+    fn = click.option(
+        "--from",
+        "from_file",
+        type=click.Path(dir_okay=False),
+        help="Replay a recording (from `tcptrace record`) instead of tracing the kernel.",
+    )(fn)
+    fn = click.option(
+        "--json", "as_json", is_flag=True, help="One JSON object per line; the last is the summary."
+    )(fn)
+    fn = click.option(
+        "--duration",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Stop after S seconds and print the summary.",
+    )(fn)
+    fn = click.option(
+        "--interval",
+        type=click.FloatRange(min=0.05),
+        default=1.0,
+        show_default=True,
+        help="Refresh every S seconds.",
+    )(fn)
+    return fn
+
+
+def make_filter(
+    pid: int | None, comm: str | None, ports: Sequence[int], ipv4: bool, ipv6: bool, live: bool
+) -> EventFilter:
+    if ipv4 and ipv6:
+        raise UsageError("-4 and -6 exclude each other")
+    if live and pid is not None and not os.path.isdir(f"/proc/{pid}"):
+        raise UsageError(f"no process with pid {pid}")
+    if comm is not None and not comm:
+        raise UsageError("--comm needs a name")
+    return EventFilter(pid=pid, comm=comm, ports=frozenset(ports), family=4 if ipv4 else 6 if ipv6 else None)
+
+
+@contextmanager
+def open_source(
+    from_file: str | None,
+    flt: EventFilter,
+    *,
+    parts: Sequence[str] = ("lifecycle",),
+    stacks: bool = False,
+    defines: dict[str, int] | None = None,
+    quiet: bool = False,
+) -> Iterator[Source]:
+    """A recording when --from is given, else the live kernel running ``parts`` of bpf/.
+
+    Closed (every program detached) on exit, however the block ends.
+    """
+    source: Source
+    if from_file is not None:
+        source = RecordingSource(open_recording(from_file), flt)
+    else:
+        from tcptrace.kernel.loader import PARTS, load
+        from tcptrace.kernel.stream import KernelStream
+
+        console = make_console(stderr=True, quiet=quiet)
+        with console.status("compiling and attaching BPF programs…"):
+            program = load([PARTS[name] for name in parts], flt, stacks=stacks, defines=defines)
+        source = KernelSource(KernelStream(program, flt, symbolize=stacks))
+    try:
+        yield source
+    finally:
+        source.close()
+
+
+def drain_into(source: Source, on_event: Callable[[SocketEvent], None]) -> None:
+    """After a live stop, take what the kernel already sent, so the summary counts it."""
+    drain = getattr(source, "drain", None)
+    if drain is not None:
+        for event in drain():
+            on_event(event)
+
+
+def filter_json(flt: EventFilter) -> dict[str, Any]:
+    return {
+        "pid": flt.pid,
+        "comm": flt.comm,
+        "ports": sorted(flt.ports),
+        "family": flt.family,
+    }
+
+
+def stream_command(
+    name: str,
+    flt: EventFilter,
+    from_file: str | None,
+    duration: float | None,
+    interval: float,
+    stacks: bool,
+    out: Any,
+    as_json: bool,
+) -> None:
+    """What `states` and `record` share: every event out, then the summary."""
+    console = make_console()
+    summary = StatesSummary()
+    writer = JsonLinesWriter(out) if as_json else None
+    with open_source(from_file, flt, stacks=stacks) as source:
+        if writer is not None:
+            writer.write(make_header(name, filter=filter_json(flt), stacks=stacks))
+        else:
+            from tcptrace.views.states import HEADER
+
+            console.print(HEADER, style="bold", soft_wrap=True)
+
+        def on_event(event: SocketEvent) -> None:
+            summary.feed(event)
+            if writer is not None:
+                writer.event(event)
+            else:
+                from tcptrace.views.states import print_event
+
+                print_event(console, event, source.clock_offset_ns)
+
+        flag = StopFlag()
+        try:
+            reason = run(source, on_event, interval_s=interval, duration_s=duration, flag=flag)
+        except KeyboardInterrupt:
+            reason = "SIGINT"
+        drain_into(source, on_event)
+        counters = source.counters()
+    if writer is not None:
+        writer.write(
+            {
+                "type": "summary",
+                "command": name,
+                "stopped": reason,
+                "lost": int(counters.get("lost", 0)),
+                "kernel_transitions": counters.get("transitions"),
+                **summary.to_json(),
+            }
+        )
+    else:
+        from tcptrace.views.states import print_summary
+
+        print_summary(make_console(stderr=True), summary, counters, reason)
+
+
+@cli.command()
+@filter_options
+@run_options
+@click.option(
+    "--stacks", is_flag=True, help="Show kernel and user stacks of each transition (costs ~2 us each)."
+)
+def states(
+    pid: int | None,
+    comm: str | None,
+    ports: tuple[int, ...],
+    ipv4: bool,
+    ipv6: bool,
+    interval: float,
+    duration: float | None,
+    as_json: bool,
+    from_file: str | None,
+    stacks: bool,
+) -> None:
+    """Stream every TCP state transition, live.
+
+    Each line: time, owning pid and comm, local and remote address:port, OLD -> NEW, and
+    the time the socket spent in OLD. The owner is learned where the process itself acts
+    (connect, listen, close; accepted sockets inherit the listener's), so softirq
+    transitions such as the arrival of a FIN are still attributed to the right process.
+
+    \b
+    Examples:
+      sudo tcptrace states --port 8080
+      sudo tcptrace states --pid 1234 --stacks
+      sudo tcptrace states --json --duration 10 > transitions.jsonl
+      tcptrace states --from transitions.jsonl --port 443
+    """
+    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
+    stream_command("states", flt, from_file, duration, interval, stacks, sys.stdout, as_json)
+
+
+@cli.command()
+@filter_options
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write (JSON lines)."
+)
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
+@click.option("--stacks", is_flag=True, help="Record symbolized kernel and user stacks too.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def record(
+    pid: int | None,
+    comm: str | None,
+    ports: tuple[int, ...],
+    ipv4: bool,
+    ipv6: bool,
+    output: str,
+    duration: float | None,
+    stacks: bool,
+    force: bool,
+) -> None:
+    """Record the decoded event stream to a file, for replay with --from.
+
+    Record in production, analyse anywhere: every command takes `--from FILE` and answers
+    from the recording through the same code as from the kernel.
+
+    \b
+    Examples:
+      sudo tcptrace record -o incident.jsonl --duration 60
+      tcptrace closewait --from incident.jsonl
+    """
+    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=True)
+    if os.path.exists(output) and not force:
+        raise UsageError(f"{output} exists; pass --force to overwrite it")
+    try:
+        out = open(output, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise TcptraceError(f"cannot write {output}: {exc.strerror}") from None
+    with out:
+        stream_command("record", flt, None, duration, 1.0, stacks, out, as_json=True)
+    click.echo(f"recorded to {output}", err=True)
+
+
+@cli.command()
+def doctor() -> None:
+    """Check that this machine can trace, and say how to fix what is missing.
+
+    Checks privileges, bcc, kernel headers, tracefs, every tracepoint tcptrace uses,
+    kernel BTF, and finally compiles and attaches the lifecycle program. Exits 1 when
+    tracing cannot work.
+    """
+    from tcptrace.doctor import run_checks
+    from tcptrace.views.doctor import print_checks
+
+    checks = run_checks()
+    print_checks(make_console(), checks)
+    if any(c.required and not c.ok for c in checks):
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="tcptrace")

@@ -1,0 +1,114 @@
+"""`tcptrace doctor`: can this machine trace, and if not, what fixes it."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from tcptrace.errors import TcptraceError
+
+INSTALL = "run scripts/install as root"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+# Every tracepoint some command attaches to, and what is lost without it.
+TRACEPOINTS = (("sock", "inet_sock_set_state", "every command: TCP state transitions"),)
+
+
+def run_checks() -> list[Check]:
+    from tcptrace.kernel import loader
+    from tcptrace.kernel.btf import Btf
+
+    checks: list[Check] = []
+    privileged = loader.has_tracing_privileges()
+    checks.append(
+        Check(
+            "privileges",
+            privileged,
+            "root"
+            if os.geteuid() == 0
+            else ("CAP_BPF + CAP_PERFMON" if privileged else f"uid {os.geteuid()}"),
+            "run as root (sudo tcptrace ...) or grant CAP_BPF and CAP_PERFMON",
+        )
+    )
+    try:
+        bcc = loader.import_bcc()
+        checks.append(
+            Check("bcc", True, f"{getattr(bcc, '__version__', '?')} at {os.path.dirname(bcc.__file__)}")
+        )
+    except TcptraceError as exc:
+        bcc = None
+        checks.append(Check("bcc", False, str(exc), INSTALL))
+    build = loader.headers_dir()
+    headers_ok = (build / "include").is_dir()
+    target = os.path.realpath(build) if build.exists() else "missing"
+    checks.append(Check("kernel headers", headers_ok, f"{build} -> {target}", INSTALL))
+    try:
+        tracefs = loader.ensure_tracefs() if privileged else _tracefs_if_mounted()
+        checks.append(
+            Check(
+                "tracefs",
+                tracefs is not None,
+                tracefs or "not mounted",
+                "mount -t tracefs nodev /sys/kernel/tracing",
+            )
+        )
+    except TcptraceError as exc:
+        tracefs = None
+        checks.append(Check("tracefs", False, str(exc), exc.hint))
+    if tracefs is not None:
+        tracepoints = {(g, n): p.feature for p in loader.PARTS.values() for g, n in p.tracepoints}
+        for (group, name), feature in sorted(tracepoints.items()):
+            present = os.path.isdir(os.path.join(tracefs, "events", group, name))
+            checks.append(
+                Check(
+                    f"tracepoint {group}:{name}",
+                    present,
+                    "present" if present else f"missing: {feature}",
+                    "a newer kernel (4.16+) is needed",
+                )
+            )
+    try:
+        btf = Btf.load()
+        offset = btf.member_offset("sock", "__sk_common.skc_flags")
+        checks.append(Check("kernel BTF", True, f"sk_flags at byte {offset}"))
+    except TcptraceError as exc:
+        btf = None
+        checks.append(Check("kernel BTF", False, str(exc), "a kernel built with CONFIG_DEBUG_INFO_BTF=y"))
+    release = os.uname().release
+    major, minor = (int(x) for x in release.split(".")[:2]) if release[0].isdigit() else (0, 0)
+    checks.append(
+        Check("ring buffer", (major, minor) >= (5, 8), f"kernel {release} (needs 5.8+)", "a 5.8+ kernel")
+    )
+    if all(c.ok for c in checks) and bcc is not None:
+        checks.append(_attach_check(btf))
+    return checks
+
+
+def _tracefs_if_mounted() -> str | None:
+    for path in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        if os.path.isdir(os.path.join(path, "events")):
+            return path
+    return None
+
+
+def _attach_check(btf: object) -> Check:
+    from tcptrace.kernel.btf import Btf
+    from tcptrace.kernel.loader import PARTS, load
+
+    started = time.monotonic()
+    try:
+        program = load(list(PARTS.values()), btf=btf if isinstance(btf, Btf) else None)
+    except TcptraceError as exc:
+        return Check("compile and attach", False, str(exc), exc.hint or INSTALL)
+    program.close()
+    return Check("compile and attach", True, f"all programs in {time.monotonic() - started:.1f}s")

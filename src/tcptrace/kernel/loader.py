@@ -1,0 +1,299 @@
+"""The thin layer that owns bcc: find it, compile bpf/ programs, attach, read counters, detach.
+
+Only this package imports bcc. Programs are compiled from bpf/ with -D cflags for filters
+and BTF offsets (never by pasting C into strings), and every failure becomes a
+TcptraceError with a one-line message and a hint.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tcptrace.errors import CompileError, EnvironmentProblem, PrivilegeError
+from tcptrace.kernel.btf import Btf
+from tcptrace.model.filters import EventFilter
+
+INSTALL_HINT = "run scripts/install (as root) from the tcptrace checkout"
+TRACEFS = "/sys/kernel/tracing"
+
+# Capability numbers (include/uapi/linux/capability.h).
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+# Indexes of the `stats` array: TT_STAT_* in bpf/tcptrace.h.
+STAT_NAMES = ("transitions", "emitted", "lost", "sock_update_failed", "stack_failed")
+
+
+def bpf_dir() -> Path:
+    """bpf/ of this checkout (or of an installed copy beside the package)."""
+    env = os.environ.get("TCPTRACE_BPF_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "bpf" / "tcptrace.h"
+        if candidate.exists():
+            return candidate.parent
+    raise EnvironmentProblem("cannot find the bpf/ programs", hint=INSTALL_HINT)
+
+
+def effective_caps() -> int:
+    """The CapEff mask of this process (0 when /proc cannot tell)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def has_tracing_privileges() -> bool:
+    if os.geteuid() == 0:
+        return True
+    caps = effective_caps()
+    bpf_ok = caps & (1 << CAP_BPF) or caps & (1 << CAP_SYS_ADMIN)
+    perf_ok = caps & (1 << CAP_PERFMON) or caps & (1 << CAP_SYS_ADMIN)
+    return bool(bpf_ok and perf_ok)
+
+
+def require_privileges() -> None:
+    if not has_tracing_privileges():
+        raise PrivilegeError(
+            "tracing needs root (or CAP_BPF and CAP_PERFMON)",
+            hint="run it with sudo, e.g. `sudo tcptrace ...`",
+        )
+
+
+def ensure_tracefs() -> str:
+    """Path of tracefs, mounting it at /sys/kernel/tracing when it is not mounted."""
+    for path in (TRACEFS, "/sys/kernel/debug/tracing"):
+        if os.path.isdir(os.path.join(path, "events")):
+            return path
+    try:
+        subprocess.run(
+            ["mount", "-t", "tracefs", "nodev", TRACEFS], check=True, capture_output=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise EnvironmentProblem(
+            f"tracefs is not mounted and mounting it at {TRACEFS} failed ({exc})",
+            hint=f"mount it: mount -t tracefs nodev {TRACEFS}",
+        ) from None
+    return TRACEFS
+
+
+def tracepoint_exists(group: str, name: str) -> bool:
+    tracefs = ensure_tracefs()
+    return os.path.isdir(os.path.join(tracefs, "events", group, name))
+
+
+def headers_dir() -> Path:
+    return Path("/lib/modules") / os.uname().release / "build"
+
+
+def require_headers() -> None:
+    build = headers_dir()
+    if not (build / "include").is_dir() and not (build / "Makefile").exists():
+        raise EnvironmentProblem(f"no kernel headers at {build}", hint=INSTALL_HINT)
+
+
+def import_bcc() -> Any:
+    try:
+        import bcc
+    except ImportError:
+        raise EnvironmentProblem(
+            "bcc (python3-bpfcc) is not importable by this Python", hint=INSTALL_HINT
+        ) from None
+    return bcc
+
+
+@dataclass(frozen=True)
+class Part:
+    """One program file of bpf/ and the tracepoints it attaches to (checked before compiling)."""
+
+    file: str
+    tracepoints: tuple[tuple[str, str], ...]
+    feature: str
+
+
+LIFECYCLE = Part("lifecycle.bpf.c", (("sock", "inet_sock_set_state"),), "TCP state transitions")
+
+# Program parts by the name commands ask for them with (see cli.open_source).
+PARTS: dict[str, Part] = {"lifecycle": LIFECYCLE}
+
+
+@dataclass
+class BtfOffsets:
+    """Kernel struct offsets and bits the programs may read, from BTF."""
+
+    defines: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, btf: Btf | None = None) -> BtfOffsets:
+        btf = btf or Btf.load()
+        return cls(
+            {
+                "TT_SK_FLAGS_OFF": btf.member_offset("sock", "__sk_common.skc_flags"),
+                "TT_SOCK_DONE_BIT": btf.enum_value("sock_flags", "SOCK_DONE"),
+                "TT_SOCK_DEAD_BIT": btf.enum_value("sock_flags", "SOCK_DEAD"),
+                "TT_SOCK_LINGER_BIT": btf.enum_value("sock_flags", "SOCK_LINGER"),
+            }
+        )
+
+
+def filter_cflags(flt: EventFilter) -> list[str]:
+    flags = []
+    if flt.pid is not None:
+        flags.append(f"-DTT_FILTER_PID={int(flt.pid)}")
+    if flt.family is not None:
+        flags.append(f"-DTT_FILTER_FAMILY={2 if flt.family == 4 else 10}")
+    if flt.ports:
+        flags.append("-DTT_FILTER_PORTS")
+    if flt.comm is not None:
+        flags.append("-DTT_FILTER_COMM")
+    return flags
+
+
+def program_text(parts: Sequence[Part], directory: Path) -> str:
+    """One translation unit: common.bpf.h, then each part, with #line so errors name bpf/ files.
+
+    bcc rewrites map calls and generates tracepoint argument structs only in the main
+    file, so the parts are inlined rather than #included.
+    """
+    chunks = []
+    for name in ["common.bpf.h", *(p.file for p in parts)]:
+        text = (directory / name).read_text()
+        chunks.append(f'#line 1 "bpf/{name}"\n{text}\n')
+    return "".join(chunks)
+
+
+_DIAG = re.compile(r"^(bpf/[^:]+:\d+:\d+: (?:fatal )?error: .*)$", re.M)
+
+
+@contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """Capture what C code (clang, the verifier via libbcc) writes to fd 2."""
+    out: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode("utf-8", "replace"))
+
+
+class LoadedProgram:
+    """A compiled, attached program. close() (or the context manager) detaches everything."""
+
+    def __init__(self, bpf: Any, parts: Sequence[Part], stacks: bool) -> None:
+        self.bpf = bpf
+        self.parts = tuple(parts)
+        self.stacks = stacks
+        self.event_type = bpf["event_layout"].Leaf
+        self.event_size = ctypes.sizeof(self.event_type)
+        self._closed = False
+
+    def counters(self) -> dict[str, int]:
+        """The kernel's exact counters (TT_STAT_*), summed over CPUs."""
+        table = self.bpf["stats"]
+        return {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.bpf.cleanup()
+
+    def __enter__(self) -> LoadedProgram:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(
+    parts: Sequence[Part],
+    flt: EventFilter | None = None,
+    *,
+    stacks: bool = False,
+    defines: dict[str, int] | None = None,
+    ringbuf_pages: int | None = None,
+    btf: Btf | None = None,
+) -> LoadedProgram:
+    """Check the environment, compile ``parts`` with filters and BTF offsets, attach them."""
+    flt = flt or EventFilter()
+    require_privileges()
+    ensure_tracefs()
+    for part in parts:
+        for group, name in part.tracepoints:
+            if not tracepoint_exists(group, name):
+                raise EnvironmentProblem(
+                    f"this kernel has no tracepoint {group}:{name}: {part.feature} cannot be traced"
+                )
+    bcc = import_bcc()
+    require_headers()
+    directory = bpf_dir()
+    cflags = [f"-I{directory}", *filter_cflags(flt), "-Wno-macro-redefined"]
+    all_defines = dict(BtfOffsets.read(btf).defines)
+    all_defines.update(defines or {})
+    if ringbuf_pages is not None:
+        if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
+            raise ValueError("ring buffer pages must be a power of two")
+        all_defines["TT_RINGBUF_PAGES"] = ringbuf_pages
+    cflags += [f"-D{k}={v}" for k, v in sorted(all_defines.items())]
+    if stacks:
+        cflags.append("-DTT_WITH_STACKS")
+    text = program_text(parts, directory)
+    with _stderr_captured() as captured:
+        try:
+            bpf = bcc.BPF(text=text, cflags=cflags)
+        except Exception as exc:  # bcc raises bare Exception for compile and load failures
+            failure: Exception | None = exc
+        else:
+            failure = None
+    if failure is not None:
+        raise _compile_error(str(failure), captured[0] if captured else "") from None
+    try:
+        _fill_filter_maps(bpf, flt)
+    except Exception:
+        bpf.cleanup()
+        raise
+    return LoadedProgram(bpf, parts, stacks)
+
+
+def _fill_filter_maps(bpf: Any, flt: EventFilter) -> None:
+    if flt.ports:
+        table = bpf["port_filter"]
+        for port in flt.ports:
+            table[table.Key(port)] = table.Leaf(1)
+    if flt.comm is not None:
+        table = bpf["comm_filter"]
+        leaf = table.Leaf()
+        raw = flt.comm.encode()[:15]
+        ctypes.memmove(ctypes.addressof(leaf), raw, len(raw))
+        table[table.Key(0)] = leaf
+
+
+def _compile_error(message: str, stderr: str) -> CompileError:
+    diags = _DIAG.findall(stderr)
+    if diags:
+        more = f" (+{len(diags) - 1} more)" if len(diags) > 1 else ""
+        return CompileError(f"BPF compile error: {diags[0]}{more}")
+    if "Failed to load BPF program" in message:
+        tail = [ln for ln in stderr.strip().splitlines() if ln.strip()][-3:]
+        detail = " | ".join(tail)
+        return CompileError(f"the kernel refused a BPF program: {message}: {detail}")
+    first = next((ln for ln in stderr.splitlines() if "error" in ln), message)
+    return CompileError(f"BPF compile error: {first}", hint=f"kernel headers: {headers_dir()}")

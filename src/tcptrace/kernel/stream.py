@@ -1,0 +1,117 @@
+"""Poll the ring buffer, decode events into model events, symbolize stacks, count losses."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+from collections import OrderedDict
+from typing import Any
+
+from tcptrace.kernel.loader import LoadedProgram
+from tcptrace.model.events import DecodeError, SocketEvent, from_raw
+from tcptrace.model.filters import EventFilter
+
+MAX_FRAMES = 64
+
+
+class Symbolizer:
+    """Stack ids to frame strings, innermost first, with a bounded cache.
+
+    Kernel frames look like ``tcp_close+0x2a [kernel]``; user frames like
+    ``handle_conn+0x4f [server]``. bcc reads /tmp/perf-PID.map for JIT runtimes (Node.js
+    --perf-basic-prof, Python -X perf) when a process has one.
+    """
+
+    def __init__(self, program: LoadedProgram, capacity: int = 4096) -> None:
+        self._bpf = program.bpf
+        self._stacks = program.bpf["stacks"] if program.stacks else None
+        self._cache: OrderedDict[tuple[int, int], tuple[str, ...]] = OrderedDict()
+        self._capacity = capacity
+
+    def frames(self, stack_id: int, pid: int | None) -> tuple[str, ...]:
+        """Frames of a kernel stack (pid None) or of a user stack of ``pid``."""
+        if self._stacks is None or stack_id < 0:
+            return ()
+        key = (stack_id, -1 if pid is None else pid)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        try:
+            addrs = list(self._stacks.walk(stack_id))[:MAX_FRAMES]
+        except KeyError:
+            return ()
+        if pid is None:
+            frames = tuple(self._name(self._bpf.ksym(a, show_module=True, show_offset=True)) for a in addrs)
+        else:
+            frames = tuple(
+                self._name(self._bpf.sym(a, pid, show_module=True, show_offset=True)) for a in addrs
+            )
+        self._cache[key] = frames
+        if len(self._cache) > self._capacity:
+            self._cache.popitem(last=False)
+        return frames
+
+    @staticmethod
+    def _name(raw: bytes | str) -> str:
+        return raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
+
+
+class KernelStream:
+    """Decoded events from a loaded program's ring buffer.
+
+    ``poll()`` returns what arrived; ``counters()`` joins the kernel's exact counters with
+    what this side decoded, so a loss is always visible.
+    """
+
+    def __init__(
+        self, program: LoadedProgram, flt: EventFilter | None = None, symbolize: bool = False
+    ) -> None:
+        self.program = program
+        self._filter = flt or EventFilter()
+        self._symbolizer = Symbolizer(program) if symbolize and program.stacks else None
+        self._pending: list[SocketEvent] = []
+        self.decoded = 0
+        self.malformed = 0
+        self._ptr_type = ctypes.POINTER(program.event_type)
+        program.bpf["events"].open_ring_buffer(self._on_event)
+
+    def _on_event(self, _ctx: Any, data: Any, size: int) -> int:
+        if size < self.program.event_size:
+            self.malformed += 1
+            return 0
+        raw = ctypes.cast(data, self._ptr_type).contents
+        try:
+            event = from_raw(raw)
+        except DecodeError:
+            self.malformed += 1
+            return 0
+        self.decoded += 1
+        if self._symbolizer is not None:
+            event = self._symbolized(event)
+        self._pending.append(event)
+        return 0
+
+    def _symbolized(self, event: SocketEvent) -> SocketEvent:
+        assert self._symbolizer is not None
+        kstack = self._symbolizer.frames(event.kstack_id, None)
+        # A user stack belongs to the task the event ran in (only taken in process context).
+        ustack = self._symbolizer.frames(event.ustack_id, event.task_pid)
+        if not kstack and not ustack:
+            return event
+        return dataclasses.replace(event, kstack=kstack, ustack=ustack)
+
+    def poll(self, timeout_ms: int = 100) -> list[SocketEvent]:
+        self.program.bpf.ring_buffer_poll(timeout_ms)
+        out, self._pending = self._pending, []
+        return out
+
+    def drain(self) -> list[SocketEvent]:
+        """Whatever is still in the ring buffer, without waiting."""
+        self.program.bpf.ring_buffer_consume()
+        out, self._pending = self._pending, []
+        return out
+
+    def counters(self) -> dict[str, int]:
+        kernel = self.program.counters()
+        return {**kernel, "decoded": self.decoded, "malformed": self.malformed}

@@ -1,0 +1,256 @@
+"""Events as the model sees them: named, typed, frozen, and round-tripped through JSON.
+
+The kernel sends raw numbers (``struct tt_event`` in bpf/tcptrace.h); this module names
+them. Decoding takes any object with the C field names as attributes (bcc's ctypes
+structure in production, a ``SimpleNamespace`` in tests), so it needs no bcc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+AF_INET = 2
+AF_INET6 = 10
+
+
+class TcpState(enum.IntEnum):
+    """TCP states, numbered as in include/net/tcp_states.h, named without the TCP_ prefix."""
+
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    SYN_RECV = 3
+    FIN_WAIT1 = 4
+    FIN_WAIT2 = 5
+    TIME_WAIT = 6
+    CLOSE = 7
+    CLOSE_WAIT = 8
+    LAST_ACK = 9
+    LISTEN = 10
+    CLOSING = 11
+    NEW_SYN_RECV = 12
+
+    @classmethod
+    def parse(cls, value: str | int) -> TcpState:
+        """``"close-wait"``, ``"CLOSE_WAIT"``, ``"TCP_CLOSE_WAIT"`` and ``8`` all give CLOSE_WAIT."""
+        if isinstance(value, int):
+            return cls(value)
+        name = value.strip().upper().replace("-", "_")
+        if name.startswith("TCP_"):
+            name = name[4:]
+        try:
+            return cls[name]
+        except KeyError:
+            raise ValueError(f"unknown TCP state {value!r}") from None
+
+
+class Kind(enum.IntEnum):
+    """``tt_event.kind``: TT_KIND_* in bpf/tcptrace.h."""
+
+    TRANSITION = 1
+    TOUCH = 2
+    TIMEWAIT = 3
+    CLOSE = 4
+
+
+class Op(enum.IntEnum):
+    """``tt_event.op`` of TOUCH events: TT_OP_* in bpf/tcptrace.h."""
+
+    NONE = 0
+    CONNECT = 1
+    ACCEPT = 2
+    SEND = 3
+    RECV = 4
+    CLOSE = 5
+    SHUTDOWN = 6
+    LISTEN = 7
+
+
+def format_addr(raw: bytes, family: int) -> str:
+    """Text form of a tracepoint address field.
+
+    >>> format_addr(bytes([127, 0, 0, 1]) + bytes(12), AF_INET)
+    '127.0.0.1'
+    >>> format_addr(bytes(15) + b"\\x01", AF_INET6)
+    '::1'
+    """
+    if family == AF_INET:
+        return str(ipaddress.IPv4Address(bytes(raw[:4])))
+    return str(ipaddress.IPv6Address(bytes(raw[:16])))
+
+
+def decode_comm(raw: bytes) -> str:
+    """A task comm as text: up to the first NUL; bytes that are not UTF-8 kept as ``\\xNN``."""
+    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
+def family_version(family: int) -> int:
+    """4 or 6 for AF_INET or AF_INET6."""
+    return 6 if family == AF_INET6 else 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class SocketEvent:
+    """What every event about one socket carries.
+
+    ``pid``/``comm`` are the socket's owner as learned in process context (None when not
+    learned); ``task_pid``/``task_comm`` are whatever task the kernel was running, which in
+    softirq is unrelated to the socket.
+    """
+
+    ts_ns: int
+    skaddr: int
+    family: int = 4
+    saddr: str = ""
+    sport: int = 0
+    daddr: str = ""
+    dport: int = 0
+    pid: int | None = None
+    comm: str | None = None
+    task_pid: int = 0
+    task_tid: int = 0
+    task_comm: str = ""
+    kstack: tuple[str, ...] = ()
+    ustack: tuple[str, ...] = ()
+    kstack_id: int = field(default=-1, compare=False, repr=False)
+    ustack_id: int = field(default=-1, compare=False, repr=False)
+
+    @property
+    def ports(self) -> tuple[int, int]:
+        return (self.sport, self.dport)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transition(SocketEvent):
+    """One TCP state change (sock:inet_sock_set_state)."""
+
+    old: TcpState
+    new: TcpState
+    prev_ns: int | None = None
+    """Time spent in ``old``; None when tcptrace did not see the socket enter it."""
+    sk_flags: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Touch(SocketEvent):
+    """A process-context operation on a TCP socket (connect, accept, send, recv, close, ...)."""
+
+    op: Op
+    ret: int = 0
+
+
+Event = SocketEvent
+
+_TYPES: dict[str, type[SocketEvent]] = {"transition": Transition, "touch": Touch}
+_TYPE_NAMES = {cls: name for name, cls in _TYPES.items()}
+
+
+def _common_from_raw(raw: Any) -> dict[str, Any]:
+    family = int(raw.family)
+    owner = int(raw.owner_tgid)
+    return {
+        "ts_ns": int(raw.ts_ns),
+        "skaddr": int(raw.skaddr),
+        "family": family_version(family),
+        "saddr": format_addr(bytes(raw.saddr), family),
+        "sport": int(raw.sport),
+        "daddr": format_addr(bytes(raw.daddr), family),
+        "dport": int(raw.dport),
+        "pid": owner or None,
+        "comm": decode_comm(bytes(raw.owner_comm)) if owner else None,
+        "task_pid": int(raw.task_tgid),
+        "task_tid": int(raw.task_pid),
+        "task_comm": decode_comm(bytes(raw.task_comm)),
+        "kstack_id": int(raw.kstack),
+        "ustack_id": int(raw.ustack),
+    }
+
+
+def _transition_from_raw(raw: Any) -> Transition:
+    return Transition(
+        **_common_from_raw(raw),
+        old=TcpState(raw.oldstate),
+        new=TcpState(raw.newstate),
+        prev_ns=int(raw.value_ns) or None,
+        sk_flags=int(raw.sk_flags),
+    )
+
+
+def _touch_from_raw(raw: Any) -> Touch:
+    return Touch(**_common_from_raw(raw), op=Op(raw.op), ret=int(raw.ret))
+
+
+RAW_DECODERS: dict[int, Callable[[Any], SocketEvent]] = {
+    Kind.TRANSITION: _transition_from_raw,
+    Kind.TOUCH: _touch_from_raw,
+}
+
+
+class DecodeError(ValueError):
+    """A raw event that names no known kind, state or op."""
+
+
+def from_raw(raw: Any) -> SocketEvent:
+    """Name a raw ``struct tt_event``; DecodeError when a number is out of range."""
+    decoder = RAW_DECODERS.get(int(raw.kind))
+    if decoder is None:
+        raise DecodeError(f"unknown event kind {int(raw.kind)}")
+    try:
+        return decoder(raw)
+    except ValueError as exc:
+        raise DecodeError(str(exc)) from exc
+
+
+def to_json(event: SocketEvent) -> dict[str, Any]:
+    """A JSON-ready dict: states and ops by name, skaddr in hex, stacks as lists."""
+    out: dict[str, Any] = {"type": _TYPE_NAMES[type(event)]}
+    for f in dataclasses.fields(event):
+        if f.name in ("kstack_id", "ustack_id"):
+            continue
+        value = getattr(event, f.name)
+        if f.name == "skaddr":
+            value = f"0x{value:x}"
+        elif isinstance(value, enum.Enum):
+            value = value.name
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def from_json(obj: Mapping[str, Any]) -> SocketEvent:
+    """The inverse of to_json. KeyError, ValueError or TypeError on a malformed object."""
+    cls = _TYPES[obj["type"]]
+    kwargs: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in obj.items():
+        if key == "type" or key not in names:
+            continue
+        if key == "skaddr":
+            value = int(value, 16) if isinstance(value, str) else int(value)
+        elif key in ("old", "new"):
+            value = TcpState.parse(value)
+        elif key == "op":
+            value = Op[value] if isinstance(value, str) else Op(value)
+        elif key in ("kstack", "ustack"):
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise TypeError(f"{key} must be a list of strings")
+            value = tuple(value)
+        kwargs[key] = value
+    event = cls(**kwargs)
+    _check_types(event)
+    return event
+
+
+def _check_types(event: SocketEvent) -> None:
+    for name in ("ts_ns", "skaddr", "sport", "dport", "family", "task_pid"):
+        if not isinstance(getattr(event, name), int):
+            raise TypeError(f"{name} must be an integer")
+    for name in ("pid",):
+        value = getattr(event, name)
+        if value is not None and not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer or null")

@@ -1,0 +1,97 @@
+"""The loop every command runs: feed events to a handler, tick at intervals, stop cleanly.
+
+Stops on --duration (model time, so a replay of 60 s of events stops where a live run
+would have), at the end of a recording, on Ctrl-C or SIGTERM. The caller's ``finally``
+then detaches programs and prints the summary: SIGTERM is turned into a normal stop,
+since Python's default would skip all cleanup.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+
+from tcptrace.model.events import SocketEvent
+from tcptrace.sources import Source
+
+NS = 1_000_000_000
+
+
+@dataclass
+class StopFlag:
+    reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+
+
+@contextmanager
+def stop_on_signals(flag: StopFlag) -> Iterator[StopFlag]:
+    """Turn SIGINT and SIGTERM into ``flag`` being set, for the duration of the block."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        flag.set(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run(
+    source: Source,
+    on_event: Callable[[SocketEvent], None],
+    *,
+    interval_s: float = 1.0,
+    duration_s: float | None = None,
+    on_tick: Callable[[int], None] | None = None,
+    flag: StopFlag | None = None,
+) -> str:
+    """Run until stopped; returns why it stopped ("duration", "end", "SIGINT", "SIGTERM")."""
+    flag = flag or StopFlag()
+    interval_ns = max(1, int(interval_s * NS))
+    start_ns: int | None = source.now_ns() if source.live else None
+    next_tick: int | None = start_ns + interval_ns if start_ns is not None else None
+    deadline: int | None = None
+    if duration_s is not None and start_ns is not None:
+        deadline = start_ns + int(duration_s * NS)
+
+    def tick_until(now: int) -> None:
+        nonlocal next_tick
+        while next_tick is not None and now >= next_tick:
+            if on_tick is not None:
+                on_tick(next_tick)
+            next_tick += interval_ns
+
+    with stop_on_signals(flag):
+        while flag.reason is None:
+            timeout = 0.1
+            if source.live and deadline is not None:
+                timeout = max(0.0, min(timeout, (deadline - source.now_ns()) / NS))
+            events = source.poll(timeout)
+            for event in events:
+                if start_ns is None:  # replay: the clock starts at the first event
+                    start_ns = event.ts_ns
+                    next_tick = start_ns + interval_ns
+                    if duration_s is not None:
+                        deadline = start_ns + int(duration_s * NS)
+                if deadline is not None and event.ts_ns > deadline:
+                    flag.set("duration")
+                    break
+                if not source.live:
+                    tick_until(event.ts_ns)
+                on_event(event)
+            now = source.now_ns()
+            if source.live:
+                tick_until(now)
+                if deadline is not None and now >= deadline:
+                    flag.set("duration")
+            if source.exhausted:
+                flag.set("end")
+    return flag.reason or "end"

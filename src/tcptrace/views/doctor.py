@@ -1,0 +1,33 @@
+"""`tcptrace doctor` output."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.text import Text
+
+from tcptrace.doctor import Check
+
+
+def check_line(check: Check) -> Text:
+    mark = ("ok", "green") if check.ok else (("FAIL", "bold red") if check.required else ("warn", "yellow"))
+    text = Text()
+    text.append(f"{mark[0]:<5}", style=mark[1])
+    text.append(f"{check.name:<38} {check.detail}")
+    if not check.ok and check.fix:
+        text.append(f"\n     fix: {check.fix}", style="bold")
+    return text
+
+
+def print_checks(console: Console, checks: list[Check]) -> None:
+    for check in checks:
+        console.print(check_line(check), soft_wrap=True)
+    failed = [c for c in checks if c.required and not c.ok]
+    console.print()
+    if failed:
+        console.print(
+            Text(
+                f"{len(failed)} check(s) failed: tracing cannot work until they are fixed.", style="bold red"
+            )
+        )
+    else:
+        console.print(Text("ready to trace.", style="bold green"))
