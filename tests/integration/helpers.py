@@ -1,0 +1,109 @@
+"""Helpers for integration tests: loopback ports, C fixtures, ground truth from ss and /proc,
+and collecting events from a loaded program."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tcptrace.kernel.loader import PARTS, LoadedProgram, load
+from tcptrace.kernel.stream import KernelStream
+from tcptrace.model.events import SocketEvent
+from tcptrace.model.filters import EventFilter
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class FixtureBuilder:
+    """Compiles fixtures/NAME.c into fixtures/bin/NAME (frame pointers on, so user stacks walk)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.out = directory / "bin"
+        self.out.mkdir(exist_ok=True)
+
+    def __call__(self, name: str) -> Path:
+        src = self.directory / f"{name}.c"
+        exe = self.out / name
+        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+            subprocess.run(
+                [
+                    "cc",
+                    "-O0",
+                    "-g",
+                    "-fno-omit-frame-pointer",
+                    "-fno-inline",
+                    "-o",
+                    str(exe),
+                    str(src),
+                    "-lpthread",
+                ],
+                check=True,
+            )
+        return exe
+
+
+class SS:
+    """Ground truth from `ss`: sockets of a port by state."""
+
+    def sockets(self, port: int, state: str = "all") -> list[str]:
+        out = subprocess.run(
+            ["ss", "-tanH", "state", state, f"( sport = :{port} or dport = :{port} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return [line for line in out.splitlines() if line.strip()]
+
+    def count(self, port: int, state: str) -> int:
+        return len(self.sockets(port, state))
+
+
+def sockstat_tw() -> int:
+    """The `tw` count of /proc/net/sockstat: TIME_WAIT sockets now (all namespaces' share)."""
+    with open("/proc/net/sockstat") as fh:
+        for line in fh:
+            if line.startswith("TCP:"):
+                m = re.search(r"\btw (\d+)", line)
+                if m:
+                    return int(m.group(1))
+    raise AssertionError("no TCP line in /proc/net/sockstat")
+
+
+def load_parts(
+    names: Sequence[str] = ("lifecycle",), flt: EventFilter | None = None, **kw: object
+) -> LoadedProgram:
+    return load([PARTS[n] for n in names], flt, **kw)  # type: ignore[arg-type]
+
+
+def collect(
+    stream: KernelStream,
+    done: Callable[[list[SocketEvent]], bool],
+    timeout: float = 5.0,
+) -> list[SocketEvent]:
+    """Poll until ``done(events)`` or the timeout; returns every event seen."""
+    events: list[SocketEvent] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events.extend(stream.poll(50))
+        if done(events):
+            break
+    events.extend(stream.drain())
+    return events
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, step: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
