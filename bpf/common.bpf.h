@@ -10,6 +10,8 @@
  *   TT_FILTER_FAMILY=N   keep AF_INET (2) or AF_INET6 (10) only
  *   TT_WITH_STACKS       take kernel (and, in process context, user) stacks
  *   TT_SK_FLAGS_OFF=N    byte offset of sk->sk_flags (from BTF), to report it
+ *   TT_FD_WALK           compile tt_fd_to_tcp_sock(); the loader then passes the
+ *                        TT_*_OFF offsets it uses (from BTF)
  */
 #ifndef TT_COMMON_BPF_H
 #define TT_COMMON_BPF_H
@@ -145,5 +147,58 @@ static __always_inline __u64 tt_sk_flags(const void *sk)
 #endif
     return flags;
 }
+
+#ifdef TT_FD_WALK
+/* The struct sock * behind file descriptor `fd` of the current task when it is an
+ * IPv4/IPv6 TCP stream socket, else 0: current->files->fdt->fd[fd] is a socket
+ * file (S_ISSOCK(f_inode->i_mode)) whose private_data is the struct socket.
+ * Every offset comes from BTF (kernel/loader.py); reads are
+ * bpf_probe_read_kernel, so a racing close() yields 0 or a stale pointer,
+ * never a fault. */
+static __always_inline __u64 tt_fd_to_tcp_sock(int fd)
+{
+    const char *task = (const char *)bpf_get_current_task();
+    const char *files = 0, *fdt = 0, *fds = 0, *file = 0, *inode = 0, *sock = 0, *sk = 0;
+    unsigned int max_fds = 0;
+    __u16 mode = 0, protocol = 0, type = 0, family = 0;
+
+    if (fd < 0)
+        return 0;
+    bpf_probe_read_kernel(&files, sizeof(files), task + TT_TASK_FILES_OFF);
+    if (!files)
+        return 0;
+    bpf_probe_read_kernel(&fdt, sizeof(fdt), files + TT_FILES_FDT_OFF);
+    if (!fdt)
+        return 0;
+    bpf_probe_read_kernel(&max_fds, sizeof(max_fds), fdt + TT_FDTABLE_MAX_FDS_OFF);
+    if ((unsigned int)fd >= max_fds)
+        return 0;
+    bpf_probe_read_kernel(&fds, sizeof(fds), fdt + TT_FDTABLE_FD_OFF);
+    if (!fds)
+        return 0;
+    bpf_probe_read_kernel(&file, sizeof(file), fds + (__u64)fd * sizeof(void *));
+    if (!file)
+        return 0;
+    bpf_probe_read_kernel(&inode, sizeof(inode), file + TT_FILE_F_INODE_OFF);
+    if (!inode)
+        return 0;
+    bpf_probe_read_kernel(&mode, sizeof(mode), inode + TT_INODE_I_MODE_OFF);
+    if ((mode & 0170000) != 0140000 /* S_IFSOCK */)
+        return 0;
+    bpf_probe_read_kernel(&sock, sizeof(sock), file + TT_FILE_PRIVATE_DATA_OFF);
+    if (!sock)
+        return 0;
+    bpf_probe_read_kernel(&sk, sizeof(sk), sock + TT_SOCKET_SK_OFF);
+    if (!sk)
+        return 0;
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + TT_SK_PROTOCOL_OFF);
+    bpf_probe_read_kernel(&type, sizeof(type), sk + TT_SK_TYPE_OFF);
+    bpf_probe_read_kernel(&family, sizeof(family), sk + TT_SK_FAMILY_OFF);
+    if (protocol != TT_IPPROTO_TCP || type != 1 /* SOCK_STREAM */
+        || (family != TT_AF_INET && family != TT_AF_INET6))
+        return 0;
+    return (__u64)sk;
+}
+#endif
 
 #endif /* TT_COMMON_BPF_H */

@@ -118,11 +118,15 @@ def import_bcc() -> Any:
 
 @dataclass(frozen=True)
 class Part:
-    """One program file of bpf/ and the tracepoints it attaches to (checked before compiling)."""
+    """One program file of bpf/ and the tracepoints it attaches to (checked before compiling).
+
+    ``fd_walk``: the part calls tt_fd_to_tcp_sock(), which needs more offsets and a symbol.
+    """
 
     file: str
     tracepoints: tuple[tuple[str, str], ...]
     feature: str
+    fd_walk: bool = False
 
 
 LIFECYCLE = Part("lifecycle.bpf.c", (("sock", "inet_sock_set_state"),), "TCP state transitions")
@@ -148,6 +152,38 @@ class BtfOffsets:
                 "TT_SOCK_LINGER_BIT": btf.enum_value("sock_flags", "SOCK_LINGER"),
             }
         )
+
+
+def fd_walk_defines(btf: Btf) -> dict[str, int]:
+    """What tt_fd_to_tcp_sock() reads: current->files->fdt->fd[fd]->{f_inode->i_mode, private_data->sk}."""
+    return {
+        "TT_TASK_FILES_OFF": btf.member_offset("task_struct", "files"),
+        "TT_FILES_FDT_OFF": btf.member_offset("files_struct", "fdt"),
+        "TT_FDTABLE_FD_OFF": btf.member_offset("fdtable", "fd"),
+        "TT_FDTABLE_MAX_FDS_OFF": btf.member_offset("fdtable", "max_fds"),
+        "TT_FILE_F_INODE_OFF": btf.member_offset("file", "f_inode"),
+        "TT_INODE_I_MODE_OFF": btf.member_offset("inode", "i_mode"),
+        "TT_FILE_PRIVATE_DATA_OFF": btf.member_offset("file", "private_data"),
+        "TT_SOCKET_SK_OFF": btf.member_offset("socket", "sk"),
+        "TT_SK_PROTOCOL_OFF": btf.member_offset("sock", "sk_protocol"),
+        "TT_SK_TYPE_OFF": btf.member_offset("sock", "sk_type"),
+        "TT_SK_FAMILY_OFF": btf.member_offset("sock", "__sk_common.skc_family"),
+    }
+
+
+def kallsyms_address(name: str) -> int:
+    """Address of a kernel symbol from /proc/kallsyms (needs root to be non-zero)."""
+    try:
+        with open("/proc/kallsyms") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) >= 3 and fields[2] == name:
+                    address = int(fields[0], 16)
+                    if address:
+                        return address
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot read /proc/kallsyms: {exc.strerror}") from None
+    raise EnvironmentProblem(f"kernel symbol {name} not found in /proc/kallsyms (needs root)")
 
 
 def filter_cflags(flt: EventFilter) -> list[str]:
@@ -246,13 +282,17 @@ def load(
     require_headers()
     directory = bpf_dir()
     cflags = [f"-I{directory}", *filter_cflags(flt), "-Wno-macro-redefined"]
+    btf = btf or Btf.load()
     all_defines = dict(BtfOffsets.read(btf).defines)
+    if any(p.fd_walk for p in parts):
+        all_defines.update(fd_walk_defines(btf))
+        cflags.append("-DTT_FD_WALK")
     all_defines.update(defines or {})
     if ringbuf_pages is not None:
         if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
             raise ValueError("ring buffer pages must be a power of two")
         all_defines["TT_RINGBUF_PAGES"] = ringbuf_pages
-    cflags += [f"-D{k}={v}" for k, v in sorted(all_defines.items())]
+    cflags += [f"-D{k}={v}" if v < (1 << 63) else f"-D{k}={v}ULL" for k, v in sorted(all_defines.items())]
     if stacks:
         cflags.append("-DTT_WITH_STACKS")
     text = program_text(parts, directory)
