@@ -102,8 +102,10 @@ static __always_inline int tt_keep(__u16 family, __u16 sport, __u16 dport,
     return 1;
 }
 
-/* Reserve an event, fill the fields every kind shares, or count a loss. */
-static __always_inline struct tt_event *tt_reserve(void *ctx, __u8 kind, int process_ctx)
+/* Reserve an event, fill the fields every kind shares, or count a loss.
+ * Stacks (when TT_WITH_STACKS) are taken only when `want_stacks` is set. */
+static __always_inline struct tt_event *tt_reserve_stacks(void *ctx, __u8 kind, int process_ctx,
+                                                          int want_stacks)
 {
     struct tt_event *e = events.ringbuf_reserve(sizeof(struct tt_event));
     if (!e) {
@@ -120,16 +122,24 @@ static __always_inline struct tt_event *tt_reserve(void *ctx, __u8 kind, int pro
     e->kstack = -1;
     e->ustack = -1;
 #ifdef TT_WITH_STACKS
-    e->kstack = stacks.get_stackid(ctx, 0);
-    if (e->kstack < 0)
-        tt_stat(TT_STAT_STACK_FAIL);
-    if (process_ctx) {
-        e->ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
-        if (e->ustack < 0)
+    if (want_stacks) {
+        e->kstack = stacks.get_stackid(ctx, 0);
+        if (e->kstack < 0)
             tt_stat(TT_STAT_STACK_FAIL);
+        if (process_ctx) {
+            e->ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+            if (e->ustack < 0)
+                tt_stat(TT_STAT_STACK_FAIL);
+        }
     }
 #endif
     return e;
+}
+
+/* tt_reserve_stacks() with stacks whenever TT_WITH_STACKS is defined. */
+static __always_inline struct tt_event *tt_reserve(void *ctx, __u8 kind, int process_ctx)
+{
+    return tt_reserve_stacks(ctx, kind, process_ctx, 1);
 }
 
 static __always_inline void tt_submit(struct tt_event *e)

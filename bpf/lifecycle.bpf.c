@@ -64,6 +64,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     } else {
         cur.since_ns = now;
         cur.state = n;
+        cur.family = args->family;
+        cur.sport = args->sport;
+        cur.dport = args->dport;
         if (socks.update(&sk, &cur))
             tt_stat(TT_STAT_SOCK_UPDATE_FAIL);
         if (n == TT_TCP_LISTEN && listeners.update(&lkey, &cur))
@@ -74,7 +77,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         return 0;
     tt_stat(TT_STAT_TRANSITIONS);
 
+#ifdef TT_PROC_STACKS_ONLY
+    /* Stacks only where they attribute (connect, listen, close): softirq
+     * transitions of healthy sockets pay nothing. */
+    struct tt_event *e = tt_reserve_stacks(args, TT_KIND_TRANSITION, proc, proc);
+#else
     struct tt_event *e = tt_reserve(args, TT_KIND_TRANSITION, proc);
+#endif
     if (!e)
         return 0;
     e->skaddr = sk;

@@ -90,6 +90,12 @@ struct tt_sock {
     __u8 state;
     __u8 pad[3];
     char owner_comm[TT_COMM_LEN];
+    /* Set by lifecycle at every transition, so process-context hooks that only
+     * know skaddr (owner.bpf.c) can apply the port/family filters. */
+    __u16 family;
+    __u16 sport;        /* host order */
+    __u16 dport;        /* host order */
+    __u16 cw_touches;   /* owner.bpf.c: touches emitted while in CLOSE_WAIT */
 };
 
 /* Sizes; every one can be overridden with -D by the loader. */

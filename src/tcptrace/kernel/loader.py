@@ -131,8 +131,20 @@ class Part:
 
 LIFECYCLE = Part("lifecycle.bpf.c", (("sock", "inet_sock_set_state"),), "TCP state transitions")
 
+OWNER = Part(
+    "owner.bpf.c",
+    (
+        ("syscalls", "sys_exit_accept4"),
+        ("syscalls", "sys_exit_accept"),
+        ("sock", "sock_recv_length"),
+        ("sock", "sock_send_length"),
+    ),
+    "socket owners and code paths (closewait)",
+    fd_walk=True,
+)
+
 # Program parts by the name commands ask for them with (see cli.open_source).
-PARTS: dict[str, Part] = {"lifecycle": LIFECYCLE}
+PARTS: dict[str, Part] = {"lifecycle": LIFECYCLE, "owner": OWNER}
 
 
 @dataclass

@@ -1,0 +1,112 @@
+/* owner.bpf.c: process-context hooks that bind a TCP socket to its owner and
+ * code path (the `closewait` command).
+ *
+ * Hooks (all in the calling process's context):
+ *   syscalls:sys_exit_accept4, sys_exit_accept  the accepted child: its owner is
+ *       the caller (not only the listener's owner); TOUCH op ACCEPT with the
+ *       origin stacks.
+ *   sock:sock_recv_length, sock:sock_send_length  every recv/send on every
+ *       socket of the host: protocol is checked first, then `socks`. Only a
+ *       socket in CLOSE_WAIT emits a TOUCH (with stacks): a recv returning 0
+ *       there is the app seeing EOF, the moment it should close. At most
+ *       TT_MAX_CW_TOUCHES such events per socket, so an app spinning on a dead
+ *       socket cannot flood the ring buffer.
+ * connect (CLOSE->SYN_SENT) and close (CLOSE_WAIT->LAST_ACK) are transitions
+ * lifecycle.bpf.c already sees in process context.
+ *
+ * Map use: only `socks` (common.bpf.h). A touch never inserts an entry: an
+ * skaddr lifecycle has not seen born (or seen at all) is skipped, so a freed
+ * and reused address cannot be given an old socket's owner from here.
+ * lifecycle resets an entry when its socket is born (CLOSE->*,
+ * LISTEN->SYN_RECV), which also zeroes cw_touches.
+ */
+#include "common.bpf.h"
+
+#ifndef TT_MAX_CW_TOUCHES
+#define TT_MAX_CW_TOUCHES 8
+#endif
+
+static __always_inline void tt_touch_fill(struct tt_event *e, __u64 sk, struct tt_sock *s,
+                                          __u8 op, int ret)
+{
+    e->skaddr = sk;
+    e->op = op;
+    e->ret = ret;
+    e->owner_tgid = s->owner_tgid;
+    __builtin_memcpy(e->owner_comm, s->owner_comm, TT_COMM_LEN);
+    e->family = s->family;
+    e->sport = s->sport;
+    e->dport = s->dport;
+    e->newstate = s->state; /* the state the socket was in when touched */
+}
+
+/* The caller of accept()/accept4() now holds the child: it is the owner. */
+static __always_inline int tt_on_accept(void *ctx, long ret)
+{
+    if (ret < 0)
+        return 0;
+    __u64 sk = tt_fd_to_tcp_sock((int)ret);
+    if (!sk)
+        return 0;
+    struct tt_sock *s = socks.lookup(&sk);
+    if (!s)
+        return 0; /* born before tracing started: /proc tells its owner */
+    s->owner_tgid = bpf_get_current_pid_tgid() >> 32;
+    bpf_get_current_comm(&s->owner_comm, sizeof(s->owner_comm));
+    if (!tt_keep(s->family, s->sport, s->dport, s->owner_tgid, s->owner_comm))
+        return 0;
+    struct tt_event *e = tt_reserve(ctx, TT_KIND_TOUCH, 1);
+    if (!e)
+        return 0;
+    tt_touch_fill(e, sk, s, TT_OP_ACCEPT, (int)ret);
+    tt_submit(e);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4)
+{
+    return tt_on_accept(args, args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept)
+{
+    return tt_on_accept(args, args->ret);
+}
+
+static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
+{
+    struct tt_sock *s = socks.lookup(&sk);
+    if (!s || s->state != TT_TCP_CLOSE_WAIT)
+        return 0;
+    if (!s->owner_tgid) {
+        /* The socket was established before tracing started (or its owner
+         * was never learned): whoever reads or writes it owns an fd on it. */
+        s->owner_tgid = bpf_get_current_pid_tgid() >> 32;
+        bpf_get_current_comm(&s->owner_comm, sizeof(s->owner_comm));
+    }
+    if (s->cw_touches >= TT_MAX_CW_TOUCHES)
+        return 0;
+    s->cw_touches++;
+    if (!tt_keep(s->family, s->sport, s->dport, s->owner_tgid, s->owner_comm))
+        return 0;
+    struct tt_event *e = tt_reserve(ctx, TT_KIND_TOUCH, 1);
+    if (!e)
+        return 0;
+    tt_touch_fill(e, sk, s, op, ret);
+    tt_submit(e);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+    if (args->protocol != TT_IPPROTO_TCP)
+        return 0;
+    return tt_on_io(args, (__u64)args->sk, TT_OP_RECV, args->ret);
+}
+
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+    if (args->protocol != TT_IPPROTO_TCP)
+        return 0;
+    return tt_on_io(args, (__u64)args->sk, TT_OP_SEND, args->ret);
+}
