@@ -26,6 +26,12 @@
 #define TT_OP_CLOSE 5
 #define TT_OP_SHUTDOWN 6
 #define TT_OP_LISTEN 7
+#define TT_OP_CLOSE_RANGE 8 /* TT_KIND_CLOSE only: close_range(2) */
+
+/* Bits of tt_event.flags of TT_KIND_CLOSE events (closelat.bpf.c). */
+#define TT_CLOSE_RESET 1          /* the call sent a reset (unread data, linger 0): data-loss risk */
+#define TT_CLOSE_LINGERED 2       /* SO_LINGER was on and the call blocked */
+#define TT_CLOSE_LATE_CLOSE_WAIT 4 /* the socket had sat in CLOSE_WAIT long before the call */
 
 /* TCP states as the kernel numbers them (include/net/tcp_states.h). */
 #define TT_TCP_ESTABLISHED 1
@@ -81,6 +87,9 @@ struct tt_event {
     __u8 pad[2];
     char task_comm[TT_COMM_LEN];
     char owner_comm[TT_COMM_LEN];
+    __u64 aux_ns;       /* CLOSE: ns the socket had been in oldstate when the call began, 0 unknown */
+    __u32 flags;        /* CLOSE: TT_CLOSE_* bits */
+    __u32 pad2;
 };
 
 /* Per-socket state kept in the kernel (map `socks`, keyed by skaddr). */
