@@ -76,6 +76,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (!tt_keep(args->family, args->sport, args->dport, cur.owner_tgid, cur.owner_comm))
         return 0;
     tt_stat(TT_STAT_TRANSITIONS);
+#ifdef TT_NO_TRANSITION_EVENTS
+    /* The command only needs the socket table (closelat): no event to decode. */
+    return 0;
+#endif
 
 #ifdef TT_PROC_STACKS_ONLY
     /* Stacks only where they attribute (connect, listen, close): softirq

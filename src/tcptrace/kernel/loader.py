@@ -143,8 +143,23 @@ OWNER = Part(
     fd_walk=True,
 )
 
+CLOSELAT = Part(
+    "closelat.bpf.c",
+    (
+        ("syscalls", "sys_enter_close"),
+        ("syscalls", "sys_exit_close"),
+        ("syscalls", "sys_enter_shutdown"),
+        ("syscalls", "sys_exit_shutdown"),
+        ("syscalls", "sys_enter_close_range"),
+        ("syscalls", "sys_exit_close_range"),
+        ("tcp", "tcp_send_reset"),
+    ),
+    "close() latency (closelat)",
+    fd_walk=True,
+)
+
 # Program parts by the name commands ask for them with (see cli.open_source).
-PARTS: dict[str, Part] = {"lifecycle": LIFECYCLE, "owner": OWNER}
+PARTS: dict[str, Part] = {"lifecycle": LIFECYCLE, "owner": OWNER, "closelat": CLOSELAT}
 
 
 @dataclass
@@ -180,6 +195,14 @@ def fd_walk_defines(btf: Btf) -> dict[str, int]:
         "TT_SK_PROTOCOL_OFF": btf.member_offset("sock", "sk_protocol"),
         "TT_SK_TYPE_OFF": btf.member_offset("sock", "sk_type"),
         "TT_SK_FAMILY_OFF": btf.member_offset("sock", "__sk_common.skc_family"),
+        # What a program may then read of the socket it found (closelat.bpf.c).
+        "TT_SKC_STATE_OFF": btf.member_offset("sock", "__sk_common.skc_state"),
+        "TT_SKC_NUM_OFF": btf.member_offset("sock", "__sk_common.skc_num"),
+        "TT_SKC_DPORT_OFF": btf.member_offset("sock", "__sk_common.skc_dport"),
+        "TT_SKC_RCV_SADDR_OFF": btf.member_offset("sock", "__sk_common.skc_rcv_saddr"),
+        "TT_SKC_DADDR_OFF": btf.member_offset("sock", "__sk_common.skc_daddr"),
+        "TT_SKC_V6_RCV_SADDR_OFF": btf.member_offset("sock", "__sk_common.skc_v6_rcv_saddr"),
+        "TT_SKC_V6_DADDR_OFF": btf.member_offset("sock", "__sk_common.skc_v6_daddr"),
     }
 
 

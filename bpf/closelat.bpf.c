@@ -1,0 +1,327 @@
+/* closelat.bpf.c: how long close(), shutdown() and close_range() take on TCP sockets.
+ *
+ * sys_enter_*: tt_fd_to_tcp_sock(fd) tells whether the fd is a TCP socket (files,
+ * pipes, UDP and Unix sockets give 0 and are never counted); the call's start, the
+ * socket and what it looked like (state, flags, endpoints, time in its state from
+ * lifecycle's `socks`) are kept per thread in `cl_calls`.
+ * tcp:tcp_send_reset during the call, by the same thread on the same socket: the call
+ * sent a reset.
+ * sys_exit_*: the duration goes into an exact log2 histogram per (process, syscall,
+ * user stack when TT_WITH_STACKS) in `cl_hists`; only a call a human must see (reset,
+ * blocked on SO_LINGER, late close of a CLOSE_WAIT socket) becomes a TT_KIND_CLOSE event.
+ *
+ * Filters (--pid, --comm, --port, -4/-6) apply to the calling process and the socket
+ * closed, at entry.
+ *
+ * close_range(first, last, flags): a call with CLOSE_RANGE_CLOEXEC closes nothing and
+ * is ignored; otherwise the call counts when one of the first TT_CL_RANGE_SCAN fds of
+ * the range is a TCP socket (its first such socket describes the call).
+ */
+#include "common.bpf.h"
+
+#ifndef TT_CL_SLOTS
+#define TT_CL_SLOTS 65           /* slot 0: 0 ns; slot k: [2^(k-1), 2^k) ns */
+#endif
+#ifndef TT_CL_MAX_KEYS
+#define TT_CL_MAX_KEYS 16384     /* (process, syscall, stack) histograms */
+#endif
+#ifndef TT_CL_MAX_THREADS
+#define TT_CL_MAX_THREADS 16384  /* calls in flight */
+#endif
+#ifndef TT_CL_LINGER_NS
+#define TT_CL_LINGER_NS 1000000  /* SO_LINGER on and the call took this long: it blocked */
+#endif
+#ifndef TT_CL_CLOSE_WAIT_NS
+#define TT_CL_CLOSE_WAIT_NS 1000000000ULL /* CLOSE_WAIT this long before close(): late */
+#endif
+#ifndef TT_CL_RANGE_SCAN
+#define TT_CL_RANGE_SCAN 16
+#endif
+
+#define TT_CL_CLOSE_RANGE_CLOEXEC 4 /* include/uapi/linux/close_range.h */
+
+/* Indexes of `cl_stats` (kernel/closelat.py names them). */
+#define TT_CL_STAT_CALLS 0        /* calls on TCP sockets that passed the filters */
+#define TT_CL_STAT_CALL_FAIL 1    /* cl_calls full: a call not timed */
+#define TT_CL_STAT_HIST_FAIL 2    /* cl_hists full: a call timed but not counted */
+#define TT_CL_STAT_FLAGGED 3      /* calls that set a TT_CLOSE_* flag */
+#define TT_CL_STAT_MAX 4
+
+struct tt_cl_key {
+    __u32 tgid;
+    __u32 op;                     /* TT_OP_CLOSE, TT_OP_SHUTDOWN, TT_OP_CLOSE_RANGE */
+    __s32 ustack;                 /* user stack id at entry; -1 without TT_WITH_STACKS */
+    __u32 pad;
+};
+
+struct tt_cl_hist {
+    __u64 count;
+    __u64 sum_ns;
+    __u64 max_ns;                 /* updated without a lock: a race between CPUs may keep the lower */
+    __u64 resets;                 /* calls flagged TT_CLOSE_RESET */
+    __u64 lingered;               /* TT_CLOSE_LINGERED */
+    __u64 late_close_wait;        /* TT_CLOSE_LATE_CLOSE_WAIT */
+    char comm[TT_COMM_LEN];       /* of the thread that made the first call */
+    __u64 slots[TT_CL_SLOTS];
+};
+
+struct tt_cl_call {
+    __u64 start_ns;
+    __u64 sk;
+    __u64 sk_flags;
+    __u64 in_state_ns;            /* time the socket had been in `state` at entry, 0 unknown */
+    __s32 ustack;
+    __u16 family;
+    __u16 sport;
+    __u16 dport;
+    __u8 op;
+    __u8 state;
+    __u8 reset;
+    __u8 pad[3];
+    __u8 saddr[16];
+    __u8 daddr[16];
+};
+
+/* Histograms, cumulative since the program was loaded: inserted at the first call of a
+ * key, never deleted by the kernel (the user side reads them and takes differences). */
+BPF_HASH(cl_hists, struct tt_cl_key, struct tt_cl_hist, TT_CL_MAX_KEYS);
+
+/* Calls in flight by thread id: inserted at sys_enter, deleted at sys_exit. */
+BPF_HASH(cl_calls, __u32, struct tt_cl_call, TT_CL_MAX_THREADS);
+
+/* A zeroed histogram to insert from (too large for the BPF stack). Only comm is ever
+ * written, and it is rewritten before each use. */
+BPF_PERCPU_ARRAY(cl_zero, struct tt_cl_hist, 1);
+
+/* Exact counters, TT_CL_STAT_*. */
+BPF_PERCPU_ARRAY(cl_stats, __u64, TT_CL_STAT_MAX);
+
+static __always_inline void tt_cl_stat(__u32 idx)
+{
+    __u64 *v = cl_stats.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+/* Number of significant bits of v: 0 for 0, k for v in [2^(k-1), 2^k). */
+static __always_inline __u32 tt_cl_slot(__u64 v)
+{
+    __u32 r = 0;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8) { v >>= 8; r += 8; }
+    if (v >> 4) { v >>= 4; r += 4; }
+    if (v >> 2) { v >>= 2; r += 2; }
+    if (v >> 1) { v >>= 1; r += 1; }
+    return r + (__u32)v;
+}
+
+/* Fill `c` from the TCP socket `sk`; 0 when the filters reject it. */
+static __always_inline int tt_cl_describe(struct tt_cl_call *c, __u64 sk, __u32 tgid, const char *comm)
+{
+    const char *p = (const char *)sk;
+    __u16 dport_be = 0;
+    __u8 state = 0;
+
+    bpf_probe_read_kernel(&c->family, sizeof(c->family), p + TT_SK_FAMILY_OFF);
+    bpf_probe_read_kernel(&c->sport, sizeof(c->sport), p + TT_SKC_NUM_OFF);
+    bpf_probe_read_kernel(&dport_be, sizeof(dport_be), p + TT_SKC_DPORT_OFF);
+    c->dport = (dport_be >> 8) | ((dport_be & 0xff) << 8);
+    if (!tt_keep(c->family, c->sport, c->dport, tgid, comm))
+        return 0;
+    bpf_probe_read_kernel(&state, sizeof(state), p + TT_SKC_STATE_OFF);
+    c->state = state;
+    c->sk = sk;
+    c->sk_flags = tt_sk_flags(p);
+    if (c->family == TT_AF_INET6) {
+        bpf_probe_read_kernel(c->saddr, 16, p + TT_SKC_V6_RCV_SADDR_OFF);
+        bpf_probe_read_kernel(c->daddr, 16, p + TT_SKC_V6_DADDR_OFF);
+    } else {
+        bpf_probe_read_kernel(c->saddr, 4, p + TT_SKC_RCV_SADDR_OFF);
+        bpf_probe_read_kernel(c->daddr, 4, p + TT_SKC_DADDR_OFF);
+    }
+    struct tt_sock *s = socks.lookup(&sk);
+    if (s && s->state == state && s->since_ns)
+        c->in_state_ns = bpf_ktime_get_ns() - s->since_ns;
+    return 1;
+}
+
+static __always_inline int tt_cl_begin(void *ctx, struct tt_cl_call *c, __u8 op)
+{
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    c->op = op;
+    c->ustack = -1;
+#ifdef TT_WITH_STACKS
+    c->ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    if (c->ustack < 0)
+        tt_stat(TT_STAT_STACK_FAIL);
+#endif
+    c->start_ns = bpf_ktime_get_ns();
+    if (cl_calls.update(&tid, c))
+        tt_cl_stat(TT_CL_STAT_CALL_FAIL);
+    return 0;
+}
+
+static __always_inline int tt_cl_enter_fd(void *ctx, int fd, __u8 op)
+{
+    __u64 sk = tt_fd_to_tcp_sock(fd);
+    if (!sk)
+        return 0;
+    struct tt_cl_call c = {};
+    char comm[TT_COMM_LEN];
+    bpf_get_current_comm(&comm, sizeof(comm));
+    if (!tt_cl_describe(&c, sk, bpf_get_current_pid_tgid() >> 32, comm))
+        return 0;
+    return tt_cl_begin(ctx, &c, op);
+}
+
+static __always_inline void tt_cl_count(struct tt_cl_key *key, __u64 d, __u32 flags)
+{
+    struct tt_cl_hist *h = cl_hists.lookup(key);
+    if (!h) {
+        int zero = 0;
+        struct tt_cl_hist *z = cl_zero.lookup(&zero);
+        if (!z)
+            return;
+        bpf_get_current_comm(&z->comm, sizeof(z->comm));
+        cl_hists.insert(key, z); /* BPF_NOEXIST: a racing first call of the key wins */
+        h = cl_hists.lookup(key);
+        if (!h) {
+            tt_cl_stat(TT_CL_STAT_HIST_FAIL);
+            return;
+        }
+    }
+    __u32 slot = tt_cl_slot(d);
+    if (slot >= TT_CL_SLOTS)
+        slot = TT_CL_SLOTS - 1;
+    __sync_fetch_and_add(&h->slots[slot], 1);
+    __sync_fetch_and_add(&h->count, 1);
+    __sync_fetch_and_add(&h->sum_ns, d);
+    if (d > h->max_ns)
+        h->max_ns = d;
+    if (flags & TT_CLOSE_RESET)
+        __sync_fetch_and_add(&h->resets, 1);
+    if (flags & TT_CLOSE_LINGERED)
+        __sync_fetch_and_add(&h->lingered, 1);
+    if (flags & TT_CLOSE_LATE_CLOSE_WAIT)
+        __sync_fetch_and_add(&h->late_close_wait, 1);
+}
+
+static __always_inline int tt_cl_exit(void *ctx, long ret)
+{
+    __u64 now = bpf_ktime_get_ns();
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tid = (__u32)id;
+    struct tt_cl_call *cp = cl_calls.lookup(&tid);
+    if (!cp)
+        return 0;
+    struct tt_cl_call c = *cp;
+    cl_calls.delete(&tid);
+    __u64 d = now > c.start_ns ? now - c.start_ns : 0;
+
+    __u32 flags = 0;
+    if (c.reset)
+        flags |= TT_CLOSE_RESET;
+    if (((c.sk_flags >> TT_SOCK_LINGER_BIT) & 1) && d >= TT_CL_LINGER_NS)
+        flags |= TT_CLOSE_LINGERED;
+    if (c.state == TT_TCP_CLOSE_WAIT && c.in_state_ns >= TT_CL_CLOSE_WAIT_NS)
+        flags |= TT_CLOSE_LATE_CLOSE_WAIT;
+
+    struct tt_cl_key key = {};
+    key.tgid = id >> 32;
+    key.op = c.op;
+    key.ustack = c.ustack;
+    tt_cl_count(&key, d, flags);
+    tt_cl_stat(TT_CL_STAT_CALLS);
+    if (!flags)
+        return 0;
+    tt_cl_stat(TT_CL_STAT_FLAGGED);
+
+    /* Stacks of the event: the user stack is the call's; a kernel stack at syscall
+     * exit says nothing. */
+    struct tt_event *e = tt_reserve_stacks(ctx, TT_KIND_CLOSE, 1, 0);
+    if (!e)
+        return 0;
+    e->ustack = c.ustack;
+    e->skaddr = c.sk;
+    e->value_ns = d;
+    e->aux_ns = c.in_state_ns;
+    e->flags = flags;
+    e->sk_flags = c.sk_flags;
+    e->owner_tgid = key.tgid;
+    __builtin_memcpy(e->owner_comm, e->task_comm, TT_COMM_LEN);
+    e->ret = (__s32)ret;
+    e->op = c.op;
+    e->oldstate = c.state;
+    e->family = c.family;
+    e->sport = c.sport;
+    e->dport = c.dport;
+    __builtin_memcpy(e->saddr, c.saddr, 16);
+    __builtin_memcpy(e->daddr, c.daddr, 16);
+    tt_submit(e);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    return tt_cl_enter_fd(args, (int)args->fd, TT_OP_CLOSE);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_close)
+{
+    return tt_cl_exit(args, args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_shutdown)
+{
+    return tt_cl_enter_fd(args, (int)args->fd, TT_OP_SHUTDOWN);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_shutdown)
+{
+    return tt_cl_exit(args, args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close_range)
+{
+    if (args->flags & TT_CL_CLOSE_RANGE_CLOEXEC)
+        return 0;
+    unsigned int first = args->fd, last = args->max_fd;
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    char comm[TT_COMM_LEN];
+    bpf_get_current_comm(&comm, sizeof(comm));
+    for (int i = 0; i < TT_CL_RANGE_SCAN; i++) {
+        unsigned int fd = first + i;
+        if (fd > last || fd > 0x7fffffff)
+            break;
+        __u64 sk = tt_fd_to_tcp_sock((int)fd);
+        if (!sk)
+            continue;
+        struct tt_cl_call c = {};
+        if (!tt_cl_describe(&c, sk, tgid, comm))
+            continue;
+        return tt_cl_begin(args, &c, TT_OP_CLOSE_RANGE);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_close_range)
+{
+    return tt_cl_exit(args, args->ret);
+}
+
+/* bcc declares this tracepoint's `reason` field with the kernel's enum type, which the
+ * (older) installed headers may lack; the field is not read. */
+enum sk_rst_reason { TT_SK_RST_REASON_UNREAD };
+
+/* A reset sent by the thread in a call, on the socket it closes (close_range: on any). */
+TRACEPOINT_PROBE(tcp, tcp_send_reset)
+{
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    struct tt_cl_call *c = cl_calls.lookup(&tid);
+    if (!c)
+        return 0;
+    if (c->sk == (__u64)args->skaddr || c->op == TT_OP_CLOSE_RANGE)
+        c->reset = 1;
+    return 0;
+}
