@@ -68,6 +68,7 @@ class Op(enum.IntEnum):
     CLOSE = 5
     SHUTDOWN = 6
     LISTEN = 7
+    CLOSE_RANGE = 8
 
 
 def format_addr(raw: bytes, family: int) -> str:
@@ -145,7 +146,32 @@ class Touch(SocketEvent):
 
 Event = SocketEvent
 
-_TYPES: dict[str, type[SocketEvent]] = {"transition": Transition, "touch": Touch}
+class CloseFlag(enum.IntFlag):
+    """``tt_event.flags`` of CLOSE events: TT_CLOSE_* in bpf/tcptrace.h."""
+
+    RESET = 1
+    LINGERED = 2
+    LATE_CLOSE_WAIT = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloseCall(SocketEvent):
+    """A close()/shutdown()/close_range() on a TCP socket that a human must see (closelat).
+
+    ``pid``/``comm`` is the calling process. ``state`` is the socket's state when the
+    call began and ``in_state_ns`` how long it had been in it (None when unknown).
+    """
+
+    op: Op
+    duration_ns: int
+    flags: CloseFlag = CloseFlag(0)
+    state: TcpState | None = None
+    in_state_ns: int | None = None
+    sk_flags: int = 0
+    ret: int = 0
+
+
+_TYPES: dict[str, type[SocketEvent]] = {"transition": Transition, "touch": Touch, "close": CloseCall}
 _TYPE_NAMES = {cls: name for name, cls in _TYPES.items()}
 
 
@@ -184,9 +210,24 @@ def _touch_from_raw(raw: Any) -> Touch:
     return Touch(**_common_from_raw(raw), op=Op(raw.op), ret=int(raw.ret))
 
 
+def _close_from_raw(raw: Any) -> CloseCall:
+    state = int(raw.oldstate)
+    return CloseCall(
+        **_common_from_raw(raw),
+        op=Op(raw.op),
+        duration_ns=int(raw.value_ns),
+        flags=CloseFlag(int(raw.flags) & 7),
+        state=TcpState(state) if state else None,
+        in_state_ns=int(raw.aux_ns) or None,
+        sk_flags=int(raw.sk_flags),
+        ret=int(raw.ret),
+    )
+
+
 RAW_DECODERS: dict[int, Callable[[Any], SocketEvent]] = {
     Kind.TRANSITION: _transition_from_raw,
     Kind.TOUCH: _touch_from_raw,
+    Kind.CLOSE: _close_from_raw,
 }
 
 
@@ -214,6 +255,8 @@ def to_json(event: SocketEvent) -> dict[str, Any]:
         value = getattr(event, f.name)
         if f.name == "skaddr":
             value = f"0x{value:x}"
+        elif isinstance(value, enum.Flag):  # a list of names, [] when none
+            value = [m.name for m in type(value) if m in value]
         elif isinstance(value, enum.Enum):
             value = value.name
         elif isinstance(value, tuple):
@@ -232,8 +275,12 @@ def from_json(obj: Mapping[str, Any]) -> SocketEvent:
             continue
         if key == "skaddr":
             value = int(value, 16) if isinstance(value, str) else int(value)
-        elif key in ("old", "new"):
+        elif key in ("old", "new") or (key == "state" and value is not None):
             value = TcpState.parse(value)
+        elif key == "flags":
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise TypeError("flags must be a list of names")
+            value = CloseFlag(sum(CloseFlag[x] for x in value))
         elif key == "op":
             value = Op[value] if isinstance(value, str) else Op(value)
         elif key in ("kstack", "ustack"):
