@@ -1,0 +1,466 @@
+"""CLOSE_WAIT timing and leak suspects, grouped by (owner, code path).
+
+A socket enters CLOSE_WAIT when the peer's FIN arrives and stays there until the
+application closes it (``CLOSE_WAIT -> LAST_ACK``) or the peer resets it
+(``CLOSE_WAIT -> CLOSE``). Sockets already in CLOSE_WAIT when tracing started come from a
+/proc snapshot: their age is a lower bound ("at least since start") and they have no stacks.
+
+Pure: fed events (and the snapshot) by the caller, asked for reports at model times.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tcptrace.model.events import SocketEvent, TcpState, Touch, Transition
+from tcptrace.model.lifecycle import CodePath, SocketRecord, SocketTable
+
+NS = 1_000_000_000
+
+# Upper edges (seconds) of the age histogram of open CLOSE_WAIT sockets.
+AGE_EDGES_S = (0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0)
+# Closed sockets' times-to-close kept exactly (for percentiles); beyond, the histogram only.
+MAX_CLOSE_SAMPLES = 100_000
+
+
+@dataclass(frozen=True)
+class Preexisting:
+    """A socket found in CLOSE_WAIT at start (from /proc), with the holder of its fd."""
+
+    family: int
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    pid: int | None
+    comm: str | None
+    inode: int = 0
+
+
+@dataclass
+class CloseWaitSocket:
+    """One socket in CLOSE_WAIT now."""
+
+    key: tuple[Any, ...]
+    family: int
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    pid: int | None
+    comm: str | None
+    entered_ns: int
+    preexisting: bool = False
+    origin: CodePath | None = None
+    last_touch: CodePath | None = None
+    eof_ns: int | None = None
+
+    def age_ns(self, now_ns: int) -> int:
+        return max(0, now_ns - self.entered_ns)
+
+    @property
+    def tuple4(self) -> tuple[str, int, str, int]:
+        return (self.saddr, self.sport, self.daddr, self.dport)
+
+    def to_json(self, now_ns: int, threshold_ns: int) -> dict[str, Any]:
+        age = self.age_ns(now_ns)
+        return {
+            "family": self.family,
+            "saddr": self.saddr,
+            "sport": self.sport,
+            "daddr": self.daddr,
+            "dport": self.dport,
+            "pid": self.pid,
+            "comm": self.comm,
+            "age_s": round(age / NS, 6),
+            "at_least": self.preexisting,
+            "preexisting": self.preexisting,
+            "suspect": age >= threshold_ns,
+            "eof_seen": self.eof_ns is not None,
+            "last_touch": self.last_touch.op.name if self.last_touch else None,
+        }
+
+
+@dataclass
+class RemoteSummary:
+    """Where a group's sockets point: one remote dominating, or many distinct ones."""
+
+    count: int
+    distinct: int
+    top: list[tuple[str, int]]
+
+    @property
+    def dominant(self) -> str | None:
+        """The remote address holding more than half the sockets, when there is one."""
+        if self.top and self.top[0][1] * 2 > self.count:
+            return self.top[0][0]
+        return None
+
+    def text(self) -> str:
+        if not self.top:
+            return "-"
+        if self.dominant is not None:
+            addr, n = self.top[0]
+            if self.distinct == 1:
+                return f"all from {addr}"
+            return f"{addr} dominates ({n}/{self.count}), {self.distinct} distinct"
+        most = self.top[0][1]
+        return f"{self.distinct} distinct remotes, at most {most} each"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "distinct": self.distinct,
+            "dominant": self.dominant,
+            "top": [{"addr": a, "count": n} for a, n in self.top],
+        }
+
+
+def summarize_remotes(addrs: Iterable[str], top: int = 3) -> RemoteSummary:
+    """
+    >>> summarize_remotes(["10.0.0.1"] * 3 + ["10.0.0.2"]).text()
+    '10.0.0.1 dominates (3/4), 2 distinct'
+    >>> summarize_remotes(["a", "b", "c"]).text()
+    '3 distinct remotes, at most 1 each'
+    """
+    counts = Counter(addrs)
+    total = sum(counts.values())
+    return RemoteSummary(count=total, distinct=len(counts), top=counts.most_common(top))
+
+
+GroupKey = tuple[int | None, str | None, tuple[str, ...], tuple[str, ...]]
+
+
+@dataclass
+class SuspectGroup:
+    """Leak suspects sharing an owner and code path (origin and last-touch stacks)."""
+
+    pid: int | None
+    comm: str | None
+    origin: CodePath | None
+    last_touch: CodePath | None
+    sockets: list[CloseWaitSocket]
+    now_ns: int
+
+    @property
+    def count(self) -> int:
+        return len(self.sockets)
+
+    @property
+    def oldest_age_ns(self) -> int:
+        return max(s.age_ns(self.now_ns) for s in self.sockets)
+
+    @property
+    def at_least(self) -> bool:
+        """Whether the oldest age is a lower bound (a socket found at start)."""
+        oldest = self.oldest_age_ns
+        return any(s.preexisting and s.age_ns(self.now_ns) == oldest for s in self.sockets)
+
+    @property
+    def remotes(self) -> RemoteSummary:
+        return summarize_remotes(s.daddr for s in self.sockets)
+
+    @property
+    def eof_seen(self) -> int:
+        return sum(1 for s in self.sockets if s.eof_ns is not None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "comm": self.comm,
+            "count": self.count,
+            "oldest_age_s": round(self.oldest_age_ns / NS, 6),
+            "at_least": self.at_least,
+            "eof_seen": self.eof_seen,
+            "origin_op": self.origin.op.name if self.origin else None,
+            "origin_stack": list(self.origin.stack) if self.origin else [],
+            "last_touch_op": self.last_touch.op.name if self.last_touch else None,
+            "last_touch_stack": list(self.last_touch.stack) if self.last_touch else [],
+            "remotes": self.remotes.to_json(),
+            "ports": sorted({s.sport for s in self.sockets}),
+        }
+
+
+def _group_key(sock: CloseWaitSocket) -> GroupKey:
+    return (
+        sock.pid,
+        sock.comm,
+        sock.origin.stack if sock.origin else (),
+        sock.last_touch.stack if sock.last_touch else (),
+    )
+
+
+def log2_histogram(values_ns: Iterable[int]) -> list[tuple[int, int, int]]:
+    """(low_ns, high_ns, count) buckets of powers of two of microseconds, empty ones left out.
+
+    >>> log2_histogram([500, 1_500, 3_000, 3_500])
+    [(0, 1000, 1), (1000, 2000, 1), (2000, 4000, 2)]
+    """
+    counts: Counter[int] = Counter()
+    for v in values_ns:
+        us = max(0, v) // 1000
+        counts[us.bit_length()] += 1
+    out = []
+    for slot in sorted(counts):
+        low = 0 if slot == 0 else (1 << (slot - 1)) * 1000
+        high = (1 << slot) * 1000
+        out.append((low, high, counts[slot]))
+    return out
+
+
+def age_histogram(ages_ns: Iterable[int], edges_s: Sequence[float] = AGE_EDGES_S) -> list[tuple[str, int]]:
+    """Counts of ages per human bucket (``<100ms``, ``1s-5s``, ``>30m``), all buckets kept.
+
+    >>> age_histogram([int(0.5e9), int(2e9), int(3e9)], (1.0, 5.0))
+    [('<1s', 1), ('1s-5s', 2), ('>5s', 0)]
+    """
+    edges = list(edges_s)
+    counts = [0] * (len(edges) + 1)
+    for age in ages_ns:
+        secs = age / NS
+        i = 0
+        while i < len(edges) and secs >= edges[i]:
+            i += 1
+        counts[i] += 1
+    labels = []
+    for i in range(len(edges) + 1):
+        if i == 0:
+            labels.append(f"<{_fmt_s(edges[0])}")
+        elif i == len(edges):
+            labels.append(f">{_fmt_s(edges[-1])}")
+        else:
+            labels.append(f"{_fmt_s(edges[i - 1])}-{_fmt_s(edges[i])}")
+    return list(zip(labels, counts, strict=True))
+
+
+def _fmt_s(secs: float) -> str:
+    if secs < 1:
+        return f"{secs * 1000:g}ms"
+    if secs < 60:
+        return f"{secs:g}s"
+    return f"{secs / 60:g}m"
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> int | None:
+    """Nearest-rank percentile of sorted values.
+
+    >>> percentile([1, 2, 3, 4], 0.5), percentile([1, 2, 3, 4], 1.0), percentile([], 0.5)
+    (2, 4, None)
+    """
+    if not sorted_values:
+        return None
+    rank = max(1, -(-int(q * 1000) * len(sorted_values) // 1000))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+@dataclass
+class Interval:
+    """What happened in one reporting interval."""
+
+    start_ns: int
+    end_ns: int
+    entered: int = 0
+    closed: int = 0
+    reset: int = 0
+
+
+@dataclass
+class CloseWaitTracker:
+    """Every socket in CLOSE_WAIT: since when, owned by whom, and how each one left."""
+
+    threshold_ns: int = 5 * NS
+    table: SocketTable = field(default_factory=SocketTable)
+    open: dict[tuple[Any, ...], CloseWaitSocket] = field(default_factory=dict)
+    entered: int = 0
+    closed: int = 0
+    closed_preexisting: int = 0
+    reset: int = 0
+    forgotten: int = 0
+    """Open sockets dropped because their skaddr was reborn (their end was not seen)."""
+    close_times_ns: list[int] = field(default_factory=list)
+    close_hist: Counter[int] = field(default_factory=Counter)
+    start_ns: int | None = None
+    interval: Interval | None = None
+
+    # ---- input -------------------------------------------------------------------------
+
+    def add_preexisting(self, sockets: Iterable[Preexisting], now_ns: int) -> int:
+        """Sockets already in CLOSE_WAIT at ``now_ns`` (tracing start); returns how many."""
+        added = 0
+        seen = {s.tuple4 for s in self.open.values()}
+        for p in sockets:
+            t = (p.saddr, p.sport, p.daddr, p.dport)
+            key = ("tuple", *t)
+            if t in seen:  # already seen entering CLOSE_WAIT live
+                continue
+            seen.add(t)
+            self.open[key] = CloseWaitSocket(
+                key=key,
+                family=p.family,
+                saddr=p.saddr,
+                sport=p.sport,
+                daddr=p.daddr,
+                dport=p.dport,
+                pid=p.pid,
+                comm=p.comm,
+                entered_ns=now_ns,
+                preexisting=True,
+            )
+            added += 1
+        return added
+
+    def feed(self, event: SocketEvent) -> None:
+        if self.start_ns is None:
+            self.start_ns = event.ts_ns
+        record, replaced = self.table.feed(event)
+        if replaced is not None and replaced.state == TcpState.CLOSE_WAIT:
+            if self.open.pop(("sk", replaced.skaddr), None) is not None:
+                self.forgotten += 1
+        if record is None:
+            return
+        if isinstance(event, Transition):
+            self._transition(event, record)
+        elif isinstance(event, Touch):
+            sock = self.open.get(("sk", event.skaddr))
+            if sock is not None:
+                self._refresh(sock, record)
+
+    def _transition(self, event: Transition, record: SocketRecord) -> None:
+        key = ("sk", event.skaddr)
+        if event.new == TcpState.CLOSE_WAIT:
+            self.open[key] = CloseWaitSocket(
+                key=key,
+                family=record.family,
+                saddr=record.saddr,
+                sport=record.sport,
+                daddr=record.daddr,
+                dport=record.dport,
+                pid=record.pid,
+                comm=record.comm,
+                entered_ns=event.ts_ns,
+                origin=record.origin,
+                last_touch=record.last_touch,
+            )
+            self.entered += 1
+            if self.interval is not None:
+                self.interval.entered += 1
+            return
+        if event.old != TcpState.CLOSE_WAIT:
+            return
+        sock = self.open.pop(key, None)
+        if sock is None:  # found at start: known by its addresses only
+            sock = self.open.pop(("tuple", *record.tuple4), None)
+        if event.new == TcpState.LAST_ACK:
+            self.closed += 1
+            if self.interval is not None:
+                self.interval.closed += 1
+            if sock is not None and not sock.preexisting:
+                took = event.ts_ns - sock.entered_ns
+                if len(self.close_times_ns) < MAX_CLOSE_SAMPLES:
+                    self.close_times_ns.append(took)
+                self.close_hist[max(0, took // 1000).bit_length()] += 1
+            elif sock is not None:
+                self.closed_preexisting += 1
+        else:
+            self.reset += 1
+            if self.interval is not None:
+                self.interval.reset += 1
+
+    def _refresh(self, sock: CloseWaitSocket, record: SocketRecord) -> None:
+        if record.pid is not None:
+            sock.pid, sock.comm = record.pid, record.comm
+        if record.origin is not None:
+            sock.origin = record.origin
+        sock.last_touch = record.last_touch
+        sock.eof_ns = record.eof_ns
+
+    # ---- reports -----------------------------------------------------------------------
+
+    def begin_interval(self, now_ns: int) -> Interval | None:
+        """Close the current interval (returned) and start the next one at ``now_ns``."""
+        done = self.interval
+        if done is not None:
+            done.end_ns = now_ns
+        self.interval = Interval(start_ns=now_ns, end_ns=now_ns)
+        return done
+
+    def suspects(self, now_ns: int) -> list[SuspectGroup]:
+        """Open sockets older than the threshold, grouped by (owner, code path), worst first."""
+        groups: dict[GroupKey, list[CloseWaitSocket]] = {}
+        for sock in self.open.values():
+            if sock.age_ns(now_ns) >= self.threshold_ns:
+                groups.setdefault(_group_key(sock), []).append(sock)
+        out = [
+            SuspectGroup(
+                pid=socks[0].pid,
+                comm=socks[0].comm,
+                origin=socks[0].origin,
+                last_touch=socks[0].last_touch,
+                sockets=sorted(socks, key=lambda s: s.entered_ns),
+                now_ns=now_ns,
+            )
+            for socks in groups.values()
+        ]
+        out.sort(key=lambda g: (-g.count, -g.oldest_age_ns))
+        return out
+
+    def open_sockets(self) -> list[CloseWaitSocket]:
+        return sorted(self.open.values(), key=lambda s: s.entered_ns)
+
+    def close_times_sorted(self) -> list[int]:
+        return sorted(self.close_times_ns)
+
+    def close_histogram(self) -> list[tuple[int, int, int]]:
+        out = []
+        for slot in sorted(self.close_hist):
+            low = 0 if slot == 0 else (1 << (slot - 1)) * 1000
+            out.append((low, (1 << slot) * 1000, self.close_hist[slot]))
+        return out
+
+    def close_time_json(self) -> dict[str, Any]:
+        times = self.close_times_sorted()
+
+        def secs(v: int | None) -> float | None:
+            return None if v is None else round(v / NS, 6)
+
+        return {
+            "count": sum(self.close_hist.values()),
+            "min_s": secs(times[0] if times else None),
+            "p50_s": secs(percentile(times, 0.5)),
+            "p90_s": secs(percentile(times, 0.9)),
+            "p99_s": secs(percentile(times, 0.99)),
+            "max_s": secs(times[-1] if times else None),
+            "histogram": [
+                {"low_s": lo / NS, "high_s": hi / NS, "count": n} for lo, hi, n in self.close_histogram()
+            ],
+        }
+
+    def periodic_json(self, now_ns: int, interval: Interval | None) -> dict[str, Any]:
+        ages = [s.age_ns(now_ns) for s in self.open.values()]
+        return {
+            "type": "closewait",
+            "ts_ns": now_ns,
+            "open": len(self.open),
+            "suspects": sum(1 for a in ages if a >= self.threshold_ns),
+            "entered": interval.entered if interval else 0,
+            "closed": interval.closed if interval else 0,
+            "reset": interval.reset if interval else 0,
+            "age_histogram": [{"bucket": b, "count": n} for b, n in age_histogram(ages)],
+        }
+
+    def summary_json(self, now_ns: int) -> dict[str, Any]:
+        return {
+            "threshold_s": self.threshold_ns / NS,
+            "open": len(self.open),
+            "preexisting_open": sum(1 for s in self.open.values() if s.preexisting),
+            "entered": self.entered,
+            "closed": self.closed,
+            "closed_preexisting": self.closed_preexisting,
+            "reset": self.reset,
+            "forgotten": self.forgotten,
+            "time_to_close": self.close_time_json(),
+            "groups": [g.to_json() for g in self.suspects(now_ns)],
+            "sockets": [s.to_json(now_ns, self.threshold_ns) for s in self.open_sockets()],
+        }

@@ -1,0 +1,76 @@
+"""Socket inodes under /proc/PID/fd: which processes hold which sockets.
+
+A socket's fd links to ``socket:[INODE]``; the inode is the one /proc/net/tcp shows. A
+socket shared by several processes (fork, fd passing) has several holders.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+_SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    comm: str
+    fd: int
+
+
+def socket_inode(link: str) -> int | None:
+    """The inode of a ``socket:[INODE]`` fd link, None for anything else.
+
+    >>> socket_inode("socket:[34567]")
+    34567
+    >>> socket_inode("/dev/null") is None
+    True
+    """
+    m = _SOCKET_LINK.match(link)
+    return int(m.group(1)) if m else None
+
+
+def read_comm(pid: int, proc: str = "/proc") -> str:
+    try:
+        with open(f"{proc}/{pid}/comm", encoding="utf-8", errors="backslashreplace") as fh:
+            return fh.read().rstrip("\n")
+    except OSError:
+        return ""
+
+
+def holders(inodes: Iterable[int], proc: str = "/proc") -> dict[int, list[Holder]]:
+    """For each wanted inode, the processes (pid, comm, fd) that hold it.
+
+    Processes that exit while being read, or whose fds we may not read, are skipped:
+    their sockets then have no holder (reported as unknown owner).
+    """
+    wanted = set(inodes)
+    found: dict[int, list[Holder]] = {}
+    if not wanted:
+        return found
+    try:
+        pids = [int(name) for name in os.listdir(proc) if name.isdigit()]
+    except OSError:
+        return found
+    for pid in sorted(pids):
+        fd_dir = f"{proc}/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        comm: str | None = None
+        for fd in fds:
+            try:
+                link = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            inode = socket_inode(link)
+            if inode is None or inode not in wanted:
+                continue
+            if comm is None:
+                comm = read_comm(pid, proc)
+            found.setdefault(inode, []).append(Holder(pid=pid, comm=comm, fd=int(fd)))
+    return found
