@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from tcptrace.errors import RecordingError
-from tcptrace.model.events import SocketEvent, from_json, to_json
+from tcptrace.model.events import EVENT_TYPES, SocketEvent, from_json, to_json
 
 FORMAT = "tcptrace"
 VERSION = 1
@@ -54,6 +54,9 @@ class Recording:
     header: dict[str, Any]
     summary: dict[str, Any] | None = None
     _lines: Iterator[tuple[int, str]] = field(default_factory=lambda: iter(()), repr=False)
+    on_report: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
+    """Called, in file order, with each object that is not an event (a command's periodic
+    report, such as closelat's histograms), for commands that replay from reports."""
 
     @property
     def clock_offset_ns(self) -> int:
@@ -69,10 +72,12 @@ class Recording:
                 continue
             if kind == "header":
                 raise RecordingError(f"{self.path}:{lineno}: a second header line")
-            if kind not in ("transition", "touch"):
+            if kind not in EVENT_TYPES:
                 # Objects of other kinds (periodic reports of analysis commands) are not
                 # events; a recording may carry them and replay skips them.
                 if isinstance(kind, str):
+                    if self.on_report is not None:
+                        self.on_report(obj)
                     continue
                 raise RecordingError(f'{self.path}:{lineno}: object without a "type"')
             try:

@@ -173,6 +173,8 @@ class CloseCall(SocketEvent):
 
 _TYPES: dict[str, type[SocketEvent]] = {"transition": Transition, "touch": Touch, "close": CloseCall}
 _TYPE_NAMES = {cls: name for name, cls in _TYPES.items()}
+EVENT_TYPES = frozenset(_TYPES)
+"""The JSON ``type`` names of events (other objects of a recording are reports)."""
 
 
 def _common_from_raw(raw: Any) -> dict[str, Any]:
