@@ -100,7 +100,7 @@ def _parse_line(path: str, lineno: int, line: str) -> dict[str, Any]:
 def open_recording(path: str) -> Recording:
     """Open a recording and read its header; RecordingError when it is not one."""
     try:
-        handle = open(path, encoding="utf-8", errors="strict")  # noqa: SIM115 - closed by _numbered
+        handle = open(path, "rb")  # noqa: SIM115 - closed by _numbered
     except OSError as exc:
         raise RecordingError(f"cannot read recording {path}: {exc.strerror}") from None
     lines = _numbered(path, handle)
@@ -115,15 +115,16 @@ def open_recording(path: str) -> Recording:
     return Recording(path=path, header=header, _lines=lines)
 
 
-def _numbered(path: str, handle: IO[str]) -> Iterator[tuple[int, str]]:
+def _numbered(path: str, handle: IO[bytes]) -> Iterator[tuple[int, str]]:
+    """Non-blank lines with their numbers, decoded one by one so an error names its line."""
     with handle:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(handle, 1):
-                if line.strip():
-                    yield lineno, line
-        except UnicodeDecodeError:
-            raise RecordingError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RecordingError(f"{path}:{lineno}: not UTF-8 text") from None
+            if line.strip():
+                yield lineno, line
 
 
 class JsonLinesWriter:

@@ -176,11 +176,11 @@ class Btf:
                 return t
         raise BtfError(f"kernel BTF has no struct {name}")
 
-    def _find(self, t: BtfType, name: str, base_bits: int) -> int | None:
-        """Bit offset of member ``name`` of ``t``, looking inside anonymous members too."""
+    def _find(self, t: BtfType, name: str, base_bits: int) -> tuple[int, Member] | None:
+        """Bit offset and member ``name`` of ``t``, looking inside anonymous members too."""
         for m in t.members:
             if m.name == name:
-                return base_bits + m.bit_offset
+                return base_bits + m.bit_offset, m
         for m in t.members:
             if not m.name:
                 inner = self._resolve(m.type_id)
@@ -196,29 +196,15 @@ class Btf:
         bits = 0
         parts = path.split(".")
         for i, part in enumerate(parts):
-            assert t is not None
-            found = self._find(t, part, 0)
+            found = self._find(t, part, 0) if t is not None else None
             if found is None:
                 raise BtfError(f"kernel BTF: struct {struct_name} has no member {'.'.join(parts[: i + 1])}")
-            bits += found
-            member_type = self._member_type(t, part)
-            t = self._resolve(member_type) if member_type is not None else None
-        if bits % 8:
-            raise BtfError(f"kernel BTF: {struct_name}.{path} is a bitfield")
+            offset, member = found
+            if member.bitfield_size or offset % 8:
+                raise BtfError(f"kernel BTF: {struct_name}.{path} is a bitfield")
+            bits += offset
+            t = self._resolve(member.type_id)
         return bits // 8
-
-    def _member_type(self, t: BtfType, name: str) -> int | None:
-        for m in t.members:
-            if m.name == name:
-                return m.type_id
-        for m in t.members:
-            if not m.name:
-                inner = self._resolve(m.type_id)
-                if inner is not None and inner.kind in (KIND_STRUCT, KIND_UNION):
-                    found = self._member_type(inner, name)
-                    if found is not None:
-                        return found
-        return None
 
     def enum_value(self, enum_name: str, enumerator: str) -> int:
         for kind in (KIND_ENUM, KIND_ENUM64):

@@ -242,8 +242,15 @@ def program_text(parts: Sequence[Part], directory: Path) -> str:
     """
     chunks = []
     for name in ["common.bpf.h", *(p.file for p in parts)]:
-        text = (directory / name).read_text()
-        chunks.append(f'#line 1 "bpf/{name}"\n{text}\n')
+        lines = (directory / name).read_text().splitlines()
+        out = [f'#line 1 "bpf/{name}"']
+        for number, line in enumerate(lines, 1):
+            out.append(line)
+            if line.lstrip().startswith("TRACEPOINT_PROBE("):
+                # bcc inserts the generated argument struct here, shifting every later
+                # line: say again where we are.
+                out.append(f'#line {number + 1} "bpf/{name}"')
+        chunks.append("\n".join(out) + "\n")
     return "".join(chunks)
 
 
@@ -273,13 +280,13 @@ class LoadedProgram:
         self.bpf = bpf
         self.parts = tuple(parts)
         self.stacks = stacks
-        self.event_type = bpf["event_layout"].Leaf
+        self.event_type = bpf[b"event_layout"].Leaf
         self.event_size = ctypes.sizeof(self.event_type)
         self._closed = False
 
     def counters(self) -> dict[str, int]:
         """The kernel's exact counters (TT_STAT_*), summed over CPUs."""
-        table = self.bpf["stats"]
+        table = self.bpf[b"stats"]
         return {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
 
     def close(self) -> None:
@@ -350,11 +357,11 @@ def load(
 
 def _fill_filter_maps(bpf: Any, flt: EventFilter) -> None:
     if flt.ports:
-        table = bpf["port_filter"]
+        table = bpf[b"port_filter"]
         for port in flt.ports:
             table[table.Key(port)] = table.Leaf(1)
     if flt.comm is not None:
-        table = bpf["comm_filter"]
+        table = bpf[b"comm_filter"]
         leaf = table.Leaf()
         raw = flt.comm.encode()[:15]
         ctypes.memmove(ctypes.addressof(leaf), raw, len(raw))

@@ -24,7 +24,7 @@ class Symbolizer:
 
     def __init__(self, program: LoadedProgram, capacity: int = 4096) -> None:
         self._bpf = program.bpf
-        self._stacks = program.bpf["stacks"] if program.stacks else None
+        self._stacks = program.bpf[b"stacks"] if program.stacks else None
         self._cache: OrderedDict[tuple[int, int], tuple[str, ...]] = OrderedDict()
         self._capacity = capacity
 
@@ -74,7 +74,7 @@ class KernelStream:
         self.decoded = 0
         self.malformed = 0
         self._ptr_type = ctypes.POINTER(program.event_type)
-        program.bpf["events"].open_ring_buffer(self._on_event)
+        program.bpf[b"events"].open_ring_buffer(self._on_event)
 
     def _on_event(self, _ctx: Any, data: Any, size: int) -> int:
         if size < self.program.event_size:

@@ -1,0 +1,257 @@
+"""`tcptrace states` against the real kernel: exact transition sequences, owners, filters, losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tcptrace.errors import CompileError
+from tcptrace.kernel.stream import KernelStream
+from tcptrace.model.events import SocketEvent, Transition
+from tcptrace.model.filters import EventFilter
+from tests.integration import workloads as w
+from tests.integration.helpers import SS, FixtureBuilder, collect, load_parts, wait_for
+
+
+def pairs(events: list[SocketEvent], local_port: int) -> list[tuple[str, str]]:
+    """The transitions of the sockets whose local port is ``local_port``, in order."""
+    return [
+        (e.old.name, e.new.name)
+        for e in events
+        if isinstance(e, Transition)
+        and e.sport == local_port
+        and (e.dport != 0 or e.new.name != "LISTEN")
+        and not (e.old.name in ("CLOSE", "LISTEN") and e.dport == 0)
+    ]
+
+
+def client_pairs(events: list[SocketEvent], conn: w.Conn) -> list[tuple[str, str]]:
+    # The client is bound to its port only after SYN_SENT: its CLOSE->SYN_SENT has sport 0.
+    out = []
+    for e in events:
+        if not isinstance(e, Transition) or e.dport != conn.server_port:
+            continue
+        if e.sport in (0, conn.client_port):
+            out.append((e.old.name, e.new.name))
+    return out
+
+
+def server_pairs(events: list[SocketEvent], conn: w.Conn) -> list[tuple[str, str]]:
+    return [
+        (e.old.name, e.new.name)
+        for e in events
+        if isinstance(e, Transition) and e.sport == conn.server_port and e.dport == conn.client_port
+    ]
+
+
+def trace(port: int, scenario, family: int = socket.AF_INET) -> tuple[w.Conn, list[SocketEvent]]:  # type: ignore[no-untyped-def]
+    with load_parts(flt=EventFilter(ports=frozenset({port}))) as program:
+        stream = KernelStream(program)
+        conn = scenario(port, family)
+        events = collect(stream, lambda evs: sum(1 for e in evs if e.new.name == "CLOSE") >= 3, timeout=3)
+        assert program.counters()["lost"] == 0
+    return conn, events
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_client_closes_first(port: int, family: int, ss: SS) -> None:
+    conn, events = trace(port, w.client_closes_first, family)
+    assert client_pairs(events, conn) == w.CLIENT_CLOSES_FIRST_CLIENT
+    assert server_pairs(events, conn) == w.CLIENT_CLOSES_FIRST_SERVER
+    listener = [(e.old.name, e.new.name) for e in events if e.sport == port and e.dport == 0]
+    assert listener == w.LISTENER
+    # Every event carries this process as owner, softirq ones included.
+    assert {e.pid for e in events} == {os.getpid()}
+    assert all(e.family == (6 if family == socket.AF_INET6 else 4) for e in events)
+    # Ground truth: the client's side is in TIME_WAIT now, the server's is gone.
+    tw = ss.sockets(port, "time-wait")
+    assert any(f":{conn.client_port}" in line.split()[-2] for line in tw), tw
+
+
+def test_server_closes_first(port: int, ss: SS) -> None:
+    conn, events = trace(port, w.server_closes_first)
+    assert client_pairs(events, conn) == w.SERVER_CLOSES_FIRST_CLIENT
+    assert server_pairs(events, conn) == w.SERVER_CLOSES_FIRST_SERVER
+    tw = ss.sockets(port, "time-wait")
+    assert any(f":{port}" in line.split()[-2] for line in tw), tw
+
+
+def test_reset_goes_straight_to_close(port: int, ss: SS) -> None:
+    conn, events = trace(port, w.client_resets)
+    assert client_pairs(events, conn) == w.RESET_CLIENT
+    assert server_pairs(events, conn) == w.RESET_SERVER
+    assert ss.count(port, "time-wait") == 0
+
+
+def test_time_in_previous_state_is_measured(port: int) -> None:
+    conn, events = trace(port, w.client_closes_first)
+    cw = next(e for e in events if isinstance(e, Transition) and e.old.name == "CLOSE_WAIT")
+    # the server closed PAUSE (50 ms) after it saw the FIN
+    assert cw.prev_ns is not None and 0.045e9 < cw.prev_ns < 1e9
+    born = [e for e in events if isinstance(e, Transition) and e.old.name in ("CLOSE", "LISTEN")]
+    assert all(e.prev_ns is None for e in born if e.new.name != "CLOSE")
+
+
+def test_pid_filter_follows_the_owner_into_softirq(port: int, fixture_bin: FixtureBuilder) -> None:
+    exe = fixture_bin("connect_close")
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(8)
+    child = subprocess.Popen([str(exe), "127.0.0.1", str(port), "1"], stdin=subprocess.PIPE, text=True)
+    try:
+        with load_parts(flt=EventFilter(pid=child.pid), stacks=True) as program:
+            stream = KernelStream(program, symbolize=True)
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            server, _ = listener.accept()
+            wait_for(lambda: server.recv(1) == b"", timeout=3)
+            time.sleep(0.05)
+            server.close()
+            events = collect(stream, lambda evs: any(e.new.name == "CLOSE" for e in evs), timeout=3)
+        child.stdin.close()
+        assert child.wait(timeout=5) == 0
+    finally:
+        child.kill()
+        listener.close()
+    names = [(e.old.name, e.new.name) for e in events]
+    assert names == w.CLIENT_CLOSES_FIRST_CLIENT
+    assert {e.pid for e in events} == {child.pid}
+    assert any(e.task_pid != child.pid for e in events), "some transitions ran outside the owner"
+    connect = events[0]
+    assert any("open_client_connection" in f for f in connect.ustack), connect.ustack
+    assert any("connect" in f for f in connect.kstack), connect.kstack
+    close = next(e for e in events if e.new.name == "FIN_WAIT1")
+    assert any("close_client_connection" in f for f in close.ustack), close.ustack
+    # softirq transitions carry no user stack (it would be whoever was interrupted)
+    assert all(not e.ustack for e in events if e.task_pid != child.pid)
+
+
+def test_no_loss_and_exact_counts_at_a_modest_rate(port: int) -> None:
+    n = 300
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(512)
+
+    def serve() -> None:
+        for _ in range(n):
+            conn, _ = listener.accept()
+            conn.recv(1)
+            conn.close()
+
+    with load_parts(flt=EventFilter(ports=frozenset({port}))) as program:
+        stream = KernelStream(program)
+        server = threading.Thread(target=serve)
+        server.start()
+        for _ in range(n):
+            socket.create_connection(("127.0.0.1", port)).close()
+        server.join(timeout=60)
+        assert not server.is_alive()
+        listener.close()
+        expected = n * 10 + 1
+        events = collect(stream, lambda evs: len(evs) >= expected, timeout=10)
+        counters = stream.counters()
+    assert counters["lost"] == 0
+    assert (len(events), counters["decoded"], counters["transitions"]) == (expected,) * 3, counters
+
+
+def test_compile_errors_name_the_bpf_file_and_line(tmp_path: Path) -> None:
+    from tcptrace.kernel import loader
+
+    broken = tmp_path / "bpf"
+    shutil.copytree(loader.bpf_dir(), broken)
+    src = broken / "lifecycle.bpf.c"
+    lines = src.read_text().splitlines()
+    idx = next(i for i, line in enumerate(lines) if "prev_ns = 0;" in line)
+    lines[idx] = "    __u64 prev_ns = 0 +;"
+    src.write_text("\n".join(lines) + "\n")
+    os.environ["TCPTRACE_BPF_DIR"] = str(broken)
+    try:
+        with pytest.raises(CompileError, match=rf"bpf/lifecycle.bpf.c:{idx + 1}:\d+: error"):
+            load_parts()
+    finally:
+        del os.environ["TCPTRACE_BPF_DIR"]
+
+
+def test_cli_states_json_smoke(port: int, tcptrace_cmd: list[str]) -> None:
+    proc = subprocess.Popen(
+        [*tcptrace_cmd, "states", "--json", "--port", str(port), "--duration", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    header = json.loads(proc.stdout.readline())  # written once attached
+    assert header["type"] == "header"
+    conn = w.client_closes_first(port)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    objs = [json.loads(line) for line in out.splitlines()]
+    assert objs[-1]["type"] == "summary" and objs[-1]["lost"] == 0 and objs[-1]["stopped"] == "duration"
+    events = [o for o in objs if o["type"] == "transition"]
+    assert len(events) == objs[-1]["events"] == 12
+    assert {o["pid"] for o in events} == {os.getpid()}
+    assert any(o["sport"] == conn.client_port and o["new"] == "FIN_WAIT1" for o in events)
+
+
+def test_sigterm_detaches_and_prints_the_summary(port: int, tcptrace_cmd: list[str]) -> None:
+    def attached_programs() -> int:
+        out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
+        return out.count("tracepoint__sock__inet_sock_set_state")
+
+    if shutil.which("bpftool") is None:
+        pytest.skip("needs bpftool (scripts/install --dev)")
+    before = attached_programs()
+    proc = subprocess.Popen(
+        [*tcptrace_cmd, "states", "--json", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    json.loads(proc.stdout.readline())
+    assert attached_programs() == before + 1
+    w.client_resets(port)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    last = json.loads(out.splitlines()[-1])
+    assert last["type"] == "summary" and last["stopped"] == "SIGTERM" and last["events"] == 8
+    assert wait_for(lambda: attached_programs() == before, timeout=5)
+
+
+def test_record_then_replay(port: int, tcptrace_cmd: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "rec.jsonl"
+    proc = subprocess.Popen(
+        [*tcptrace_cmd, "record", "-o", str(out), "--port", str(port), "--duration", "3"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert wait_for(lambda: out.exists() and out.stat().st_size > 0, timeout=20)
+    w.server_closes_first(port)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    replay = subprocess.run(
+        [*tcptrace_cmd, "states", "--json", "--from", str(out)], capture_output=True, text=True
+    )
+    assert replay.returncode == 0, replay.stderr
+    objs = [json.loads(line) for line in replay.stdout.splitlines()]
+    assert objs[-1]["events"] == 12
+
+
+def test_doctor_passes_here(tcptrace_cmd: list[str]) -> None:
+    result = subprocess.run([*tcptrace_cmd, "doctor"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ready to trace" in result.stdout

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import os
+import signal
+
+from tcptrace.model.events import SocketEvent, TcpState, Transition
+from tcptrace.session import NS, StopFlag, run, stop_on_signals
+
+
+def ev(t_s: float) -> Transition:
+    return Transition(ts_ns=int(t_s * NS), skaddr=1, old=TcpState.CLOSE, new=TcpState.SYN_SENT)
+
+
+class FakeReplay:
+    """A finite source, like a recording."""
+
+    live = False
+    clock_offset_ns = 0
+
+    def __init__(self, events: list[SocketEvent], batch: int = 2) -> None:
+        self.events = list(events)
+        self.batch = batch
+        self.now = 0
+
+    def poll(self, timeout_s: float) -> list[SocketEvent]:
+        out, self.events = self.events[: self.batch], self.events[self.batch :]
+        if out:
+            self.now = out[-1].ts_ns
+        return out
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.events
+
+    def now_ns(self) -> int:
+        return self.now
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class FakeLive(FakeReplay):
+    """A live source whose clock advances 0.25 s per poll."""
+
+    live = True
+
+    def poll(self, timeout_s: float) -> list[SocketEvent]:
+        self.now += NS // 4
+        out = [e for e in self.events if e.ts_ns <= self.now]
+        self.events = [e for e in self.events if e.ts_ns > self.now]
+        return out
+
+    @property
+    def exhausted(self) -> bool:
+        return False
+
+
+def test_replay_ticks_follow_event_time_not_wall_time() -> None:
+    seen: list[float] = []
+    ticks: list[float] = []
+    reason = run(
+        FakeReplay([ev(10.0), ev(10.5), ev(12.2), ev(13.9)]),
+        lambda e: seen.append(e.ts_ns / NS),
+        interval_s=1.0,
+        on_tick=lambda t: ticks.append(t / NS),
+    )
+    assert reason == "end"
+    assert seen == [10.0, 10.5, 12.2, 13.9]
+    # ticks at 11, 12 (before 12.2 is handled), 13 (before 13.9)
+    assert ticks == [11.0, 12.0, 13.0]
+
+
+def test_replay_duration_counts_from_the_first_event() -> None:
+    seen: list[float] = []
+    reason = run(
+        FakeReplay([ev(5.0), ev(6.0), ev(7.5), ev(9.0)]), lambda e: seen.append(e.ts_ns / NS), duration_s=2.0
+    )
+    assert reason == "duration"
+    assert seen == [5.0, 6.0]
+
+
+def test_live_duration_and_ticks() -> None:
+    src = FakeLive([ev(0.1), ev(0.6), ev(5.0)])
+    seen: list[float] = []
+    ticks: list[int] = []
+    reason = run(
+        src, lambda e: seen.append(e.ts_ns / NS), interval_s=0.5, duration_s=1.0, on_tick=ticks.append
+    )
+    assert reason == "duration"
+    assert seen == [0.1, 0.6]
+    assert [t / NS for t in ticks] == [0.5, 1.0]
+
+
+def test_a_stop_flag_set_by_a_signal_ends_the_run() -> None:
+    flag = StopFlag()
+    src = FakeLive([])
+    calls = 0
+
+    def poll(timeout_s: float) -> list[SocketEvent]:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return []
+
+    src.poll = poll  # type: ignore[method-assign]
+    assert run(src, lambda e: None, flag=flag) == "SIGTERM"
+    assert calls == 3
+
+
+def test_signal_handlers_are_restored() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(StopFlag()):
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
