@@ -464,3 +464,21 @@ class CloseWaitTracker:
             "groups": [g.to_json() for g in self.suspects(now_ns)],
             "sockets": [s.to_json(now_ns, self.threshold_ns) for s in self.open_sockets()],
         }
+
+
+_UNITS = {"us": 1_000, "ms": 1_000_000, "s": NS, "m": 60 * NS, "h": 3600 * NS}
+
+
+def parse_duration(text: str) -> int:
+    """A duration given on the command line, in ns; a bare number is seconds.
+
+    >>> parse_duration("5s"), parse_duration("250ms"), parse_duration("2m"), parse_duration("1.5")
+    (5000000000, 250000000, 120000000000, 1500000000)
+    """
+    raw = text.strip().lower()
+    for unit in ("us", "ms", "s", "m", "h"):
+        if raw.endswith(unit) and raw[: -len(unit)].replace(".", "", 1).isdigit():
+            return int(float(raw[: -len(unit)]) * _UNITS[unit])
+    if raw.replace(".", "", 1).isdigit():
+        return int(float(raw) * NS)
+    raise ValueError(f"not a duration: {text!r} (examples: 5s, 250ms, 2m)")

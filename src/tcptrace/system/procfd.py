@@ -11,6 +11,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tcptrace.model.closewait import Preexisting
+from tcptrace.model.events import SocketEvent, TcpState
+from tcptrace.model.filters import EventFilter
+from tcptrace.system.procnet import ProcSocket, in_state
+
 _SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
 
 
@@ -74,3 +79,57 @@ def holders(inodes: Iterable[int], proc: str = "/proc") -> dict[int, list[Holder
                 comm = read_comm(pid, proc)
             found.setdefault(inode, []).append(Holder(pid=pid, comm=comm, fd=int(fd)))
     return found
+
+
+def closewait_snapshot(flt: EventFilter | None = None) -> list[Preexisting]:
+    """Sockets in CLOSE_WAIT now (/proc/net/tcp{,6}) with the process holding each one.
+
+    A socket several processes hold (fork, fd passing) is reported with the first holder
+    that passes ``flt``, else the lowest pid; one no process holds has an unknown owner.
+    Filtered like the kernel filters events: by port, family, and owner.
+    """
+    flt = flt or EventFilter()
+    socks = in_state(TcpState.CLOSE_WAIT)
+    owners = holders(s.inode for s in socks if s.inode)
+    out: list[Preexisting] = []
+    for s in socks:
+        candidates = owners.get(s.inode, []) if s.inode else []
+        chosen: Holder | None = None
+        for h in candidates:
+            if _as_event(s, h.pid, h.comm, flt) is not None:
+                chosen = h
+                break
+        if chosen is None and candidates:
+            chosen = candidates[0]
+        pid = chosen.pid if chosen else None
+        comm = chosen.comm[:15] if chosen else None
+        if _as_event(s, pid, comm, flt) is None:
+            continue
+        out.append(
+            Preexisting(
+                family=s.family,
+                saddr=s.saddr,
+                sport=s.sport,
+                daddr=s.daddr,
+                dport=s.dport,
+                pid=pid,
+                comm=comm,
+                inode=s.inode,
+            )
+        )
+    return out
+
+
+def _as_event(s: ProcSocket, pid: int | None, comm: str | None, flt: EventFilter) -> SocketEvent | None:
+    event = SocketEvent(
+        ts_ns=0,
+        skaddr=0,
+        family=s.family,
+        saddr=s.saddr,
+        sport=s.sport,
+        daddr=s.daddr,
+        dport=s.dport,
+        pid=pid,
+        comm=comm,
+    )
+    return event if flt.matches(event) else None

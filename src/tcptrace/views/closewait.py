@@ -1,0 +1,178 @@
+"""`tcptrace closewait`: the live view of sockets in CLOSE_WAIT, and the final summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from tcptrace.model.closewait import (
+    CloseWaitTracker,
+    Interval,
+    SuspectGroup,
+    age_histogram,
+    percentile,
+)
+from tcptrace.model.lifecycle import CodePath
+from tcptrace.views.common import duration, endpoint, safe
+
+MAX_GROUPS = 8
+MAX_USER_FRAMES = 8
+MAX_KERNEL_FRAMES = 3
+MAX_SOCKETS = 10
+BAR = 30
+
+
+def _bar(count: int, most: int) -> str:
+    if not count or not most:
+        return ""
+    return "█" * max(1, round(BAR * count / most))
+
+
+def _owner(pid: int | None, comm: str | None) -> str:
+    return "unknown owner" if pid is None else f"{pid} {safe(comm)}"
+
+
+def stack_text(title: str, path: CodePath | None) -> Text:
+    """A code path: its operation, then user frames (innermost first), then a few kernel ones."""
+    text = Text()
+    text.append(f"    {title}: ", style="bold")
+    if path is None:
+        text.append("not seen (socket older than tracing, or its owner acted before)", style="dim")
+        return text
+    text.append(path.op.name.lower())
+    if path.op.name == "RECV":
+        text.append(f" -> {path.ret}" + (" (EOF: should have closed)" if path.ret == 0 else ""))
+    if not path.ustack and not path.kstack:
+        text.append("  (no stack)", style="dim")
+    for frame in path.ustack[:MAX_USER_FRAMES]:
+        text.append(f"\n      {safe(frame)}", style="cyan")
+    if len(path.ustack) > MAX_USER_FRAMES:
+        text.append(f"\n      … {len(path.ustack) - MAX_USER_FRAMES} more", style="dim")
+    for frame in path.kstack[:MAX_KERNEL_FRAMES] if not path.ustack else ():
+        text.append(f"\n      {safe(frame)}", style="dim")
+    return text
+
+
+def _histogram_table(rows: list[tuple[str, int]], title: str) -> Table:
+    table = Table(box=None, show_header=False, pad_edge=False, title=title, title_justify="left")
+    table.add_column(justify="right")
+    table.add_column(justify="right")
+    table.add_column()
+    most = max((n for _, n in rows), default=0)
+    for label, n in rows:
+        table.add_row(label, str(n), Text(_bar(n, most), style="red"))
+    return table
+
+
+def headline(tracker: CloseWaitTracker, now_ns: int, interval: Interval | None) -> Text:
+    open_now = len(tracker.open)
+    pre = sum(1 for s in tracker.open.values() if s.preexisting)
+    suspects = sum(1 for s in tracker.open.values() if s.age_ns(now_ns) >= tracker.threshold_ns)
+    text = Text()
+    text.append("CLOSE_WAIT now: ", style="bold")
+    text.append(str(open_now), style="bold red" if suspects else "bold")
+    if pre:
+        text.append(f" ({pre} already there at start)")
+    text.append(f"   leak suspects (>= {duration(tracker.threshold_ns)}): ")
+    text.append(str(suspects), style="bold red" if suspects else "")
+    if interval is not None:
+        text.append(
+            f"   last {duration(interval.end_ns - interval.start_ns)}: "
+            f"+{interval.entered} entered, {interval.closed} closed, {interval.reset} reset"
+        )
+    text.append(f"   total: {tracker.entered} entered, {tracker.closed} closed, {tracker.reset} reset")
+    return text
+
+
+def close_time_text(tracker: CloseWaitTracker) -> Text:
+    times = tracker.close_times_sorted()
+    if not times:
+        return Text("time to close: no socket closed by its app yet", style="dim")
+    return Text(
+        f"time to close ({len(times)} closed by the app): "
+        f"p50 {duration(percentile(times, 0.5))}  p90 {duration(percentile(times, 0.9))}  "
+        f"p99 {duration(percentile(times, 0.99))}  max {duration(times[-1])}"
+    )
+
+
+def group_lines(group: SuspectGroup) -> list[RenderableType]:
+    head = Text()
+    head.append(f"  {group.count} × ", style="bold red")
+    head.append(_owner(group.pid, group.comm), style="bold")
+    oldest = duration(group.oldest_age_ns)
+    head.append(f"  oldest {'>= ' if group.at_least else ''}{oldest}")
+    head.append(f"  remotes: {safe(group.remotes.text())}")
+    if group.eof_seen:
+        head.append(f"  EOF read by the app on {group.eof_seen}", style="yellow")
+    out: list[RenderableType] = [head]
+    if group.origin is None and group.last_touch is None and all(s.preexisting for s in group.sockets):
+        out.append(Text("    in CLOSE_WAIT before tracing started: no code path known", style="dim"))
+        return out
+    out.append(stack_text("origin", group.origin))
+    out.append(stack_text("last touch", group.last_touch))
+    return out
+
+
+def render(tracker: CloseWaitTracker, now_ns: int, interval: Interval | None = None) -> Group:
+    """The whole view at ``now_ns``."""
+    parts: list[RenderableType] = [headline(tracker, now_ns, interval)]
+    ages = [s.age_ns(now_ns) for s in tracker.open.values()]
+    if ages:
+        parts.append(_histogram_table(age_histogram(ages), "age of sockets in CLOSE_WAIT"))
+    parts.append(close_time_text(tracker))
+    hist = tracker.close_histogram()
+    if hist:
+        parts.append(
+            _histogram_table([(f"{duration(lo)}-{duration(hi)}", n) for lo, hi, n in hist], "time to close")
+        )
+    groups = tracker.suspects(now_ns)
+    if groups:
+        parts.append(Text("leak suspects by owner and code path:", style="bold"))
+        for group in groups[:MAX_GROUPS]:
+            parts.extend(group_lines(group))
+        if len(groups) > MAX_GROUPS:
+            parts.append(Text(f"  … {len(groups) - MAX_GROUPS} more groups (--json has all)", style="dim"))
+    return Group(*parts)
+
+
+def sockets_table(tracker: CloseWaitTracker, now_ns: int) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
+    for name, justify in (("PID", "right"), ("COMM", "left"), ("LOCAL", "left"), ("REMOTE", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("AGE", justify="right")
+    table.add_column("EOF", justify="left")
+    socks = sorted(tracker.open.values(), key=lambda s: s.entered_ns)
+    for s in socks[:MAX_SOCKETS]:
+        age = duration(s.age_ns(now_ns))
+        table.add_row(
+            "-" if s.pid is None else str(s.pid),
+            safe(s.comm)[:15],
+            endpoint(s.saddr, s.sport, s.family),
+            endpoint(s.daddr, s.dport, s.family),
+            (">= " if s.preexisting else "") + age,
+            "yes" if s.eof_ns is not None else "",
+        )
+    if len(socks) > MAX_SOCKETS:
+        table.add_row("", f"… {len(socks) - MAX_SOCKETS} more", "", "", "", "")
+    return table
+
+
+def print_summary(
+    console: Console,
+    tracker: CloseWaitTracker,
+    now_ns: int,
+    counters: dict[str, Any],
+    reason: str,
+) -> None:
+    lost = int(counters.get("lost", 0))
+    head = Text("\nclosewait summary")
+    head.append(f" (stopped: {reason})")
+    head.append(f", {lost} events lost", style="bold red" if lost else "")
+    console.print(head)
+    console.print(render(tracker, now_ns))
+    if tracker.open:
+        console.print(Text("oldest sockets in CLOSE_WAIT:", style="bold"))
+        console.print(sockets_table(tracker, now_ns))

@@ -1,0 +1,221 @@
+"""`tcptrace closewait` against real sockets, with `ss` and the fixture's own choices as truth.
+
+leaky_server (fixtures/leaky_server.c) accepts connections whose clients close first;
+a connection that starts with 'C' is closed DELAY ms after EOF by close_after_delay(),
+one that starts with 'L' is leaked by leak_connection().
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.integration import helpers
+
+DELAY_MS = 300
+THRESHOLD = "1s"
+
+
+@contextmanager
+def leaky_server(exe: Path, port: int) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen([str(exe), str(port), str(DELAY_MS)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 10)
+        assert ready and proc.stdout.readline().strip() == "ready", "leaky_server did not start"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def connect_all(port: int, kinds: str) -> list[tuple[str, socket.socket]]:
+    """One connection per character of ``kinds``, each sending that character."""
+    out = []
+    for kind in kinds:
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        c.sendall(kind.encode())
+        out.append((kind, c))
+    return out
+
+
+def close_all(port: int, ss: helpers.SS, conns: list[tuple[str, socket.socket]]) -> dict[str, set[int]]:
+    """Wait until the server holds every connection, close the clients; their ports by kind."""
+    assert helpers.wait_for(lambda: len(server_side(ss, port, "established")) == len(conns), timeout=10)
+    time.sleep(0.2)  # the server's threads are now blocked reading, waiting for EOF
+    ports: dict[str, set[int]] = {"C": set(), "L": set()}
+    for kind, c in conns:
+        ports[kind].add(c.getsockname()[1])
+        c.close()
+    return ports
+
+
+def server_side(ss: helpers.SS, port: int, state: str) -> set[int]:
+    """Remote ports of the server's sockets on ``port`` in ``state`` (ss filtered by sport)."""
+    out = subprocess.run(
+        ["ss", "-tanH", "state", state, f"( sport = :{port} )"], capture_output=True, text=True, check=True
+    ).stdout
+    ports = set()
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            ports.add(int(fields[-1].rsplit(":", 1)[1]))
+    return ports
+
+
+@contextmanager
+def tracing(cmd: list[str], *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`tcptrace closewait --json ARGS`, once its header line says it is attached."""
+    proc = subprocess.Popen(
+        [*cmd, "closewait", "--json", "--threshold", THRESHOLD, "--interval", "0.5", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            proc.kill()
+            raise AssertionError(f"tcptrace did not start: {proc.communicate()[1]}")
+        assert json.loads(line)["type"] == "header"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    objs = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert objs and objs[-1]["type"] == "summary", out[-500:]
+    return objs[:-1], objs[-1]
+
+
+def frames(stack: list[str]) -> str:
+    return "\n".join(stack)
+
+
+def test_leaks_are_timed_and_attributed_to_the_leaking_code_path(
+    fixture_bin: helpers.FixtureBuilder, tcptrace_cmd: list[str], ss: helpers.SS, port: int
+) -> None:
+    n_close, n_leak = 5, 4
+    exe = fixture_bin("leaky_server")
+    with tracing(tcptrace_cmd, "--port", str(port)) as tracer, leaky_server(exe, port) as server:
+        conns = connect_all(port, "CL" * n_leak + "C" * (n_close - n_leak))
+        ports = close_all(port, ss, conns)
+        # Ground truth: the leaked ones stay in CLOSE_WAIT, the others leave after DELAY.
+        assert helpers.wait_for(lambda: server_side(ss, port, "close-wait") == ports["L"], timeout=10)
+        time.sleep(1.3)  # past the threshold
+        truth = server_side(ss, port, "close-wait")
+        periodic, summary = stop(tracer)
+        server_pid = server.pid
+
+    assert truth == ports["L"]
+    assert summary["lost"] == 0
+    assert summary["entered"] == n_close + n_leak
+    assert summary["closed"] == n_close
+    assert summary["open"] == n_leak == len(truth)
+
+    # Every leaked socket, and only those, by its remote port; owned by the server.
+    sockets = summary["sockets"]
+    assert {s["dport"] for s in sockets} == truth
+    assert all(s["sport"] == port and s["pid"] == server_pid for s in sockets)
+    assert all(s["suspect"] and s["eof_seen"] and not s["preexisting"] for s in sockets)
+
+    groups = summary["groups"]
+    assert sum(g["count"] for g in groups) == n_leak
+    assert all(g["pid"] == server_pid and g["comm"] == "leaky_server" for g in groups)
+    for g in groups:
+        assert g["origin_op"] == "ACCEPT"
+        assert g["last_touch_op"] == "RECV"
+        assert "leak_connection" in frames(g["last_touch_stack"]), frames(g["last_touch_stack"])
+        assert "close_after_delay" not in frames(g["last_touch_stack"])
+        assert "accept" in frames(g["origin_stack"])
+        assert g["remotes"]["dominant"] == "127.0.0.1"
+
+    # The closed ones: timed from the FIN's arrival to close(), DELAY after the EOF read.
+    ttc = summary["time_to_close"]
+    assert ttc["count"] == n_close
+    assert DELAY_MS / 1000 - 0.001 <= ttc["min_s"]
+    assert ttc["max_s"] <= DELAY_MS / 1000 + 0.030, ttc
+
+    # Periodic objects add up to the totals.
+    ticks = [p for p in periodic if p["type"] == "closewait"]
+    assert ticks
+    assert sum(p["entered"] for p in ticks) <= summary["entered"]
+    assert max(p["open"] for p in ticks) == n_leak
+
+
+def test_sockets_leaking_before_start_are_reported_with_their_owner(
+    fixture_bin: helpers.FixtureBuilder, tcptrace_cmd: list[str], ss: helpers.SS, port: int
+) -> None:
+    exe = fixture_bin("leaky_server")
+    with leaky_server(exe, port) as server:
+        ports = close_all(port, ss, connect_all(port, "LLLC"))
+        assert helpers.wait_for(lambda: server_side(ss, port, "close-wait") == ports["L"], timeout=10)
+        with tracing(tcptrace_cmd, "--port", str(port)) as tracer:
+            time.sleep(1.2)
+            truth = server_side(ss, port, "close-wait")
+            _, summary = stop(tracer)
+        server_pid = server.pid
+
+    assert truth == ports["L"]
+    assert summary["open"] == summary["preexisting_open"] == 3
+    assert {s["dport"] for s in summary["sockets"]} == truth
+    for s in summary["sockets"]:
+        assert s["preexisting"] and s["at_least"]
+        assert s["pid"] == server_pid and s["comm"] == "leaky_server"
+        assert s["age_s"] >= 1.0
+    (group,) = summary["groups"]
+    assert group["count"] == 3 and group["pid"] == server_pid and group["at_least"]
+    assert group["origin_stack"] == [] and group["last_touch_stack"] == []
+
+
+def test_pid_filter_keeps_the_owners_sockets_whichever_task_ran_the_transition(
+    fixture_bin: helpers.FixtureBuilder, tcptrace_cmd: list[str], ss: helpers.SS
+) -> None:
+    exe = fixture_bin("leaky_server")
+    port_a, port_b = helpers.free_port(), helpers.free_port()
+    with leaky_server(exe, port_a) as a, leaky_server(exe, port_b):
+        # One of a's leaks exists before tracing starts, one comes later; b leaks too.
+        early = close_all(port_a, ss, connect_all(port_a, "L"))
+        assert helpers.wait_for(lambda: server_side(ss, port_a, "close-wait") == early["L"], timeout=10)
+        args = ["--pid", str(a.pid), "--port", str(port_a), "--port", str(port_b)]
+        with tracing(tcptrace_cmd, *args) as tracer:
+            late_a = close_all(port_a, ss, connect_all(port_a, "LC"))
+            late_b = close_all(port_b, ss, connect_all(port_b, "LL"))
+            want_a = early["L"] | late_a["L"]
+            assert helpers.wait_for(lambda: server_side(ss, port_a, "close-wait") == want_a, timeout=10)
+            assert helpers.wait_for(lambda: server_side(ss, port_b, "close-wait") == late_b["L"], timeout=10)
+            time.sleep(1.2)
+            _, summary = stop(tracer)
+        pid_a = a.pid
+
+    assert {s["dport"] for s in summary["sockets"]} == want_a
+    assert all(s["pid"] == pid_a and s["sport"] == port_a for s in summary["sockets"])
+    assert [s["preexisting"] for s in summary["sockets"]].count(True) == 1
+    assert summary["entered"] == 2  # a's live ones; none of b's
+    assert summary["closed"] == 1
+    assert sum(g["count"] for g in summary["groups"]) == 2
+
+
+def test_bad_threshold_is_a_one_line_usage_error(tcptrace_cmd: list[str]) -> None:
+    res = subprocess.run(
+        [*tcptrace_cmd, "closewait", "--threshold", "soon"], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "threshold" in res.stderr
+    assert "Traceback" not in res.stderr
