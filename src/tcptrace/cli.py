@@ -190,7 +190,14 @@ def stream_command(
 
         flag = StopFlag()
         try:
-            reason = run(source, on_event, interval_s=interval, duration_s=duration, flag=flag)
+            reason = run(
+                source,
+                on_event,
+                interval_s=interval,
+                duration_s=duration,
+                flag=flag,
+                watch_pid=flt.pid if source.live else None,
+            )
         except KeyboardInterrupt:
             reason = "SIGINT"
         drain_into(source, on_event)

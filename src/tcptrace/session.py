@@ -1,13 +1,16 @@
 """The loop every command runs: feed events to a handler, tick at intervals, stop cleanly.
 
 Stops on --duration (model time, so a replay of 60 s of events stops where a live run
-would have), at the end of a recording, on Ctrl-C or SIGTERM. The caller's ``finally``
+would have), at the end of a recording, on Ctrl-C or SIGTERM, and when the traced
+process (``watch_pid``) has exited: a grace period later, so that the kernel's last
+transitions of its sockets (closed at exit) are still seen. The caller's ``finally``
 then detaches programs and prints the summary: SIGTERM is turned into a normal stop,
 since Python's default would skip all cleanup.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +21,7 @@ from tcptrace.model.events import SocketEvent
 from tcptrace.sources import Source
 
 NS = 1_000_000_000
+PID_EXIT_GRACE_S = 1.0
 
 
 @dataclass
@@ -52,9 +56,11 @@ def run(
     duration_s: float | None = None,
     on_tick: Callable[[int], None] | None = None,
     flag: StopFlag | None = None,
+    watch_pid: int | None = None,
 ) -> str:
-    """Run until stopped; returns why it stopped ("duration", "end", "SIGINT", "SIGTERM")."""
+    """Run until stopped; returns why ("duration", "end", "SIGINT", "SIGTERM", "pid exited")."""
     flag = flag or StopFlag()
+    pid_gone_at: int | None = None
     interval_ns = max(1, int(interval_s * NS))
     start_ns: int | None = source.now_ns() if source.live else None
     next_tick: int | None = start_ns + interval_ns if start_ns is not None else None
@@ -92,6 +98,10 @@ def run(
                 tick_until(now)
                 if deadline is not None and now >= deadline:
                     flag.set("duration")
+                if watch_pid is not None and pid_gone_at is None and not os.path.exists(f"/proc/{watch_pid}"):
+                    pid_gone_at = now
+                if pid_gone_at is not None and now - pid_gone_at >= PID_EXIT_GRACE_S * NS:
+                    flag.set("pid exited")
             if source.exhausted:
                 flag.set("end")
     return flag.reason or "end"

@@ -116,3 +116,17 @@ def test_signal_handlers_are_restored() -> None:
     with stop_on_signals(StopFlag()):
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_live_run_stops_after_the_watched_pid_exits() -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    src = FakeLive([ev(0.1), ev(0.9), ev(30.0)])
+    seen: list[float] = []
+    reason = run(src, lambda e: seen.append(e.ts_ns / NS), watch_pid=child.pid)
+    assert reason == "pid exited"
+    # events up to the grace period after the exit was noticed are still handled
+    assert seen == [0.1, 0.9]
