@@ -33,6 +33,32 @@
 #define TT_CLOSE_LINGERED 2       /* SO_LINGER was on and the call blocked */
 #define TT_CLOSE_LATE_CLOSE_WAIT 4 /* the socket had sat in CLOSE_WAIT long before the call */
 
+/* Operations of TT_KIND_TIMEWAIT events (timewait.bpf.c). skaddr is the tw
+ * socket (the socket itself for resets); oldstate the tw's substate at
+ * creation, newstate its substate now; value_ns the time since creation. */
+#define TT_TW_CREATED 1        /* a tw replaced a full socket; newstate TIME_WAIT or FIN_WAIT2 (parked) */
+#define TT_TW_CONVERTED 2      /* a parked tw got its FIN and is TIME_WAIT now; ret: TT_TW_HOW_* */
+#define TT_TW_PARKED_ENDED 3   /* a parked tw died in FIN_WAIT2 (fin timeout, kill): never TIME_WAIT */
+#define TT_TW_RESET_SENT 4     /* an RST sent on a socket; newstate its state */
+#define TT_TW_RESET_RECEIVED 5 /* an RST received on a socket; newstate its state */
+#define TT_TW_HOW_FIN 1        /* seen as the FIN arrived (the FIN freed at the tw, or the re-arm) */
+#define TT_TW_HOW_TIMER 2      /* seen at a later cancel or expiry of the tw's timer */
+
+/* Indexes of timewait.bpf.c's per-CPU array `tw_stats` (exact, like `stats`). */
+#define TT_TW_STAT_CREATED 0        /* TIME_WAIT creations: IMMEDIATE + CONVERTED_* */
+#define TT_TW_STAT_IMMEDIATE 1      /* tws created in TIME_WAIT */
+#define TT_TW_STAT_PARKED 2         /* tws created in FIN_WAIT2 (orphan parked) */
+#define TT_TW_STAT_CONVERTED_FIN 3  /* parked -> TIME_WAIT, seen when the FIN arrived */
+#define TT_TW_STAT_CONVERTED_TIMER 4 /* parked -> TIME_WAIT, seen later at the timer */
+#define TT_TW_STAT_PARKED_ENDED 5   /* parked tws that died in FIN_WAIT2 */
+#define TT_TW_STAT_EXPIRED 6        /* counted tws whose 60 s ran out */
+#define TT_TW_STAT_RESETS_SENT 7
+#define TT_TW_STAT_RESETS_RECEIVED 8
+#define TT_TW_STAT_ANNOUNCED 9      /* timer_start of a new tw (any filter) */
+#define TT_TW_STAT_CONFIRMED 10     /* ... matched with its full socket's CLOSE */
+#define TT_TW_STAT_MAP_FAIL 11      /* tw table or per-process/destination updates that failed */
+#define TT_TW_STAT_MAX 16
+
 /* TCP states as the kernel numbers them (include/net/tcp_states.h). */
 #define TT_TCP_ESTABLISHED 1
 #define TT_TCP_SYN_SENT 2

@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,12 +121,18 @@ class Part:
     """One program file of bpf/ and the tracepoints it attaches to (checked before compiling).
 
     ``fd_walk``: the part calls tt_fd_to_tcp_sock(), which needs more offsets and a symbol.
+    ``defines``: the part's own -D values (BTF offsets, symbols), computed when it is loaded.
+    ``attach``: (group, name, function) tracepoints the loader attaches by hand after
+    compiling, for a function that cannot be a TRACEPOINT_PROBE because another part already
+    has one on that tracepoint (bcc allows one per tracepoint and translation unit).
     """
 
     file: str
     tracepoints: tuple[tuple[str, str], ...]
     feature: str
     fd_walk: bool = False
+    defines: Callable[[Btf], dict[str, int]] | None = None
+    attach: tuple[tuple[str, str, str], ...] = ()
 
 
 LIFECYCLE = Part("lifecycle.bpf.c", (("sock", "inet_sock_set_state"),), "TCP state transitions")
@@ -158,8 +164,65 @@ CLOSELAT = Part(
     fd_walk=True,
 )
 
+def tracepoint_field_offset(group: str, name: str, fld: str) -> int:
+    """Byte offset of field ``fld`` in a tracepoint's record, from its tracefs format file."""
+    path = os.path.join(ensure_tracefs(), "events", group, name, "format")
+    try:
+        with open(path) as fh:
+            for line in fh:
+                m = re.search(r"field:[^;]*[\s*]" + re.escape(fld) + r"(\[\d+\])?;\s*offset:(\d+);", line)
+                if m:
+                    return int(m.group(2))
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot read {path}: {exc.strerror}") from None
+    raise EnvironmentProblem(f"tracepoint {group}:{name} has no field {fld}")
+
+
+def timewait_defines(btf: Btf) -> dict[str, int]:
+    """What timewait.bpf.c reads of timewait sockets, their timer and tcp_sock (see that file)."""
+    return {
+        "TT_TIMEWAIT_HOOK": 1,
+        "TT_SKC_FAMILY_OFF": btf.member_offset("sock_common", "skc_family"),
+        "TT_SKC_STATE_OFF": btf.member_offset("sock_common", "skc_state"),
+        "TT_SKC_NUM_OFF": btf.member_offset("sock_common", "skc_num"),
+        "TT_SKC_DPORT_OFF": btf.member_offset("sock_common", "skc_dport"),
+        "TT_SKC_DADDR_OFF": btf.member_offset("sock_common", "skc_daddr"),
+        "TT_SKC_RCV_SADDR_OFF": btf.member_offset("sock_common", "skc_rcv_saddr"),
+        "TT_SKC_V6_DADDR_OFF": btf.member_offset("sock_common", "skc_v6_daddr"),
+        "TT_SKC_V6_RCV_SADDR_OFF": btf.member_offset("sock_common", "skc_v6_rcv_saddr"),
+        "TT_TW_SND_NXT_OFF": btf.member_offset("sock_common", "skc_tw_snd_nxt"),
+        "TT_TW_SUBSTATE_OFF": btf.member_offset("inet_timewait_sock", "tw_substate"),
+        "TT_TW_TIMER_OFF": btf.member_offset("inet_timewait_sock", "tw_timer"),
+        "TT_TIMER_FUNCTION_OFF": btf.member_offset("timer_list", "function"),
+        "TT_TCP_SND_NXT_OFF": btf.member_offset("tcp_sock", "snd_nxt"),
+        "TT_TW_TIMER_FN": kallsyms_address("tw_timer_handler"),
+        "TT_TP_SEND_RESET_SKADDR_OFF": tracepoint_field_offset("tcp", "tcp_send_reset", "skaddr"),
+        "TT_TP_SEND_RESET_STATE_OFF": tracepoint_field_offset("tcp", "tcp_send_reset", "state"),
+    }
+
+
+TIMEWAIT = Part(
+    "timewait.bpf.c",
+    (
+        ("timer", "timer_start"),
+        ("timer", "timer_cancel"),
+        ("timer", "timer_expire_entry"),
+        ("skb", "kfree_skb"),
+        ("tcp", "tcp_send_reset"),
+        ("tcp", "tcp_receive_reset"),
+    ),
+    "TIME_WAIT creation (timewait)",
+    defines=timewait_defines,
+    attach=(("tcp", "tcp_send_reset", "tt_tw_send_reset"),),
+)
+
 # Program parts by the name commands ask for them with (see cli.open_source).
-PARTS: dict[str, Part] = {"lifecycle": LIFECYCLE, "owner": OWNER, "closelat": CLOSELAT}
+PARTS: dict[str, Part] = {
+    "lifecycle": LIFECYCLE,
+    "owner": OWNER,
+    "closelat": CLOSELAT,
+    "timewait": TIMEWAIT,
+}
 
 
 @dataclass
@@ -329,6 +392,9 @@ def load(
     if any(p.fd_walk for p in parts):
         all_defines.update(fd_walk_defines(btf))
         cflags.append("-DTT_FD_WALK")
+    for part in parts:
+        if part.defines is not None:
+            all_defines.update(part.defines(btf))
     all_defines.update(defines or {})
     if ringbuf_pages is not None:
         if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
@@ -349,6 +415,12 @@ def load(
         raise _compile_error(str(failure), captured[0] if captured else "") from None
     try:
         _fill_filter_maps(bpf, flt)
+        for part in parts:
+            for group, name, fn_name in part.attach:
+                try:
+                    bpf.attach_tracepoint(tp=f"{group}:{name}", fn_name=fn_name)
+                except Exception as exc:  # bcc raises bare Exception
+                    raise CompileError(f"cannot attach {fn_name} to {group}:{name}: {exc}") from None
     except Exception:
         bpf.cleanup()
         raise

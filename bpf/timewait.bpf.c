@@ -1,0 +1,446 @@
+/* timewait.bpf.c: every timewait socket's life, counted exactly in the kernel.
+ *
+ * What the kernel does (6.x, verified on 6.18; see docs/timewait.md):
+ *  - tcp_time_wait(sk, substate, timeo) replaces a full socket with a small
+ *    timewait socket (tw) and arms tw->tw_timer (handler tw_timer_handler),
+ *    then tcp_done(sk) moves the full socket to CLOSE. So timer:timer_start
+ *    for the tw comes first, then sock:inet_sock_set_state X->CLOSE of the
+ *    full socket, with the same 4-tuple and the same snd_nxt.
+ *  - substate TIME_WAIT: the peer's FIN had arrived (a real TIME_WAIT entry).
+ *    substate FIN_WAIT2: an orphaned FIN_WAIT2 socket "parked" as a tw. It
+ *    becomes TIME_WAIT silently when the peer's FIN arrives
+ *    (tcp_timewait_state_process), or dies after tcp_fin_timeout without
+ *    ever being TIME_WAIT.
+ *  - The FIN reaching a parked tw is freed by kfree_skb with rx_sk == tw
+ *    (after the substate changed), and the conversion re-arms the timer:
+ *    timer_cancel + timer_start when the expiry moves to another wheel
+ *    bucket, nothing at all otherwise.
+ *  - timer_cancel fires for every removal of a pending tw timer: before a
+ *    re-arm, before the expiry (timer_expire_entry follows), and when the tw
+ *    is killed early (a SYN reusing the 4-tuple, an RST).
+ *
+ * Counting: a tw counts as a TIME_WAIT creation once, the first time its
+ * substate is seen to be TIME_WAIT: at once when it was created so, else when
+ * the FIN reaches it (kfree_skb, or the re-arm), else, as a fallback, at its
+ * timer's next cancel or expiry. A parked tw that dies in FIN_WAIT2 is counted
+ * as such, never as TIME_WAIT.
+ *
+ * Attribution: lifecycle.bpf.c calls tt_timewait_on_transition() on every
+ * transition (the loader defines TT_TIMEWAIT_HOOK when this part is loaded);
+ * at X->CLOSE of the full socket it finds the tw announced by timer_start
+ * (`tw_pending`, by 4-tuple, confirmed by snd_nxt) and gives it the socket's
+ * owner: the process that made ESTABLISHED->FIN_WAIT1 (close()/shutdown()).
+ *
+ * Offsets (TT_SKC_*, TT_TW_*, TT_TIMER_FUNCTION_OFF, TT_TCP_SND_NXT_OFF) come
+ * from BTF and TT_TW_TIMER_FN from /proc/kallsyms, all via the loader.
+ */
+#include "common.bpf.h"
+
+#ifndef TT_MAX_TW
+#define TT_MAX_TW 262144
+#endif
+#define TT_MAX_TW_PENDING 16384
+#define TT_MAX_TW_PROCS 16384
+#define TT_MAX_TW_DESTS 65536
+#define TT_MAX_TW_CLOSED 16384
+
+struct tt_tw_tuple {
+    __u8 saddr[16]; /* local; IPv4 in the first 4 bytes */
+    __u8 daddr[16]; /* remote */
+    __u16 sport;    /* local, host order */
+    __u16 dport;    /* remote, host order */
+    __u16 family;
+    __u16 pad;
+};
+
+/* A tw announced by timer_start, waiting for its full socket's X->CLOSE. */
+struct tt_tw_pending {
+    __u64 tw;
+    __u32 snd_nxt;
+    __u8 substate;
+    __u8 pad[3];
+};
+
+/* A tw socket we saw being created (and so count). */
+struct tt_tw {
+    __u64 created_ns;
+    __u32 snd_nxt;      /* identity: a re-armed tw keeps it, a new tw at this address has another */
+    __u32 owner_tgid;
+    __u8 substate;      /* at creation */
+    __u8 counted;       /* counted as a TIME_WAIT creation */
+    __u8 pad[6];
+    char owner_comm[TT_COMM_LEN];
+    struct tt_tw_tuple t;
+};
+
+/* Port-exhaustion key: one local port per (local ip, remote ip, remote port). */
+struct tt_tw_dest {
+    __u8 laddr[16];
+    __u8 raddr[16];
+    __u16 rport;
+    __u16 family;
+    __u32 pad;
+};
+
+struct tt_tw_proc {
+    __u64 created;          /* TIME_WAIT creations */
+    __u64 parked;           /* orphaned FIN_WAIT2 sockets parked as tw */
+    __u64 resets_sent;
+    __u64 resets_received;
+    char comm[TT_COMM_LEN];
+};
+
+struct tt_tw_owner {
+    __u32 tgid;
+    char comm[TT_COMM_LEN];
+};
+
+/* Exact per-CPU counters (TT_TW_STAT_*), summed by the user side. */
+BPF_PERCPU_ARRAY(tw_stats, __u64, TT_TW_STAT_MAX);
+
+/* Announced tws by 4-tuple: inserted at timer_start of a new tw, deleted at the
+ * X->CLOSE of its full socket (microseconds later). LRU: an announcement whose
+ * CLOSE we never see cannot pin an entry. */
+BPF_TABLE("lru_hash", struct tt_tw_tuple, struct tt_tw_pending, tw_pending, TT_MAX_TW_PENDING);
+
+/* Our tws by address: inserted when a creation is confirmed at X->CLOSE,
+ * deleted at the timer's expiry, or at its cancel when it died in FIN_WAIT2; a
+ * TIME_WAIT tw killed early stays until evicted or overwritten (a cancel can
+ * also be a re-arm). LRU, sized above tcp_max_tw_buckets' default. */
+BPF_TABLE("lru_hash", __u64, struct tt_tw, tws, TT_MAX_TW);
+
+/* Per owner (tgid) counts; entries live for the run. */
+BPF_HASH(tw_procs, __u32, struct tt_tw_proc, TT_MAX_TW_PROCS);
+
+/* TIME_WAIT creations per (local ip, remote ip, remote port); for the run. */
+BPF_HASH(tw_dests, struct tt_tw_dest, __u64, TT_MAX_TW_DESTS);
+
+/* Owners of sockets that just reached CLOSE, by skaddr: an abortive close()
+ * (SO_LINGER 0, unread data) sends its RST after the CLOSE transition, when
+ * lifecycle has forgotten the socket. Inserted at every X->CLOSE; LRU. */
+BPF_TABLE("lru_hash", __u64, struct tt_tw_owner, tw_closed, TT_MAX_TW_CLOSED);
+
+static __always_inline void tt_tw_stat(__u32 idx)
+{
+    __u64 *v = tw_stats.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+/* The 4-tuple of a full or timewait socket: both begin with struct sock_common. */
+static __always_inline void tt_tw_read_tuple(const char *skc, struct tt_tw_tuple *t)
+{
+    __u16 family = 0, num = 0, dport = 0;
+    bpf_probe_read_kernel(&family, sizeof(family), skc + TT_SKC_FAMILY_OFF);
+    bpf_probe_read_kernel(&num, sizeof(num), skc + TT_SKC_NUM_OFF);
+    bpf_probe_read_kernel(&dport, sizeof(dport), skc + TT_SKC_DPORT_OFF);
+    t->family = family;
+    t->sport = num;
+    t->dport = __builtin_bswap16(dport);
+    if (family == TT_AF_INET6) {
+        bpf_probe_read_kernel(t->saddr, 16, skc + TT_SKC_V6_RCV_SADDR_OFF);
+        bpf_probe_read_kernel(t->daddr, 16, skc + TT_SKC_V6_DADDR_OFF);
+    } else {
+        bpf_probe_read_kernel(t->saddr, 4, skc + TT_SKC_RCV_SADDR_OFF);
+        bpf_probe_read_kernel(t->daddr, 4, skc + TT_SKC_DADDR_OFF);
+    }
+}
+
+static __always_inline __u8 tt_tw_substate(const char *tw)
+{
+    __u8 s = 0;
+    bpf_probe_read_kernel(&s, sizeof(s), tw + TT_TW_SUBSTATE_OFF);
+    return s;
+}
+
+static __always_inline __u32 tt_tw_snd_nxt(const char *tw)
+{
+    __u32 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), tw + TT_TW_SND_NXT_OFF);
+    return v;
+}
+
+static __always_inline struct tt_tw_proc *tt_tw_proc_of(__u32 tgid, const char *comm)
+{
+    struct tt_tw_proc *p = tw_procs.lookup(&tgid);
+    if (p)
+        return p;
+    struct tt_tw_proc fresh = {};
+    __builtin_memcpy(fresh.comm, comm, TT_COMM_LEN);
+    if (tw_procs.insert(&tgid, &fresh) && !tw_procs.lookup(&tgid)) {
+        tt_tw_stat(TT_TW_STAT_MAP_FAIL);
+        return 0;
+    }
+    return tw_procs.lookup(&tgid);
+}
+
+static __always_inline void tt_tw_emit(void *ctx, __u8 op, __u64 tw, const struct tt_tw *w,
+                                       __u8 substate, __u64 value_ns, __s32 how)
+{
+    struct tt_event *e = tt_reserve(ctx, TT_KIND_TIMEWAIT, 0);
+    if (!e)
+        return;
+    e->skaddr = tw;
+    e->op = op;
+    e->newstate = substate;
+    e->oldstate = w->substate;
+    e->value_ns = value_ns;
+    e->ret = how;
+    e->owner_tgid = w->owner_tgid;
+    __builtin_memcpy(e->owner_comm, w->owner_comm, TT_COMM_LEN);
+    e->family = w->t.family;
+    e->sport = w->t.sport;
+    e->dport = w->t.dport;
+    __builtin_memcpy(e->saddr, w->t.saddr, 16);
+    __builtin_memcpy(e->daddr, w->t.daddr, 16);
+    tt_submit(e);
+}
+
+/* Count one TIME_WAIT creation of tw `w`: globally, for its owner, for its destination. */
+static __always_inline void tt_tw_count(const struct tt_tw *w)
+{
+    tt_tw_stat(TT_TW_STAT_CREATED);
+    if (w->owner_tgid) {
+        struct tt_tw_proc *p = tt_tw_proc_of(w->owner_tgid, w->owner_comm);
+        if (p)
+            __sync_fetch_and_add(&p->created, 1);
+    }
+    struct tt_tw_dest d = {};
+    __builtin_memcpy(d.laddr, w->t.saddr, 16);
+    __builtin_memcpy(d.raddr, w->t.daddr, 16);
+    d.rport = w->t.dport;
+    d.family = w->t.family;
+    __u64 *c = tw_dests.lookup(&d);
+    if (!c) {
+        __u64 zero = 0;
+        tw_dests.insert(&d, &zero);
+        c = tw_dests.lookup(&d);
+    }
+    if (c)
+        __sync_fetch_and_add(c, 1);
+    else
+        tt_tw_stat(TT_TW_STAT_MAP_FAIL);
+}
+
+/* A parked tw is seen in TIME_WAIT: count it once. `how`: TT_TW_HOW_*. */
+static __always_inline void tt_tw_converted(void *ctx, __u64 tw, struct tt_tw *w, __s32 how)
+{
+    if (w->counted)
+        return;
+    w->counted = 1;
+    tt_tw_stat(how == TT_TW_HOW_FIN ? TT_TW_STAT_CONVERTED_FIN : TT_TW_STAT_CONVERTED_TIMER);
+    tt_tw_count(w);
+    __u64 now = bpf_ktime_get_ns();
+    tt_tw_emit(ctx, TT_TW_CONVERTED, tw, w, TT_TCP_TIME_WAIT, now - w->created_ns, how);
+}
+
+/* Called by lifecycle.bpf.c for every TCP transition, with the socket's owner. */
+static __always_inline void tt_timewait_on_transition(void *ctx, __u64 sk, int o, int n,
+                                                      const struct tt_sock *cur)
+{
+    if (n != TT_TCP_CLOSE)
+        return;
+    struct tt_tw_owner owner = {.tgid = cur->owner_tgid};
+    __builtin_memcpy(owner.comm, cur->owner_comm, TT_COMM_LEN);
+    tw_closed.update(&sk, &owner);
+
+    struct tt_tw_tuple t = {};
+    tt_tw_read_tuple((const char *)sk, &t);
+    struct tt_tw_pending *p = tw_pending.lookup(&t);
+    if (!p)
+        return;
+    __u32 snd_nxt = 0;
+    bpf_probe_read_kernel(&snd_nxt, sizeof(snd_nxt), (const char *)sk + TT_TCP_SND_NXT_OFF);
+    if (p->snd_nxt != snd_nxt)
+        return; /* a stale announcement for an older socket of this 4-tuple */
+    struct tt_tw_pending ann = *p;
+    tw_pending.delete(&t);
+    tt_tw_stat(TT_TW_STAT_CONFIRMED);
+
+    if (!tt_keep(t.family, t.sport, t.dport, cur->owner_tgid, cur->owner_comm))
+        return;
+    struct tt_tw w = {};
+    w.created_ns = bpf_ktime_get_ns();
+    w.snd_nxt = ann.snd_nxt;
+    w.owner_tgid = cur->owner_tgid;
+    __builtin_memcpy(w.owner_comm, cur->owner_comm, TT_COMM_LEN);
+    w.substate = ann.substate;
+    w.t = t;
+    if (ann.substate == TT_TCP_TIME_WAIT) {
+        w.counted = 1;
+        tt_tw_stat(TT_TW_STAT_IMMEDIATE);
+        tt_tw_count(&w);
+    } else {
+        tt_tw_stat(TT_TW_STAT_PARKED);
+        if (w.owner_tgid) {
+            struct tt_tw_proc *pp = tt_tw_proc_of(w.owner_tgid, w.owner_comm);
+            if (pp)
+                __sync_fetch_and_add(&pp->parked, 1);
+        }
+    }
+    if (tws.update(&ann.tw, &w))
+        tt_tw_stat(TT_TW_STAT_MAP_FAIL);
+    tt_tw_emit(ctx, TT_TW_CREATED, ann.tw, &w, ann.substate, 0, 0);
+}
+
+TRACEPOINT_PROBE(timer, timer_start)
+{
+    if ((__u64)args->function != TT_TW_TIMER_FN)
+        return 0;
+    const char *tw = (const char *)args->timer - TT_TW_TIMER_OFF;
+    __u64 twaddr = (__u64)tw;
+    __u8 sub = tt_tw_substate(tw);
+    __u32 snd_nxt = tt_tw_snd_nxt(tw);
+
+    struct tt_tw *w = tws.lookup(&twaddr);
+    if (w && w->snd_nxt == snd_nxt) {
+        /* A re-arm of a tw we know: the FIN reached it (or a retransmitted FIN). */
+        if (sub == TT_TCP_TIME_WAIT)
+            tt_tw_converted(args, twaddr, w, TT_TW_HOW_FIN);
+        return 0;
+    }
+    /* A new tw: announce it to its full socket's X->CLOSE, which follows. */
+    struct tt_tw_tuple t = {};
+    tt_tw_read_tuple(tw, &t);
+    struct tt_tw_pending ann = {.tw = twaddr, .snd_nxt = snd_nxt, .substate = sub};
+    tw_pending.update(&t, &ann);
+    tt_tw_stat(TT_TW_STAT_ANNOUNCED);
+    return 0;
+}
+
+TRACEPOINT_PROBE(timer, timer_cancel)
+{
+    __u64 fn = 0;
+    bpf_probe_read_kernel(&fn, sizeof(fn), (const char *)args->timer + TT_TIMER_FUNCTION_OFF);
+    if (fn != TT_TW_TIMER_FN)
+        return 0;
+    const char *tw = (const char *)args->timer - TT_TW_TIMER_OFF;
+    __u64 twaddr = (__u64)tw;
+    struct tt_tw *w = tws.lookup(&twaddr);
+    if (!w || w->snd_nxt != tt_tw_snd_nxt(tw))
+        return 0;
+    __u8 sub = tt_tw_substate(tw);
+    if (sub == TT_TCP_TIME_WAIT) {
+        /* A re-arm, the expiry or an early kill: whichever, it was TIME_WAIT. */
+        tt_tw_converted(args, twaddr, w, TT_TW_HOW_TIMER);
+        return 0;
+    }
+    /* Still FIN_WAIT2: a parked tw dies (timeout or kill), never TIME_WAIT. */
+    tt_tw_stat(TT_TW_STAT_PARKED_ENDED);
+    tt_tw_emit(args, TT_TW_PARKED_ENDED, twaddr, w, sub, bpf_ktime_get_ns() - w->created_ns, 0);
+    tws.delete(&twaddr);
+    return 0;
+}
+
+TRACEPOINT_PROBE(timer, timer_expire_entry)
+{
+    if ((__u64)args->function != TT_TW_TIMER_FN)
+        return 0;
+    __u64 twaddr = (__u64)args->timer - TT_TW_TIMER_OFF;
+    struct tt_tw *w = tws.lookup(&twaddr);
+    if (!w || w->snd_nxt != tt_tw_snd_nxt((const char *)twaddr))
+        return 0;
+    if (w->counted)
+        tt_tw_stat(TT_TW_STAT_EXPIRED);
+    tws.delete(&twaddr);
+    return 0;
+}
+
+/* bcc declares kfree_skb's `reason` field with the kernel's enum type, which the
+ * (older) installed headers may lack; the field is not read. */
+enum skb_drop_reason { TT_SKB_DROP_REASON_UNREAD };
+
+TRACEPOINT_PROBE(skb, kfree_skb)
+{
+    const char *sk = (const char *)args->rx_sk;
+    if (!sk)
+        return 0;
+    __u8 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), sk + TT_SKC_STATE_OFF);
+    if (state != TT_TCP_TIME_WAIT)
+        return 0;
+    __u64 twaddr = (__u64)sk;
+    struct tt_tw *w = tws.lookup(&twaddr);
+    if (!w || w->counted || w->snd_nxt != tt_tw_snd_nxt(sk))
+        return 0;
+    if (tt_tw_substate(sk) == TT_TCP_TIME_WAIT)
+        tt_tw_converted(args, twaddr, w, TT_TW_HOW_FIN);
+    return 0;
+}
+
+/* Who owns the socket an RST is sent or received on: lifecycle's table, else
+ * the socket that just reached CLOSE (an abortive close() sends its RST after
+ * the transition), else a tw of ours. */
+static __always_inline int tt_tw_reset_owner(__u64 sk, int state, struct tt_tw_owner *out)
+{
+    struct tt_sock *s = socks.lookup(&sk);
+    if (s) {
+        out->tgid = s->owner_tgid;
+        __builtin_memcpy(out->comm, s->owner_comm, TT_COMM_LEN);
+        return 1;
+    }
+    struct tt_tw_owner *c = tw_closed.lookup(&sk);
+    if (c) {
+        *out = *c;
+        return 1;
+    }
+    if (state == TT_TCP_TIME_WAIT) {
+        struct tt_tw *w = tws.lookup(&sk);
+        if (w) {
+            out->tgid = w->owner_tgid;
+            __builtin_memcpy(out->comm, w->owner_comm, TT_COMM_LEN);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static __always_inline void tt_tw_reset(void *ctx, __u64 sk, int state, __u8 op, __u32 stat)
+{
+    struct tt_tw_owner owner = {};
+    tt_tw_reset_owner(sk, state, &owner);
+    struct tt_tw w = {};
+    tt_tw_read_tuple((const char *)sk, &w.t);
+    if (!tt_keep(w.t.family, w.t.sport, w.t.dport, owner.tgid, owner.comm))
+        return;
+    tt_tw_stat(stat);
+    if (owner.tgid) {
+        struct tt_tw_proc *p = tt_tw_proc_of(owner.tgid, owner.comm);
+        if (p) {
+            if (op == TT_TW_RESET_SENT)
+                __sync_fetch_and_add(&p->resets_sent, 1);
+            else
+                __sync_fetch_and_add(&p->resets_received, 1);
+        }
+    }
+    w.owner_tgid = owner.tgid;
+    __builtin_memcpy(w.owner_comm, owner.comm, TT_COMM_LEN);
+    w.substate = state;
+    tt_tw_emit(ctx, op, sk, &w, state, 0, 0);
+}
+
+/* RSTs sent on a socket (an abortive close, a reply from a tw). Replies to
+ * segments that found no socket (skaddr NULL) belong to no process: skipped.
+ * Not a TRACEPOINT_PROBE: closelat.bpf.c has one on this tracepoint, and bcc
+ * allows one per translation unit. The loader attaches it (Part.attach) and
+ * passes the record's field offsets from tracefs. */
+int tt_tw_send_reset(void *ctx)
+{
+    __u64 sk = *(__u64 *)((char *)ctx + TT_TP_SEND_RESET_SKADDR_OFF);
+    int state = *(int *)((char *)ctx + TT_TP_SEND_RESET_STATE_OFF);
+    if (!sk)
+        return 0;
+    tt_tw_reset(ctx, sk, state, TT_TW_RESET_SENT, TT_TW_STAT_RESETS_SENT);
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+    __u64 sk = (__u64)args->skaddr;
+    if (!sk)
+        return 0;
+    __u8 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), (const char *)sk + TT_SKC_STATE_OFF);
+    tt_tw_reset(args, sk, state, TT_TW_RESET_RECEIVED, TT_TW_STAT_RESETS_RECEIVED);
+    return 0;
+}
