@@ -430,5 +430,69 @@ def closewait(
         view.print_summary(console, tracker, now_ns, counters, reason)
 
 
+@cli.command()
+@filter_options
+@run_options
+@click.option("--cumulative", is_flag=True, help="Show totals since start instead of each interval.")
+@click.option(
+    "--stacks", is_flag=True, help="One histogram per user code path of the call (costs ~1 us a call)."
+)
+@click.option(
+    "--close-wait-min",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Flag a close() of a socket that had sat in CLOSE_WAIT at least S seconds.",
+)
+def closelat(
+    pid: int | None,
+    comm: str | None,
+    ports: tuple[int, ...],
+    ipv4: bool,
+    ipv6: bool,
+    interval: float,
+    duration: float | None,
+    as_json: bool,
+    from_file: str | None,
+    cumulative: bool,
+    stacks: bool,
+    close_wait_min: float,
+) -> None:
+    """Histograms of how long close() takes on TCP sockets, per process.
+
+    Times close(), shutdown() and close_range() on TCP sockets only (files, pipes, UDP and
+    Unix sockets are left out) into exact in-kernel log2 histograms: count, p50, p90, p99
+    and max per process, every interval or since start. Calls that must be seen are
+    printed as they happen: a close() that sent a reset (unread data or linger 0: data
+    lost), one that blocked on SO_LINGER, and one of a socket that had sat in CLOSE_WAIT.
+    Filters apply to the calling process and the socket closed. With --from, the reports
+    of a `closelat --json` run are replayed (--port, -4 and -6 then cannot apply).
+
+    \b
+    Examples:
+      sudo tcptrace closelat --interval 5
+      sudo tcptrace closelat --pid 1234 --stacks --cumulative
+      sudo tcptrace closelat --json --duration 60 > closelat.jsonl
+      tcptrace closelat --from closelat.jsonl --cumulative
+    """
+    from tcptrace.closelat import run_closelat
+
+    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
+    if from_file is not None and (ports or ipv4 or ipv6):
+        raise UsageError("--port, -4 and -6 cannot filter recorded histograms; give them when recording")
+    run_closelat(
+        flt,
+        from_file=from_file,
+        interval_s=interval,
+        duration_s=duration,
+        cumulative=cumulative,
+        stacks=stacks,
+        close_wait_s=close_wait_min,
+        as_json=as_json,
+        out=sys.stdout,
+        filter_json=filter_json(flt),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="tcptrace")
