@@ -78,12 +78,13 @@ def headline(tracker: CloseWaitTracker, now_ns: int, interval: Interval | None) 
         text.append(f" ({pre} already there at start)")
     text.append(f"   leak suspects (>= {duration(tracker.threshold_ns)}): ")
     text.append(str(suspects), style="bold red" if suspects else "")
+    text.append("\n")
     if interval is not None:
         text.append(
-            f"   last {duration(interval.end_ns - interval.start_ns)}: "
-            f"+{interval.entered} entered, {interval.closed} closed, {interval.reset} reset"
+            f"last {duration(interval.end_ns - interval.start_ns)}: "
+            f"+{interval.entered} entered, {interval.closed} closed, {interval.reset} reset   "
         )
-    text.append(f"   total: {tracker.entered} entered, {tracker.closed} closed, {tracker.reset} reset")
+    text.append(f"total: {tracker.entered} entered, {tracker.closed} closed, {tracker.reset} reset")
     return text
 
 
@@ -92,7 +93,7 @@ def close_time_text(tracker: CloseWaitTracker) -> Text:
     if not times:
         return Text("time to close: no socket closed by its app yet", style="dim")
     return Text(
-        f"time to close ({len(times)} closed by the app): "
+        f"time to close ({len(times)} closed by the app):\n  "
         f"p50 {duration(percentile(times, 0.5))}  p90 {duration(percentile(times, 0.9))}  "
         f"p99 {duration(percentile(times, 0.99))}  max {duration(times[-1])}"
     )

@@ -1,0 +1,233 @@
+"""CLOSE_WAIT timing, leak suspects and their grouping, on generated and recorded streams."""
+
+from __future__ import annotations
+
+import doctest
+import io
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+import tcptrace.model.closewait
+import tcptrace.system.procfd
+import tcptrace.system.procnet
+from tcptrace.cli import cli
+from tcptrace.errors import TcptraceError
+from tcptrace.model.closewait import CloseWaitTracker, Preexisting, parse_duration
+from tcptrace.model.events import Op, TcpState
+from tcptrace.model.filters import EventFilter
+from tcptrace.recording import JsonLinesWriter, make_header, open_recording
+from tcptrace.sources import RecordingSource
+from tcptrace.system.procnet import parse_table
+from tcptrace.views.closewait import print_summary, render
+from tests.unit.test_lifecycle import touch, tr
+
+S = TcpState
+NS = 1_000_000_000
+MS = 1_000_000
+
+
+def leaked(t: CloseWaitTracker, sk: int, pid: int, ts: int, stack: str = "leak_fn", **kw: object) -> None:
+    """A socket accepted by ``pid`` whose peer closes at ts+10; the app reads EOF, never closes."""
+    t.feed(tr(ts + 1, sk, S.LISTEN, S.SYN_RECV, pid=pid, **kw))
+    t.feed(tr(ts + 2, sk, S.SYN_RECV, S.ESTABLISHED, pid=pid, **kw))
+    t.feed(touch(ts + 3, sk, Op.ACCEPT, pid, ustack=("accept", "main")))
+    t.feed(tr(ts + 10, sk, S.ESTABLISHED, S.CLOSE_WAIT, pid=pid, **kw))
+    t.feed(touch(ts + 11, sk, Op.RECV, pid, ret=0, ustack=("recv", stack)))
+
+
+def test_time_to_close_and_resets() -> None:
+    t = CloseWaitTracker(threshold_ns=NS)
+    leaked(t, 1, 7, 0, stack="ok_fn")
+    t.feed(tr(10 + 250 * MS, 1, S.CLOSE_WAIT, S.LAST_ACK, pid=7))
+    leaked(t, 2, 7, 0)
+    t.feed(tr(10 + 5 * MS, 2, S.CLOSE_WAIT, S.CLOSE))  # the peer reset it
+    assert (t.entered, t.closed, t.reset, len(t.open)) == (2, 1, 1, 0)
+    assert t.close_times_ns == [250 * MS]
+    summary = t.summary_json(20 * NS)
+    assert summary["time_to_close"]["count"] == 1 and summary["time_to_close"]["max_s"] == 0.25
+    assert summary["groups"] == [] and summary["sockets"] == []
+
+
+def test_suspects_grouped_by_owner_and_code_path() -> None:
+    t = CloseWaitTracker(threshold_ns=NS)
+    for sk in range(3):
+        leaked(t, 100 + sk, 7, sk * 1000, daddr=f"10.0.0.{sk}")
+    leaked(t, 200, 7, 0, stack="other_fn")
+    leaked(t, 300, 8, 0)
+    leaked(t, 400, 7, 3 * NS)  # too young at 3.5 s
+    groups = t.suspects(int(3.5 * NS))
+    assert [(g.pid, g.count) for g in groups] == [(7, 3), (7, 1), (8, 1)]
+    top = groups[0]
+    assert top.last_touch is not None and top.last_touch.ustack == ("recv", "leak_fn")
+    assert top.origin is not None and top.origin.op == Op.ACCEPT
+    assert top.remotes.distinct == 3 and top.remotes.dominant is None and top.eof_seen == 3
+    js = top.to_json()
+    assert js["last_touch_stack"] == ["recv", "leak_fn"] and js["origin_stack"] == ["accept", "main"]
+    assert js["oldest_age_s"] == pytest.approx(3.5, abs=1e-3)
+    assert groups[1].last_touch is not None and groups[1].last_touch.ustack[-1] == "other_fn"
+
+
+def test_unknown_owner_is_shown_not_dropped() -> None:
+    t = CloseWaitTracker(threshold_ns=NS)
+    t.feed(tr(0, 5, S.ESTABLISHED, S.CLOSE_WAIT))  # established before tracing, never touched
+    (group,) = t.suspects(2 * NS)
+    assert group.pid is None and group.count == 1 and group.origin is None
+    out = io.StringIO()
+    Console(file=out, width=120, color_system=None).print(render(t, 2 * NS))
+    assert "unknown owner" in out.getvalue()
+
+
+def test_reused_skaddr_forgets_the_old_socket_and_its_owner() -> None:
+    t = CloseWaitTracker(threshold_ns=NS)
+    leaked(t, 9, 7, 0)
+    # The old socket's CLOSE was lost; its address is reborn as a child of pid 8's listener.
+    t.feed(tr(5 * NS, 9, S.LISTEN, S.SYN_RECV, pid=8))
+    assert t.open == {} and t.forgotten == 1
+    t.feed(tr(5 * NS + 1, 9, S.SYN_RECV, S.ESTABLISHED, pid=8))
+    t.feed(tr(5 * NS + 2, 9, S.ESTABLISHED, S.CLOSE_WAIT, pid=8))
+    (sock,) = t.open.values()
+    assert sock.pid == 8 and sock.origin is None and sock.last_touch is None and sock.eof_ns is None
+
+
+def test_preexisting_sockets_age_from_start_and_match_their_close_by_address() -> None:
+    t = CloseWaitTracker(threshold_ns=NS)
+    pre = Preexisting(family=4, saddr="10.0.0.1", sport=80, daddr="10.0.0.9", dport=40000, pid=7, comm="srv")
+    dup = Preexisting(family=4, saddr="10.0.0.1", sport=80, daddr="10.0.0.9", dport=40001, pid=7, comm="srv")
+    t.feed(tr(50, 77, S.ESTABLISHED, S.CLOSE_WAIT, pid=7, comm="srv", dport=40001))  # seen live
+    assert t.add_preexisting([pre, dup], now_ns=100) == 1
+    (group,) = t.suspects(100 + 2 * NS)
+    # The oldest is the one seen entering (at 50): its age is exact, not a lower bound.
+    assert group.count == 2 and not group.at_least and group.oldest_age_ns == 2 * NS + 50
+    assert [s.preexisting for s in group.sockets] == [False, True]
+    # Its close has an skaddr tcptrace never saw: matched by the 4-tuple, not timed.
+    t.feed(tr(3 * NS, 0xDEAD, S.CLOSE_WAIT, S.LAST_ACK, pid=7))
+    assert t.closed == 1 and t.closed_preexisting == 1 and t.close_times_ns == []
+    assert len(t.open) == 1
+
+
+def test_intervals_count_what_happened_in_them() -> None:
+    t = CloseWaitTracker(threshold_ns=NS)
+    t.begin_interval(0)
+    leaked(t, 1, 7, 0)
+    leaked(t, 2, 7, 0)
+    first = t.begin_interval(NS)
+    t.feed(tr(NS + 5, 1, S.CLOSE_WAIT, S.LAST_ACK, pid=7))
+    second = t.begin_interval(2 * NS)
+    assert first is not None and (first.entered, first.closed) == (2, 0)
+    assert second is not None and (second.entered, second.closed) == (0, 1)
+    periodic = t.periodic_json(2 * NS, second)
+    assert periodic["open"] == 1 and periodic["suspects"] == 1 and periodic["closed"] == 1
+
+
+def write_recording(path: Path, events: list[object]) -> None:
+    with path.open("w") as fh:
+        w = JsonLinesWriter(fh)
+        w.write(make_header("record"))
+        for e in events:
+            w.event(e)  # type: ignore[arg-type]
+        w.write({"type": "summary", "lost": 0})
+
+
+def test_pid_filter_on_a_replay_keeps_only_that_owners_sockets(tmp_path: Path) -> None:
+    t = CloseWaitTracker()
+    events = []
+    for sk, pid in ((1, 7), (2, 8), (3, 7)):
+        events += [
+            tr(sk, sk, S.LISTEN, S.SYN_RECV, pid=pid),
+            tr(sk + 10, sk, S.ESTABLISHED, S.CLOSE_WAIT, pid=pid),
+        ]
+    events.append(tr(20, 4, S.ESTABLISHED, S.CLOSE_WAIT))  # unknown owner: matches no --pid
+    path = tmp_path / "r.jsonl"
+    write_recording(path, events)
+    source = RecordingSource(open_recording(str(path)), EventFilter(pid=7))
+    while not source.exhausted:
+        for event in source.poll():
+            t.feed(event)
+    assert sorted(s.pid for s in t.open.values()) == [7, 7] and t.entered == 2
+
+
+@pytest.fixture
+def leaky(data_dir: Path) -> Path:
+    return data_dir / "closewait_leaky.jsonl"
+
+
+def test_recorded_leaky_server(leaky: Path) -> None:
+    """Recorded from leaky_server: 3 connections leaked, 2 closed 300 ms after EOF."""
+    rec = open_recording(str(leaky))
+    header = rec.header
+    t = CloseWaitTracker(threshold_ns=100 * MS)
+    last = 0
+    for event in rec.events():
+        t.feed(event)
+        last = event.ts_ns
+    assert t.entered == 5 and t.closed == 2 and t.reset == 0
+    assert {s.dport for s in t.open.values()} == set(header["leaked_client_ports"])
+    assert all(s.pid == header["server_pid"] for s in t.open.values())
+    assert all(0.300 <= x / NS <= 0.320 for x in t.close_times_ns)
+    (group,) = t.suspects(last)
+    assert group.count == 3 and group.comm == "leaky_server"
+    assert group.last_touch is not None and any("leak_connection" in f for f in group.last_touch.ustack)
+
+
+def test_cli_replay_json_summary(leaky: Path) -> None:
+    res = CliRunner().invoke(
+        cli, ["closewait", "--from", str(leaky), "--json", "--threshold", "100ms", "--interval", "0.1"]
+    )
+    assert res.exit_code == 0, res.output
+    objs = [json.loads(line) for line in res.output.splitlines()]
+    assert objs[0]["type"] == "header" and objs[-1]["type"] == "summary"
+    assert any(o["type"] == "closewait" for o in objs[1:-1])
+    summary = objs[-1]
+    assert summary["open"] == 3 and summary["closed"] == 2
+    (group,) = summary["groups"]
+    assert group["count"] == 3 and any("leak_connection" in f for f in group["last_touch_stack"])
+    assert all(isinstance(f, str) for f in group["origin_stack"])
+    assert {s["dport"] for s in summary["sockets"]} == set(
+        open_recording(str(leaky)).header["leaked_client_ports"]
+    )
+
+
+def test_cli_replay_text_and_filters(leaky: Path) -> None:
+    res = CliRunner().invoke(cli, ["closewait", "--from", str(leaky), "--threshold", "100ms"])
+    assert res.exit_code == 0 and "leak_connection" in res.output and "3 × " in res.output
+    res = CliRunner().invoke(cli, ["closewait", "--from", str(leaky), "--json", "--pid", "1"])
+    assert res.exit_code == 0 and json.loads(res.output.splitlines()[-1])["open"] == 0
+
+
+@pytest.mark.parametrize("bad", ["soon", "-1s", "5 parsecs", ""])
+def test_bad_threshold_is_a_usage_error(bad: str, leaky: Path) -> None:
+    res = CliRunner().invoke(cli, ["closewait", "--from", str(leaky), "--threshold", bad])
+    assert res.exit_code == 2 and "--threshold" in res.output and res.output.count("\n") == 1
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_summary_view_renders_hostile_names_literally() -> None:
+    t = CloseWaitTracker(threshold_ns=NS)
+    t.add_preexisting(
+        [Preexisting(family=6, saddr="::1", sport=80, daddr="::1", dport=5, pid=3, comm="\x1b[2J[red]x")], 0
+    )
+    out = io.StringIO()
+    print_summary(Console(file=out, width=120, color_system=None), t, 2 * NS, {"lost": 4}, "SIGINT")
+    text = out.getvalue()
+    assert "\x1b" not in text and "\\x1b[2J[red]x" in text
+    assert "4 events lost" in text and "[::1]:80" in text and ">= 2.00s" in text
+    assert "before tracing started" in text
+
+
+def test_proc_net_tcp_parse_error_names_file_and_line() -> None:
+    lines = ["  sl  local_address ...", "   0: 0100007F:0016 0100007F:D2F0 08 0 0 0 0 0 42 1", "garbage"]
+    with pytest.raises(TcptraceError, match=r"/proc/net/tcp:3: cannot parse 'garbage'"):
+        list(parse_table(lines, 4))
+
+
+@pytest.mark.parametrize(
+    "module", [tcptrace.model.closewait, tcptrace.system.procnet, tcptrace.system.procfd]
+)
+def test_docstring_examples(module: object) -> None:
+    result = doctest.testmod(module)  # type: ignore[arg-type]
+    assert result.attempted > 0 and result.failed == 0
