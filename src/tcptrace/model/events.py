@@ -171,7 +171,45 @@ class CloseCall(SocketEvent):
     ret: int = 0
 
 
-_TYPES: dict[str, type[SocketEvent]] = {"transition": Transition, "touch": Touch, "close": CloseCall}
+class TwWhat(enum.IntEnum):
+    """``tt_event.op`` of TIMEWAIT events: TT_TW_* in bpf/tcptrace.h."""
+
+    CREATED = 1
+    CONVERTED = 2
+    PARKED_ENDED = 3
+    RESET_SENT = 4
+    RESET_RECEIVED = 5
+
+
+TW_HOW = {1: "fin", 2: "timer"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeWaitEvent(SocketEvent):
+    """A timewait socket's life, or an RST (timewait.bpf.c). ``skaddr`` is the tw socket.
+
+    CREATED: a tw replaced a full socket, ``substate`` TIME_WAIT (a TIME_WAIT creation) or
+    FIN_WAIT2 (an orphaned FIN_WAIT2 socket parked, not TIME_WAIT yet). CONVERTED: a parked
+    tw got the peer's FIN and is TIME_WAIT now, seen when the FIN arrived (``how`` "fin") or
+    only later at its timer ("timer"). PARKED_ENDED: a parked tw died in FIN_WAIT2.
+    RESET_SENT/RESET_RECEIVED: an RST on a socket in state ``substate``. ``age_ns``: time
+    since the tw was created. ``pid``/``comm``: the socket's owner, for a tw the process
+    that closed first.
+    """
+
+    what: TwWhat
+    substate: TcpState | None = None
+    created_as: TcpState | None = None
+    age_ns: int | None = None
+    how: str | None = None
+
+
+_TYPES: dict[str, type[SocketEvent]] = {
+    "transition": Transition,
+    "touch": Touch,
+    "close": CloseCall,
+    "timewait": TimeWaitEvent,
+}
 _TYPE_NAMES = {cls: name for name, cls in _TYPES.items()}
 EVENT_TYPES = frozenset(_TYPES)
 """The JSON ``type`` names of events (other objects of a recording are reports)."""
@@ -226,10 +264,25 @@ def _close_from_raw(raw: Any) -> CloseCall:
     )
 
 
+def _timewait_from_raw(raw: Any) -> TimeWaitEvent:
+    what = TwWhat(raw.op)
+    new, old = int(raw.newstate), int(raw.oldstate)
+    is_tw = what in (TwWhat.CREATED, TwWhat.CONVERTED, TwWhat.PARKED_ENDED)
+    return TimeWaitEvent(
+        **_common_from_raw(raw),
+        what=what,
+        substate=TcpState(new) if new else None,
+        created_as=TcpState(old) if old and is_tw else None,
+        age_ns=int(raw.value_ns) or None,
+        how=TW_HOW.get(int(raw.ret)),
+    )
+
+
 RAW_DECODERS: dict[int, Callable[[Any], SocketEvent]] = {
     Kind.TRANSITION: _transition_from_raw,
     Kind.TOUCH: _touch_from_raw,
     Kind.CLOSE: _close_from_raw,
+    Kind.TIMEWAIT: _timewait_from_raw,
 }
 
 
@@ -279,6 +332,10 @@ def from_json(obj: Mapping[str, Any]) -> SocketEvent:
             value = int(value, 16) if isinstance(value, str) else int(value)
         elif key in ("old", "new") or (key == "state" and value is not None):
             value = TcpState.parse(value)
+        elif key in ("substate", "created_as") and value is not None:
+            value = TcpState.parse(value)
+        elif key == "what":
+            value = TwWhat[value] if isinstance(value, str) else TwWhat(value)
         elif key == "flags":
             if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
                 raise TypeError("flags must be a list of names")
