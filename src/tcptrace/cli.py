@@ -97,6 +97,23 @@ def run_options(fn: F) -> F:
     return fn
 
 
+def _power_of_two(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and (value < 1 or value & (value - 1)):
+        raise click.BadParameter("must be a power of two (pages of 4 KiB)")
+    return value
+
+
+def ringbuf_option(fn: F) -> F:
+    """--ringbuf-pages: size of the kernel-to-user event buffer."""
+    return click.option(
+        "--ringbuf-pages",
+        type=int,
+        callback=_power_of_two,
+        help="Event ring buffer size in 4 KiB pages, a power of two (default 1024 = 4 MiB). "
+        "Losses are counted exactly whatever the size.",
+    )(fn)
+
+
 def make_filter(
     pid: int | None, comm: str | None, ports: Sequence[int], ipv4: bool, ipv6: bool, live: bool
 ) -> EventFilter:
@@ -117,6 +134,7 @@ def open_source(
     parts: Sequence[str] = ("lifecycle",),
     stacks: bool = False,
     defines: dict[str, int] | None = None,
+    ringbuf_pages: int | None = None,
     quiet: bool = False,
 ) -> Iterator[Source]:
     """A recording when --from is given, else the live kernel running ``parts`` of bpf/.
@@ -132,7 +150,13 @@ def open_source(
 
         console = make_console(stderr=True, quiet=quiet)
         with console.status("compiling and attaching BPF programs…"):
-            program = load([PARTS[name] for name in parts], flt, stacks=stacks, defines=defines)
+            program = load(
+                [PARTS[name] for name in parts],
+                flt,
+                stacks=stacks,
+                defines=defines,
+                ringbuf_pages=ringbuf_pages,
+            )
         source = KernelSource(KernelStream(program, flt, symbolize=stacks))
     try:
         yield source
@@ -166,12 +190,13 @@ def stream_command(
     stacks: bool,
     out: Any,
     as_json: bool,
+    ringbuf_pages: int | None = None,
 ) -> None:
     """What `states` and `record` share: every event out, then the summary."""
     console = make_console()
     summary = StatesSummary()
     writer = JsonLinesWriter(out) if as_json else None
-    with open_source(from_file, flt, stacks=stacks) as source:
+    with open_source(from_file, flt, stacks=stacks, ringbuf_pages=ringbuf_pages) as source:
         if writer is not None:
             writer.write(make_header(name, filter=filter_json(flt), stacks=stacks))
         else:
@@ -225,6 +250,7 @@ def stream_command(
 @click.option(
     "--stacks", is_flag=True, help="Show kernel and user stacks of each transition (costs ~2 us each)."
 )
+@ringbuf_option
 def states(
     pid: int | None,
     comm: str | None,
@@ -236,6 +262,7 @@ def states(
     as_json: bool,
     from_file: str | None,
     stacks: bool,
+    ringbuf_pages: int | None,
 ) -> None:
     """Stream every TCP state transition, live.
 
@@ -252,7 +279,7 @@ def states(
       tcptrace states --from transitions.jsonl --port 443
     """
     flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
-    stream_command("states", flt, from_file, duration, interval, stacks, sys.stdout, as_json)
+    stream_command("states", flt, from_file, duration, interval, stacks, sys.stdout, as_json, ringbuf_pages)
 
 
 @cli.command()
@@ -263,6 +290,7 @@ def states(
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
 @click.option("--stacks", is_flag=True, help="Record symbolized kernel and user stacks too.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@ringbuf_option
 def record(
     pid: int | None,
     comm: str | None,
@@ -273,6 +301,7 @@ def record(
     duration: float | None,
     stacks: bool,
     force: bool,
+    ringbuf_pages: int | None,
 ) -> None:
     """Record the decoded event stream to a file, for replay with --from.
 
@@ -292,7 +321,7 @@ def record(
     except OSError as exc:
         raise TcptraceError(f"cannot write {output}: {exc.strerror}") from None
     with out:
-        stream_command("record", flt, None, duration, 1.0, stacks, out, as_json=True)
+        stream_command("record", flt, None, duration, 1.0, stacks, out, True, ringbuf_pages)
     click.echo(f"recorded to {output}", err=True)
 
 

@@ -107,3 +107,17 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, step: float = 
             return True
         time.sleep(step)
     return predicate()
+
+
+def bpf_prog_ids(name_prefix: str = "tracepoint__") -> set[int]:
+    """Ids of loaded BPF programs whose name starts with ``name_prefix`` (bpftool -j).
+
+    Tests compare sets taken before, during and after a run, so other tracers on the host
+    (concurrent tests, other tools) do not disturb them.
+    """
+    import json as _json
+
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return {
+        int(p["id"]) for p in _json.loads(out or "[]") if str(p.get("name", "")).startswith(name_prefix[:15])
+    }

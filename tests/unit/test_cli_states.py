@@ -105,3 +105,23 @@ def test_every_command_has_help_with_an_example() -> None:
         assert command.help and len(command.help) > 40, name
         if name not in ("doctor",):
             assert "Example" in out, name
+
+
+@pytest.mark.parametrize("pages", ["3", "0", "-8"])
+def test_ringbuf_pages_must_be_a_power_of_two(pages: str) -> None:
+    code, _, err = invoke("states", "--ringbuf-pages", pages)
+    assert code == 2 and "power of two" in err
+
+
+def test_missing_tracepoint_names_the_feature_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tcptrace.kernel import loader
+
+    monkeypatch.setattr(loader, "require_privileges", lambda: None)
+    monkeypatch.setattr(loader, "ensure_tracefs", lambda: "/sys/kernel/tracing")
+    monkeypatch.setattr(loader, "tracepoint_exists", lambda group, name: False)
+    code, _, err = invoke("states", "--duration", "1")
+    assert code == 1
+    assert err.strip() == (
+        "tcptrace: error: this kernel has no tracepoint sock:inet_sock_set_state: "
+        "TCP state transitions cannot be traced"
+    )

@@ -26,7 +26,8 @@ INSTALL_HINT = "run scripts/install (as root) from the tcptrace checkout"
 TRACEFS = "/sys/kernel/tracing"
 
 # Capability numbers (include/uapi/linux/capability.h).
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 1, 2, 21, 38, 39
+CAPS_NEEDED = "CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH"
 
 # Indexes of the `stats` array: TT_STAT_* in bpf/tcptrace.h.
 STAT_NAMES = ("transitions", "emitted", "lost", "sock_update_failed", "stack_failed")
@@ -58,20 +59,40 @@ def effective_caps() -> int:
 
 
 def has_tracing_privileges() -> bool:
+    """Root, or the capabilities that load and attach tracepoint programs.
+
+    Besides CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), bcc reads tracepoint formats and
+    ids in tracefs, which is root-only (mode 0700): CAP_DAC_READ_SEARCH reads past that.
+    """
     if os.geteuid() == 0:
         return True
     caps = effective_caps()
-    bpf_ok = caps & (1 << CAP_BPF) or caps & (1 << CAP_SYS_ADMIN)
-    perf_ok = caps & (1 << CAP_PERFMON) or caps & (1 << CAP_SYS_ADMIN)
-    return bool(bpf_ok and perf_ok)
+
+    def has(*bits: int) -> bool:
+        return any(caps & (1 << b) for b in bits)
+
+    return (
+        has(CAP_BPF, CAP_SYS_ADMIN)
+        and has(CAP_PERFMON, CAP_SYS_ADMIN)
+        and has(CAP_DAC_READ_SEARCH, CAP_DAC_OVERRIDE)
+    )
 
 
 def require_privileges() -> None:
     if not has_tracing_privileges():
         raise PrivilegeError(
-            "tracing needs root (or CAP_BPF and CAP_PERFMON)",
+            f"tracing needs root (or {CAPS_NEEDED})",
             hint="run it with sudo, e.g. `sudo tcptrace ...`",
         )
+
+
+def tracefs_mounts() -> list[str]:
+    """Where tracefs is mounted, from /proc/self/mounts."""
+    try:
+        with open("/proc/self/mounts") as fh:
+            return [line.split()[1] for line in fh if len(line.split()) > 2 and line.split()[2] == "tracefs"]
+    except OSError:
+        return []
 
 
 def ensure_tracefs() -> str:
@@ -79,6 +100,12 @@ def ensure_tracefs() -> str:
     for path in (TRACEFS, "/sys/kernel/debug/tracing"):
         if os.path.isdir(os.path.join(path, "events")):
             return path
+    mounted = tracefs_mounts()
+    if mounted:
+        raise PrivilegeError(
+            f"cannot read tracefs at {mounted[0]} (it is root-only)",
+            hint=f"run as root, or with {CAPS_NEEDED}",
+        )
     try:
         subprocess.run(
             ["mount", "-t", "tracefs", "nodev", TRACEFS], check=True, capture_output=True, timeout=10

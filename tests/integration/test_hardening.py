@@ -1,0 +1,156 @@
+"""Faults and limits against the real kernel: overflow, concurrency, capabilities, teardown."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.integration import workloads as w
+from tests.integration.helpers import wait_for
+
+
+def churn(port: int, n: int) -> None:
+    """n connections, client closes first: 10 transitions each (plus the listener's 2)."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(1024)
+
+    def serve() -> None:
+        for _ in range(n):
+            conn, _ = listener.accept()
+            conn.recv(1)
+            conn.close()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    for _ in range(n):
+        socket.create_connection(("127.0.0.1", port)).close()
+    server.join(timeout=60)
+    listener.close()
+
+
+def start_states(cmd: list[str], *args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [*cmd, "states", "--json", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    header = json.loads(proc.stdout.readline())  # printed once the programs are attached
+    assert header["type"] == "header"
+    return proc
+
+
+def finish(proc: subprocess.Popen[str]) -> list[dict[str, object]]:
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_ring_buffer_overflow_is_counted_exactly(port: int, tcptrace_cmd: list[str]) -> None:
+    """A one-page buffer and a stopped consumer: events are lost, and every one is counted."""
+    n = 200
+    proc = start_states(tcptrace_cmd, "--port", str(port), "--ringbuf-pages", "1")
+    os.kill(proc.pid, signal.SIGSTOP)  # the consumer stops reading; the kernel keeps writing
+    try:
+        churn(port, n)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    time.sleep(0.5)
+    objs = finish(proc)
+    summary = objs[-1]
+    events = [o for o in objs if o["type"] == "transition"]
+    assert summary["type"] == "summary"
+    assert summary["lost"] > 0
+    assert len(events) == summary["events"]
+    assert summary["events"] + summary["lost"] == summary["kernel_transitions"] == n * 10 + 2
+
+
+def test_two_instances_at_once_see_the_same_events(port: int, tcptrace_cmd: list[str]) -> None:
+    a = start_states(tcptrace_cmd, "--port", str(port))
+    b = start_states(tcptrace_cmd, "--port", str(port))
+    w.client_closes_first(port)
+    time.sleep(0.3)
+    ea = [o for o in finish(a) if o["type"] == "transition"]
+    eb = [o for o in finish(b) if o["type"] == "transition"]
+    assert len(ea) == len(eb) == 12
+    assert [(o["old"], o["new"], o["sport"]) for o in ea] == [(o["old"], o["new"], o["sport"]) for o in eb]
+
+
+def test_pid_filter_run_ends_when_the_process_exits(port: int, tcptrace_cmd: list[str]) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.readline()"], stdin=subprocess.PIPE
+    )
+    proc = start_states(tcptrace_cmd, "--pid", str(child.pid))
+    assert child.stdin is not None
+    child.stdin.close()
+    child.wait(timeout=10)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert json.loads(out.splitlines()[-1])["stopped"] == "pid exited"
+
+
+def _setpriv(*caps: str) -> list[str]:
+    """Run as nobody, keeping only ``caps`` (ambient, so they survive exec)."""
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if caps:
+        spec = ",".join(f"+{c}" for c in caps)
+        cmd += [f"--inh-caps={spec}", f"--ambient-caps={spec}"]
+    return [*cmd, "--"]
+
+
+@pytest.mark.parametrize(
+    "caps, ok",
+    [
+        (("bpf", "perfmon", "dac_read_search"), True),
+        (("bpf", "perfmon"), False),
+        ((), False),
+    ],
+    ids=["bpf+perfmon+dac_read_search", "bpf+perfmon", "none"],
+)
+def test_capabilities_instead_of_root(port: int, caps: tuple[str, ...], ok: bool) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    exe = os.path.join(os.path.dirname(sys.executable), "tcptrace")
+    cmd = [*_setpriv(*caps), exe, "states", "--json", "--port", str(port), "--duration", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    if ok:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        w.client_closes_first(port)
+    out, err = proc.communicate(timeout=60)
+    if ok:
+        assert proc.returncode == 0, err
+        assert json.loads(out.splitlines()[-1])["events"] == 12
+    else:
+        assert proc.returncode == 1
+        assert err.strip() == (
+            "tcptrace: error: tracing needs root (or CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH) "
+            "(run it with sudo, e.g. `sudo tcptrace ...`)"
+        )
+
+
+def test_exception_in_the_consumer_still_detaches(port: int) -> None:
+    """The context manager detaches on any exception, in a process that lives on."""
+    from tests.integration.helpers import bpf_prog_ids, load_parts
+
+    if shutil.which("bpftool") is None:
+        pytest.skip("needs bpftool (scripts/install --dev)")
+    before = bpf_prog_ids()
+    ours: set[int] = set()
+    with pytest.raises(RuntimeError, match="boom"):
+        with load_parts():
+            ours = bpf_prog_ids() - before
+            assert ours
+            raise RuntimeError("boom")
+    assert wait_for(lambda: not (bpf_prog_ids() & ours), timeout=5)
