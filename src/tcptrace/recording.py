@@ -67,6 +67,8 @@ class Recording:
         for lineno, line in self._lines:
             obj = _parse_line(self.path, lineno, line)
             kind = obj.get("type")
+            if not isinstance(kind, str):
+                raise RecordingError(f'{self.path}:{lineno}: object without a string "type"')
             if kind == "summary":
                 self.summary = obj
                 continue
@@ -75,11 +77,9 @@ class Recording:
             if kind not in EVENT_TYPES:
                 # Objects of other kinds (periodic reports of analysis commands) are not
                 # events; a recording may carry them and replay skips them.
-                if isinstance(kind, str):
-                    if self.on_report is not None:
-                        self.on_report(obj)
-                    continue
-                raise RecordingError(f'{self.path}:{lineno}: object without a "type"')
+                if self.on_report is not None:
+                    self.on_report(obj)
+                continue
             try:
                 yield from_json(obj)
             except (KeyError, ValueError, TypeError) as exc:
