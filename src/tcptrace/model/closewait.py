@@ -10,6 +10,7 @@ Pure: fed events (and the snapshot) by the caller, asked for reports at model ti
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -183,13 +184,24 @@ class SuspectGroup:
         }
 
 
+_OFFSET = re.compile(r"\+0x[0-9a-fA-F]+")
+
+
+def code_path_key(path: CodePath | None) -> tuple[str, ...]:
+    """A code path as functions, offsets left out: one function is one path, whichever
+    instruction the stack was taken at (libc's fast and slow paths of one call differ).
+
+    >>> from tcptrace.model.events import Op
+    >>> code_path_key(CodePath(op=Op.RECV, ts_ns=0, task_pid=1, ustack=("recv+0x19 [libc.so.6]",)))
+    ('RECV', 'recv [libc.so.6]')
+    """
+    if path is None:
+        return ()
+    return (path.op.name, *(_OFFSET.sub("", frame) for frame in path.stack))
+
+
 def _group_key(sock: CloseWaitSocket) -> GroupKey:
-    return (
-        sock.pid,
-        sock.comm,
-        sock.origin.stack if sock.origin else (),
-        sock.last_touch.stack if sock.last_touch else (),
-    )
+    return (sock.pid, sock.comm, code_path_key(sock.origin), code_path_key(sock.last_touch))
 
 
 def log2_histogram(values_ns: Iterable[int]) -> list[tuple[int, int, int]]:
