@@ -127,8 +127,10 @@ static __always_inline void tt_tw_stat(__u32 idx)
         (*v)++;
 }
 
-/* The 4-tuple of a full or timewait socket: both begin with struct sock_common. */
-static __always_inline void tt_tw_read_tuple(const char *skc, struct tt_tw_tuple *t)
+/* The 4-tuple of a full (`full`) or timewait socket: both begin with struct
+ * sock_common. A full socket's skc_num is already 0 at its CLOSE transition
+ * (inet_put_port), so its local port is read from inet_sport instead. */
+static __always_inline void tt_tw_read_tuple(const char *skc, struct tt_tw_tuple *t, int full)
 {
     __u16 family = 0, num = 0, dport = 0;
     bpf_probe_read_kernel(&family, sizeof(family), skc + TT_SKC_FAMILY_OFF);
@@ -137,6 +139,11 @@ static __always_inline void tt_tw_read_tuple(const char *skc, struct tt_tw_tuple
     t->family = family;
     t->sport = num;
     t->dport = __builtin_bswap16(dport);
+    if (full) {
+        __u16 sport = 0;
+        bpf_probe_read_kernel(&sport, sizeof(sport), skc + TT_INET_SPORT_OFF);
+        t->sport = __builtin_bswap16(sport);
+    }
     if (family == TT_AF_INET6) {
         bpf_probe_read_kernel(t->saddr, 16, skc + TT_SKC_V6_RCV_SADDR_OFF);
         bpf_probe_read_kernel(t->daddr, 16, skc + TT_SKC_V6_DADDR_OFF);
@@ -245,7 +252,7 @@ static __always_inline void tt_timewait_on_transition(void *ctx, __u64 sk, int o
     tw_closed.update(&sk, &owner);
 
     struct tt_tw_tuple t = {};
-    tt_tw_read_tuple((const char *)sk, &t);
+    tt_tw_read_tuple((const char *)sk, &t, 1);
     struct tt_tw_pending *p = tw_pending.lookup(&t);
     if (!p)
         return;
@@ -301,7 +308,7 @@ TRACEPOINT_PROBE(timer, timer_start)
     }
     /* A new tw: announce it to its full socket's X->CLOSE, which follows. */
     struct tt_tw_tuple t = {};
-    tt_tw_read_tuple(tw, &t);
+    tt_tw_read_tuple(tw, &t, 0);
     struct tt_tw_pending ann = {.tw = twaddr, .snd_nxt = snd_nxt, .substate = sub};
     tw_pending.update(&t, &ann);
     tt_tw_stat(TT_TW_STAT_ANNOUNCED);
@@ -400,7 +407,8 @@ static __always_inline void tt_tw_reset(void *ctx, __u64 sk, int state, __u8 op,
     struct tt_tw_owner owner = {};
     tt_tw_reset_owner(sk, state, &owner);
     struct tt_tw w = {};
-    tt_tw_read_tuple((const char *)sk, &w.t);
+    tt_tw_read_tuple((const char *)sk, &w.t,
+                     state != TT_TCP_TIME_WAIT && state != TT_TCP_NEW_SYN_RECV);
     if (!tt_keep(w.t.family, w.t.sport, w.t.dport, owner.tgid, owner.comm))
         return;
     tt_tw_stat(stat);

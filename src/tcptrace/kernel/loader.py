@@ -222,6 +222,7 @@ def timewait_defines(btf: Btf) -> dict[str, int]:
         "TT_TW_TIMER_OFF": btf.member_offset("inet_timewait_sock", "tw_timer"),
         "TT_TIMER_FUNCTION_OFF": btf.member_offset("timer_list", "function"),
         "TT_TCP_SND_NXT_OFF": btf.member_offset("tcp_sock", "snd_nxt"),
+        "TT_INET_SPORT_OFF": btf.member_offset("inet_sock", "inet_sport"),
         "TT_TW_TIMER_FN": kallsyms_address("tw_timer_handler"),
         "TT_TP_SEND_RESET_SKADDR_OFF": tracepoint_field_offset("tcp", "tcp_send_reset", "skaddr"),
         "TT_TP_SEND_RESET_STATE_OFF": tracepoint_field_offset("tcp", "tcp_send_reset", "state"),
