@@ -34,29 +34,28 @@ def _pair(port: int, family: int) -> tuple[socket.socket, socket.socket, socket.
     return listener, client, server
 
 
-def client_closes_first(port: int, family: int = socket.AF_INET) -> Conn:
-    """Client: ... FIN_WAIT1, FIN_WAIT2, CLOSE (timewait). Server: CLOSE_WAIT, LAST_ACK, CLOSE."""
+def orderly_close(port: int, family: int = socket.AF_INET, *, first: str = "client") -> Conn:
+    """One connection closed by ``first`` ("client" or "server"); the other side closes once
+    it has read EOF. The first closer ends in TIME_WAIT, the other passes CLOSE_WAIT."""
     listener, client, server = _pair(port, family)
     conn = Conn(client.getsockname()[1], port, family)
-    client.close()
+    closer, peer = (client, server) if first == "client" else (server, client)
+    closer.close()
     time.sleep(PAUSE)
-    assert server.recv(1) == b""
-    server.close()
+    assert peer.recv(1) == b""
+    peer.close()
     time.sleep(PAUSE)
     listener.close()
     return conn
+
+
+def client_closes_first(port: int, family: int = socket.AF_INET) -> Conn:
+    """Client: ... FIN_WAIT1, FIN_WAIT2, CLOSE (timewait). Server: CLOSE_WAIT, LAST_ACK, CLOSE."""
+    return orderly_close(port, family, first="client")
 
 
 def server_closes_first(port: int, family: int = socket.AF_INET) -> Conn:
-    listener, client, server = _pair(port, family)
-    conn = Conn(client.getsockname()[1], port, family)
-    server.close()
-    time.sleep(PAUSE)
-    assert client.recv(1) == b""
-    client.close()
-    time.sleep(PAUSE)
-    listener.close()
-    return conn
+    return orderly_close(port, family, first="server")
 
 
 def client_resets(port: int, family: int = socket.AF_INET) -> Conn:
