@@ -415,7 +415,9 @@ def closewait(
         if writer is None and console.is_terminal and source.live:
             from rich.live import Live
 
-            live_view = Live(view.render(tracker, source.now_ns()), console=console, auto_refresh=False)
+            live_view = Live(
+                view.render(tracker, source.now_ns()), console=console, auto_refresh=False, transient=True
+            )
             live_view.start()
 
         def on_tick(now_ns: int) -> None:

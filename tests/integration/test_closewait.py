@@ -246,3 +246,38 @@ def test_bad_threshold_is_a_one_line_usage_error(tcptrace_cmd: list[str]) -> Non
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and "threshold" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_ipv6_sockets_found_at_start_and_live(tcptrace_cmd: list[str]) -> None:
+    """This test process is the server: it accepts, its peers close, it never closes."""
+    port = helpers.free_port(socket.AF_INET6)
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as srv:
+        srv.bind(("::1", port))
+        srv.listen()
+        held: list[socket.socket] = []
+
+        def leak_one() -> int:
+            c = socket.create_connection(("::1", port), timeout=5)
+            s, _ = srv.accept()
+            held.append(s)
+            peer = int(c.getsockname()[1])
+            c.close()
+            return peer
+
+        early = leak_one()
+        assert helpers.wait_for(lambda: server_side(helpers.SS(), port, "close-wait") == {early})
+        with tracing(tcptrace_cmd, "--port", str(port), "-6", "--pid", str(os.getpid())) as tracer:
+            late = leak_one()
+            assert helpers.wait_for(lambda: server_side(helpers.SS(), port, "close-wait") == {early, late})
+            time.sleep(1.2)
+            _, summary = stop(tracer)
+        for s in held:
+            s.close()
+
+    by_port = {s["dport"]: s for s in summary["sockets"]}
+    assert set(by_port) == {early, late}
+    assert by_port[early]["preexisting"] and not by_port[late]["preexisting"]
+    for s in by_port.values():
+        assert s["family"] == 6 and s["saddr"] == "::1" and s["daddr"] == "::1" and s["sport"] == port
+        assert s["pid"] == os.getpid()
+    assert summary["entered"] == 1

@@ -122,7 +122,9 @@ def render(tracker: CloseWaitTracker, now_ns: int, interval: Interval | None = N
     parts: list[RenderableType] = [headline(tracker, now_ns, interval)]
     ages = [s.age_ns(now_ns) for s in tracker.open.values()]
     if ages:
-        parts.append(_histogram_table(age_histogram(ages), "age of sockets in CLOSE_WAIT"))
+        rows = age_histogram(ages)
+        used = [i for i, (_, n) in enumerate(rows) if n]
+        parts.append(_histogram_table(rows[used[0] : used[-1] + 1], "age of sockets in CLOSE_WAIT"))
     parts.append(close_time_text(tracker))
     hist = tracker.close_histogram()
     if hist:
