@@ -581,5 +581,196 @@ def timewait(
     )
 
 
+def threshold_option(default: str) -> Callable[[F], F]:
+    def deco(fn: F) -> F:
+        return click.option(
+            "--threshold",
+            default=default,
+            show_default=True,
+            help="A socket in CLOSE_WAIT longer than this is a leak suspect (5s, 500ms, 2m).",
+        )(fn)
+
+    return deco
+
+
+def _threshold_ns(text: str) -> int:
+    from tcptrace.model.closewait import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(f"--threshold: {exc}") from None
+
+
+@cli.command()
+@filter_options
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Refresh every S seconds.",
+)
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
+@click.option(
+    "--from",
+    "from_file",
+    type=click.Path(dir_okay=False),
+    help="Replay a recording (from `tcptrace record --stacks`) instead of tracing the kernel.",
+)
+@threshold_option("5s")
+@click.option(
+    "--sort",
+    type=click.Choice(["c", "t", "l"]),
+    default="c",
+    show_default=True,
+    help="Sort processes by CLOSE_WAIT (c), TIME_WAIT created/s (t) or close() p99 (l).",
+)
+def top(
+    pid: int | None,
+    comm: str | None,
+    ports: tuple[int, ...],
+    ipv4: bool,
+    ipv6: bool,
+    interval: float,
+    duration: float | None,
+    from_file: str | None,
+    threshold: str,
+    sort: str,
+) -> None:
+    """One live screen: sockets per state, rates, the processes behind them, close() times.
+
+    Counts per state start from /proc/net/tcp{,6} and follow every transition after
+    (labelled "seed + transitions"); TIME_WAIT is the kernel's own count (sockstat) when no
+    filter is given. Processes: CLOSE_WAIT sockets held and the oldest, TIME_WAIT created
+    per second and in total (exact, counted in the kernel), close() calls with p99 and max.
+    Lost events are shown. Keys: c, t, l sort; p filters a pid; q quits.
+
+    \b
+    Examples:
+      sudo tcptrace top
+      sudo tcptrace top --port 8080 --sort t
+      tcptrace top --from incident.jsonl
+    """
+    from tcptrace.dashboard import run_top
+
+    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
+    run_top(
+        flt,
+        from_file=from_file,
+        interval_s=interval,
+        duration_s=duration,
+        threshold_ns=_threshold_ns(threshold),
+        sort=sort,
+    )
+
+
+@cli.command()
+@filter_options
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Observe for S seconds (Ctrl-C stops early and still diagnoses).",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Sample every S seconds.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="The diagnosis as JSON (a header line, then the summary)."
+)
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False),
+    help="Also write a self-contained HTML report (plots inline, no external asset) to FILE.",
+)
+@click.option("--force", is_flag=True, help="Overwrite the --report file if it exists.")
+@click.option(
+    "--from",
+    "from_file",
+    type=click.Path(dir_okay=False),
+    help="Diagnose a recording (from `tcptrace record --stacks`) instead of the live kernel.",
+)
+@threshold_option("2s")
+def diagnose(
+    pid: int | None,
+    comm: str | None,
+    ports: tuple[int, ...],
+    ipv4: bool,
+    ipv6: bool,
+    duration: float,
+    interval: float,
+    as_json: bool,
+    report: str | None,
+    force: bool,
+    from_file: str | None,
+    threshold: str,
+) -> None:
+    """Watch for a while, then say what is wrong, with the evidence.
+
+    Automates the usual workflow: the state distribution at the start and the end; the
+    owners of CLOSE_WAIT sockets and their remotes (one remote dominating, or many
+    distinct); sockets stuck across the window; leaks attributed to a process and code
+    path (where the socket was accepted, where the app read EOF and did not close);
+    TIME_WAIT creation by process against the ephemeral port range; close() latency; the
+    settings. See docs/diagnose.md.
+
+    \b
+    Examples:
+      sudo tcptrace diagnose
+      sudo tcptrace diagnose --port 8080 --duration 30 --report incident.html
+      sudo tcptrace diagnose --json > diagnosis.json
+      tcptrace diagnose --from incident.jsonl
+    """
+    from tcptrace.dashboard import run_diagnose
+
+    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
+    run_diagnose(
+        flt,
+        from_file=from_file,
+        interval_s=interval,
+        duration_s=duration,
+        threshold_ns=_threshold_ns(threshold),
+        as_json=as_json,
+        report=report,
+        force=force,
+        out=sys.stdout,
+        filter_json=filter_json(flt),
+    )
+
+
+@cli.command()
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Refresh every S seconds.",
+)
+@threshold_option("3s")
+def demo(duration: float | None, interval: float, threshold: str) -> None:
+    """See tcptrace find a leak: a leaky server and a churning client on loopback.
+
+    Starts demo-server (leaks one connection in ten in CLOSE_WAIT, in handle_leaky()) and
+    demo-client (10 connections a second, closing first: TIME_WAIT), shows `top` on their
+    port until q, Ctrl-C or --duration, then stops both, removes every socket they left,
+    and prints the diagnosis. Only 127.0.0.1, bounded rates.
+
+    \b
+    Examples:
+      sudo tcptrace demo
+      sudo tcptrace demo --duration 20
+    """
+    from tcptrace.demo import run_demo
+
+    run_demo(duration, interval, _threshold_ns(threshold))
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="tcptrace")

@@ -1,0 +1,325 @@
+"""What `tcptrace top` and `tcptrace diagnose` share: one program of four parts, and a tick.
+
+Live, one BPF program is compiled from the lifecycle, owner, closelat and timewait parts
+(kernel/loader.py inlines them into one translation unit): transitions and CLOSE_WAIT
+touches arrive on the event stream; TIME_WAIT creations and close() latency are counted
+exactly in the kernel and read at each tick. From a recording (``--from``), the same
+Overview model is fed the recorded events (TIME_WAIT counts then come from timewait
+events, when the recording has them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from tcptrace.model.filters import EventFilter
+from tcptrace.model.overview import Overview
+from tcptrace.recording import open_recording
+from tcptrace.sources import KernelSource, RecordingSource, Source
+
+PARTS = ("lifecycle", "owner", "closelat", "timewait")
+CLOSE_WAIT_LATE_NS = 1_000_000_000
+
+
+@dataclass
+class Feeds:
+    """A source and, live, the readers of the kernel's exact aggregates."""
+
+    source: Source
+    timewait: Any = None
+    closelat: Any = None
+    host_tw: bool = False
+
+    def tick(self, overview: Overview, now_ns: int) -> None:
+        """End an interval of ``overview`` at ``now_ns`` with what the kernel counted."""
+        tw = self.timewait.counts() if self.timewait is not None else None
+        rows = self.closelat.rows() if self.closelat is not None else None
+        host_tw = None
+        if self.host_tw:
+            from tcptrace.errors import TcptraceError
+            from tcptrace.system.netstat import sockstat_tw
+
+            try:
+                host_tw = sockstat_tw()
+            except TcptraceError:
+                host_tw = None
+        lost = int(self.source.counters().get("lost", 0))
+        overview.tick(now_ns, tw_counts=tw, closelat_rows=rows, host_tw=host_tw, lost=lost)
+
+
+def program_defines() -> dict[str, int]:
+    from tcptrace.kernel.closelat import closelat_defines
+
+    defines = closelat_defines(CLOSE_WAIT_LATE_NS)
+    # Unlike `closelat` and `timewait`, these commands want the transition events.
+    defines.pop("TT_NO_TRANSITION_EVENTS", None)
+    defines["TT_PROC_STACKS_ONLY"] = 1
+    return defines
+
+
+@contextmanager
+def open_feeds(from_file: str | None, flt: EventFilter, quiet: bool = False) -> Iterator[Feeds]:
+    """The live kernel (all four parts, stacks where they attribute) or a recording."""
+    if from_file is not None:
+        feeds = Feeds(RecordingSource(open_recording(from_file), flt))
+    else:
+        from tcptrace.kernel.closelat import CloseLatencyReader
+        from tcptrace.kernel.loader import PARTS as ALL_PARTS
+        from tcptrace.kernel.loader import load
+        from tcptrace.kernel.stream import KernelStream
+        from tcptrace.kernel.timewait import TimewaitReader
+        from tcptrace.views.common import make_console
+
+        console = make_console(stderr=True, quiet=quiet)
+        with console.status("compiling and attaching BPF programs…"):
+            program = load([ALL_PARTS[p] for p in PARTS], flt, stacks=True, defines=program_defines())
+        try:
+            stream = KernelStream(program, flt, symbolize=True)
+            feeds = Feeds(
+                KernelSource(stream),
+                timewait=TimewaitReader(program),
+                closelat=CloseLatencyReader(program),
+                host_tw=flt.empty,
+            )
+        except Exception:
+            program.close()
+            raise
+    try:
+        yield feeds
+    finally:
+        feeds.source.close()
+
+
+def _start_live(overview: Overview, flt: EventFilter) -> Any:
+    """Seed the model from a /proc snapshot taken after attaching; returns the snapshot."""
+    from tcptrace.model.closewait import Preexisting
+    from tcptrace.model.events import TcpState
+    from tcptrace.system import hostsnap
+
+    snap = hostsnap.take(flt)
+    overview.states.seed((s.state for s in snap.sockets), snap.at_ns)
+    overview.start(snap.at_ns)
+    overview.closewait.add_preexisting(
+        (
+            Preexisting(s.family, s.saddr, s.sport, s.daddr, s.dport, s.pid, s.comm, s.inode)
+            for s in snap.sockets
+            if s.state == TcpState.CLOSE_WAIT
+        ),
+        snap.at_ns,
+    )
+    return snap
+
+
+@dataclass
+class TopResult:
+    reason: str
+    overview: Overview
+    start: Any = None
+
+
+def run_top(
+    flt: EventFilter,
+    *,
+    from_file: str | None,
+    interval_s: float,
+    duration_s: float | None,
+    threshold_ns: int,
+    sort: str = "c",
+    before_start: Callable[[], None] | None = None,
+) -> TopResult:
+    """The live dashboard until q, Ctrl-C, SIGTERM or --duration; then the last screen.
+
+    ``before_start`` runs once the program is attached, before the /proc seed (the demo
+    starts its workload there, so that every one of its sockets is seen born).
+    """
+    from tcptrace.session import StopFlag, run
+    from tcptrace.views import top as view
+    from tcptrace.views.common import make_console
+
+    console = make_console()
+    overview = Overview(threshold_ns=threshold_ns)
+    overview.closelat.filter = flt
+    state = view.TopState(sort=sort, pid=flt.pid)
+    flag = StopFlag()
+    with open_feeds(from_file, flt) as feeds:
+        source = feeds.source
+        live = source.live
+        start_snap = None
+        if before_start is not None:
+            before_start()
+        if live:
+            start_snap = _start_live(overview, flt)
+        show_live = live and console.is_terminal
+        with view.key_reader() as keys:
+            live_view = None
+            if show_live:
+                from rich.live import Live
+
+                live_view = Live(
+                    view.render(overview, state, keys=keys is not None),
+                    console=console,
+                    auto_refresh=False,
+                    screen=False,
+                )
+                live_view.start()
+            last_tick = overview.start_ns or 0
+
+            def on_tick(now_ns: int) -> None:
+                nonlocal last_tick
+                changed = False
+                if keys is not None:
+                    for key in keys.keys():
+                        state.press(key)
+                        changed = True
+                    if state.quit:
+                        flag.set("quit")
+                if not live or now_ns - last_tick >= interval_s * 1e9:
+                    feeds.tick(overview, now_ns)
+                    last_tick = now_ns
+                    changed = True
+                    if not show_live and live:
+                        console.print(view.headline(overview), soft_wrap=True)
+                if changed and live_view is not None:
+                    live_view.update(view.render(overview, state, keys=keys is not None), refresh=True)
+
+            try:
+                reason = run(
+                    source,
+                    overview.feed,
+                    interval_s=min(interval_s, 0.1) if live else interval_s,
+                    duration_s=duration_s,
+                    on_tick=on_tick,
+                    flag=flag,
+                )
+            except KeyboardInterrupt:
+                reason = "SIGINT"
+            finally:
+                if live_view is not None:
+                    live_view.stop()
+        drain = getattr(source, "drain", None)
+        if drain is not None:
+            for event in drain():
+                overview.feed(event)
+        feeds.tick(overview, source.now_ns())
+    if not show_live:
+        console.print(view.render(overview, state, keys=False))
+    return TopResult(reason, overview, start_snap)
+
+
+def run_diagnose(
+    flt: EventFilter,
+    *,
+    from_file: str | None,
+    interval_s: float,
+    duration_s: float,
+    threshold_ns: int,
+    as_json: bool,
+    report: str | None,
+    force: bool,
+    out: Any,
+    filter_json: dict[str, Any],
+) -> int:
+    """Observe for ``duration_s``, then print the verdicts (and write the report).
+
+    Returns the exit status: 0 whatever the verdicts (a diagnosis that found a problem
+    did its job); failures raise.
+    """
+    import os
+
+    from tcptrace.errors import UsageError
+    from tcptrace.model.diagnosis import diagnose
+    from tcptrace.recording import JsonLinesWriter, make_header
+    from tcptrace.session import StopFlag, run
+    from tcptrace.views.common import make_console
+
+    if report is not None:
+        if os.path.exists(report) and not force:
+            raise UsageError(f"{report} exists; pass --force to overwrite it")
+        parent = os.path.dirname(os.path.abspath(report))
+        if not os.path.isdir(parent):
+            raise UsageError(f"--report: no directory {parent}")
+    console = make_console(file=out) if not as_json else make_console(stderr=True)
+    overview = Overview(threshold_ns=threshold_ns)
+    overview.closelat.filter = flt
+    start = end = None
+    settings = None
+    with open_feeds(from_file, flt, quiet=as_json) as feeds:
+        source = feeds.source
+        if source.live:
+            from tcptrace.system.sysctl import read_settings
+
+            start = _start_live(overview, flt)
+            settings = read_settings()
+            if not as_json:
+                status = make_console(stderr=True)
+                status.print(f"observing for {duration_s:g} s (Ctrl-C to stop early)…", style="dim")
+
+        def on_tick(now_ns: int) -> None:
+            feeds.tick(overview, now_ns)
+
+        try:
+            reason = run(
+                source,
+                overview.feed,
+                interval_s=interval_s,
+                duration_s=duration_s if source.live else None,
+                on_tick=on_tick,
+                flag=StopFlag(),
+            )
+        except KeyboardInterrupt:
+            reason = "SIGINT"
+        drain = getattr(source, "drain", None)
+        if drain is not None:
+            for event in drain():
+                overview.feed(event)
+        now = source.now_ns()
+        if now > (overview.timewait.last_ns or 0):
+            feeds.tick(overview, now)
+        counters = source.counters()
+        if source.live:
+            from tcptrace.system import hostsnap
+
+            end = hostsnap.take(flt)
+            overview.now_ns = max(overview.now_ns, end.at_ns)
+    lost = int(counters.get("lost", 0))
+    result = diagnose(overview, start=start, end=end, settings=settings, lost=lost)
+    if as_json:
+        writer = JsonLinesWriter(out)
+        writer.write(make_header("diagnose", filter=filter_json, duration_s=duration_s))
+        writer.write({"type": "summary", "command": "diagnose", "stopped": reason, **result.to_json()})
+    else:
+        from tcptrace.views.diagnose import print_diagnosis
+
+        print_diagnosis(console, result, reason)
+    if report is not None:
+        from tcptrace.views.report import render_report
+
+        header = make_header("diagnose")
+        text = render_report(
+            result,
+            overview,
+            {"host": header["host"], "kernel": header["kernel"], "filter": filter_json},
+        )
+        _write_report(report, text, force)
+        make_console(stderr=True).print(f"report written to {report}")
+    return 0
+
+
+def _write_report(path: str, text: str, force: bool) -> None:
+    """Write ``path``; without ``force`` never replace a file (one may have appeared since)."""
+    import os
+
+    from tcptrace.errors import TcptraceError, UsageError
+
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise UsageError(f"{path} exists; pass --force to overwrite it") from None
+    except OSError as exc:
+        raise TcptraceError(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)

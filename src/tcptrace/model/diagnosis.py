@@ -1,0 +1,579 @@
+"""Verdicts with evidence: the diagnostic workflow of docs/diagnose.md, automated.
+
+An operator's workflow (state distribution, owners of CLOSE_WAIT sockets, grouping by
+remote, sockets stuck across two snapshots, TIME_WAIT against the port range, the
+settings) is computed here from what a run gathered:
+
+- two host snapshots (/proc/net/tcp{,6} with the owner of each socket's fd), at the start
+  and at the end of the window; a replay has none;
+- the Overview model fed the event stream of the window (CLOSE_WAIT timing and code
+  paths, TIME_WAIT creations by process and destination, close() latency);
+- the TCP settings.
+
+``diagnose()`` turns them into a Diagnosis: the facts, and verdicts in plain words, each
+with the evidence it rests on. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tcptrace.model.closewait import RemoteSummary, SuspectGroup, percentile, summarize_remotes
+from tcptrace.model.events import Op, TcpState
+from tcptrace.model.lifecycle import CodePath
+from tcptrace.model.overview import STATE_ORDER, Overview
+from tcptrace.model.timewait import TIMEWAIT_LEN_S, Advice, DestForecast, explain_settings
+
+NS = 1_000_000_000
+
+# DOMAIN.md's rules of thumb.
+CLOSE_WAIT_ALARM = 100
+TIME_WAIT_ALARM = 10_000
+SLOW_CLOSE_NS = 100_000_000  # a p99 close() above this blocks request handling noticeably
+HIGH_UTILIZATION = 0.5
+
+SEVERITIES = ("problem", "warning", "info", "ok")
+
+# Frames that are plumbing, not the application's code path.
+_PLUMBING = re.compile(
+    r"\[(libc[.-][^\]]*|libpthread[^\]]*|ld-linux[^\]]*|ld-musl[^\]]*|\[?vdso\]?|kernel)\]$"
+)
+_UNKNOWN = re.compile(r"^(\[unknown\]|0x[0-9a-f]+)(\s|$)")
+
+
+@dataclass(frozen=True)
+class HostSocket:
+    """One socket of a host snapshot (/proc/net/tcp{,6}), with the process holding its fd."""
+
+    family: int
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    state: TcpState
+    inode: int = 0
+    pid: int | None = None
+    comm: str | None = None
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What identifies the same socket in two snapshots (the inode tells a reuse apart)."""
+        return (self.family, self.saddr, self.sport, self.daddr, self.dport, self.inode)
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    at_ns: int
+    sockets: tuple[HostSocket, ...]
+
+    def distribution(self) -> dict[TcpState, int]:
+        counts = Counter(s.state for s in self.sockets)
+        return {s: counts[s] for s in STATE_ORDER if counts[s]}
+
+    def in_state(self, state: TcpState) -> list[HostSocket]:
+        return [s for s in self.sockets if s.state == state]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One conclusion: how bad, about whom, in plain words, and what it rests on."""
+
+    severity: str
+    topic: str
+    text: str
+    evidence: tuple[str, ...] = ()
+    pid: int | None = None
+    comm: str | None = None
+    functions: tuple[str, ...] = ()
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "severity": self.severity,
+            "topic": self.topic,
+            "text": self.text,
+            "evidence": list(self.evidence),
+            "pid": self.pid,
+            "comm": self.comm,
+            "functions": list(self.functions),
+            **({"data": self.data} if self.data else {}),
+        }
+
+
+@dataclass(frozen=True)
+class Owner:
+    pid: int | None
+    comm: str | None
+    count: int
+    remotes: RemoteSummary
+
+
+@dataclass(frozen=True)
+class StuckSocket:
+    sock: HostSocket
+    at_least_s: float
+
+
+@dataclass
+class Diagnosis:
+    window_s: float
+    start: dict[TcpState, int] | None
+    end: dict[TcpState, int] | None
+    live_counts: dict[TcpState, int]
+    close_wait_owners: list[Owner]
+    close_wait_remotes: RemoteSummary
+    stuck: list[StuckSocket]
+    tw_created: int
+    tw_rate: float
+    tw_by_process: list[tuple[int, str, int]]
+    tw_now: int | None
+    ports: int | None
+    forecasts: list[DestForecast]
+    settings: list[Advice]
+    closes: int
+    close_p50_ns: int | None
+    close_p99_ns: int | None
+    close_max_ns: int | None
+    lost: int
+    verdicts: list[Verdict]
+    close_wait_entered: int = 0
+    close_wait_closed: int = 0
+    time_to_close: list[int] = field(default_factory=list)
+
+    @property
+    def worst(self) -> str:
+        for sev in SEVERITIES:
+            if any(v.severity == sev for v in self.verdicts):
+                return sev
+        return "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        def dist(d: dict[TcpState, int] | None) -> dict[str, int] | None:
+            return None if d is None else {s.name: n for s, n in d.items()}
+
+        return {
+            "window_s": round(self.window_s, 3),
+            "worst": self.worst,
+            "verdicts": [v.to_json() for v in self.verdicts],
+            "states": {
+                "start": dist(self.start),
+                "end": dist(self.end),
+                "traced": dist(self.live_counts),
+            },
+            "close_wait": {
+                "owners": [
+                    {"pid": o.pid, "comm": o.comm, "count": o.count, "remotes": o.remotes.to_json()}
+                    for o in self.close_wait_owners
+                ],
+                "remotes": self.close_wait_remotes.to_json(),
+                "stuck": [
+                    {
+                        "pid": s.sock.pid,
+                        "comm": s.sock.comm,
+                        "local": f"{s.sock.saddr}:{s.sock.sport}",
+                        "remote": f"{s.sock.daddr}:{s.sock.dport}",
+                        "at_least_s": round(s.at_least_s, 3),
+                    }
+                    for s in self.stuck
+                ],
+                "entered": self.close_wait_entered,
+                "closed": self.close_wait_closed,
+            },
+            "time_wait": {
+                "created": self.tw_created,
+                "rate_per_s": round(self.tw_rate, 3),
+                "now": self.tw_now,
+                "ports": self.ports,
+                "by_process": [{"pid": p, "comm": c, "created": n} for p, c, n in self.tw_by_process],
+                "forecasts": [
+                    {
+                        "local": f.dest.laddr,
+                        "remote": f.dest.remote,
+                        "rate_per_s": round(f.rate_per_s, 3),
+                        "held_steady": round(f.held_steady, 1),
+                        "ports": f.ports,
+                        "utilization": round(f.utilization, 4),
+                        "seconds_to_exhaustion": f.seconds_to_exhaustion,
+                    }
+                    for f in self.forecasts
+                ],
+            },
+            "settings": [
+                {"setting": a.setting, "value": a.value, "meaning": a.meaning, "warn": a.warn}
+                for a in self.settings
+            ],
+            "close_latency": {
+                "calls": self.closes,
+                "p50_ns": self.close_p50_ns,
+                "p99_ns": self.close_p99_ns,
+                "max_ns": self.close_max_ns,
+            },
+            "lost": self.lost,
+        }
+
+
+# ---- code paths ---------------------------------------------------------------------------
+
+
+def app_frame(stack: Sequence[str]) -> str | None:
+    """The innermost frame of the application's own code: libc, the loader, the vdso,
+    kernel frames and unsymbolized addresses are skipped. Without one, None.
+
+    >>> app_frame(["recv+0x19 [libc.so.6]", "read_request+0x22 [myserver]", "main+0x10 [myserver]"])
+    'read_request+0x22'
+    >>> app_frame(["tcp_close+0x2a [kernel]"]) is None
+    True
+    """
+    for frame in stack:
+        text = frame.strip()
+        if not text or _UNKNOWN.match(text) or _PLUMBING.search(text):
+            continue
+        return text.rsplit(" [", 1)[0] if text.endswith("]") else text
+    return None
+
+
+def function_name(frame: str) -> str:
+    """
+    >>> function_name("handle_conn+0x4f")
+    'handle_conn'
+    """
+    return re.sub(r"\+0x[0-9a-fA-F]+$", "", frame)
+
+
+def _where(path: CodePath | None) -> str | None:
+    if path is None:
+        return None
+    return app_frame(path.ustack)
+
+
+def _per_minute(count: int, seconds: float) -> str:
+    if seconds <= 0:
+        return f"{count} sockets"
+    rate = count / seconds * 60
+    if rate >= 10:
+        return f"about {rate:.0f} sockets a minute"
+    if rate >= 1:
+        return f"about {rate:.1f} sockets a minute".replace(".0 ", " ")
+    return f"{count} sockets in {seconds:.0f} s"
+
+
+def _age(ns: int) -> str:
+    s = ns / NS
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _owner_text(pid: int | None, comm: str | None) -> str:
+    return "an unknown process" if pid is None else f"pid {pid} ({comm or '?'})"
+
+
+# ---- the verdicts ------------------------------------------------------------------------
+
+
+def _leak_verdict(group: SuspectGroup, window_s: float, start_ns: int | None) -> Verdict:
+    new = [s for s in group.sockets if not s.preexisting and (start_ns is None or s.entered_ns >= start_ns)]
+    origin = _where(group.origin)
+    touch = _where(group.last_touch)
+    eof = group.eof_seen > 0 and group.last_touch is not None and group.last_touch.op == Op.RECV
+    who = _owner_text(group.pid, group.comm)
+    remotes = group.remotes
+    evidence = [
+        f"{group.count} sockets in CLOSE_WAIT longer than the threshold, oldest {_age(group.oldest_age_ns)}",
+        f"remotes: {remotes.text()}",
+    ]
+    if new:
+        head = f"{who} leaks {_per_minute(len(new), window_s)} in CLOSE_WAIT"
+    else:
+        head = f"{who} holds {group.count} sockets in CLOSE_WAIT"
+    parts = [head]
+    if origin is not None:
+        verb = "connected" if group.origin is not None and group.origin.op == Op.CONNECT else "accepted"
+        parts.append(f"they were {verb} at {origin}")
+        evidence.append(f"origin ({group.origin.op.name.lower() if group.origin else '?'}): {origin}")
+    if eof and touch is not None:
+        parts.append(
+            f"the app read EOF at {touch} without closing: look for an error path that skips close()"
+        )
+        evidence.append(f"EOF read (recv returned 0) on {group.eof_seen} of them, at {touch}")
+    elif touch is not None and group.last_touch is not None:
+        parts.append(
+            f"the app last touched them at {touch} ({group.last_touch.op.name.lower()}) and never read "
+            "the EOF: look for connections parked and forgotten (a pool, an idle connection never "
+            "read again) or an error path that skips close()"
+        )
+        evidence.append(f"last touch: {group.last_touch.op.name.lower()} at {touch}")
+    else:
+        parts.append("no code path was seen (the sockets are older than tracing, or had no stack)")
+    functions = tuple(function_name(f) for f in (origin, touch) if f is not None)
+    if remotes.dominant is not None and remotes.count > 1:
+        evidence.append(f"one remote dominates ({remotes.dominant}): a misbehaving peer can be the trigger")
+    text = parts[0] + "; " + " and ".join(parts[1:])
+    return Verdict(
+        "problem",
+        "close_wait_leak",
+        text,
+        tuple(evidence),
+        group.pid,
+        group.comm,
+        functions,
+        {
+            "count": group.count,
+            "new_in_window": len(new),
+            "per_minute": round(len(new) / window_s * 60, 2) if window_s > 0 else None,
+            "origin": origin,
+            "last_touch": touch,
+            "eof_seen": group.eof_seen,
+        },
+    )
+
+
+def _stuck(start: HostSnapshot, end: HostSnapshot) -> list[StuckSocket]:
+    before = {s.key: s for s in start.in_state(TcpState.CLOSE_WAIT)}
+    secs = max(0.0, (end.at_ns - start.at_ns) / NS)
+    return [StuckSocket(s, secs) for s in end.in_state(TcpState.CLOSE_WAIT) if s.key in before]
+
+
+def _owners(socks: Iterable[HostSocket]) -> list[Owner]:
+    by: dict[tuple[int | None, str | None], list[HostSocket]] = {}
+    for s in socks:
+        by.setdefault((s.pid, s.comm), []).append(s)
+    out = [Owner(p, c, len(v), summarize_remotes(x.daddr for x in v)) for (p, c), v in by.items()]
+    out.sort(key=lambda o: (-o.count, o.pid or 0))
+    return out
+
+
+def diagnose(
+    overview: Overview,
+    *,
+    start: HostSnapshot | None = None,
+    end: HostSnapshot | None = None,
+    settings: Any = None,
+    lost: int = 0,
+) -> Diagnosis:
+    """The facts of the window and the verdicts they support. ``settings``: a TcpSettings."""
+    now = overview.now_ns
+    window_s = overview.elapsed_s
+    if start is not None and end is not None:
+        window_s = max(window_s, (end.at_ns - start.at_ns) / NS)
+    tracker = overview.closewait
+    verdicts: list[Verdict] = []
+
+    # 1. Leaks attributed to a code path (entered CLOSE_WAIT while traced), or found at start.
+    groups = tracker.suspects(now)
+    for g in groups:
+        verdicts.append(_leak_verdict(g, window_s, overview.start_ns))
+
+    # 2. Stuck across the window (present in both snapshots).
+    stuck = _stuck(start, end) if start is not None and end is not None else []
+    attributed = {s.tuple4 for g in groups for s in g.sockets}
+    unexplained = [
+        st for st in stuck if (st.sock.saddr, st.sock.sport, st.sock.daddr, st.sock.dport) not in attributed
+    ]
+    for owner in _owners(st.sock for st in unexplained):
+        verdicts.append(
+            Verdict(
+                "problem",
+                "close_wait_stuck",
+                f"{_owner_text(owner.pid, owner.comm)} holds {owner.count} sockets in CLOSE_WAIT that were "
+                f"there at the start and still are after {window_s:.0f} s: they are stuck, not being "
+                "processed; the process never closes them",
+                (
+                    f"present in both /proc snapshots, {window_s:.1f} s apart",
+                    f"remotes: {owner.remotes.text()}",
+                ),
+                owner.pid,
+                owner.comm,
+            )
+        )
+
+    # 3. CLOSE_WAIT as a whole: owners, remotes, rules of thumb.
+    cw_socks = end.in_state(TcpState.CLOSE_WAIT) if end is not None else []
+    owners = _owners(cw_socks)
+    remotes = summarize_remotes(s.daddr for s in cw_socks)
+    cw_start = len(start.in_state(TcpState.CLOSE_WAIT)) if start is not None else None
+    if cw_socks:
+        grow = f" (was {cw_start} at start)" if cw_start is not None else ""
+        sev = "warning" if len(cw_socks) > CLOSE_WAIT_ALARM else "info"
+        if remotes.dominant is not None and remotes.count > 1:
+            meaning = (
+                f"one remote dominates ({remotes.text()}): a misbehaving client or peer (or a proxy in "
+                "front) sends FINs the app does not follow up"
+            )
+        elif remotes.distinct > 1:
+            meaning = (
+                f"{remotes.text()}: not one peer's doing; the application's own error path leaves them open"
+            )
+        else:
+            meaning = remotes.text()
+        verdicts.append(
+            Verdict(
+                sev,
+                "close_wait_remotes",
+                f"{len(cw_socks)} sockets in CLOSE_WAIT at the end{grow}; {meaning}",
+                tuple(f"{_owner_text(o.pid, o.comm)}: {o.count}" for o in owners[:5]),
+                data={"count": len(cw_socks), "start": cw_start},
+            )
+        )
+
+    # 4. TIME_WAIT: who creates it, at what rate, against the port range.
+    tw = overview.timewait
+    totals = tw.totals
+    tw_rate = totals.created / window_s if window_s > 0 else 0.0
+    ports = settings.ports if settings is not None else None
+    tw_reuse = settings.tw_reuse if settings is not None else None
+    forecasts = tw.forecasts(ports or 0, tw_reuse) if ports else []
+    by_proc = sorted(
+        ((p, c, n.created) for (p, c), n in totals.by_process.items() if n.created),
+        key=lambda x: (-x[2], x[0]),
+    )
+    tw_now = overview.states.host_tw
+    advice: list[Advice] = []
+    if settings is not None:
+        advice = explain_settings(
+            settings.port_range,
+            settings.tw_reuse,
+            settings.max_tw_buckets,
+            settings.fin_timeout,
+            tw.steady_total(),
+            tw_now,
+        )
+    worst = max(forecasts, key=lambda f: f.utilization, default=None)
+    for pid, comm, n in by_proc[:3]:
+        rate = n / window_s if window_s > 0 else 0.0
+        dests = sorted(totals.by_dest.items(), key=lambda dc: (-dc[1], dc[0]))
+        towards = f" (busiest destination: {dests[0][0].remote})" if dests else ""
+        sev = "info"
+        tail = "that is protocol behaviour (it closes first), and the port range holds it"
+        if worst is not None and worst.seconds_to_exhaustion is not None:
+            sev = "problem"
+            tail = (
+                f"at this rate {worst.dest.remote} needs ~{worst.held_steady:.0f} ports of {worst.ports}: "
+                f"exhaustion ('Cannot assign requested address') in ~{worst.seconds_to_exhaustion:.0f} s; "
+                "reuse connections (keep-alive, a pool)"
+            )
+        elif worst is not None and worst.utilization > HIGH_UTILIZATION:
+            sev = "warning"
+            tail = (
+                f"at this rate {worst.dest.remote} holds ~{worst.held_steady:.0f} of {worst.ports} ports "
+                f"({worst.utilization:.0%}); reuse connections before load grows"
+            )
+        verdicts.append(
+            Verdict(
+                sev,
+                "time_wait",
+                f"{_owner_text(pid, comm)} creates about {rate:.1f} TIME_WAIT sockets a second{towards} "
+                f"({n} in {window_s:.0f} s): {tail}",
+                (
+                    f"TIME_WAIT held ≈ rate × {TIMEWAIT_LEN_S} s = {rate * TIMEWAIT_LEN_S:.0f}",
+                    *(f"{a.setting} = {a.value}: {a.meaning}" for a in advice if a.warn),
+                ),
+                pid,
+                comm,
+                data={"created": n, "rate_per_s": round(rate, 3)},
+            )
+        )
+    if (
+        tw_now is not None
+        and tw_now > TIME_WAIT_ALARM
+        and not any(v.severity == "problem" for v in verdicts if v.topic == "time_wait")
+    ):
+        verdicts.append(
+            Verdict(
+                "warning",
+                "time_wait_host",
+                f"{tw_now} timewait sockets on the host: tens of thousands risk port exhaustion",
+                ("sockstat tw",),
+            )
+        )
+
+    # 5. close() latency.
+    hist = overview.close_latency()
+    p50 = hist.percentile(50) if hist.count else None
+    p99 = hist.percentile(99) if hist.count else None
+    flags = overview.closelat.flag_counts
+    if hist.count and p99 is not None and p99 > SLOW_CLOSE_NS:
+        verdicts.append(
+            Verdict(
+                "warning",
+                "close_latency",
+                f"close() is slow: p99 {p99 / 1e6:.0f} ms over {hist.count} calls "
+                "(SO_LINGER, or a blocking flush of unsent data)",
+                (f"p50 {p50 and p50 / 1e6:.2f} ms, max {hist.max_ns / 1e6:.0f} ms",),
+            )
+        )
+    if flags.get("reset"):
+        verdicts.append(
+            Verdict(
+                "warning",
+                "close_reset",
+                f"{flags['reset']} close() calls sent a reset (unread data, or linger 0): the peer "
+                "saw 'connection reset' and data in flight was lost",
+                (),
+            )
+        )
+
+    # 6. Losses: counts are lower bounds.
+    if lost:
+        verdicts.append(
+            Verdict(
+                "warning",
+                "lost_events",
+                f"{lost} events were lost (the ring buffer was full): the counts above are lower bounds",
+                (),
+            )
+        )
+    if not any(v.severity in ("problem", "warning") for v in verdicts):
+        verdicts.append(
+            Verdict(
+                "ok",
+                "healthy",
+                "no socket leak in CLOSE_WAIT, and TIME_WAIT fits the port range",
+                (f"{tracker.entered} sockets entered CLOSE_WAIT, {tracker.closed} were closed by their app",),
+            )
+        )
+    verdicts.sort(key=lambda v: SEVERITIES.index(v.severity))
+    times = tracker.close_times_sorted()
+    return Diagnosis(
+        window_s=window_s,
+        start=start.distribution() if start is not None else None,
+        end=end.distribution() if end is not None else None,
+        live_counts={s: n for s, n in overview.states.rows() if n},
+        close_wait_owners=owners,
+        close_wait_remotes=remotes,
+        stuck=stuck,
+        tw_created=totals.created,
+        tw_rate=tw_rate,
+        tw_by_process=by_proc,
+        tw_now=tw_now,
+        ports=ports,
+        forecasts=forecasts,
+        settings=advice,
+        closes=hist.count,
+        close_p50_ns=p50,
+        close_p99_ns=p99,
+        close_max_ns=hist.max_ns if hist.count else None,
+        lost=lost,
+        verdicts=verdicts,
+        close_wait_entered=tracker.entered,
+        close_wait_closed=tracker.closed,
+        time_to_close=times,
+    )
+
+
+__all__ = [
+    "Diagnosis",
+    "HostSnapshot",
+    "HostSocket",
+    "Verdict",
+    "app_frame",
+    "diagnose",
+    "function_name",
+    "percentile",
+]

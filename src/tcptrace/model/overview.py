@@ -1,0 +1,291 @@
+"""One model of everything `tcptrace top` and `tcptrace diagnose` show.
+
+Composes the other models rather than restating them: the CLOSE_WAIT tracker
+(model/closewait.py), the TIME_WAIT counts and forecasts (model/timewait.py) and the close()
+latency histograms (model/closelat.py), plus what only this model keeps:
+
+- counts per state now: a snapshot of /proc/net/tcp{,6} at start (the *seed*), then every
+  transition applied to it. They are "seed + deltas", and say so: a socket the kernel did
+  not report (a lost event, a filter) makes them drift, and TIME_WAIT is not a state the
+  transition tracepoint shows (a timewait socket replaces the full one), so it is given by
+  the host's count (sockstat ``tw``) when one is read, else by the seed and the creations
+  seen;
+- transition rates per interval, by (old, new) and by state entered.
+
+Pure: fed events, snapshots and counters by the caller.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tcptrace.model.closelat import CloseLatency, by_process
+from tcptrace.model.closewait import CloseWaitTracker
+from tcptrace.model.events import SocketEvent, TcpState, TimeWaitEvent, Transition, TwWhat
+from tcptrace.model.histogram import Log2Histogram
+from tcptrace.model.lifecycle import birth
+from tcptrace.model.timewait import TimewaitModel, TwCounts
+
+NS = 1_000_000_000
+
+# The order states are shown in (the ones users ask about first).
+STATE_ORDER = (
+    TcpState.ESTABLISHED,
+    TcpState.CLOSE_WAIT,
+    TcpState.TIME_WAIT,
+    TcpState.LISTEN,
+    TcpState.SYN_SENT,
+    TcpState.SYN_RECV,
+    TcpState.FIN_WAIT1,
+    TcpState.FIN_WAIT2,
+    TcpState.CLOSING,
+    TcpState.LAST_ACK,
+)
+
+
+@dataclass
+class StateCounts:
+    """Sockets per state: a seed (a /proc snapshot) plus the transitions since.
+
+    Transitions at or before ``seeded_ns`` (the end of the snapshot's read) are already in
+    the seed and are not applied again. A birth (``CLOSE -> *``, ``LISTEN -> SYN_RECV``)
+    takes nothing from its old state: the listener stays.
+    """
+
+    counts: Counter[TcpState] = field(default_factory=Counter)
+    seeded: bool = False
+    seeded_ns: int | None = None
+    seed_total: int = 0
+    applied: int = 0
+    tw_created: int = 0
+    host_tw: int | None = None
+    """sockstat ``tw`` (exact, host-wide) when the caller reads it."""
+
+    def seed(self, states: Iterable[TcpState], at_ns: int) -> None:
+        self.counts = Counter(s for s in states if s != TcpState.CLOSE)
+        self.seed_total = sum(self.counts.values())
+        self.seeded = True
+        self.seeded_ns = at_ns
+
+    def feed(self, event: SocketEvent) -> None:
+        if self.seeded_ns is not None and event.ts_ns <= self.seeded_ns:
+            return
+        if isinstance(event, Transition):
+            self.applied += 1
+            if not birth(event) and event.old != TcpState.CLOSE:
+                self.counts[event.old] -= 1
+            if event.new != TcpState.CLOSE:
+                self.counts[event.new] += 1
+        elif isinstance(event, TimeWaitEvent) and event.substate == TcpState.TIME_WAIT:
+            if event.what in (TwWhat.CREATED, TwWhat.CONVERTED):
+                self.tw_created += 1
+
+    def get(self, state: TcpState) -> int:
+        """The count shown for ``state`` (never below 0: drift shows as 0, not as a debt)."""
+        if state == TcpState.TIME_WAIT:
+            if self.host_tw is not None:
+                return self.host_tw
+            return max(0, self.counts[TcpState.TIME_WAIT] + self.tw_created)
+        return max(0, self.counts[state])
+
+    def how(self, state: TcpState) -> str:
+        """Where a count comes from, in a few words."""
+        if state == TcpState.TIME_WAIT:
+            if self.host_tw is not None:
+                return "sockstat tw (host, both substates)"
+            return "seed + created since (expiries not seen)"
+        return "seed + transitions" if self.seeded else "transitions since start"
+
+    def rows(self) -> list[tuple[TcpState, int]]:
+        return [(s, self.get(s)) for s in STATE_ORDER]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "counts": {s.name: n for s, n in self.rows()},
+            "seeded": self.seeded,
+            "seed_total": self.seed_total,
+            "transitions_applied": self.applied,
+            "time_wait_from": self.how(TcpState.TIME_WAIT),
+        }
+
+
+@dataclass
+class RateInterval:
+    """Transitions of one interval."""
+
+    start_ns: int
+    end_ns: int
+    transitions: Counter[tuple[TcpState, TcpState]] = field(default_factory=Counter)
+    entered: Counter[TcpState] = field(default_factory=Counter)
+
+    @property
+    def seconds(self) -> float:
+        return max(1e-9, (self.end_ns - self.start_ns) / NS)
+
+    def rate(self, state: TcpState) -> float:
+        return self.entered[state] / self.seconds
+
+    @property
+    def total_rate(self) -> float:
+        return sum(self.transitions.values()) / self.seconds
+
+
+@dataclass(frozen=True)
+class ProcessRow:
+    """One process in the top table: CLOSE_WAIT held, TIME_WAIT created, close() times."""
+
+    pid: int
+    comm: str
+    close_wait: int = 0
+    close_wait_oldest_ns: int = 0
+    tw_rate: float = 0.0
+    tw_total: int = 0
+    closes: int = 0
+    close_p99_ns: int | None = None
+    close_max_ns: int | None = None
+
+
+SORT_KEYS = {
+    "c": "close_wait",
+    "t": "tw_rate",
+    "l": "close_p99_ns",
+}
+
+
+@dataclass
+class Overview:
+    """Everything top and diagnose show, fed the stream and ticked at intervals."""
+
+    threshold_ns: int = 5 * NS
+    states: StateCounts = field(default_factory=StateCounts)
+    closewait: CloseWaitTracker = field(init=False)
+    timewait: TimewaitModel = field(default_factory=TimewaitModel)
+    closelat: CloseLatency = field(default_factory=lambda: CloseLatency(cumulative=True))
+    current: RateInterval | None = None
+    last: RateInterval | None = None
+    totals: Counter[tuple[TcpState, TcpState]] = field(default_factory=Counter)
+    events: int = 0
+    start_ns: int | None = None
+    now_ns: int = 0
+    lost: int = 0
+
+    def __post_init__(self) -> None:
+        self.closewait = CloseWaitTracker(threshold_ns=self.threshold_ns)
+
+    def start(self, now_ns: int) -> None:
+        self.start_ns = self.now_ns = now_ns
+        self.current = RateInterval(now_ns, now_ns)
+        self.closewait.begin_interval(now_ns)
+        self.closelat.start(now_ns)
+
+    def feed(self, event: SocketEvent) -> None:
+        if self.start_ns is None:
+            self.start(event.ts_ns)
+        self.events += 1
+        self.now_ns = max(self.now_ns, event.ts_ns)
+        self.states.feed(event)
+        self.closewait.feed(event)
+        self.timewait.feed(event)
+        self.closelat.feed(event)
+        if isinstance(event, Transition):
+            self.totals[(event.old, event.new)] += 1
+            if self.current is not None:
+                self.current.transitions[(event.old, event.new)] += 1
+                self.current.entered[event.new] += 1
+
+    def tick(
+        self,
+        now_ns: int,
+        *,
+        tw_counts: TwCounts | None = None,
+        closelat_rows: Iterable[Any] | None = None,
+        host_tw: int | None = None,
+        lost: int | None = None,
+    ) -> RateInterval | None:
+        """End the interval at ``now_ns``; live, with the kernel's exact aggregates."""
+        if self.start_ns is None:
+            self.start(now_ns)
+        self.now_ns = max(self.now_ns, now_ns)
+        done = self.current
+        if done is not None:
+            done.end_ns = now_ns
+            self.last = done
+        self.current = RateInterval(now_ns, now_ns)
+        self.closewait.begin_interval(now_ns)
+        self.timewait.tick(now_ns, tw_counts)
+        if closelat_rows is not None:
+            self.closelat.snapshot(now_ns, closelat_rows)
+        if host_tw is not None:
+            self.states.host_tw = host_tw
+        if lost is not None:
+            self.lost = lost
+        return done
+
+    # ---- reports -------------------------------------------------------------------------
+
+    @property
+    def elapsed_s(self) -> float:
+        if self.start_ns is None:
+            return 0.0
+        return max(0.0, (self.now_ns - self.start_ns) / NS)
+
+    def close_latency(self) -> Log2Histogram:
+        return self.closelat.totals().total
+
+    def processes(self, pid: int | None = None) -> list[ProcessRow]:
+        """One row per process seen holding CLOSE_WAIT, creating TIME_WAIT, or closing."""
+        cw: dict[int, list[int]] = {}
+        comms: dict[int, str] = {}
+        for sock in self.closewait.open.values():
+            if sock.pid is None:
+                continue
+            cw.setdefault(sock.pid, []).append(sock.age_ns(self.now_ns))
+            comms.setdefault(sock.pid, sock.comm or "")
+        totals = self.timewait.totals
+        tw_total: dict[int, int] = {}
+        for (p, comm), c in totals.by_process.items():
+            if c.created:
+                tw_total[p] = tw_total.get(p, 0) + c.created
+                comms.setdefault(p, comm)
+        tw_rate: dict[int, float] = {}
+        last = self.timewait.intervals[-1] if self.timewait.intervals else None
+        if last is not None:
+            for (p, _comm), c in last.delta.by_process.items():
+                tw_rate[p] = tw_rate.get(p, 0.0) + c.created / last.seconds
+        lat: dict[int, Log2Histogram] = {}
+        for (p, comm), row in by_process(self.closelat.totals().rows).items():
+            lat[p] = row.hist
+            comms.setdefault(p, comm)
+        rows = []
+        for p in sorted(set(cw) | set(tw_total) | set(lat)):
+            if pid is not None and p != pid:
+                continue
+            hist = lat.get(p)
+            rows.append(
+                ProcessRow(
+                    pid=p,
+                    comm=comms.get(p, ""),
+                    close_wait=len(cw.get(p, [])),
+                    close_wait_oldest_ns=max(cw.get(p, [0])),
+                    tw_rate=tw_rate.get(p, 0.0),
+                    tw_total=tw_total.get(p, 0),
+                    closes=hist.count if hist else 0,
+                    close_p99_ns=hist.percentile(99) if hist else None,
+                    close_max_ns=hist.max_ns if hist else None,
+                )
+            )
+        return rows
+
+
+def sort_rows(rows: Iterable[ProcessRow], key: str) -> list[ProcessRow]:
+    """Rows worst first by ``key`` (a SORT_KEYS letter), then by the other columns and pid."""
+    attr = SORT_KEYS.get(key, "close_wait")
+
+    def value(r: ProcessRow) -> tuple[float, float, float, int]:
+        main = getattr(r, attr) or 0
+        return (-float(main), -float(r.close_wait), -float(r.tw_rate), r.pid)
+
+    return sorted(rows, key=value)

@@ -1,0 +1,212 @@
+"""`tcptrace diagnose --report FILE`: one self-contained HTML file to attach to a ticket.
+
+No external asset, no script: inline CSS and inline SVG plots only, so the file opens the
+same anywhere, offline. Every text from the kernel, a recording or /proc is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tcptrace.model.closewait import log2_histogram
+from tcptrace.model.diagnosis import Diagnosis
+from tcptrace.model.overview import STATE_ORDER, Overview
+from tcptrace.views.common import duration
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:60em;color:#222}
+h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid #ddd}
+.v{margin:.5em 0;padding:.4em .7em;border-left:5px solid #999;background:#fafafa}
+.problem{border-color:#c00}.warning{border-color:#d90}.info{border-color:#08c}.ok{border-color:#090}
+.sev{font-weight:bold;text-transform:uppercase;margin-right:.5em}
+ul.ev{margin:.2em 0 0 1em;color:#555;font-size:.92em}
+table{border-collapse:collapse}td,th{padding:.15em .8em;text-align:right}th{border-bottom:1px solid #ccc}
+td:first-child,th:first-child{text-align:left}svg text{font:11px sans-serif}
+code{font-size:.95em}.dim{color:#777}
+"""
+
+
+def esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def bar_chart(rows: Sequence[tuple[str, float]], title: str, width: int = 560, color: str = "#4a7") -> str:
+    """Horizontal bars, one per (label, value), as inline SVG."""
+    if not rows:
+        return f'<p class="dim">{esc(title)}: nothing to plot</p>'
+    line = 18
+    label_w = 150
+    peak = max(v for _, v in rows) or 1
+    h = line * len(rows) + 24
+    out = [f'<svg width="{width}" height="{h}" role="img" aria-label="{esc(title)}">']
+    out.append(f'<text x="0" y="12" font-weight="bold">{esc(title)}</text>')
+    for i, (label, value) in enumerate(rows):
+        y = 20 + i * line
+        w = 0 if value <= 0 else max(1, (width - label_w - 70) * value / peak)
+        out.append(f'<text x="0" y="{y + 12}">{esc(label)}</text>')
+        out.append(f'<rect x="{label_w}" y="{y + 2}" width="{w:.1f}" height="{line - 5}" fill="{color}"/>')
+        shown = f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
+        out.append(f'<text x="{label_w + w + 4:.1f}" y="{y + 12}">{esc(shown)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def line_plot(values: Sequence[float], title: str, unit: str, width: int = 560, height: int = 120) -> str:
+    """A line of values over time (one per interval), as inline SVG."""
+    if len(values) < 2:
+        return f'<p class="dim">{esc(title)}: not enough intervals to plot</p>'
+    peak = max(values) or 1.0
+    left, top, w, h = 40, 18, width - 50, height - 30
+    pts = " ".join(
+        f"{left + w * i / (len(values) - 1):.1f},{top + h - h * v / peak:.1f}" for i, v in enumerate(values)
+    )
+    return (
+        f'<svg width="{width}" height="{height}" role="img" aria-label="{esc(title)}">'
+        f'<text x="0" y="12" font-weight="bold">{esc(title)}</text>'
+        f'<line x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" stroke="#999"/>'
+        f'<text x="0" y="{top + 10}">{esc(f"{peak:,.1f}")}</text><text x="0" y="{top + h}">0</text>'
+        f'<polyline fill="none" stroke="#c60" stroke-width="2" points="{pts}"/>'
+        f'<text x="{left + w - 60}" y="{height - 2}">{esc(unit)}</text></svg>'
+    )
+
+
+def _verdicts(d: Diagnosis) -> str:
+    out = []
+    for v in d.verdicts:
+        ev = "".join(f"<li>{esc(e)}</li>" for e in v.evidence)
+        out.append(
+            f'<div class="v {esc(v.severity)}"><span class="sev">{esc(v.severity)}</span>{esc(v.text)}'
+            + (f'<ul class="ev">{ev}</ul>' if ev else "")
+            + "</div>"
+        )
+    return "".join(out)
+
+
+def render_report(d: Diagnosis, overview: Overview, meta: dict[str, Any]) -> str:
+    """The whole report as one HTML document."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    host = meta.get("host") or os.uname().nodename
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>tcptrace diagnose: {esc(host)}</title><style>{CSS}</style></head><body>",
+        f"<h1>tcptrace diagnose — {esc(host)}</h1>",
+        f"<p class='dim'>{esc(when)}; window {d.window_s:.1f} s; kernel {esc(meta.get('kernel', ''))}; "
+        f"filter {esc(meta.get('filter', 'none'))}; events lost {d.lost}</p>",
+        "<h2>Verdicts</h2>",
+        _verdicts(d),
+        "<h2>Sockets by state</h2>",
+    ]
+    start, end = d.start or {}, d.end or {}
+    if start or end:
+        rows = "".join(
+            f"<tr><td>{s.name}</td><td>{start.get(s, 0)}</td><td>{end.get(s, 0)}</td></tr>"
+            for s in STATE_ORDER
+            if start.get(s, 0) or end.get(s, 0)
+        )
+        parts.append(f"<table><tr><th>state</th><th>start</th><th>end</th></tr>{rows}</table>")
+        parts.append(
+            bar_chart(
+                [(s.name, float(end.get(s, 0))) for s in STATE_ORDER if end.get(s, 0)],
+                "sockets by state at the end",
+            )
+        )
+    else:
+        parts.append(
+            bar_chart([(s.name, float(n)) for s, n in d.live_counts.items()], "sockets by state (traced)")
+        )
+
+    parts.append("<h2>CLOSE_WAIT</h2>")
+    parts.append(
+        f"<p>{d.close_wait_entered} entered during the window, {d.close_wait_closed} closed by their "
+        f"application; {len(d.stuck)} present at the start and still at the end (stuck).</p>"
+    )
+    if d.close_wait_owners:
+        rows = "".join(
+            f"<tr><td>{esc(o.pid if o.pid is not None else '-')} {esc(o.comm or '')}</td><td>{o.count}</td>"
+            f"<td>{esc(o.remotes.text())}</td></tr>"
+            for o in d.close_wait_owners[:20]
+        )
+        parts.append(f"<table><tr><th>owner</th><th>sockets</th><th>remotes</th></tr>{rows}</table>")
+    ages = [s.age_ns(overview.now_ns) for s in overview.closewait.open.values()]
+    if ages:
+        parts.append(
+            bar_chart(
+                [(f"{duration(lo)}–{duration(hi)}", float(n)) for lo, hi, n in log2_histogram(ages)],
+                "age of the sockets in CLOSE_WAIT at the end",
+                color="#c33",
+            )
+        )
+    if d.time_to_close:
+        parts.append(
+            bar_chart(
+                [
+                    (f"{duration(lo)}–{duration(hi)}", float(n))
+                    for lo, hi, n in log2_histogram(d.time_to_close)
+                ],
+                "time from the peer's FIN to the app's close()",
+            )
+        )
+
+    parts.append("<h2>TIME_WAIT</h2>")
+    parts.append(
+        f"<p>{d.tw_created} created ({d.tw_rate:.1f}/s)"
+        + (f"; {d.tw_now} timewait sockets on the host now" if d.tw_now is not None else "")
+        + (f"; {d.ports} ephemeral ports per destination" if d.ports else "")
+        + ".</p>"
+    )
+    parts.append(line_plot(overview.timewait.rates(), "TIME_WAIT created per second, each interval", "per s"))
+    if d.tw_by_process:
+        parts.append(
+            bar_chart(
+                [(f"{p} {c}", float(n)) for p, c, n in d.tw_by_process[:10]],
+                "TIME_WAIT created, by process",
+                color="#c60",
+            )
+        )
+    if d.forecasts:
+        rows = "".join(
+            f"<tr><td>{esc(f.dest.remote)}</td><td>{f.rate_per_s:.1f}</td><td>{f.held_steady:.0f}</td>"
+            f"<td>{f.ports}</td><td>{f.utilization:.0%}</td>"
+            f"<td>{'-' if f.seconds_to_exhaustion is None else f'{f.seconds_to_exhaustion:.0f} s'}</td></tr>"
+            for f in d.forecasts
+        )
+        parts.append(
+            "<table><tr><th>destination</th><th>per s</th><th>held (rate × 60 s)</th><th>ports</th>"
+            f"<th>use</th><th>exhausted in</th></tr>{rows}</table>"
+        )
+
+    parts.append("<h2>close() latency</h2>")
+    hist = overview.close_latency()
+    if hist.count:
+        parts.append(
+            f"<p>{hist.count} calls; p50 {esc(duration(d.close_p50_ns))}, "
+            f"p99 {esc(duration(d.close_p99_ns))}, max {esc(duration(d.close_max_ns))}</p>"
+        )
+        parts.append(
+            bar_chart(
+                [(f"{duration(b.low_ns)}–{duration(b.high_ns)}", float(b.count)) for b in hist.buckets()],
+                "close() duration",
+                color="#57c",
+            )
+        )
+    else:
+        parts.append("<p class='dim'>no close() of a TCP socket seen</p>")
+
+    if d.settings:
+        parts.append("<h2>Settings</h2><table><tr><th>setting</th><th>value</th><th>meaning</th></tr>")
+        for a in d.settings:
+            style = " style='color:#b60'" if a.warn else ""
+            parts.append(
+                f"<tr{style}><td><code>{esc(a.setting)}</code></td><td>{esc(a.value)}</td>"
+                f"<td style='text-align:left'>{esc(a.meaning)}</td></tr>"
+            )
+        parts.append("</table>")
+    parts.append(
+        "<p class='dim'>Generated by tcptrace diagnose. Self-contained: no script, no external asset.</p>"
+    )
+    parts.append("</body></html>\n")
+    return "".join(parts)
