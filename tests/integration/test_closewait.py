@@ -281,3 +281,31 @@ def test_ipv6_sockets_found_at_start_and_live(tcptrace_cmd: list[str]) -> None:
         assert s["family"] == 6 and s["saddr"] == "::1" and s["daddr"] == "::1" and s["sport"] == port
         assert s["pid"] == os.getpid()
     assert summary["entered"] == 1
+
+
+def test_client_side_leak_has_a_connect_origin(tcptrace_cmd: list[str], port: int) -> None:
+    """The server closes first; this process's client socket is the one left in CLOSE_WAIT."""
+    with socket.socket() as srv, tracing(tcptrace_cmd, "--port", str(port)) as tracer:
+        srv.bind(("127.0.0.1", port))
+        srv.listen()
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s, _ = srv.accept()
+        s.close()
+        mine = c.getsockname()[1]
+
+        def client_in_close_wait() -> bool:
+            out = subprocess.run(
+                ["ss", "-tanH", "state", "close-wait", f"( sport = :{mine} )"], capture_output=True, text=True
+            ).stdout
+            return len(out.splitlines()) == 1
+
+        assert helpers.wait_for(client_in_close_wait, timeout=10)
+        time.sleep(1.2)
+        _, summary = stop(tracer)
+        c.close()
+
+    (sock,) = summary["sockets"]
+    assert (sock["sport"], sock["dport"], sock["pid"]) == (mine, port, os.getpid())
+    (group,) = summary["groups"]
+    assert group["origin_op"] == "CONNECT" and group["pid"] == os.getpid()
+    assert any("connect" in f for f in group["origin_stack"]), group["origin_stack"]
