@@ -581,6 +581,127 @@ def timewait(
     )
 
 
+@cli.command()
+@click.option(
+    "--listen",
+    default="127.0.0.1:9464",
+    show_default=True,
+    help="HOST:PORT of the /metrics endpoint. Loopback unless told otherwise: metrics name "
+    "processes, pids and remote ports.",
+)
+@click.option(
+    "--threshold",
+    default="30s",
+    show_default=True,
+    help="A socket in CLOSE_WAIT this long is a leak suspect (30s, 500ms, 2m).",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Read the kernel's maps and /proc, and refresh the metrics, every S seconds.",
+)
+@click.option(
+    "--states-interval",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Count sockets by state from /proc/net/tcp{,6} every S seconds (0: never; ~3 us a socket).",
+)
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
+@click.option(
+    "--top-processes",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Label sets per metric for processes; the rest are summed into comm=\"other\".",
+)
+@click.option(
+    "--top-ports",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Remote ports kept as labels; the rest are summed into remote_port=\"other\".",
+)
+@click.option(
+    "--max-sockets",
+    type=click.IntRange(min=1024),
+    default=262144,
+    show_default=True,
+    help="Size of the kernel's and the agent's socket tables (LRU).",
+)
+@click.option(
+    "--log",
+    "log_file",
+    type=click.Path(dir_okay=False),
+    help="Append leak-suspect JSON lines to this file instead of stderr.",
+)
+@click.option("--no-stacks", is_flag=True, help="No code paths in leak-suspect logs (saves ~1 us an accept).")
+@ringbuf_option
+def agent(
+    listen: str,
+    threshold: str,
+    interval: float,
+    states_interval: float,
+    duration: float | None,
+    top_processes: int,
+    top_ports: int,
+    max_sockets: int,
+    log_file: str | None,
+    no_stacks: bool,
+    ringbuf_pages: int | None,
+) -> None:
+    """Run headless and export Prometheus metrics; log leak suspects as JSON lines.
+
+    Exports sockets by state, CLOSE_WAIT sockets and their ages per process (and how many
+    are older than --threshold), TIME_WAIT creations per process and remote port, resets,
+    close() latency histograms, lost events and the agent's own CPU and memory. Label
+    sets are bounded (--top-processes, --top-ports). Runs until SIGTERM or Ctrl-C, then
+    detaches everything. See docs/agent.md and deploy/.
+
+    \b
+    Examples:
+      sudo tcptrace agent
+      sudo tcptrace agent --listen 0.0.0.0:9464 --threshold 60s --log /var/log/tcptrace.jsonl
+      curl -s 127.0.0.1:9464/metrics | grep tcptrace_close_wait
+    """
+    from tcptrace.agent import AgentOptions, run_agent
+    from tcptrace.export.agentmodel import AgentConfig
+    from tcptrace.export.prometheus import parse_listen
+    from tcptrace.model.closewait import parse_duration
+
+    host, port = parse_listen(listen)
+    try:
+        threshold_ns = parse_duration(threshold)
+    except ValueError as exc:
+        raise UsageError(f"--threshold: {exc}") from None
+    options = AgentOptions(
+        host=host,
+        port=port,
+        interval_s=interval,
+        states_interval_s=states_interval,
+        duration_s=duration,
+        model=AgentConfig(
+            threshold_ns=threshold_ns,
+            top_processes=top_processes,
+            top_ports=top_ports,
+            max_sockets=max_sockets,
+        ),
+        stacks=not no_stacks,
+        ringbuf_pages=ringbuf_pages,
+    )
+    if log_file is None:
+        run_agent(options)
+        return
+    try:
+        log = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise TcptraceError(f"cannot write {log_file}: {exc.strerror}") from None
+    with log:
+        run_agent(options, log)
+
+
 def threshold_option(default: str) -> Callable[[F], F]:
     def deco(fn: F) -> F:
         return click.option(

@@ -52,6 +52,10 @@ class Symbolizer:
             self._cache.popitem(last=False)
         return frames
 
+    def clear(self) -> None:
+        """Forget every cached stack (after the stack map was emptied: its ids get reused)."""
+        self._cache.clear()
+
     @staticmethod
     def _name(raw: bytes | str) -> str:
         return raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
@@ -111,6 +115,11 @@ class KernelStream:
         self.program.bpf.ring_buffer_consume()
         out, self._pending = self._pending, []
         return out
+
+    def forget_stacks(self) -> None:
+        """Drop symbolized stacks cached by id: call after emptying the stack map."""
+        if self._symbolizer is not None:
+            self._symbolizer.clear()
 
     def counters(self) -> dict[str, int]:
         kernel = self.program.counters()

@@ -1,0 +1,241 @@
+"""`tcptrace agent`: headless, exports Prometheus metrics, logs leak suspects, runs for weeks.
+
+One program is loaded (lifecycle + owner + closelat + timewait); the ring buffer feeds the
+CLOSE_WAIT tracker (owners, code paths) and the in-kernel maps give exact TIME_WAIT,
+reset and close() counts. Every --interval the agent reads the maps, updates its bounded
+model, reads /proc/net/tcp{,6} for sockets by state, publishes the metric families (a
+scrape hands out the last ones), and logs new or grown leak-suspect groups as JSON lines.
+
+Bounded memory: the kernel tables are LRU or pruned of idle entries by the agent, the
+user-side socket table is an LRU of --max-sockets, label sets are capped (top N), the
+stack map is emptied when it fills, and bcc's per-pid symbol caches are freed for pids
+that are gone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import IO, Any
+
+from tcptrace.export.agentmodel import AgentConfig, AgentModel, states_count
+from tcptrace.export.prometheus import AgentCollector, MetricsServer, families, make_registry
+from tcptrace.model.events import SocketEvent
+from tcptrace.session import StopFlag, run
+from tcptrace.sources import KernelSource
+
+NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    host: str = "127.0.0.1"
+    port: int = 9464
+    interval_s: float = 5.0
+    duration_s: float | None = None
+    model: AgentConfig = AgentConfig()
+    stacks: bool = True
+    max_stacks: int = 16384
+    max_symbol_pids: int = 256
+    ringbuf_pages: int | None = None
+    states_interval_s: float = 30.0
+    """How often sockets by state are read from /proc (0: never)."""
+
+
+PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
+
+
+def read_states(paths: tuple[str, ...] = PROC_NET_TCP) -> dict[str, int] | None:
+    """Sockets by state from /proc/net/tcp{,6}; None when they cannot be read.
+
+    Only the state column is parsed: reading the files costs the kernel ~10 us a socket,
+    the rest is kept small (tens of thousands of TIME_WAIT sockets are common).
+    """
+    from tcptrace.model.events import TcpState
+
+    states: list[str] = []
+    names = {s.value: s.name for s in TcpState}
+    counts: dict[bytes, int] = {}
+    try:
+        for path in paths:
+            try:
+                with open(path, "rb") as fh:
+                    next(fh, None)
+                    for line in fh:
+                        fields = line.split(None, 4)
+                        if len(fields) > 3:
+                            counts[fields[3]] = counts.get(fields[3], 0) + 1
+            except FileNotFoundError:
+                continue
+    except OSError:
+        return None
+    out = states_count(states)
+    for raw, n in counts.items():
+        try:
+            name = names[int(raw, 16)]
+        except (ValueError, KeyError):
+            continue
+        out[name] = out.get(name, 0) + n
+    return out
+
+
+class Agent:
+    """The live agent: program, stream, model, HTTP endpoint. ``run()`` until stopped."""
+
+    def __init__(self, options: AgentOptions, log: IO[str], status: IO[str] | None = None) -> None:
+        self.options = options
+        self.log = log
+        self.status = status
+        self.model = AgentModel(options.model)
+        self.collector = AgentCollector()
+        self.registry = make_registry(self.collector)
+        self.server: MetricsServer | None = None
+        self.source: KernelSource | None = None
+        self.stacks_cleared = 0
+        self.symbol_caches_freed = 0
+        self._last_stack_failed = 0
+        self._states: dict[str, int] | None = None
+        self._states_ns: int | None = None
+
+    # ---- life --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from tcptrace.kernel.agentmaps import AgentMaps
+        from tcptrace.kernel.closelat import CLOSE_WAIT_NS, LINGER_NS
+        from tcptrace.kernel.loader import PARTS, load
+        from tcptrace.kernel.stream import KernelStream
+        from tcptrace.system.procfd import closewait_snapshot
+
+        o = self.options
+        defines = {
+            "TT_PROC_STACKS_ONLY": 1,
+            "TT_MAX_SOCKS": o.model.max_sockets,
+            "TT_STACK_ENTRIES": o.max_stacks,
+            CLOSE_WAIT_NS: o.model.threshold_ns,
+            LINGER_NS: 1_000_000,
+        }
+        program = load(
+            [PARTS["lifecycle"], PARTS["owner"], PARTS["closelat"], PARTS["timewait"]],
+            None,
+            stacks=o.stacks,
+            defines=defines,
+            ringbuf_pages=o.ringbuf_pages,
+        )
+        try:
+            self.stream = KernelStream(program, None, symbolize=o.stacks)
+            self.source = KernelSource(self.stream)
+            self.maps = AgentMaps(program)
+            self.program = program
+            # After attaching, so that a socket entering CLOSE_WAIT meanwhile is seen one
+            # way or the other (the tracker keeps one copy).
+            self.model.preexisting = self.model.tracker.add_preexisting(
+                closewait_snapshot(), self.source.now_ns()
+            )
+            self.tick(self.source.now_ns())
+            self.server = MetricsServer(o.host, o.port, self.registry)
+        except BaseException:
+            program.close()
+            raise
+
+    def run(self) -> str:
+        assert self.source is not None
+        flag = StopFlag()
+        try:
+            reason = run(
+                self.source,
+                self.feed,
+                interval_s=self.options.interval_s,
+                duration_s=self.options.duration_s,
+                on_tick=self.tick,
+                flag=flag,
+            )
+        except KeyboardInterrupt:
+            reason = "SIGINT"
+        return reason
+
+    def stop(self) -> None:
+        """Stop serving, detach every program. Safe to call twice."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        if self.source is not None:
+            self.source.close()
+            self.source = None
+
+    # ---- work --------------------------------------------------------------------------
+
+    def feed(self, event: SocketEvent) -> None:
+        self.model.feed(event)
+
+    def tick(self, now_ns: int) -> None:
+        from tcptrace.kernel.agentmaps import bound_symbol_caches, symbol_cache_count
+
+        maps = self.maps
+        prune = self.model.tick(
+            now_ns,
+            tw_procs=maps.tw_procs(),
+            tw_dests=maps.tw_dests(),
+            cl_hists=maps.cl_hists(),
+            cl_comm=maps.cl_comm,
+        )
+        for table, keys in prune.items():
+            if keys:
+                maps.delete(table, keys)
+                self.model.forgot(table, keys)
+        maps.forget_raw()
+        counters = self.source.counters() if self.source is not None else {}
+        # The stack map keeps every distinct stack until it is full, then refuses new ones.
+        # Its stacks were symbolized as their events arrived: empty it when it refused one.
+        failed = int(counters.get("stack_failed", 0))
+        if failed > self._last_stack_failed:
+            if self.source is not None:
+                for event in self.source.drain():  # events still naming the old ids
+                    self.feed(event)
+            maps.clear_stacks()
+            self.stream.forget_stacks()
+            self.stacks_cleared += 1
+        self._last_stack_failed = failed
+        self.symbol_caches_freed += bound_symbol_caches(self.program, self.options.max_symbol_pids)
+        every = int(self.options.states_interval_s * NS)
+        if every > 0 and (self._states_ns is None or now_ns - self._states_ns >= every):
+            self._states, self._states_ns = read_states(), now_ns
+        state = self.model.export(
+            now_ns,
+            states=self._states,
+            counters=counters,
+            tw_stats=maps.tw_stats(),
+            cl_stats=maps.cl_stats(),
+            symbol_caches=symbol_cache_count(self.program),
+        )
+        self.collector.publish(families(state))
+        for record in self.model.suspect_records(now_ns):
+            self.log.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self.log.flush()
+
+    def describe(self) -> dict[str, Any]:
+        return {"listen": f"{self.options.host}:{self.server.port if self.server else self.options.port}"}
+
+
+def run_agent(options: AgentOptions, log: IO[str] | None = None, status: IO[str] | None = None) -> str:
+    """Start, run until stopped (SIGTERM, SIGINT, --duration), stop; returns why it stopped."""
+    out = log or sys.stderr
+    status = status or sys.stderr
+    agent = Agent(options, out, status)
+    try:
+        agent.start()
+        assert agent.server is not None
+        status.write(
+            json.dumps(
+                {"type": "agent_started", "listen": f"{agent.server.host}:{agent.server.port}"},
+                separators=(",", ":"),
+            )
+            + "\n"
+        )
+        status.flush()
+        reason = agent.run()
+    finally:
+        agent.stop()
+    status.write(json.dumps({"type": "agent_stopped", "reason": reason}, separators=(",", ":")) + "\n")
+    status.flush()
+    return reason

@@ -1,0 +1,339 @@
+"""The agent's model: events and kernel map reads in, a bounded ExportState and leak-suspect
+log records out. Pure (no I/O, no bcc), so it is unit-tested on generated data.
+
+Per interval the agent hands ``tick()`` what it read from the kernel's cumulative maps
+(TIME_WAIT per process and destination, close() histograms per process and call); the
+model turns them into differences (MapDeltas), adds the differences to bounded counters
+(BoundedCounters: top N keys by activity, the rest in an ``other`` series, all of them
+monotonic), and says which map entries have been idle long enough to delete.
+CLOSE_WAIT comes from the event stream through the closewait model's tracker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tcptrace.export.cardinality import BoundedCounters, MapDeltas, top_n
+from tcptrace.export.prometheus import OTHER, ExportState, Proc
+from tcptrace.model.closewait import CloseWaitTracker, SuspectGroup, code_path_key
+from tcptrace.model.events import SocketEvent
+from tcptrace.model.histogram import EMPTY, Log2Histogram
+from tcptrace.model.lifecycle import SocketTable
+
+NS = 1_000_000_000
+CALL_NAMES = ("close", "shutdown", "close_range")
+AGGREGATE: Proc = (0, OTHER)
+Dest = tuple[int, str, str, int]
+ClKey = tuple[int, str, int]
+
+
+@dataclass(frozen=True)
+class ProcTw:
+    """One process's TIME_WAIT counters as the kernel keeps them (tw_procs), cumulative."""
+
+    comm: str
+    created: int = 0
+    parked: int = 0
+    resets_sent: int = 0
+    resets_received: int = 0
+
+    def minus(self, old: ProcTw) -> ProcTw:
+        return ProcTw(
+            self.comm,
+            self.created - old.created,
+            self.parked - old.parked,
+            self.resets_sent - old.resets_sent,
+            self.resets_received - old.resets_received,
+        )
+
+    @property
+    def weight(self) -> float:
+        """Activity; negative when a counter went down (the entry was recreated)."""
+        parts = (self.created, self.parked, self.resets_sent, self.resets_received)
+        if any(p < 0 for p in parts):
+            return -1.0
+        return float(sum(parts))
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    threshold_ns: int = 30 * NS
+    top_processes: int = 20
+    top_ports: int = 20
+    max_sockets: int = 262_144
+    idle_intervals: int = 12
+    """A kernel map entry unchanged for this many intervals is deleted."""
+    label_idle_ns: int = 600 * NS
+    """A label set without activity for this long is dropped (its series ends)."""
+    relog_ns: int = 600 * NS
+    """A leak-suspect group still present is logged again after this long."""
+
+
+def _hist_weight(h: Log2Histogram) -> float:
+    return float(h.count)
+
+
+def _hist_sub(a: Log2Histogram, b: Log2Histogram) -> Log2Histogram:
+    return a - b  # ValueError when b is not a part of a: MapDeltas takes the whole value
+
+
+def proc_of(pid: int | None, comm: str | None) -> Proc:
+    return (pid or 0, comm or "unknown")
+
+
+class AgentModel:
+    """Everything the agent exports, bounded, from events and map reads."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        c = config
+        self.tracker = CloseWaitTracker(
+            threshold_ns=c.threshold_ns, table=SocketTable(capacity=c.max_sockets)
+        )
+
+        def counters(limit: int) -> BoundedCounters[Any, int]:
+            return BoundedCounters(limit, zero=0, idle_ns=c.label_idle_ns)
+
+        self.tw_by_proc: BoundedCounters[Proc, int] = counters(c.top_processes)
+        self.tw_by_port: BoundedCounters[int, int] = counters(c.top_ports)
+        self.rs_by_proc: BoundedCounters[Proc, int] = counters(c.top_processes)
+        self.rr_by_proc: BoundedCounters[Proc, int] = counters(c.top_processes)
+        self.close_by_proc: dict[str, BoundedCounters[Proc, Log2Histogram]] = {
+            call: BoundedCounters(c.top_processes, zero=EMPTY, weight=_hist_weight, idle_ns=c.label_idle_ns)
+            for call in CALL_NAMES
+        }
+        self.tw_procs: MapDeltas[int, ProcTw] = MapDeltas(
+            idle_reads=c.idle_intervals, subtract=ProcTw.minus, weight=lambda p: p.weight
+        )
+        self.tw_dests: MapDeltas[Dest, int] = MapDeltas(
+            idle_reads=c.idle_intervals, subtract=lambda a, b: a - b, weight=float
+        )
+        self.cl_hists: MapDeltas[ClKey, Log2Histogram] = MapDeltas(
+            idle_reads=c.idle_intervals, subtract=_hist_sub, weight=_hist_weight
+        )
+        self.preexisting = 0
+        self.pruned: Counter[str] = Counter()
+        self._logged: dict[tuple[Any, ...], tuple[int, int]] = {}
+
+    # ---- input -------------------------------------------------------------------------
+
+    def feed(self, event: SocketEvent) -> None:
+        self.tracker.feed(event)
+
+    def tick(
+        self,
+        now_ns: int,
+        *,
+        tw_procs: Mapping[int, ProcTw] | None = None,
+        tw_dests: Mapping[Dest, int] | None = None,
+        cl_hists: Mapping[ClKey, Log2Histogram] | None = None,
+        cl_comm: Mapping[ClKey, str] | None = None,
+    ) -> dict[str, list[Any]]:
+        """Take one interval's map reads; returns the keys to delete from each map."""
+        prune: dict[str, list[Any]] = {}
+        if tw_procs is not None:
+            deltas, idle = self.tw_procs.update(tw_procs)
+            for pid, d in deltas.items():
+                proc = (pid, d.comm)
+                self.tw_by_proc.add(proc, d.created, now_ns)
+                self.rs_by_proc.add(proc, d.resets_sent, now_ns)
+                self.rr_by_proc.add(proc, d.resets_received, now_ns)
+            prune["tw_procs"] = idle
+        if tw_dests is not None:
+            ddeltas, didle = self.tw_dests.update(tw_dests)
+            for dest, n in ddeltas.items():
+                self.tw_by_port.add(dest[3], n, now_ns)
+            prune["tw_dests"] = didle
+        if cl_hists is not None:
+            hdeltas, hidle = self.cl_hists.update(cl_hists)
+            comms = cl_comm or {}
+            for key, h in hdeltas.items():
+                pid, call, _stack = key
+                limiter = self.close_by_proc.get(call)
+                if limiter is not None:
+                    limiter.add((pid, comms.get(key, "?")), h, now_ns)
+            prune["cl_hists"] = hidle
+        for limiter in self._limiters():
+            limiter.rebalance(now_ns)
+        # The tracker keeps exact times-to-close for its own reports; the agent does not
+        # export them, so they are not kept (memory stays flat).
+        self.tracker.close_times_ns.clear()
+        self.tracker.begin_interval(now_ns)
+        return prune
+
+    def forgot(self, table: str, keys: list[Any]) -> None:
+        """The agent deleted these entries from a kernel map."""
+        if table == "tw_procs":
+            self.tw_procs.forget(keys)
+        elif table == "tw_dests":
+            self.tw_dests.forget(keys)
+        elif table == "cl_hists":
+            self.cl_hists.forget(keys)
+        self.pruned[table] += len(keys)
+
+    def _limiters(self) -> list[BoundedCounters[Any, Any]]:
+        return [
+            self.tw_by_proc,
+            self.tw_by_port,
+            self.rs_by_proc,
+            self.rr_by_proc,
+            *self.close_by_proc.values(),
+        ]
+
+    # ---- output ------------------------------------------------------------------------
+
+    def close_wait_by_proc(self, now_ns: int) -> dict[Proc, list[int]]:
+        """Ages of open CLOSE_WAIT sockets per process, top N by count plus the aggregate."""
+        ages: dict[Proc, list[int]] = {}
+        for sock in self.tracker.open.values():
+            ages.setdefault(proc_of(sock.pid, sock.comm), []).append(sock.age_ns(now_ns))
+        kept, _rest, n_rest = top_n({p: len(a) for p, a in ages.items()}, self.config.top_processes)
+        out = {p: ages[p] for p, _ in kept}
+        if n_rest:
+            keep = set(out)
+            out[AGGREGATE] = [a for p, lst in ages.items() if p not in keep for a in lst]
+        return out
+
+    def export(
+        self,
+        now_ns: int,
+        *,
+        states: Mapping[str, int] | None = None,
+        counters: Mapping[str, int] | None = None,
+        tw_stats: Mapping[str, int] | None = None,
+        cl_stats: Mapping[str, int] | None = None,
+        symbol_caches: int = 0,
+    ) -> ExportState:
+        counters = counters or {}
+        tw_stats = tw_stats or {}
+        cl_stats = cl_stats or {}
+        t = self.tracker
+
+        def with_other(limiter: BoundedCounters[Any, int], other_key: Any) -> list[tuple[Any, int]]:
+            rows = sorted(limiter.items(), key=lambda kv: str(kv[0]))
+            return [*rows, (other_key, limiter.other)]
+
+        ports = [(str(p), n) for p, n in with_other(self.tw_by_port, OTHER)]
+        close_rows: list[tuple[Proc, str, Log2Histogram]] = []
+        for call, limiter in self.close_by_proc.items():
+            for proc, hist in sorted(limiter.items()):
+                close_rows.append((proc, call, hist))
+            if limiter.other or len(limiter):
+                close_rows.append((AGGREGATE, call, limiter.other))
+        failures = {
+            "socks": counters.get("sock_update_failed", 0),
+            "stacks": counters.get("stack_failed", 0),
+            "timewait": tw_stats.get("map_failed", 0),
+            "closelat_hists": cl_stats.get("hist_failed", 0),
+            "closelat_calls": cl_stats.get("call_failed", 0),
+        }
+        return ExportState(
+            threshold_s=self.config.threshold_ns / NS,
+            states=states,
+            close_wait_ages=self.close_wait_by_proc(now_ns),
+            close_wait_entered=t.entered,
+            close_wait_closed=t.closed,
+            close_wait_reset=t.reset,
+            close_wait_preexisting=self.preexisting,
+            suspect_groups=len(t.suspects(now_ns)),
+            timewait_created=tw_stats.get("created", 0),
+            timewait_by_proc=with_other(self.tw_by_proc, AGGREGATE),
+            timewait_by_remote_port=ports,
+            resets_sent=tw_stats.get("resets_sent", 0),
+            resets_received=tw_stats.get("resets_received", 0),
+            resets_sent_by_proc=with_other(self.rs_by_proc, AGGREGATE),
+            resets_received_by_proc=with_other(self.rr_by_proc, AGGREGATE),
+            close_durations=close_rows,
+            events_decoded=counters.get("decoded", 0),
+            events_lost=counters.get("lost", 0),
+            events_malformed=counters.get("malformed", 0),
+            map_failures=failures,
+            label_keys={
+                "timewait_created_by_process": len(self.tw_by_proc),
+                "timewait_created_by_remote_port": len(self.tw_by_port),
+                "resets_sent_by_process": len(self.rs_by_proc),
+                "resets_received_by_process": len(self.rr_by_proc),
+                **{f"close_duration_{c}": len(lim) for c, lim in self.close_by_proc.items()},
+            },
+            pruned=dict(self.pruned),
+            symbol_caches=symbol_caches,
+            user_sockets=len(t.table),
+        )
+
+    def suspect_records(self, now_ns: int, wall_s: float | None = None) -> list[dict[str, Any]]:
+        """Leak-suspect groups to log now: new ones, grown ones, and ones not logged for
+        ``relog_ns``. One JSON object each (owner, count, origin and last-touch stacks)."""
+        wall = time.time() if wall_s is None else wall_s
+        out = []
+        seen = set()
+        for group in self.tracker.suspects(now_ns):
+            key = _suspect_key(group)
+            seen.add(key)
+            last = self._logged.get(key)
+            if last is not None:
+                count, at = last
+                if group.count <= count and now_ns - at < self.config.relog_ns:
+                    continue
+            self._logged[key] = (group.count, now_ns)
+            out.append({"type": "leak_suspect", "time": round(wall, 3), **group.to_json()})
+        for key in [k for k in self._logged if k not in seen]:
+            del self._logged[key]
+        return out
+
+
+def _suspect_key(group: SuspectGroup) -> tuple[Any, ...]:
+    return (group.pid, group.comm, code_path_key(group.origin), code_path_key(group.last_touch))
+
+
+def states_count(states: list[str]) -> dict[str, int]:
+    """Sockets by state name, every state present (zeros included), for a stable series set.
+
+    >>> states_count(["LISTEN", "ESTABLISHED", "ESTABLISHED"])["ESTABLISHED"]
+    2
+    """
+    from tcptrace.model.events import TcpState
+
+    out = {s.name: 0 for s in TcpState if s.name not in ("NEW_SYN_RECV",)}
+    for name in states:
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+@dataclass
+class RssSeries:
+    """(t, rss) samples and the flatness check scripts/soak applies."""
+
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    def add(self, t: float, rss: int) -> None:
+        self.samples.append((t, rss))
+
+    def verdict(
+        self, warmup_fraction: float = 0.25, margin: float = 0.05, slack_bytes: int = 2 << 20
+    ) -> tuple[bool, str]:
+        """Flat when the max of the last quarter is within ``margin`` (plus a small absolute
+        slack for allocator noise) of the max of the first quarter after warm-up.
+
+        >>> r = RssSeries([(float(i), 100 << 20) for i in range(20)]); r.verdict()[0]
+        True
+        >>> r = RssSeries([(float(i), (100 + 5 * i) << 20) for i in range(20)]); r.verdict()[0]
+        False
+        """
+        n = len(self.samples)
+        if n < 8:
+            return False, f"too few samples ({n})"
+        start = int(n * warmup_fraction)
+        rest = self.samples[start:]
+        q = max(1, len(rest) // 4)
+        first = max(r for _, r in rest[:q])
+        last = max(r for _, r in rest[-q:])
+        limit = first * (1 + margin) + slack_bytes
+        ok = last <= limit
+        return ok, (
+            f"rss first-quarter max {first / 2**20:.1f} MiB, last-quarter max {last / 2**20:.1f} MiB "
+            f"(limit {limit / 2**20:.1f} MiB)"
+        )

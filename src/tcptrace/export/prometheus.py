@@ -1,0 +1,427 @@
+"""Prometheus exposition of the agent's state: metric families built from plain data, a
+collector that serves the latest ones, and the HTTP endpoint.
+
+The agent builds an ``ExportState`` at every interval (in its own thread, from the models
+and the kernel's maps) and publishes the families made of it; a scrape (in the HTTP
+server's thread) only hands out the last published list, so the two threads share one
+reference swapped under a lock and nothing else.
+
+Histograms of durations come from the kernel's log2 slots (slot k holds integer ns values
+2**(k-1) <= v < 2**k, i.e. v <= 2**k - 1), so the bucket ``le = (2**k - 1) ns`` counts
+exactly the values of slots 0..k: no bucket is an estimate. Slots below LOW_SLOT fold
+into its bucket, slots above HIGH_SLOT into +Inf.
+
+Labels that name processes or remote ports are bounded (export/cardinality.py): the
+aggregate is ``comm="other", pid=""`` or ``remote_port="other"``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from tcptrace.errors import UsageError
+from tcptrace.model.histogram import Log2Histogram
+
+NS = 1_000_000_000
+PREFIX = "tcptrace"
+OTHER = "other"
+
+LOW_SLOT = 10  # le = 1023 ns: everything faster than ~1 us shares this bucket
+HIGH_SLOT = 35  # le = 34.36 s: slower calls are in +Inf only
+DURATION_SLOTS = tuple(range(LOW_SLOT, HIGH_SLOT + 1))
+
+# Upper bounds (seconds, inclusive) of the CLOSE_WAIT age gauge histogram.
+AGE_BOUNDS_S = (0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 86400.0)
+
+Proc = tuple[int, str]
+"""(pid, comm) of a process; (0, "other") stands for the aggregate of the rest."""
+
+
+def float_text(value: float) -> str:
+    """A bound as Prometheus prints it.
+
+    >>> float_text(1023e-9), float_text(5.0), float_text(float("inf"))
+    ('1.023e-06', '5.0', '+Inf')
+    """
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value))
+
+
+def slot_le_seconds(slot: int) -> float:
+    """The inclusive upper bound of a log2 slot, in seconds: (2**slot - 1) ns.
+
+    >>> slot_le_seconds(10)
+    1.023e-06
+    """
+    return ((1 << slot) - 1) / NS
+
+
+def duration_buckets(hist: Log2Histogram, slots: Sequence[int] = DURATION_SLOTS) -> list[tuple[str, float]]:
+    """Cumulative (le, count) buckets of a log2 histogram of ns durations, ending in +Inf.
+
+    >>> h = Log2Histogram.of([0, 1000, 1500, 3_000_000])
+    >>> b = duration_buckets(h, (10, 11, 22))
+    >>> b
+    [('1.023e-06', 2.0), ('2.047e-06', 3.0), ('0.004194303', 4.0), ('+Inf', 4.0)]
+    """
+    out = []
+    counts = hist.counts
+    running = 0
+    nxt = 0
+    for slot in slots:
+        while nxt <= slot:
+            running += counts[nxt]
+            nxt += 1
+        out.append((float_text(slot_le_seconds(slot)), float(running)))
+    out.append(("+Inf", float(hist.count)))
+    return out
+
+
+def age_buckets(
+    ages_ns: Iterable[int], bounds_s: Sequence[float] = AGE_BOUNDS_S
+) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative (le, count) buckets of ages and their sum in seconds.
+
+    >>> age_buckets([int(0.5e9), int(2e9), int(2e9)], (1.0, 5.0))
+    ([('1.0', 1.0), ('5.0', 3.0), ('+Inf', 3.0)], 4.5)
+    """
+    ages = sorted(a / NS for a in ages_ns)
+    out = []
+    i = 0
+    for bound in bounds_s:
+        while i < len(ages) and ages[i] <= bound:
+            i += 1
+        out.append((float_text(bound), float(i)))
+    out.append(("+Inf", float(len(ages))))
+    return out, sum(ages)
+
+
+def proc_labels(proc: Proc) -> list[str]:
+    """[pid, comm] label values; the aggregate (and an unknown owner) has an empty pid."""
+    pid, comm = proc
+    return ["" if pid == 0 else str(pid), comm]
+
+
+@dataclass
+class ExportState:
+    """Everything one export shows, already bounded (top N plus an aggregate)."""
+
+    threshold_s: float
+    states: Mapping[str, int] | None = None
+    """Sockets by state from /proc/net/tcp{,6} (host network namespace); None: unread."""
+    close_wait_ages: Mapping[Proc, list[int]] = field(default_factory=dict)
+    """Ages (ns) of the sockets in CLOSE_WAIT now, per owning process (bounded)."""
+    close_wait_entered: int = 0
+    close_wait_closed: int = 0
+    close_wait_reset: int = 0
+    close_wait_preexisting: int = 0
+    suspect_groups: int = 0
+    timewait_created: int = 0
+    timewait_by_proc: Sequence[tuple[Proc, int]] = ()
+    timewait_by_remote_port: Sequence[tuple[str, int]] = ()
+    resets_sent: int = 0
+    resets_received: int = 0
+    resets_sent_by_proc: Sequence[tuple[Proc, int]] = ()
+    resets_received_by_proc: Sequence[tuple[Proc, int]] = ()
+    close_durations: Sequence[tuple[Proc, str, Log2Histogram]] = ()
+    """(process, call, cumulative histogram) rows."""
+    events_decoded: int = 0
+    events_lost: int = 0
+    events_malformed: int = 0
+    map_failures: Mapping[str, int] = field(default_factory=dict)
+    label_keys: Mapping[str, int] = field(default_factory=dict)
+    """Label sets kept per bounded family (for watching the bound itself)."""
+    pruned: Mapping[str, int] = field(default_factory=dict)
+    """Kernel map entries deleted as idle, per map."""
+    symbol_caches: int = 0
+    user_sockets: int = 0
+    """Sockets in the agent's own table (bounded by --max-sockets)."""
+
+
+def families(state: ExportState) -> list[Metric]:
+    """The metric families of one export."""
+    out: list[Metric] = []
+
+    if state.states is not None:
+        g = GaugeMetricFamily(
+            f"{PREFIX}_sockets",
+            "TCP sockets by state in the host network namespace (from /proc/net/tcp and tcp6).",
+            labels=["state"],
+        )
+        for name, count in sorted(state.states.items()):
+            g.add_metric([name], count)
+        out.append(g)
+
+    open_g = GaugeMetricFamily(
+        f"{PREFIX}_close_wait_sockets",
+        "Sockets in CLOSE_WAIT now, by owning process.",
+        labels=["pid", "comm"],
+    )
+    over_g = GaugeMetricFamily(
+        f"{PREFIX}_close_wait_over_threshold_sockets",
+        f"Sockets in CLOSE_WAIT for at least the threshold ({state.threshold_s:g} s): leak suspects.",
+        labels=["pid", "comm"],
+    )
+    oldest_g = GaugeMetricFamily(
+        f"{PREFIX}_close_wait_oldest_age_seconds",
+        "Age of the oldest socket in CLOSE_WAIT, by owning process (at least, for sockets found at start).",
+        labels=["pid", "comm"],
+    )
+    ages_h = GaugeHistogramMetricFamily(
+        f"{PREFIX}_close_wait_age_seconds",
+        "Ages of the sockets in CLOSE_WAIT now, by owning process.",
+        labels=["pid", "comm"],
+    )
+    threshold_ns = int(state.threshold_s * NS)
+    for proc, ages in sorted(state.close_wait_ages.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        labels = proc_labels(proc)
+        open_g.add_metric(labels, len(ages))
+        over_g.add_metric(labels, sum(1 for a in ages if a >= threshold_ns))
+        oldest_g.add_metric(labels, max(ages, default=0) / NS)
+        buckets, total = age_buckets(ages)
+        ages_h.add_metric(labels, buckets, total)
+    out += [open_g, over_g, oldest_g, ages_h]
+
+    out.append(
+        _gauge("close_wait_threshold_seconds", "The leak-suspect threshold (--threshold).", state.threshold_s)
+    )
+    out.append(
+        _counter(
+            "close_wait_entered",
+            "Sockets that entered CLOSE_WAIT since the agent started.",
+            state.close_wait_entered,
+        )
+    )
+    out.append(
+        _counter(
+            "close_wait_closed",
+            "Sockets the application closed out of CLOSE_WAIT (-> LAST_ACK) since the agent started.",
+            state.close_wait_closed,
+        )
+    )
+    out.append(
+        _counter(
+            "close_wait_reset",
+            "Sockets reset out of CLOSE_WAIT since the agent started.",
+            state.close_wait_reset,
+        )
+    )
+    out.append(
+        _gauge(
+            "close_wait_preexisting_sockets",
+            "Sockets found in CLOSE_WAIT when the agent started.",
+            state.close_wait_preexisting,
+        )
+    )
+    out.append(
+        _gauge(
+            "leak_suspect_groups", "Groups of leak suspects by (owner, code path) now.", state.suspect_groups
+        )
+    )
+
+    out.append(
+        _counter(
+            "timewait_created",
+            "TIME_WAIT sockets created since the agent started (exact, in-kernel).",
+            state.timewait_created,
+        )
+    )
+    tw_p = CounterMetricFamily(
+        f"{PREFIX}_timewait_created_by_process",
+        "TIME_WAIT sockets created, by the process that owned the full socket (bounded).",
+        labels=["pid", "comm"],
+    )
+    for proc, n in state.timewait_by_proc:
+        tw_p.add_metric(proc_labels(proc), n)
+    out.append(tw_p)
+    tw_r = CounterMetricFamily(
+        f"{PREFIX}_timewait_created_by_remote_port",
+        "TIME_WAIT sockets created, by remote port (bounded).",
+        labels=["remote_port"],
+    )
+    for port, n in state.timewait_by_remote_port:
+        tw_r.add_metric([port], n)
+    out.append(tw_r)
+
+    out.append(_counter("resets_sent", "TCP resets sent since the agent started.", state.resets_sent))
+    out.append(
+        _counter("resets_received", "TCP resets received since the agent started.", state.resets_received)
+    )
+    for name, rows, what in (
+        ("resets_sent_by_process", state.resets_sent_by_proc, "sent"),
+        ("resets_received_by_process", state.resets_received_by_proc, "received"),
+    ):
+        c = CounterMetricFamily(
+            f"{PREFIX}_{name}", f"TCP resets {what}, by socket owner (bounded).", labels=["pid", "comm"]
+        )
+        for proc, n in rows:
+            c.add_metric(proc_labels(proc), n)
+        out.append(c)
+
+    h = HistogramMetricFamily(
+        f"{PREFIX}_close_duration_seconds",
+        "Duration of close(), shutdown() and close_range() on TCP sockets (exact log2 buckets).",
+        labels=["pid", "comm", "call"],
+    )
+    for proc, call, hist in state.close_durations:
+        h.add_metric([*proc_labels(proc), call], duration_buckets(hist), hist.sum_ns / NS)
+    out.append(h)
+
+    out.append(_counter("events", "Events decoded from the kernel's ring buffer.", state.events_decoded))
+    out.append(
+        _counter(
+            "events_lost", "Events the kernel could not queue (ring buffer full): exact.", state.events_lost
+        )
+    )
+    out.append(_counter("events_malformed", "Events that could not be decoded.", state.events_malformed))
+    fails = CounterMetricFamily(
+        f"{PREFIX}_kernel_map_failures",
+        "Kernel map updates or stack captures that failed, by map.",
+        labels=["map"],
+    )
+    for name, n in sorted(state.map_failures.items()):
+        fails.add_metric([name], n)
+    out.append(fails)
+    keys = GaugeMetricFamily(
+        f"{PREFIX}_label_sets",
+        "Label sets kept per bounded metric (at most --top-processes or --top-ports).",
+        labels=["metric"],
+    )
+    for name, n in sorted(state.label_keys.items()):
+        keys.add_metric([name], n)
+    out.append(keys)
+    pruned = CounterMetricFamily(
+        f"{PREFIX}_map_entries_pruned", "Idle kernel map entries the agent deleted.", labels=["map"]
+    )
+    for name, n in sorted(state.pruned.items()):
+        pruned.add_metric([name], n)
+    out.append(pruned)
+    out.append(_gauge("symbol_caches", "bcc per-process symbol caches held (bounded).", state.symbol_caches))
+    out.append(
+        _gauge(
+            "tracked_sockets",
+            "Sockets in the agent's own table (bounded by --max-sockets).",
+            state.user_sockets,
+        )
+    )
+    return out
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+class AgentCollector(Collector):
+    """Serves the last published families to every scrape."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._families: list[Metric] = []
+
+    def publish(self, fams: list[Metric]) -> None:
+        with self._lock:
+            self._families = fams
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            return list(self._families)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+def make_registry(collector: AgentCollector, process_metrics: bool = True) -> CollectorRegistry:
+    """A registry of the agent's collector plus the process_* metrics of the agent itself
+    (CPU seconds, resident and virtual memory, open fds)."""
+    from prometheus_client import ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    if process_metrics:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 in brackets) -> (host, port). An address must be given: binding
+    every interface is a decision, not a default.
+
+    >>> parse_listen("127.0.0.1:9464"), parse_listen("[::1]:9464"), parse_listen("0.0.0.0:80")
+    (('127.0.0.1', 9464), ('::1', 9464), ('0.0.0.0', 80))
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise UsageError(f"--listen {text!r}: the port is not a number") from None
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--listen {text!r}: port out of range")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise UsageError(f"--listen {text!r}: give an IP address (or localhost)") from None
+    return host, port
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server in a thread; stop() ends the thread and closes the socket."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        from prometheus_client import start_http_server
+
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            from tcptrace.errors import TcptraceError
+
+            raise TcptraceError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self.host = host
+        self.port = int(self._server.server_address[1])
+
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Shut the server down; True when its thread ended."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
+def text_of(registry: CollectorRegistry) -> str:
+    """The exposition text a scrape would get (for tests and --once)."""
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry).decode()
+
+
+def sample_value(text: str, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+    """One sample's value from exposition text, parsed with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    want = dict(labels or {})
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in want.items()):
+                return float(s.value)
+    return None

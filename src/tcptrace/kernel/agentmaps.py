@@ -1,0 +1,178 @@
+"""What the agent needs of the loaded maps beyond what the commands read: raw keyed reads
+(so that idle entries can be deleted), deletion, and the bounds a process running for
+weeks needs (stack map, bcc's per-pid symbol caches).
+
+The timewait and closelat maps are cumulative and never pruned by the kernel: keyed by
+process (and destination, call, user stack), they would fill with the keys of processes
+long gone and then refuse new ones. The agent reads them every interval, exports the
+differences, and deletes entries whose values have not moved for a while (see
+export/cardinality.MapDeltas). Deleting an idle entry can lose an increment that lands
+between the read and the delete: only for a key idle for several intervals.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from tcptrace.export.agentmodel import ProcTw
+from tcptrace.kernel.loader import LoadedProgram
+from tcptrace.model.closelat import CALLS
+from tcptrace.model.events import Op, decode_comm, family_version, format_addr
+from tcptrace.model.histogram import SLOTS, Log2Histogram
+
+
+class AgentMaps:
+    """Raw reads and deletes of tw_procs, tw_dests and cl_hists; stack and symbol bounds."""
+
+    def __init__(self, program: LoadedProgram) -> None:
+        self._bpf = program.bpf
+        self._program = program
+        names = {p.file for p in program.parts}
+        self._tw = "timewait.bpf.c" in names
+        self._cl = "closelat.bpf.c" in names
+        self._raw: dict[tuple[str, Any], Any] = {}
+        self.cl_comm: dict[tuple[int, str, int], str] = {}
+
+    # ---- reads, keyed so that entries can be deleted later ------------------------------
+
+    def tw_procs(self) -> dict[int, ProcTw]:
+        if not self._tw:
+            return {}
+        out = {}
+        for key, v in self._bpf["tw_procs"].items():
+            pid = int(key.value)
+            self._raw[("tw_procs", pid)] = key
+            out[pid] = ProcTw(
+                decode_comm(bytes(v.comm)),
+                int(v.created),
+                int(v.parked),
+                int(v.resets_sent),
+                int(v.resets_received),
+            )
+        return out
+
+    def tw_dests(self) -> dict[tuple[int, str, str, int], int]:
+        """(ip version, local ip, remote ip, remote port) -> TIME_WAIT creations."""
+        if not self._tw:
+            return {}
+        out = {}
+        for key, v in self._bpf["tw_dests"].items():
+            family = int(key.family)
+            dest = (
+                family_version(family),
+                format_addr(bytes(key.laddr), family),
+                format_addr(bytes(key.raddr), family),
+                int(key.rport),
+            )
+            self._raw[("tw_dests", dest)] = key
+            out[dest] = int(v.value)
+        return out
+
+    def cl_hists(self) -> dict[tuple[int, str, int], Log2Histogram]:
+        """(pid, call, user stack id) -> cumulative close() latency histogram; the comm is
+        kept aside (``cl_comm``)."""
+        if not self._cl:
+            return {}
+        out = {}
+        self.cl_comm = {}
+        for key, v in self._bpf["cl_hists"].items():
+            try:
+                call = CALLS[Op(int(key.op))]
+            except (ValueError, KeyError):
+                call = "close"
+            k = (int(key.tgid), call, int(key.ustack))
+            self._raw[("cl_hists", k)] = key
+            counts = [int(v.slots[i]) for i in range(min(SLOTS, len(v.slots)))]
+            out[k] = Log2Histogram.from_slots(counts, int(v.sum_ns), int(v.max_ns))
+            self.cl_comm[k] = decode_comm(bytes(v.comm))
+        return out
+
+    def delete(self, table: str, keys: Iterable[Any]) -> int:
+        """Delete entries read earlier by their keys; returns how many went."""
+        t = self._bpf[table]
+        gone = 0
+        for k in keys:
+            raw = self._raw.pop((table, k), None)
+            if raw is None:
+                continue
+            try:
+                del t[raw]
+                gone += 1
+            except KeyError:
+                pass
+        return gone
+
+    def forget_raw(self) -> None:
+        """Drop the raw keys of this round's reads (those not deleted)."""
+        self._raw.clear()
+
+    # ---- counters ------------------------------------------------------------------------
+
+    def tw_stats(self) -> dict[str, int]:
+        if not self._tw:
+            return {}
+        from tcptrace.kernel.timewait import STAT_NAMES
+
+        table = self._bpf["tw_stats"]
+        return {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+
+    def cl_stats(self) -> dict[str, int]:
+        if not self._cl:
+            return {}
+        from tcptrace.kernel.closelat import STAT_NAMES
+
+        table = self._bpf["cl_stats"]
+        return {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+
+    # ---- bounds --------------------------------------------------------------------------
+
+    def clear_stacks(self) -> int:
+        """Empty the stack map (its ids were symbolized as events arrived); returns how
+        many stacks it held. Without this, a map of process-specific (ASLR) user stacks
+        fills over weeks and every later stack fails."""
+        if not self._program.stacks:
+            return 0
+        table = self._bpf["stacks"]
+        keys = list(table.keys())
+        for k in keys:
+            try:
+                del table[k]
+            except KeyError:
+                pass
+        return len(keys)
+
+
+def bound_symbol_caches(program: LoadedProgram, max_pids: int) -> int:
+    """Free bcc's per-pid symbol caches of processes that are gone, and all of them when
+    more than ``max_pids`` remain; returns how many were freed.
+
+    bcc keeps one SymbolCache per pid ever symbolized, in a class-level dict, and never
+    frees them (nor notices a pid being reused by another program). Its C memory is freed
+    with bcc_free_symcache; dropping the Python object alone would leak it.
+    """
+    cls = type(program.bpf)
+    caches: dict[int, Any] = getattr(cls, "_sym_caches", {})
+    if not caches:
+        return 0
+    from bcc.libbcc import lib  # kernel/ is the only package that imports bcc
+
+    def free(pid: int) -> None:
+        cache = caches.pop(pid)
+        lib.bcc_free_symcache(cache.cache, pid)
+
+    freed = 0
+    for pid in [p for p in caches if p >= 0 and not os.path.exists(f"/proc/{p}")]:
+        free(pid)
+        freed += 1
+    user = [p for p in caches if p >= 0]
+    if len(user) > max_pids:
+        for pid in user:
+            free(pid)
+            freed += 1
+    return freed
+
+
+def symbol_cache_count(program: LoadedProgram) -> int:
+    return len(getattr(type(program.bpf), "_sym_caches", {}))
