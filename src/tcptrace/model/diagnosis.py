@@ -22,7 +22,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tcptrace.model.closewait import RemoteSummary, SuspectGroup, percentile, summarize_remotes
+from tcptrace.model.closewait import (
+    CloseWaitSocket,
+    RemoteSummary,
+    SuspectGroup,
+    code_path_key,
+    percentile,
+    summarize_remotes,
+)
 from tcptrace.model.events import Op, TcpState
 from tcptrace.model.lifecycle import CodePath
 from tcptrace.model.overview import STATE_ORDER, Overview
@@ -277,8 +284,24 @@ def _owner_text(pid: int | None, comm: str | None) -> str:
 # ---- the verdicts ------------------------------------------------------------------------
 
 
-def _leak_verdict(group: SuspectGroup, window_s: float, start_ns: int | None) -> Verdict:
-    new = [s for s in group.sockets if not s.preexisting and (start_ns is None or s.entered_ns >= start_ns)]
+def _same_path(a: CloseWaitSocket, group: SuspectGroup) -> bool:
+    return (
+        a.pid == group.pid
+        and code_path_key(a.origin) == code_path_key(group.origin)
+        and code_path_key(a.last_touch) == code_path_key(group.last_touch)
+    )
+
+
+def _leak_verdict(
+    group: SuspectGroup, window_s: float, start_ns: int | None, open_now: Iterable[CloseWaitSocket]
+) -> Verdict:
+    # The rate counts every socket of this owner and code path that entered CLOSE_WAIT in
+    # the window and is still there, the young ones (below the threshold) too.
+    new = [
+        s
+        for s in open_now
+        if not s.preexisting and (start_ns is None or s.entered_ns >= start_ns) and _same_path(s, group)
+    ]
     origin = _where(group.origin)
     touch = _where(group.last_touch)
     eof = group.eof_seen > 0 and group.last_touch is not None and group.last_touch.op == Op.RECV
@@ -313,7 +336,10 @@ def _leak_verdict(group: SuspectGroup, window_s: float, start_ns: int | None) ->
         parts.append("no code path was seen (the sockets are older than tracing, or had no stack)")
     functions = tuple(function_name(f) for f in (origin, touch) if f is not None)
     if remotes.dominant is not None and remotes.count > 1:
-        evidence.append(f"one remote dominates ({remotes.dominant}): a misbehaving peer can be the trigger")
+        evidence.append(
+            f"one remote dominates ({remotes.dominant}): if it is one client or peer, it may be what "
+            "triggers this path"
+        )
     text = parts[0] + "; " + " and ".join(parts[1:])
     return Verdict(
         "problem",
@@ -368,7 +394,7 @@ def diagnose(
     # 1. Leaks attributed to a code path (entered CLOSE_WAIT while traced), or found at start.
     groups = tracker.suspects(now)
     for g in groups:
-        verdicts.append(_leak_verdict(g, window_s, overview.start_ns))
+        verdicts.append(_leak_verdict(g, window_s, overview.start_ns, tracker.open.values()))
 
     # 2. Stuck across the window (present in both snapshots).
     stuck = _stuck(start, end) if start is not None and end is not None else []
@@ -448,7 +474,7 @@ def diagnose(
     for pid, comm, n in by_proc[:3]:
         rate = n / window_s if window_s > 0 else 0.0
         dests = sorted(totals.by_dest.items(), key=lambda dc: (-dc[1], dc[0]))
-        towards = f" (busiest destination: {dests[0][0].remote})" if dests else ""
+        towards = f", busiest destination {dests[0][0].remote}" if dests else ""
         sev = "info"
         tail = "that is protocol behaviour (it closes first), and the port range holds it"
         if worst is not None and worst.seconds_to_exhaustion is not None:
@@ -468,8 +494,8 @@ def diagnose(
             Verdict(
                 sev,
                 "time_wait",
-                f"{_owner_text(pid, comm)} creates about {rate:.1f} TIME_WAIT sockets a second{towards} "
-                f"({n} in {window_s:.0f} s): {tail}",
+                f"{_owner_text(pid, comm)} creates about {rate:.1f} TIME_WAIT sockets a second "
+                f"({n} in {window_s:.0f} s{towards}): {tail}",
                 (
                     f"TIME_WAIT held ≈ rate × {TIMEWAIT_LEN_S} s = {rate * TIMEWAIT_LEN_S:.0f}",
                     *(f"{a.setting} = {a.value}: {a.meaning}" for a in advice if a.warn),

@@ -30,6 +30,7 @@ from tcptrace.model.lifecycle import birth
 from tcptrace.model.timewait import TimewaitModel, TwCounts
 
 NS = 1_000_000_000
+MIN_RATE_S = 0.25  # intervals shorter than this do not replace the rates shown
 
 # The order states are shown in (the ones users ask about first).
 STATE_ORDER = (
@@ -212,7 +213,9 @@ class Overview:
         done = self.current
         if done is not None:
             done.end_ns = now_ns
-            self.last = done
+            # A sliver (the final tick right after the last one) keeps the previous rates.
+            if self.last is None or done.seconds >= MIN_RATE_S:
+                self.last = done
         self.current = RateInterval(now_ns, now_ns)
         self.closewait.begin_interval(now_ns)
         self.timewait.tick(now_ns, tw_counts)
@@ -231,6 +234,13 @@ class Overview:
         if self.start_ns is None:
             return 0.0
         return max(0.0, (self.now_ns - self.start_ns) / NS)
+
+    def tw_rate(self) -> float:
+        """TIME_WAIT creations per second in the last interval long enough to tell."""
+        for interval in reversed(self.timewait.intervals):
+            if interval.seconds >= MIN_RATE_S:
+                return interval.rate_per_s
+        return 0.0
 
     def close_latency(self) -> Log2Histogram:
         return self.closelat.totals().total
@@ -251,7 +261,7 @@ class Overview:
                 tw_total[p] = tw_total.get(p, 0) + c.created
                 comms.setdefault(p, comm)
         tw_rate: dict[int, float] = {}
-        last = self.timewait.intervals[-1] if self.timewait.intervals else None
+        last = next((i for i in reversed(self.timewait.intervals) if i.seconds >= MIN_RATE_S), None)
         if last is not None:
             for (p, _comm), c in last.delta.by_process.items():
                 tw_rate[p] = tw_rate.get(p, 0.0) + c.created / last.seconds

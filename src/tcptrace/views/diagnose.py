@@ -26,7 +26,7 @@ def verdict_text(v: Verdict) -> Text:
 
 def states_table(d: Diagnosis) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
-    table.title = "sockets by state (/proc at start and end of the window)"
+    table.title = "sockets by state (/proc, start and end)"
     table.add_column("STATE")
     table.add_column("START", justify="right")
     table.add_column("END", justify="right")
@@ -45,7 +45,7 @@ def print_diagnosis(console: Console, d: Diagnosis, reason: str = "duration") ->
     for v in d.verdicts:
         console.print(verdict_text(v), soft_wrap=False)
     console.print()
-    if d.start is not None or d.end is not None:
+    if d.start or d.end:
         console.print(states_table(d))
     if d.close_wait_owners:
         console.print(Text("owners of CLOSE_WAIT sockets at the end:", style="bold"))

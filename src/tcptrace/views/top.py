@@ -90,7 +90,7 @@ def states_table(overview: Overview) -> Table:
     last = overview.last
     for state, count in overview.states.rows():
         if state == TcpState.TIME_WAIT:
-            rate = overview.timewait.intervals[-1].rate_per_s if overview.timewait.intervals else 0.0
+            rate = overview.tw_rate()
         else:
             rate = last.rate(state) if last is not None else 0.0
         style = "bold red" if state == TcpState.CLOSE_WAIT and count else ""
