@@ -213,6 +213,21 @@ def stream_command(
 
                 print_event(console, event, source.clock_offset_ns)
 
+        lost_seen = 0
+
+        def on_tick(_now_ns: int) -> None:
+            # Losses are shown as they happen, not only in the summary.
+            nonlocal lost_seen
+            lost = int(source.counters().get("lost", 0))
+            if lost > lost_seen:
+                if writer is not None:
+                    writer.write({"type": "lost", "lost": lost, "new": lost - lost_seen})
+                else:
+                    from tcptrace.views.states import print_lost
+
+                    print_lost(console, lost - lost_seen, lost)
+                lost_seen = lost
+
         flag = StopFlag()
         try:
             reason = run(
@@ -220,6 +235,7 @@ def stream_command(
                 on_event,
                 interval_s=interval,
                 duration_s=duration,
+                on_tick=on_tick if source.live else None,
                 flag=flag,
                 watch_pid=flt.pid if source.live else None,
             )

@@ -59,7 +59,7 @@ def finish(proc: subprocess.Popen[str]) -> list[dict[str, object]]:
 def test_ring_buffer_overflow_is_counted_exactly(port: int, tcptrace_cmd: list[str]) -> None:
     """A one-page buffer and a stopped consumer: events are lost, and every one is counted."""
     n = 200
-    proc = start_states(tcptrace_cmd, "--port", str(port), "--ringbuf-pages", "1")
+    proc = start_states(tcptrace_cmd, "--port", str(port), "--ringbuf-pages", "1", "--interval", "0.1")
     os.kill(proc.pid, signal.SIGSTOP)  # the consumer stops reading; the kernel keeps writing
     try:
         churn(port, n)
@@ -73,6 +73,9 @@ def test_ring_buffer_overflow_is_counted_exactly(port: int, tcptrace_cmd: list[s
     assert summary["lost"] > 0
     assert len(events) == summary["events"]
     assert summary["events"] + summary["lost"] == summary["kernel_transitions"] == n * 10 + 2
+    # the loss was announced in the stream as it happened, not only in the summary
+    announced = [o for o in objs if o["type"] == "lost"]
+    assert announced and announced[-1]["lost"] == summary["lost"]
 
 
 def test_two_instances_at_once_see_the_same_events(port: int, tcptrace_cmd: list[str]) -> None:

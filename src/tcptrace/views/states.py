@@ -53,6 +53,18 @@ def print_event(console: Console, event: SocketEvent, offset_ns: int) -> None:
             console.print(line, soft_wrap=True)
 
 
+def print_lost(console: Console, new: int, total: int) -> None:
+    """A warning line in the stream: the kernel could not hand over ``new`` more events."""
+    console.print(
+        Text(
+            f"!! {new} events lost (ring buffer full; {total} in all): "
+            "narrow the filters or raise --ringbuf-pages",
+            style="bold red",
+        ),
+        soft_wrap=True,
+    )
+
+
 def print_summary(console: Console, summary: StatesSummary, counters: dict[str, Any], reason: str) -> None:
     lost = int(counters.get("lost", 0))
     console.print()
