@@ -12,9 +12,9 @@ Percentiles use the nearest-rank definition (the p-th percentile of n samples is
 sample of rank ceil(p/100 * n) in sorted order). From a histogram, the slot that holds
 that rank is known exactly; the estimate spreads the slot's c samples evenly over it
 (the i-th of them at low + (high - low) * (i - 1/2) / c) and is clamped to the known
-maximum; the top rank is the maximum itself. The exact percentile lies in the same slot,
-[low, 2 * low), as the estimate, so the two are within a factor of 2 of each other (and
-equal for slot 0 and for p100 when the maximum is exact).
+maximum; the top rank is the maximum itself when it is exact. The exact percentile lies
+in the same slot, [low, 2 * low), as the estimate, so the two are within a factor of 2 of
+each other (and equal for slot 0 and for p100 when the maximum is exact).
 
 >>> h = Log2Histogram.of([1_000, 1_100, 1_200, 900_000])
 >>> h.count, h.max_ns
@@ -176,7 +176,7 @@ class Log2Histogram:
                 low, high = slot_bounds(slot)
                 if slot == 0:
                     return 0
-                if rank == n and self.max_ns:
+                if rank == n and self.max_ns and self.max_exact:
                     return self.max_ns
                 estimate = low + (high - low) * (2 * (rank - below) - 1) // (2 * c)
                 if self.max_ns:
