@@ -1,0 +1,239 @@
+"""scripts/bench's pure half: parsers, ratios, verdicts and the markdown it writes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from bench.report import (
+    BEGIN_MARK,
+    END_MARK,
+    Run,
+    Scenario,
+    Startup,
+    baseline,
+    cpu_ratio,
+    evaluate_targets,
+    expected_transitions,
+    last_summary,
+    parse_help_commands,
+    parse_possibly_lost,
+    parse_proc_stat_ticks,
+    parse_prometheus_lost,
+    parse_vm_hwm_kb,
+    render_markdown,
+    scenario_table,
+    splice,
+    startup_table,
+    throughput_ratio,
+)
+
+SC = Scenario("client-first", 0, 6.0)
+
+
+def run(tracer: str, conn_per_s: float, connections: int = 60_000, **kw: Any) -> Run:
+    return Run(
+        scenario=SC.key,
+        tracer=tracer,
+        connections=connections,
+        conn_per_s=conn_per_s,
+        expected_transitions=expected_transitions(connections),
+        **kw,
+    )
+
+
+def test_expected_transitions_counts_both_sides_and_the_listener() -> None:
+    assert expected_transitions(0) == 2
+    assert expected_transitions(2500) == 25_002
+
+
+def test_proc_stat_sums_user_system_and_waited_children_after_the_comm() -> None:
+    # comm with spaces and a ')' must not shift the fields
+    text = "1234 (tcp (x) y) S 1 1234 1234 0 -1 4194560 5 0 0 0 250 70 3 2 20 0 3 0 100 0 0\n"
+    assert parse_proc_stat_ticks(text) == 250 + 70 + 3 + 2
+
+
+def test_vm_hwm() -> None:
+    status = "Name:\tpython3\nVmPeak:\t  300000 kB\nVmHWM:\t   181234 kB\nVmRSS:\t 170000 kB\n"
+    assert parse_vm_hwm_kb(status) == 181_234
+    assert parse_vm_hwm_kb("Name:\tkthread\n") is None
+
+
+def test_possibly_lost_lines_are_summed_and_other_stderr_ignored() -> None:
+    stderr = "Possibly lost 12 samples\nsome warning\nPossibly lost 3000 samples\n"
+    assert parse_possibly_lost(stderr) == 3012
+    assert parse_possibly_lost("") == 0
+
+
+def test_help_commands_reads_only_the_command_list() -> None:
+    text = (
+        "Usage: tcptrace [OPTIONS] COMMAND [ARGS]...\n\n  Trace TCP.\n\n  Start with:\n"
+        "    sudo tcptrace doctor   check\n\n"
+        "Options:\n  --version  Show the version and exit.\n  -h, --help  Show this message and exit.\n\n"
+        "Commands:\n  closewait  Time every socket in CLOSE_WAIT and find the code paths that...\n"
+        "  doctor     Check that this machine can trace, and say how to fix what...\n"
+        "  states     Stream every TCP state transition, live.\n"
+    )
+    assert parse_help_commands(text) == ["closewait", "doctor", "states"]
+
+
+def test_prometheus_lost_sums_lost_metrics_only() -> None:
+    text = (
+        "# HELP tcptrace_events_lost_total Events lost\n"
+        "# TYPE tcptrace_events_lost_total counter\n"
+        'tcptrace_events_lost_total{cpu="all"} 17.0\n'
+        "tcptrace_events_lost_created 1.7e9\n"
+        "tcptrace_transitions_total 1000\n"
+    )
+    assert parse_prometheus_lost(text) == 17
+    assert parse_prometheus_lost("tcptrace_transitions_total 3\n") is None
+
+
+def test_last_summary_skips_a_torn_tail_and_events() -> None:
+    tail = (
+        b'{"type":"transition","old":"CLOSE"}\n'
+        b'{"type":"summary","lost":5,"kernel_transitions":10}\n'
+        b'{"type":"trans'  # torn: never a summary
+    )
+    assert last_summary(tail) == {"type": "summary", "lost": 5, "kernel_transitions": 10}
+    assert last_summary(b'{"type":"header"}\n') is None
+
+
+def test_ratios_against_the_mean_untraced_run_and_tcpstates() -> None:
+    runs = [
+        run("untraced", 14_000),
+        run("states", 13_000, cpu_s=1.2),
+        run("tcpstates", 12_000, cpu_s=2.4),
+        run("untraced", 12_000),
+    ]
+    assert baseline(runs, SC.key) == 13_000
+    assert throughput_ratio(runs, runs[1]) == pytest.approx(1.0)
+    assert cpu_ratio(runs, runs[1]) == pytest.approx(0.5)
+    assert runs[1].cpu_per_million == pytest.approx(1.2 / 0.600002)
+
+
+def test_a_failed_untraced_run_is_left_out_of_the_baseline() -> None:
+    runs = [run("untraced", 14_000), run("untraced", 1, error="loadgen exited 1"), run("states", 7_000)]
+    assert baseline(runs, SC.key) == 14_000
+    assert throughput_ratio(runs, runs[2]) == pytest.approx(0.5)
+
+
+def test_targets_met() -> None:
+    n = 60_000
+    runs = [
+        run("untraced", 14_000),
+        run(
+            "states",
+            13_900,
+            cpu_s=1.0,
+            events_received=expected_transitions(n) - 10,
+            lost_reported=10,
+            kernel_transitions=expected_transitions(n),
+        ),
+        run("closewait", 13_800, cpu_s=0.5, lost_reported=0),
+        run("tcpstates", 13_000, cpu_s=3.0, lost_reported=100, events_received=5),
+        run("untraced", 14_000),
+    ]
+    verdicts = {v.target: v for v in evaluate_targets(runs, ["states", "closewait"])}
+    assert verdicts["closewait lose nothing"].met is True
+    assert verdicts["timewait, closelat lose nothing"].met is None  # not present yet
+    assert verdicts["states reports every loss"].met is True
+    assert verdicts["throughput with tcptrace attached >= 95% of untraced"].met is True
+    assert verdicts["tracer CPU per million transitions below tcpstates'"].met is True
+
+
+def test_targets_missed_say_where() -> None:
+    n = 60_000
+    runs = [
+        run("untraced", 10_000),
+        run(
+            "states",
+            9_000,
+            cpu_s=4.0,
+            events_received=1_000,
+            lost_reported=2_000,
+            kernel_transitions=expected_transitions(n) - 5,  # the kernel itself skipped 5
+            recursion_misses=5,
+        ),
+        run("closewait", 9_600, cpu_s=1.0, lost_reported=42),
+        run("tcpstates", 9_900, cpu_s=2.0),
+    ]
+    by = {v.target: v for v in evaluate_targets(runs, ["states", "closewait"])}
+    assert by["closewait lose nothing"].met is False
+    assert "closewait lost 42" in by["closewait lose nothing"].detail
+    states = by["states reports every loss"]
+    assert states.met is False and "received 1,000 + lost 2,000 != kernel" in states.detail
+    throughput = by["throughput with tcptrace attached >= 95% of untraced"]
+    assert (
+        throughput.met is False and "states 90%" in throughput.detail and "closewait" not in throughput.detail
+    )
+    cpu = by["tracer CPU per million transitions below tcpstates'"]
+    assert cpu.met is False and "states 2.00x" in cpu.detail and "closewait" not in cpu.detail
+
+
+def test_states_loss_outside_its_counters_is_a_miss() -> None:
+    n = 1_000
+    total = expected_transitions(n)
+    runs = [
+        run(
+            "states",
+            1_000,
+            connections=n,
+            events_received=total - 7,
+            lost_reported=0,
+            kernel_transitions=total - 7,
+            recursion_misses=7,
+        )
+    ]
+    (verdict,) = [v for v in evaluate_targets(runs, ["states"]) if v.target == "states reports every loss"]
+    assert verdict.met is False
+    assert "7 of the load's transitions neither received nor counted lost" in verdict.detail
+    assert "7 program runs skipped by the kernel" in verdict.detail
+
+
+def test_scenario_table_rows() -> None:
+    runs = [
+        run("untraced", 14_000),
+        run("states", 7_000, cpu_s=3.0, events_received=100, lost_reported=599_902, peak_rss_kb=204_800),
+        run("tcpstates", 13_000, cpu_s=1.5, events_received=200_002, lost_reported=400_000),
+        run("closelat", 0, error="exited 1: boom"),
+    ]
+    table = scenario_table(runs, SC.key).splitlines()
+    assert table[0].startswith("| tracer | conn/s | vs untraced |")
+    untraced = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert untraced == ["untraced", "14,000", "(baseline)", "600,002"] + [""] * 10
+    states = table[3].split(" | ")
+    assert states[:7] == ["| states", "7,000", "50.0%", "600,002", "100", "599,902", "599,902"]
+    assert "2.00x" in states and "200" in states  # CPU vs tcpstates; RSS in MB
+    assert table[5].startswith("| closelat | failed: exited 1: boom |")
+    assert all(line.count("|") == table[0].count("|") for line in table)
+
+
+def test_startup_table_takes_medians_and_marks_non_streams() -> None:
+    runs = [
+        run("states", 1, ready_s=1.0, startup_cpu_s=0.9),
+        run("states", 1, ready_s=3.0, startup_cpu_s=1.1),
+        run("closewait", 1, ready_s=2.0, startup_cpu_s=1.5),
+    ]
+    table = startup_table(runs, [Startup("states", [1.5, 1.2, 9.0])])
+    assert "| states | 2.00 | 1.00 | 1.50 (median of 3) |" in table
+    assert "| closewait | 2.00 | 1.50 | (no event stream) |" in table
+
+
+def test_render_and_json_round_trip() -> None:
+    runs = [run("untraced", 14_000), run("states", 13_000, cpu_s=1.0)]
+    md = render_markdown({"date": "d", "quick": True, "wall_s": 61.0}, [SC], runs, [], ["states"])
+    assert "max churn, client closes first (6 s)" in md
+    assert "`scripts/bench --quick` took 61 s" in md
+    again = Run.from_json(json.loads(json.dumps(runs[1].to_json())))
+    assert again == runs[1]
+
+
+def test_splice_keeps_the_commentary_around_the_marks() -> None:
+    doc = f"# Benchmarks\n\nintro\n\n{BEGIN_MARK}\nold table\n{END_MARK}\n\n## Commentary\nwhy\n"
+    out = splice(doc, "new table\n")
+    assert out == f"# Benchmarks\n\nintro\n\n{BEGIN_MARK}\nnew table\n{END_MARK}\n\n## Commentary\nwhy\n"
+    assert splice(out, "newer") == out.replace("new table", "newer")
+    fresh = splice("# Benchmarks\n", "t")
+    assert fresh == f"# Benchmarks\n\n{BEGIN_MARK}\nt\n{END_MARK}\n"
