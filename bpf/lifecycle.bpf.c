@@ -11,14 +11,6 @@
  */
 #include "common.bpf.h"
 
-#ifdef TT_TIMEWAIT_HOOK
-/* Defined by timewait.bpf.c (the loader sets TT_TIMEWAIT_HOOK when that part
- * is loaded): sees every transition with the socket's owner, before a CLOSE
- * drops the socket from `socks`. */
-static __always_inline void tt_timewait_on_transition(void *ctx, __u64 sk, int o, int n,
-                                                      const struct tt_sock *cur);
-#endif
-
 /* Transitions the kernel makes in the calling process's context. */
 static __always_inline int tt_process_transition(int o, int n)
 {
@@ -65,9 +57,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         bpf_get_current_comm(&cur.owner_comm, sizeof(cur.owner_comm));
     }
 
-#ifdef TT_TIMEWAIT_HOOK
-    tt_timewait_on_transition(args, sk, o, n, &cur);
-#endif
     if (n == TT_TCP_CLOSE) {
         socks.delete(&sk);
         if (o == TT_TCP_LISTEN)

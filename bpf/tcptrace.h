@@ -57,6 +57,7 @@
 #define TT_TW_STAT_ANNOUNCED 9      /* timer_start of a new tw (any filter) */
 #define TT_TW_STAT_CONFIRMED 10     /* ... matched with its full socket's CLOSE */
 #define TT_TW_STAT_MAP_FAIL 11      /* tw table or per-process/destination updates that failed */
+#define TT_TW_STAT_NO_OWNER 12      /* tws of a socket whose owner was never learned (unattributed) */
 #define TT_TW_STAT_MAX 16
 
 /* TCP states as the kernel numbers them (include/net/tcp_states.h). */

@@ -25,14 +25,23 @@
  * timer's next cancel or expiry. A parked tw that dies in FIN_WAIT2 is counted
  * as such, never as TIME_WAIT.
  *
- * Attribution: lifecycle.bpf.c calls tt_timewait_on_transition() on every
- * transition (the loader defines TT_TIMEWAIT_HOOK when this part is loaded);
- * at X->CLOSE of the full socket it finds the tw announced by timer_start
- * (`tw_pending`, by 4-tuple, confirmed by snd_nxt) and gives it the socket's
- * owner: the process that made ESTABLISHED->FIN_WAIT1 (close()/shutdown()).
+ * Attribution: this part keeps its own owner table (`tw_owners`), learned
+ * like lifecycle.bpf.c's where the process itself acts (connect, listen,
+ * close/shutdown; accepted children inherit the listener's). At X->CLOSE of
+ * a full socket it finds the tw announced by timer_start (`tw_pending`, by
+ * 4-tuple, confirmed by snd_nxt) and gives it the owner: for a tw, the
+ * process that made ESTABLISHED->FIN_WAIT1 (its close()/shutdown()).
  *
- * Offsets (TT_SKC_*, TT_TW_*, TT_TIMER_FUNCTION_OFF, TT_TCP_SND_NXT_OFF) come
- * from BTF and TT_TW_TIMER_FN from /proc/kallsyms, all via the loader.
+ * Raw tracepoints only: a classic (perf) tracepoint program is skipped by the
+ * kernel whenever any other BPF program is running on that CPU (the global
+ * bpf_prog_active guard), e.g. when a softirq delivering a FIN interrupts one;
+ * on a busy host that lost ~0.2% of creations (bpftool: recursion_misses). A
+ * raw tracepoint program is only skipped when it interrupts itself, which these
+ * cannot. Raw programs also leave the classic tracepoints to other parts.
+ *
+ * Offsets (TT_SKC_*, TT_TW_*, TT_TIMER_FUNCTION_OFF, TT_TCP_SND_NXT_OFF,
+ * TT_INET_SPORT_OFF, TT_SK_PROTOCOL_OFF) come from BTF and TT_TW_TIMER_FN from
+ * /proc/kallsyms, all via the loader (kernel/loader.py timewait_defines).
  */
 #include "common.bpf.h"
 
@@ -95,6 +104,15 @@ struct tt_tw_owner {
     char comm[TT_COMM_LEN];
 };
 
+/* Owners of full TCP sockets, by skaddr: set at connect (CLOSE->SYN_SENT),
+ * listen, close()/shutdown() (ESTABLISHED->FIN_WAIT1, CLOSE_WAIT->LAST_ACK),
+ * inherited from the listener at LISTEN->SYN_RECV; deleted at X->CLOSE. LRU. */
+BPF_TABLE("lru_hash", __u64, struct tt_tw_owner, tw_owners, TT_MAX_SOCKS);
+
+/* Listeners' owners by (family << 16 | port): inserted at CLOSE->LISTEN,
+ * deleted at LISTEN->CLOSE. */
+BPF_HASH(tw_listeners, __u32, struct tt_tw_owner, TT_MAX_LISTENERS);
+
 /* Exact per-CPU counters (TT_TW_STAT_*), summed by the user side. */
 BPF_PERCPU_ARRAY(tw_stats, __u64, TT_TW_STAT_MAX);
 
@@ -117,7 +135,7 @@ BPF_HASH(tw_dests, struct tt_tw_dest, __u64, TT_MAX_TW_DESTS);
 
 /* Owners of sockets that just reached CLOSE, by skaddr: an abortive close()
  * (SO_LINGER 0, unread data) sends its RST after the CLOSE transition, when
- * lifecycle has forgotten the socket. Inserted at every X->CLOSE; LRU. */
+ * tw_owners has forgotten the socket. Inserted at every X->CLOSE; LRU. */
 BPF_TABLE("lru_hash", __u64, struct tt_tw_owner, tw_closed, TT_MAX_TW_CLOSED);
 
 static __always_inline void tt_tw_stat(__u32 idx)
@@ -241,16 +259,19 @@ static __always_inline void tt_tw_converted(void *ctx, __u64 tw, struct tt_tw *w
     tt_tw_emit(ctx, TT_TW_CONVERTED, tw, w, TT_TCP_TIME_WAIT, now - w->created_ns, how);
 }
 
-/* Called by lifecycle.bpf.c for every TCP transition, with the socket's owner. */
-static __always_inline void tt_timewait_on_transition(void *ctx, __u64 sk, int o, int n,
-                                                      const struct tt_sock *cur)
+/* Transitions the kernel makes in the calling process's context (as lifecycle.bpf.c). */
+static __always_inline int tt_tw_process_transition(int o, int n)
 {
-    if (n != TT_TCP_CLOSE)
-        return;
-    struct tt_tw_owner owner = {.tgid = cur->owner_tgid};
-    __builtin_memcpy(owner.comm, cur->owner_comm, TT_COMM_LEN);
-    tw_closed.update(&sk, &owner);
+    return (o == TT_TCP_CLOSE && n == TT_TCP_SYN_SENT)        /* connect() */
+        || (o == TT_TCP_CLOSE && n == TT_TCP_LISTEN)          /* listen() */
+        || (o == TT_TCP_ESTABLISHED && n == TT_TCP_FIN_WAIT1) /* close()/shutdown() */
+        || (o == TT_TCP_CLOSE_WAIT && n == TT_TCP_LAST_ACK);  /* close()/shutdown() */
+}
 
+/* A full socket reaches CLOSE: if timer_start announced a tw for its 4-tuple and
+ * snd_nxt, that tw replaced it (tcp_time_wait calls tcp_done right after). */
+static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_tw_owner *owner)
+{
     struct tt_tw_tuple t = {};
     tt_tw_read_tuple((const char *)sk, &t, 1);
     struct tt_tw_pending *p = tw_pending.lookup(&t);
@@ -264,13 +285,15 @@ static __always_inline void tt_timewait_on_transition(void *ctx, __u64 sk, int o
     tw_pending.delete(&t);
     tt_tw_stat(TT_TW_STAT_CONFIRMED);
 
-    if (!tt_keep(t.family, t.sport, t.dport, cur->owner_tgid, cur->owner_comm))
+    if (!tt_keep(t.family, t.sport, t.dport, owner->tgid, owner->comm))
         return;
+    if (!owner->tgid)
+        tt_tw_stat(TT_TW_STAT_NO_OWNER);
     struct tt_tw w = {};
     w.created_ns = bpf_ktime_get_ns();
     w.snd_nxt = ann.snd_nxt;
-    w.owner_tgid = cur->owner_tgid;
-    __builtin_memcpy(w.owner_comm, cur->owner_comm, TT_COMM_LEN);
+    w.owner_tgid = owner->tgid;
+    __builtin_memcpy(w.owner_comm, owner->comm, TT_COMM_LEN);
     w.substate = ann.substate;
     w.t = t;
     if (ann.substate == TT_TCP_TIME_WAIT) {
@@ -290,11 +313,60 @@ static __always_inline void tt_timewait_on_transition(void *ctx, __u64 sk, int o
     tt_tw_emit(ctx, TT_TW_CREATED, ann.tw, &w, ann.substate, 0, 0);
 }
 
-TRACEPOINT_PROBE(timer, timer_start)
+/* inet_sock_set_state(sk, oldstate, newstate): owners, and the CLOSE of replaced sockets. */
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
-    if ((__u64)args->function != TT_TW_TIMER_FN)
+    const char *skp = (const char *)ctx->args[0];
+    int o = (int)ctx->args[1], n = (int)ctx->args[2];
+    __u16 protocol = 0, family = 0, sport = 0;
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), skp + TT_SK_PROTOCOL_OFF);
+    if (protocol != TT_IPPROTO_TCP)
         return 0;
-    const char *tw = (const char *)args->timer - TT_TW_TIMER_OFF;
+    __u64 sk = (__u64)skp;
+    bpf_probe_read_kernel(&family, sizeof(family), skp + TT_SKC_FAMILY_OFF);
+    bpf_probe_read_kernel(&sport, sizeof(sport), skp + TT_INET_SPORT_OFF);
+    __u32 lkey = ((__u32)family << 16) | __builtin_bswap16(sport);
+
+    if (tt_tw_process_transition(o, n)) {
+        struct tt_tw_owner me = {.tgid = bpf_get_current_pid_tgid() >> 32};
+        bpf_get_current_comm(&me.comm, sizeof(me.comm));
+        if (tw_owners.update(&sk, &me))
+            tt_tw_stat(TT_TW_STAT_MAP_FAIL);
+        if (n == TT_TCP_LISTEN && tw_listeners.update(&lkey, &me))
+            tt_tw_stat(TT_TW_STAT_MAP_FAIL);
+        return 0;
+    }
+    if (n == TT_TCP_SYN_RECV) {
+        struct tt_tw_owner *l = tw_listeners.lookup(&lkey);
+        if (l && tw_owners.update(&sk, l))
+            tt_tw_stat(TT_TW_STAT_MAP_FAIL);
+        return 0;
+    }
+    if (n != TT_TCP_CLOSE)
+        return 0;
+    if (o == TT_TCP_LISTEN)
+        tw_listeners.delete(&lkey);
+    struct tt_tw_owner owner = {};
+    struct tt_tw_owner *known = tw_owners.lookup(&sk);
+    if (known) {
+        owner = *known;
+        tw_owners.delete(&sk);
+    }
+    /* An abortive close() sends its RST after this transition. */
+    tw_closed.update(&sk, &owner);
+    tt_tw_confirm(ctx, sk, &owner);
+    return 0;
+}
+
+/* timer_start(timer, bucket_expiry): a new tw is announced; a known one re-armed. */
+RAW_TRACEPOINT_PROBE(timer_start)
+{
+    const char *timer = (const char *)ctx->args[0];
+    __u64 fn = 0;
+    bpf_probe_read_kernel(&fn, sizeof(fn), timer + TT_TIMER_FUNCTION_OFF);
+    if (fn != TT_TW_TIMER_FN)
+        return 0;
+    const char *tw = timer - TT_TW_TIMER_OFF;
     __u64 twaddr = (__u64)tw;
     __u8 sub = tt_tw_substate(tw);
     __u32 snd_nxt = tt_tw_snd_nxt(tw);
@@ -303,7 +375,7 @@ TRACEPOINT_PROBE(timer, timer_start)
     if (w && w->snd_nxt == snd_nxt) {
         /* A re-arm of a tw we know: the FIN reached it (or a retransmitted FIN). */
         if (sub == TT_TCP_TIME_WAIT)
-            tt_tw_converted(args, twaddr, w, TT_TW_HOW_FIN);
+            tt_tw_converted(ctx, twaddr, w, TT_TW_HOW_FIN);
         return 0;
     }
     /* A new tw: announce it to its full socket's X->CLOSE, which follows. */
@@ -315,35 +387,42 @@ TRACEPOINT_PROBE(timer, timer_start)
     return 0;
 }
 
-TRACEPOINT_PROBE(timer, timer_cancel)
+/* timer_cancel(timer): a re-arm, the expiry (timer_expire_entry follows), or a kill. */
+RAW_TRACEPOINT_PROBE(timer_cancel)
 {
+    const char *timer = (const char *)ctx->args[0];
     __u64 fn = 0;
-    bpf_probe_read_kernel(&fn, sizeof(fn), (const char *)args->timer + TT_TIMER_FUNCTION_OFF);
+    bpf_probe_read_kernel(&fn, sizeof(fn), timer + TT_TIMER_FUNCTION_OFF);
     if (fn != TT_TW_TIMER_FN)
         return 0;
-    const char *tw = (const char *)args->timer - TT_TW_TIMER_OFF;
+    const char *tw = timer - TT_TW_TIMER_OFF;
     __u64 twaddr = (__u64)tw;
     struct tt_tw *w = tws.lookup(&twaddr);
     if (!w || w->snd_nxt != tt_tw_snd_nxt(tw))
         return 0;
     __u8 sub = tt_tw_substate(tw);
     if (sub == TT_TCP_TIME_WAIT) {
-        /* A re-arm, the expiry or an early kill: whichever, it was TIME_WAIT. */
-        tt_tw_converted(args, twaddr, w, TT_TW_HOW_TIMER);
+        /* Whichever of the three, it was TIME_WAIT. */
+        tt_tw_converted(ctx, twaddr, w, TT_TW_HOW_TIMER);
         return 0;
     }
-    /* Still FIN_WAIT2: a parked tw dies (timeout or kill), never TIME_WAIT. */
+    /* Still FIN_WAIT2: a parked tw dies (timeout or kill), never TIME_WAIT (a
+     * re-arm only follows the change to TIME_WAIT). */
     tt_tw_stat(TT_TW_STAT_PARKED_ENDED);
-    tt_tw_emit(args, TT_TW_PARKED_ENDED, twaddr, w, sub, bpf_ktime_get_ns() - w->created_ns, 0);
+    tt_tw_emit(ctx, TT_TW_PARKED_ENDED, twaddr, w, sub, bpf_ktime_get_ns() - w->created_ns, 0);
     tws.delete(&twaddr);
     return 0;
 }
 
-TRACEPOINT_PROBE(timer, timer_expire_entry)
+/* timer_expire_entry(timer, baseclk): a tw's time is up. */
+RAW_TRACEPOINT_PROBE(timer_expire_entry)
 {
-    if ((__u64)args->function != TT_TW_TIMER_FN)
+    const char *timer = (const char *)ctx->args[0];
+    __u64 fn = 0;
+    bpf_probe_read_kernel(&fn, sizeof(fn), timer + TT_TIMER_FUNCTION_OFF);
+    if (fn != TT_TW_TIMER_FN)
         return 0;
-    __u64 twaddr = (__u64)args->timer - TT_TW_TIMER_OFF;
+    __u64 twaddr = (__u64)timer - TT_TW_TIMER_OFF;
     struct tt_tw *w = tws.lookup(&twaddr);
     if (!w || w->snd_nxt != tt_tw_snd_nxt((const char *)twaddr))
         return 0;
@@ -353,13 +432,11 @@ TRACEPOINT_PROBE(timer, timer_expire_entry)
     return 0;
 }
 
-/* bcc declares kfree_skb's `reason` field with the kernel's enum type, which the
- * (older) installed headers may lack; the field is not read. */
-enum skb_drop_reason { TT_SKB_DROP_REASON_UNREAD };
-
-TRACEPOINT_PROBE(skb, kfree_skb)
+/* kfree_skb(skb, location, reason, rx_sk): the FIN that reached a parked tw is
+ * freed here with rx_sk == tw, after the tw turned TIME_WAIT. */
+RAW_TRACEPOINT_PROBE(kfree_skb)
 {
-    const char *sk = (const char *)args->rx_sk;
+    const char *sk = (const char *)ctx->args[3];
     if (!sk)
         return 0;
     __u8 state = 0;
@@ -371,44 +448,39 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     if (!w || w->counted || w->snd_nxt != tt_tw_snd_nxt(sk))
         return 0;
     if (tt_tw_substate(sk) == TT_TCP_TIME_WAIT)
-        tt_tw_converted(args, twaddr, w, TT_TW_HOW_FIN);
+        tt_tw_converted(ctx, twaddr, w, TT_TW_HOW_FIN);
     return 0;
 }
 
-/* Who owns the socket an RST is sent or received on: lifecycle's table, else
- * the socket that just reached CLOSE (an abortive close() sends its RST after
- * the transition), else a tw of ours. */
-static __always_inline int tt_tw_reset_owner(__u64 sk, int state, struct tt_tw_owner *out)
+/* Who owns the socket an RST is sent or received on: our owner table, else the
+ * socket that just reached CLOSE (an abortive close() sends its RST after the
+ * transition), else a tw of ours. */
+static __always_inline void tt_tw_reset_owner(__u64 sk, int state, struct tt_tw_owner *out)
 {
-    struct tt_sock *s = socks.lookup(&sk);
-    if (s) {
-        out->tgid = s->owner_tgid;
-        __builtin_memcpy(out->comm, s->owner_comm, TT_COMM_LEN);
-        return 1;
-    }
-    struct tt_tw_owner *c = tw_closed.lookup(&sk);
-    if (c) {
-        *out = *c;
-        return 1;
+    struct tt_tw_owner *o = tw_owners.lookup(&sk);
+    if (!o)
+        o = tw_closed.lookup(&sk);
+    if (o) {
+        *out = *o;
+        return;
     }
     if (state == TT_TCP_TIME_WAIT) {
         struct tt_tw *w = tws.lookup(&sk);
         if (w) {
             out->tgid = w->owner_tgid;
             __builtin_memcpy(out->comm, w->owner_comm, TT_COMM_LEN);
-            return 1;
         }
     }
-    return 0;
 }
 
-static __always_inline void tt_tw_reset(void *ctx, __u64 sk, int state, __u8 op, __u32 stat)
+static __always_inline void tt_tw_reset(void *ctx, __u64 sk, __u8 op, __u32 stat)
 {
+    __u8 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), (const char *)sk + TT_SKC_STATE_OFF);
     struct tt_tw_owner owner = {};
     tt_tw_reset_owner(sk, state, &owner);
     struct tt_tw w = {};
-    tt_tw_read_tuple((const char *)sk, &w.t,
-                     state != TT_TCP_TIME_WAIT && state != TT_TCP_NEW_SYN_RECV);
+    tt_tw_read_tuple((const char *)sk, &w.t, state != TT_TCP_TIME_WAIT && state != TT_TCP_NEW_SYN_RECV);
     if (!tt_keep(w.t.family, w.t.sport, w.t.dport, owner.tgid, owner.comm))
         return;
     tt_tw_stat(stat);
@@ -427,28 +499,22 @@ static __always_inline void tt_tw_reset(void *ctx, __u64 sk, int state, __u8 op,
     tt_tw_emit(ctx, op, sk, &w, state, 0, 0);
 }
 
-/* RSTs sent on a socket (an abortive close, a reply from a tw). Replies to
- * segments that found no socket (skaddr NULL) belong to no process: skipped.
- * Not a TRACEPOINT_PROBE: closelat.bpf.c has one on this tracepoint, and bcc
- * allows one per translation unit. The loader attaches it (Part.attach) and
- * passes the record's field offsets from tracefs. */
-int tt_tw_send_reset(void *ctx)
+/* tcp_send_reset(sk, skb, reason): an RST sent on a socket (an abortive close, a
+ * reply from a tw). Replies to segments that found no socket (sk NULL) belong to
+ * no process: skipped. */
+RAW_TRACEPOINT_PROBE(tcp_send_reset)
 {
-    __u64 sk = *(__u64 *)((char *)ctx + TT_TP_SEND_RESET_SKADDR_OFF);
-    int state = *(int *)((char *)ctx + TT_TP_SEND_RESET_STATE_OFF);
-    if (!sk)
-        return 0;
-    tt_tw_reset(ctx, sk, state, TT_TW_RESET_SENT, TT_TW_STAT_RESETS_SENT);
+    __u64 sk = (__u64)ctx->args[0];
+    if (sk)
+        tt_tw_reset(ctx, sk, TT_TW_RESET_SENT, TT_TW_STAT_RESETS_SENT);
     return 0;
 }
 
-TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+/* tcp_receive_reset(sk): an RST received on a socket. */
+RAW_TRACEPOINT_PROBE(tcp_receive_reset)
 {
-    __u64 sk = (__u64)args->skaddr;
-    if (!sk)
-        return 0;
-    __u8 state = 0;
-    bpf_probe_read_kernel(&state, sizeof(state), (const char *)sk + TT_SKC_STATE_OFF);
-    tt_tw_reset(args, sk, state, TT_TW_RESET_RECEIVED, TT_TW_STAT_RESETS_RECEIVED);
+    __u64 sk = (__u64)ctx->args[0];
+    if (sk)
+        tt_tw_reset(ctx, sk, TT_TW_RESET_RECEIVED, TT_TW_STAT_RESETS_RECEIVED);
     return 0;
 }

@@ -90,12 +90,13 @@ def run_timewait(
     else:
         from tcptrace.kernel.loader import PARTS, load
         from tcptrace.kernel.stream import KernelStream
-        from tcptrace.kernel.timewait import TIMEWAIT_DEFINES, TimewaitReader
+        from tcptrace.kernel.timewait import TimewaitReader
 
         settings = read_settings()
         status = make_console(stderr=True)
         with status.status("compiling and attaching BPF programs…"):
-            program = load([PARTS["lifecycle"], PARTS["timewait"]], flt, defines=TIMEWAIT_DEFINES)
+            # timewait.bpf.c keeps its own owner table: no lifecycle part needed.
+            program = load([PARTS["timewait"]], flt)
         try:
             stream = KernelStream(program, flt)
             reader = TimewaitReader(program)

@@ -149,9 +149,6 @@ class Part:
 
     ``fd_walk``: the part calls tt_fd_to_tcp_sock(), which needs more offsets and a symbol.
     ``defines``: the part's own -D values (BTF offsets, symbols), computed when it is loaded.
-    ``attach``: (group, name, function) tracepoints the loader attaches by hand after
-    compiling, for a function that cannot be a TRACEPOINT_PROBE because another part already
-    has one on that tracepoint (bcc allows one per tracepoint and translation unit).
     """
 
     file: str
@@ -159,7 +156,6 @@ class Part:
     feature: str
     fd_walk: bool = False
     defines: Callable[[Btf], dict[str, int]] | None = None
-    attach: tuple[tuple[str, str, str], ...] = ()
 
 
 LIFECYCLE = Part("lifecycle.bpf.c", (("sock", "inet_sock_set_state"),), "TCP state transitions")
@@ -191,24 +187,11 @@ CLOSELAT = Part(
     fd_walk=True,
 )
 
-def tracepoint_field_offset(group: str, name: str, fld: str) -> int:
-    """Byte offset of field ``fld`` in a tracepoint's record, from its tracefs format file."""
-    path = os.path.join(ensure_tracefs(), "events", group, name, "format")
-    try:
-        with open(path) as fh:
-            for line in fh:
-                m = re.search(r"field:[^;]*[\s*]" + re.escape(fld) + r"(\[\d+\])?;\s*offset:(\d+);", line)
-                if m:
-                    return int(m.group(2))
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot read {path}: {exc.strerror}") from None
-    raise EnvironmentProblem(f"tracepoint {group}:{name} has no field {fld}")
-
-
 def timewait_defines(btf: Btf) -> dict[str, int]:
-    """What timewait.bpf.c reads of timewait sockets, their timer and tcp_sock (see that file)."""
+    """What timewait.bpf.c reads of timewait sockets, their timer and tcp_sock (see that file).
+
+    Its programs are raw tracepoints (the list in TIMEWAIT is checked all the same)."""
     return {
-        "TT_TIMEWAIT_HOOK": 1,
         "TT_SKC_FAMILY_OFF": btf.member_offset("sock_common", "skc_family"),
         "TT_SKC_STATE_OFF": btf.member_offset("sock_common", "skc_state"),
         "TT_SKC_NUM_OFF": btf.member_offset("sock_common", "skc_num"),
@@ -224,8 +207,7 @@ def timewait_defines(btf: Btf) -> dict[str, int]:
         "TT_TCP_SND_NXT_OFF": btf.member_offset("tcp_sock", "snd_nxt"),
         "TT_INET_SPORT_OFF": btf.member_offset("inet_sock", "inet_sport"),
         "TT_TW_TIMER_FN": kallsyms_address("tw_timer_handler"),
-        "TT_TP_SEND_RESET_SKADDR_OFF": tracepoint_field_offset("tcp", "tcp_send_reset", "skaddr"),
-        "TT_TP_SEND_RESET_STATE_OFF": tracepoint_field_offset("tcp", "tcp_send_reset", "state"),
+        "TT_SK_PROTOCOL_OFF": btf.member_offset("sock", "sk_protocol"),
     }
 
 
@@ -241,7 +223,6 @@ TIMEWAIT = Part(
     ),
     "TIME_WAIT creation (timewait)",
     defines=timewait_defines,
-    attach=(("tcp", "tcp_send_reset", "tt_tw_send_reset"),),
 )
 
 # Program parts by the name commands ask for them with (see cli.open_source).
@@ -443,12 +424,6 @@ def load(
         raise _compile_error(str(failure), captured[0] if captured else "") from None
     try:
         _fill_filter_maps(bpf, flt)
-        for part in parts:
-            for group, name, fn_name in part.attach:
-                try:
-                    bpf.attach_tracepoint(tp=f"{group}:{name}", fn_name=fn_name)
-                except Exception as exc:  # bcc raises bare Exception
-                    raise CompileError(f"cannot attach {fn_name} to {group}:{name}: {exc}") from None
     except Exception:
         bpf.cleanup()
         raise

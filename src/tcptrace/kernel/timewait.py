@@ -27,11 +27,9 @@ STAT_NAMES = (
     "announced",
     "confirmed",
     "map_failed",
+    "no_owner",
 )
 
-# What the timewait command compiles with: lifecycle keeps the socket table (owners) and
-# calls the timewait hook, but emits no transition events.
-TIMEWAIT_DEFINES = {"TT_NO_TRANSITION_EVENTS": 1}
 
 
 class TimewaitReader:
