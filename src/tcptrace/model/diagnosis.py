@@ -258,14 +258,21 @@ def _where(path: CodePath | None) -> str | None:
 
 
 def _per_minute(count: int, seconds: float) -> str:
+    """How fast sockets leak, in words; a rate only from a window long enough to tell.
+
+    >>> _per_minute(30, 600.0), _per_minute(10, 10.0), _per_minute(3, 0.5)
+    ('about 3 sockets a minute', '10 sockets in 10 s (about 60 a minute)', '3 sockets in 0.5 s')
+    """
+    span = f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
     if seconds <= 0:
         return f"{count} sockets"
     rate = count / seconds * 60
-    if rate >= 10:
-        return f"about {rate:.0f} sockets a minute"
-    if rate >= 1:
-        return f"about {rate:.1f} sockets a minute".replace(".0 ", " ")
-    return f"{count} sockets in {seconds:.0f} s"
+    rate_text = f"{rate:.0f}" if rate >= 10 else f"{rate:.1f}".removesuffix(".0")
+    if seconds >= 60:
+        return f"about {rate_text} sockets a minute"
+    if seconds >= 5:
+        return f"{count} sockets in {span} (about {rate_text} a minute)"
+    return f"{count} sockets in {span}"
 
 
 def _age(ns: int) -> str:
@@ -395,6 +402,26 @@ def diagnose(
     groups = tracker.suspects(now)
     for g in groups:
         verdicts.append(_leak_verdict(g, window_s, overview.start_ns, tracker.open.values()))
+
+    # Open at the end but younger than the threshold: too early to call.
+    young = [
+        s for s in tracker.open.values() if not s.preexisting and s.age_ns(now) < tracker.threshold_ns
+    ]
+    if young:
+        eof = sum(1 for s in young if s.eof_ns is not None)
+        owners_young = Counter((s.pid, s.comm) for s in young)
+        verdicts.append(
+            Verdict(
+                "warning" if eof else "info",
+                "close_wait_young",
+                f"{len(young)} sockets entered CLOSE_WAIT and were still there at the end, for less "
+                f"than the threshold ({_age(tracker.threshold_ns)})"
+                + (f"; the app had already read EOF on {eof} of them" if eof else "")
+                + ": observe longer (--duration) to tell a leak from slow processing",
+                tuple(f"{_owner_text(p, c)}: {n}" for (p, c), n in owners_young.most_common(5)),
+                data={"count": len(young), "eof_seen": eof},
+            )
+        )
 
     # 2. Stuck across the window (present in both snapshots).
     stuck = _stuck(start, end) if start is not None and end is not None else []

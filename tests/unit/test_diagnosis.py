@@ -1,0 +1,287 @@
+"""Verdicts with evidence, on generated streams, host snapshots and a recording."""
+
+from __future__ import annotations
+
+import doctest
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import tcptrace.model.diagnosis
+from tcptrace.cli import cli
+from tcptrace.model.diagnosis import HostSnapshot, HostSocket, Verdict, app_frame, diagnose
+from tcptrace.model.events import Op, TcpState, TimeWaitEvent, TwWhat
+from tcptrace.model.overview import Overview, StateCounts
+from tcptrace.system.sysctl import TcpSettings
+from tcptrace.views.report import render_report
+from tests.unit.test_lifecycle import touch, tr
+
+S = TcpState
+NS = 1_000_000_000
+MS = 1_000_000
+DATA = Path(__file__).parent.parent / "data"
+
+ORIGIN = ("accept+0x10 [libc.so.6]", "handle_conn+0x4f [myserver]", "main+0x20 [myserver]")
+EOF_AT = ("recv+0x19 [libc.so.6]", "read_request+0x22 [myserver]", "handle_conn+0x60 [myserver]")
+
+
+def test_doctests() -> None:
+    assert doctest.testmod(tcptrace.model.diagnosis).failed == 0
+
+
+def leak(ov: Overview, sk: int, pid: int, ts: int, last: tuple[str, ...] = EOF_AT, eof: bool = True) -> None:
+    """A socket accepted by ``pid``; the peer closes; the app reads (EOF or not) and never closes."""
+    peer = f"10.0.{sk // 250}.{sk % 250}"
+    ov.feed(tr(ts + 1, sk, S.LISTEN, S.SYN_RECV, pid=pid, daddr=peer))
+    ov.feed(tr(ts + 2, sk, S.SYN_RECV, S.ESTABLISHED, pid=pid, daddr=peer))
+    ov.feed(touch(ts + 3, sk, Op.ACCEPT, pid, ustack=ORIGIN))
+    ov.feed(tr(ts + 10, sk, S.ESTABLISHED, S.CLOSE_WAIT, pid=pid, daddr=peer))
+    ov.feed(touch(ts + 11, sk, Op.RECV if eof else Op.SEND, pid, ret=0 if eof else 5, ustack=last))
+
+
+def closed_ok(ov: Overview, sk: int, pid: int, ts: int) -> None:
+    leak(ov, sk, pid, ts)
+    ov.feed(tr(ts + 20 * MS, sk, S.CLOSE_WAIT, S.LAST_ACK, pid=pid))
+    ov.feed(tr(ts + 21 * MS, sk, S.LAST_ACK, S.CLOSE, pid=pid))
+
+
+def topics(verdicts: list[Verdict]) -> list[str]:
+    return [v.topic for v in verdicts]
+
+
+def test_leak_named_with_pid_rate_and_functions() -> None:
+    ov = Overview(threshold_ns=5 * NS)
+    ov.start(0)
+    for i in range(6):  # six leaks over a 120 s window: 3 a minute
+        leak(ov, 100 + i, 1234, i * 10 * NS)
+    for i in range(4):
+        closed_ok(ov, 200 + i, 1234, i * NS)
+    ov.tick(120 * NS)
+    d = diagnose(ov)
+    (v,) = [v for v in d.verdicts if v.topic == "close_wait_leak"]
+    assert v.severity == "problem" and v.pid == 1234 and v.comm == "p1234"
+    assert v.text == (
+        "pid 1234 (p1234) leaks about 3 sockets a minute in CLOSE_WAIT; they were accepted at "
+        "handle_conn+0x4f and the app read EOF at read_request+0x22 without closing: look for an "
+        "error path that skips close()"
+    )
+    assert v.functions == ("handle_conn", "read_request")
+    assert v.data["count"] == 6 and v.data["eof_seen"] == 6
+    assert any("6 distinct remotes" in e for e in v.evidence)
+    assert d.close_wait_entered == 10 and d.close_wait_closed == 4
+    assert d.worst == "problem"
+    assert "healthy" not in topics(d.verdicts)
+    json.dumps(d.to_json())  # serializable
+
+
+def test_two_code_paths_two_verdicts_and_young_sockets_counted_in_the_rate() -> None:
+    ov = Overview(threshold_ns=5 * NS)
+    ov.start(0)
+    leak(ov, 1, 7, 0)
+    leak(ov, 2, 7, 1 * NS, last=("send+0x5 [libc.so.6]", "flush_reply+0x9 [myserver]"), eof=False)
+    leak(ov, 3, 7, 58 * NS)  # 2 s old at the end: not a suspect yet, but the same path
+    ov.tick(60 * NS)
+    d = diagnose(ov)
+    leaks = [v for v in d.verdicts if v.topic == "close_wait_leak"]
+    assert len(leaks) == 2
+    by_touch = {v.data["last_touch"]: v for v in leaks}
+    assert by_touch["read_request+0x22"].data["new_in_window"] == 2
+    assert "about 2 sockets a minute" in by_touch["read_request+0x22"].text
+    never = by_touch["flush_reply+0x9"]
+    assert "never read the EOF" in never.text and "flush_reply+0x9 (send)" in never.text
+    young = [v for v in d.verdicts if v.topic == "close_wait_young"]
+    assert young and young[0].data == {"count": 1, "eof_seen": 1}
+
+
+def test_healthy_when_every_socket_is_closed() -> None:
+    ov = Overview(threshold_ns=NS)
+    ov.start(0)
+    for i in range(5):
+        closed_ok(ov, i + 1, 3, i * NS)
+    ov.tick(10 * NS)
+    d = diagnose(ov)
+    assert [v.severity for v in d.verdicts] == ["ok"]
+    assert d.verdicts[0].evidence == ("5 sockets entered CLOSE_WAIT, 5 were closed by their app",)
+    assert len(d.time_to_close) == 5
+
+
+def cw(sport: int, dport: int, daddr: str, pid: int | None = 42, inode: int = 0) -> HostSocket:
+    return HostSocket(4, "10.0.0.1", sport, daddr, dport, S.CLOSE_WAIT, inode or dport, pid, "srv")
+
+
+def test_stuck_across_the_window_and_remote_grouping() -> None:
+    start = HostSnapshot(
+        0,
+        (
+            cw(80, 1000, "192.0.2.7"),
+            cw(80, 1001, "192.0.2.7"),
+            cw(80, 1002, "192.0.2.8"),  # gone by the end
+            HostSocket(4, "10.0.0.1", 80, "0.0.0.0", 0, S.LISTEN, 5, 42, "srv"),
+        ),
+    )
+    end = HostSnapshot(
+        30 * NS,
+        (
+            cw(80, 1000, "192.0.2.7"),
+            cw(80, 1001, "192.0.2.7"),
+            cw(80, 1003, "192.0.2.7"),  # new
+            cw(80, 1001, "192.0.2.7", inode=99),  # same tuple, another socket: not stuck
+            HostSocket(4, "10.0.0.1", 80, "0.0.0.0", 0, S.LISTEN, 5, 42, "srv"),
+        ),
+    )
+    ov = Overview()
+    ov.start(0)
+    ov.tick(30 * NS)
+    d = diagnose(ov, start=start, end=end)
+    (stuck,) = [v for v in d.verdicts if v.topic == "close_wait_stuck"]
+    assert stuck.pid == 42 and stuck.severity == "problem"
+    assert "holds 2 sockets in CLOSE_WAIT that were there at the start and still are after 30 s" in stuck.text
+    assert {s.sock.dport for s in d.stuck} == {1000, 1001}
+    (rem,) = [v for v in d.verdicts if v.topic == "close_wait_remotes"]
+    assert "4 sockets in CLOSE_WAIT at the end (was 3 at start)" in rem.text
+    assert "one remote dominates" in rem.text and "192.0.2.7" in rem.text
+    assert d.start == {S.CLOSE_WAIT: 3, S.LISTEN: 1} and d.end == {S.CLOSE_WAIT: 4, S.LISTEN: 1}
+    assert d.close_wait_owners[0].pid == 42 and d.close_wait_owners[0].count == 4
+
+
+def test_many_distinct_remotes_point_at_the_application() -> None:
+    socks = tuple(cw(80, 2000 + i, f"198.51.100.{i}") for i in range(5))
+    ov = Overview()
+    ov.start(0)
+    d = diagnose(ov, start=HostSnapshot(0, ()), end=HostSnapshot(NS, socks))
+    (rem,) = [v for v in d.verdicts if v.topic == "close_wait_remotes"]
+    assert "5 distinct remotes, at most 1 each" in rem.text and "own error path" in rem.text
+
+
+def tw_created(ts: int, pid: int, dport: int = 443) -> TimeWaitEvent:
+    return TimeWaitEvent(
+        ts_ns=ts,
+        skaddr=ts + 1,
+        saddr="10.0.0.1",
+        sport=40000,
+        daddr="10.0.0.2",
+        dport=dport,
+        pid=pid,
+        comm="client",
+        what=TwWhat.CREATED,
+        substate=S.TIME_WAIT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("ports", "severity", "phrase"),
+    [
+        ((32768, 60999), "info", "the port range holds it"),
+        ((60000, 60999), "problem", "exhaustion ('Cannot assign requested address')"),
+        ((50000, 60999), "warning", "reuse connections before load grows"),
+    ],
+)
+def test_time_wait_against_the_port_range(ports: tuple[int, int], severity: str, phrase: str) -> None:
+    ov = Overview()
+    ov.start(0)
+    for i in range(1000):  # 100 a second for 10 s: ~6000 held at steady state
+        ov.feed(tw_created(i * 10 * MS, 9))
+    ov.tick(10 * NS)
+    settings = TcpSettings(port_range=ports, tw_reuse=0, max_tw_buckets=262144, fin_timeout=60)
+    d = diagnose(ov, settings=settings)
+    (v,) = [v for v in d.verdicts if v.topic == "time_wait"]
+    assert v.pid == 9 and v.severity == severity
+    assert "pid 9 (client) creates about 100.0 TIME_WAIT sockets a second" in v.text
+    assert phrase in v.text
+    assert d.tw_created == 1000 and d.ports == ports[1] - ports[0] + 1
+    assert any(a.setting == "net.ipv4.tcp_tw_reuse" for a in d.settings)
+
+
+def test_losses_make_a_warning() -> None:
+    ov = Overview()
+    ov.start(0)
+    d = diagnose(ov, lost=12)
+    assert "lost_events" in topics(d.verdicts)
+    assert d.worst == "warning"
+
+
+def test_app_frame_skips_plumbing() -> None:
+    assert app_frame(["[unknown] [srv]", "accept+0x10 [libc.so.6]", "loop+0x1 [srv]"]) == "loop+0x1"
+    assert app_frame(["__libc_start_call_main+0x7a [libc.so.6]"]) is None
+    assert app_frame([]) is None
+
+
+def test_state_counts_seed_plus_transitions() -> None:
+    sc = StateCounts()
+    sc.seed([S.LISTEN, S.ESTABLISHED, S.ESTABLISHED, S.TIME_WAIT], at_ns=100)
+    sc.feed(tr(50, 1, S.ESTABLISHED, S.CLOSE_WAIT))  # before the seed: already in it
+    sc.feed(tr(200, 2, S.LISTEN, S.SYN_RECV))  # a child is born; the listener stays
+    sc.feed(tr(201, 2, S.SYN_RECV, S.ESTABLISHED))
+    sc.feed(tr(202, 3, S.ESTABLISHED, S.CLOSE_WAIT))
+    sc.feed(tr(203, 4, S.ESTABLISHED, S.FIN_WAIT1))
+    sc.feed(tr(204, 4, S.FIN_WAIT1, S.FIN_WAIT2))
+    sc.feed(tr(205, 4, S.FIN_WAIT2, S.CLOSE))
+    sc.feed(tw_created(206, 1))
+    counts = dict(sc.rows())
+    assert counts[S.LISTEN] == 1 and counts[S.ESTABLISHED] == 1 and counts[S.CLOSE_WAIT] == 1
+    assert counts[S.FIN_WAIT2] == 0 and counts[S.TIME_WAIT] == 2
+    assert sc.how(S.TIME_WAIT).startswith("seed + created")
+    sc.host_tw = 17
+    assert sc.get(S.TIME_WAIT) == 17 and "sockstat" in sc.how(S.TIME_WAIT)
+    sc.feed(tr(300, 9, S.CLOSE_WAIT, S.LAST_ACK))
+    sc.feed(tr(301, 10, S.CLOSE_WAIT, S.LAST_ACK))
+    assert sc.get(S.CLOSE_WAIT) == 0  # drift (unseen sockets) shows as 0, never negative
+
+
+def test_report_is_self_contained_and_escapes_hostile_text() -> None:
+    ov = Overview(threshold_ns=NS)
+    ov.start(0)
+    hostile = "<script>alert(1)</script>"
+    ov.feed(tr(1, 1, S.LISTEN, S.SYN_RECV, pid=66, comm=hostile))
+    ov.feed(tr(2, 1, S.SYN_RECV, S.ESTABLISHED, pid=66, comm=hostile))
+    ov.feed(tr(10, 1, S.ESTABLISHED, S.CLOSE_WAIT, pid=66, comm=hostile))
+    for i in range(50):
+        ov.feed(tw_created(i * 100 * MS, 9))
+    ov.tick(3 * NS)
+    ov.tick(5 * NS)
+    d = diagnose(ov, settings=TcpSettings(port_range=(32768, 60999), tw_reuse=2))
+    html = render_report(d, ov, {"host": "h<1>", "kernel": "6.18", "filter": "none"})
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    assert "<script" not in html and hostile not in html
+    assert "&lt;script&gt;" in html and "h&lt;1&gt;" in html
+    assert "<svg" in html and "src=" not in html and "href=" not in html and "@import" not in html
+    assert "leaks" in html and "TIME_WAIT created per second" in html
+
+
+def test_cli_diagnose_a_recording_names_the_leaking_pid_and_function() -> None:
+    rec = DATA / "closewait_leaky.jsonl"
+    header = json.loads(rec.read_text().splitlines()[0])
+    result = CliRunner().invoke(cli, ["diagnose", "--from", str(rec), "--json", "--threshold", "100ms"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.splitlines()[-1])
+    assert summary["type"] == "summary" and summary["command"] == "diagnose"
+    (leak_v,) = [v for v in summary["verdicts"] if v["topic"] == "close_wait_leak"]
+    assert leak_v["pid"] == header["server_pid"] and leak_v["comm"] == "leaky_server"
+    assert "leak_connection" in leak_v["functions"]
+    assert leak_v["data"]["count"] == len(header["leaked_client_ports"])
+    assert summary["close_wait"]["entered"] == len(header["leaked_client_ports"]) + len(
+        header["closed_client_ports"]
+    )
+
+
+def test_cli_report_never_overwrites_without_force(tmp_path: Path) -> None:
+    rec = str(DATA / "closewait_leaky.jsonl")
+    out = tmp_path / "r.html"
+    out.write_text("precious")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["diagnose", "--from", rec, "--report", str(out)])
+    assert result.exit_code == 2 and "exists" in result.output and "Traceback" not in result.output
+    assert out.read_text() == "precious"
+    result = runner.invoke(cli, ["diagnose", "--from", rec, "--report", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    missing = tmp_path / "nope" / "r.html"
+    result = runner.invoke(cli, ["diagnose", "--from", rec, "--report", str(missing)])
+    assert result.exit_code == 2 and "no directory" in result.output
+
+
+def test_cli_bad_threshold_is_one_line() -> None:
+    result = CliRunner().invoke(cli, ["diagnose", "--from", "x.jsonl", "--threshold", "soon"])
+    assert result.exit_code == 2 and "--threshold" in result.output and "Traceback" not in result.output
