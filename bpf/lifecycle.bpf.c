@@ -42,6 +42,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             if (l) {
                 cur.owner_tgid = l->owner_tgid;
                 __builtin_memcpy(cur.owner_comm, l->owner_comm, TT_COMM_LEN);
+                cur.owner_cgroup = l->owner_cgroup;
             }
         }
     } else {
@@ -55,6 +56,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (proc) {
         cur.owner_tgid = bpf_get_current_pid_tgid() >> 32;
         bpf_get_current_comm(&cur.owner_comm, sizeof(cur.owner_comm));
+        cur.owner_cgroup = bpf_get_current_cgroup_id();
     }
 
     if (n == TT_TCP_CLOSE) {
@@ -95,6 +97,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     e->sk_flags = tt_sk_flags(args->skaddr);
     e->owner_tgid = cur.owner_tgid;
     __builtin_memcpy(e->owner_comm, cur.owner_comm, TT_COMM_LEN);
+    e->owner_cgroup = cur.owner_cgroup;
     e->oldstate = o;
     e->newstate = n;
     e->family = args->family;

@@ -34,6 +34,7 @@ static __always_inline void tt_touch_fill(struct tt_event *e, __u64 sk, struct t
     e->ret = ret;
     e->owner_tgid = s->owner_tgid;
     __builtin_memcpy(e->owner_comm, s->owner_comm, TT_COMM_LEN);
+    e->owner_cgroup = s->owner_cgroup;
     e->family = s->family;
     e->sport = s->sport;
     e->dport = s->dport;
@@ -53,6 +54,7 @@ static __always_inline int tt_on_accept(void *ctx, long ret)
         return 0; /* born before tracing started: /proc tells its owner */
     s->owner_tgid = bpf_get_current_pid_tgid() >> 32;
     bpf_get_current_comm(&s->owner_comm, sizeof(s->owner_comm));
+    s->owner_cgroup = bpf_get_current_cgroup_id();
     if (!tt_keep(s->family, s->sport, s->dport, s->owner_tgid, s->owner_comm))
         return 0;
     struct tt_event *e = tt_reserve(ctx, TT_KIND_TOUCH, 1);
@@ -83,6 +85,7 @@ static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
          * was never learned): whoever reads or writes it owns an fd on it. */
         s->owner_tgid = bpf_get_current_pid_tgid() >> 32;
         bpf_get_current_comm(&s->owner_comm, sizeof(s->owner_comm));
+        s->owner_cgroup = bpf_get_current_cgroup_id();
     }
     if (s->cw_touches >= TT_MAX_CW_TOUCHES)
         return 0;

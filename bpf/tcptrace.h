@@ -117,6 +117,7 @@ struct tt_event {
     __u64 aux_ns;       /* CLOSE: ns the socket had been in oldstate when the call began, 0 unknown */
     __u32 flags;        /* CLOSE: TT_CLOSE_* bits */
     __u32 pad2;
+    __u64 owner_cgroup; /* the owner's cgroup v2 id when learned with it, 0 unknown */
 };
 
 /* Per-socket state kept in the kernel (map `socks`, keyed by skaddr). */
@@ -132,6 +133,7 @@ struct tt_sock {
     __u16 sport;        /* host order */
     __u16 dport;        /* host order */
     __u16 cw_touches;   /* owner.bpf.c: touches emitted while in CLOSE_WAIT */
+    __u64 owner_cgroup; /* bpf_get_current_cgroup_id() where the owner was learned */
 };
 
 /* Sizes; every one can be overridden with -D by the loader. */

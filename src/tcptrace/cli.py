@@ -406,6 +406,11 @@ def closewait(
         raise UsageError(f"--threshold: {exc}") from None
     tracker = CloseWaitTracker(threshold_ns=threshold_ns)
     writer = JsonLinesWriter(sys.stdout) if as_json else None
+    cgroup_name: Callable[[int], str | None] | None = None
+    if from_file is None:  # a recording's cgroup ids belong to its host
+        from tcptrace.system.cgroups import path_of_id
+
+        cgroup_name = path_of_id
     console = make_console()
     with open_source(
         from_file, flt, parts=("lifecycle", "owner"), stacks=True, defines={"TT_PROC_STACKS_ONLY": 1}
@@ -441,7 +446,7 @@ def closewait(
             if writer is not None:
                 writer.write(tracker.periodic_json(now_ns, done))
             elif live_view is not None:
-                live_view.update(view.render(tracker, now_ns, done), refresh=True)
+                live_view.update(view.render(tracker, now_ns, done, cgroup_name), refresh=True)
             elif source.live:
                 console.print(view.headline(tracker, now_ns, done), soft_wrap=True)
 
@@ -463,6 +468,11 @@ def closewait(
         counters = source.counters()
         now_ns = source.now_ns()
     if writer is not None:
+        summary = tracker.summary_json(now_ns)
+        if cgroup_name is not None:
+            for item in (*summary["groups"], *summary["sockets"]):
+                if item["cgroup"] is not None:
+                    item["cgroup_path"] = cgroup_name(item["cgroup"])
         writer.write(
             {
                 "type": "summary",
@@ -470,11 +480,11 @@ def closewait(
                 "stopped": reason,
                 "lost": int(counters.get("lost", 0)),
                 "stack_failed": int(counters.get("stack_failed", 0)),
-                **tracker.summary_json(now_ns),
+                **summary,
             }
         )
     else:
-        view.print_summary(console, tracker, now_ns, counters, reason)
+        view.print_summary(console, tracker, now_ns, counters, reason, cgroup_name)
 
 
 @cli.command()

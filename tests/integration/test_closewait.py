@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tcptrace.system import cgroups
 from tests.integration import helpers
 
 DELAY_MS = 300
@@ -27,18 +28,38 @@ THRESHOLD = "1s"
 
 
 @contextmanager
-def leaky_server(exe: Path, port: int) -> Iterator[subprocess.Popen[str]]:
+def leaky_server(exe: Path, port: int, own_cgroup: bool = False) -> Iterator[subprocess.Popen[str]]:
+    """The fixture, listening; with ``own_cgroup`` moved into a new cgroup v2 of its own."""
     proc = subprocess.Popen([str(exe), str(port), str(DELAY_MS)], stdout=subprocess.PIPE, text=True)
+    group: Path | None = None
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 10)
         assert ready and proc.stdout.readline().strip() == "ready", "leaky_server did not start"
+        if own_cgroup:
+            root = cgroups.cgroup2_root()
+            assert root is not None, "no cgroup2 mount"
+            group = Path(root) / f"tcptrace-test-{proc.pid}"
+            group.mkdir()
+            (group / "cgroup.procs").write_text(str(proc.pid))
         yield proc
     finally:
         proc.kill()
         proc.wait(timeout=10)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"/tmp/perf-{proc.pid}.map")
+        if group is not None:
+            helpers.wait_for(lambda: _rmdir(group), timeout=5)
+
+
+def _rmdir(path: Path) -> bool:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def connect_all(port: int, kinds: str) -> list[tuple[str, socket.socket]]:
@@ -117,7 +138,10 @@ def test_leaks_are_timed_and_attributed_to_the_leaking_code_path(
 ) -> None:
     n_close, n_leak = 5, 4
     exe = fixture_bin("leaky_server")
-    with tracing(tcptrace_cmd, "--port", str(port)) as tracer, leaky_server(exe, port) as server:
+    with (
+        tracing(tcptrace_cmd, "--port", str(port)) as tracer,
+        leaky_server(exe, port, own_cgroup=True) as server,
+    ):
         conns = connect_all(port, "CL" * n_leak + "C" * (n_close - n_leak))
         ports = close_all(port, ss, conns)
         # Ground truth: the leaked ones stay in CLOSE_WAIT, the others leave after DELAY.
@@ -126,6 +150,7 @@ def test_leaks_are_timed_and_attributed_to_the_leaking_code_path(
         truth = server_side(ss, port, "close-wait")
         periodic, summary = stop(tracer)
         server_pid = server.pid
+        server_cgroup = cgroups.id_of_pid(server_pid)
 
     assert truth == ports["L"]
     assert summary["lost"] == 0
@@ -142,6 +167,10 @@ def test_leaks_are_timed_and_attributed_to_the_leaking_code_path(
     groups = summary["groups"]
     assert sum(g["count"] for g in groups) == n_leak
     assert all(g["pid"] == server_pid and g["comm"] == "leaky_server" for g in groups)
+    # The server's own cgroup, learned at accept (the FIN arrived in this test's context).
+    assert server_cgroup is not None and server_cgroup != cgroups.id_of_pid(os.getpid())
+    assert all(g["cgroup"] == server_cgroup for g in groups)
+    assert all(g["cgroup_path"] == f"/tcptrace-test-{server_pid}" for g in groups)
     for g in groups:
         assert g["origin_op"] == "ACCEPT"
         assert g["last_touch_op"] == "RECV"
@@ -176,9 +205,12 @@ def test_sockets_leaking_before_start_are_reported_with_their_owner(
             truth = server_side(ss, port, "close-wait")
             _, summary = stop(tracer)
         server_pid = server.pid
+        server_cgroup = cgroups.id_of_pid(server_pid)
 
     assert truth == ports["L"]
     assert summary["open"] == summary["preexisting_open"] == 3
+    assert server_cgroup is not None
+    assert all(s["cgroup"] == server_cgroup for s in summary["sockets"])
     assert {s["dport"] for s in summary["sockets"]} == truth
     for s in summary["sockets"]:
         assert s["preexisting"] and s["at_least"]

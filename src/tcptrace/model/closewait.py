@@ -39,6 +39,7 @@ class Preexisting:
     pid: int | None
     comm: str | None
     inode: int = 0
+    cgroup: int | None = None
 
 
 @dataclass
@@ -55,6 +56,7 @@ class CloseWaitSocket:
     comm: str | None
     entered_ns: int
     preexisting: bool = False
+    cgroup: int | None = None
     origin: CodePath | None = None
     last_touch: CodePath | None = None
     eof_ns: int | None = None
@@ -76,6 +78,7 @@ class CloseWaitSocket:
             "dport": self.dport,
             "pid": self.pid,
             "comm": self.comm,
+            "cgroup": self.cgroup,
             "age_s": round(age / NS, 6),
             "at_least": self.preexisting,
             "preexisting": self.preexisting,
@@ -131,7 +134,7 @@ def summarize_remotes(addrs: Iterable[str], top: int = 3) -> RemoteSummary:
     return RemoteSummary(count=total, distinct=len(counts), top=counts.most_common(top))
 
 
-GroupKey = tuple[int | None, str | None, tuple[str, ...], tuple[str, ...]]
+GroupKey = tuple[int | None, str | None, int | None, tuple[str, ...], tuple[str, ...]]
 
 
 @dataclass
@@ -140,6 +143,7 @@ class SuspectGroup:
 
     pid: int | None
     comm: str | None
+    cgroup: int | None
     origin: CodePath | None
     last_touch: CodePath | None
     sockets: list[CloseWaitSocket]
@@ -171,6 +175,7 @@ class SuspectGroup:
         return {
             "pid": self.pid,
             "comm": self.comm,
+            "cgroup": self.cgroup,
             "count": self.count,
             "oldest_age_s": round(self.oldest_age_ns / NS, 6),
             "at_least": self.at_least,
@@ -201,7 +206,7 @@ def code_path_key(path: CodePath | None) -> tuple[str, ...]:
 
 
 def _group_key(sock: CloseWaitSocket) -> GroupKey:
-    return (sock.pid, sock.comm, code_path_key(sock.origin), code_path_key(sock.last_touch))
+    return (sock.pid, sock.comm, sock.cgroup, code_path_key(sock.origin), code_path_key(sock.last_touch))
 
 
 def log2_histogram(values_ns: Iterable[int]) -> list[tuple[int, int, int]]:
@@ -317,6 +322,7 @@ class CloseWaitTracker:
                 dport=p.dport,
                 pid=p.pid,
                 comm=p.comm,
+                cgroup=p.cgroup,
                 entered_ns=now_ns,
                 preexisting=True,
             )
@@ -351,6 +357,7 @@ class CloseWaitTracker:
                 dport=record.dport,
                 pid=record.pid,
                 comm=record.comm,
+                cgroup=record.cgroup,
                 entered_ns=event.ts_ns,
                 origin=record.origin,
                 last_touch=record.last_touch,
@@ -382,7 +389,7 @@ class CloseWaitTracker:
 
     def _refresh(self, sock: CloseWaitSocket, record: SocketRecord) -> None:
         if record.pid is not None:
-            sock.pid, sock.comm = record.pid, record.comm
+            sock.pid, sock.comm, sock.cgroup = record.pid, record.comm, record.cgroup
         if record.origin is not None:
             sock.origin = record.origin
         sock.last_touch = record.last_touch
@@ -408,6 +415,7 @@ class CloseWaitTracker:
             SuspectGroup(
                 pid=socks[0].pid,
                 comm=socks[0].comm,
+                cgroup=socks[0].cgroup,
                 origin=socks[0].origin,
                 last_touch=socks[0].last_touch,
                 sockets=sorted(socks, key=lambda s: s.entered_ns),

@@ -115,6 +115,8 @@ class SocketEvent:
     task_pid: int = 0
     task_tid: int = 0
     task_comm: str = ""
+    cgroup: int | None = None
+    """The owner's cgroup v2 id where it was learned (None when not learned with it)."""
     kstack: tuple[str, ...] = ()
     ustack: tuple[str, ...] = ()
     kstack_id: int = field(default=-1, compare=False, repr=False)
@@ -231,6 +233,7 @@ def _common_from_raw(raw: Any) -> dict[str, Any]:
         "task_pid": int(raw.task_tgid),
         "task_tid": int(raw.task_pid),
         "task_comm": decode_comm(bytes(raw.task_comm)),
+        "cgroup": int(getattr(raw, "owner_cgroup", 0)) or None,
         "kstack_id": int(raw.kstack),
         "ustack_id": int(raw.ustack),
     }
@@ -308,6 +311,8 @@ def to_json(event: SocketEvent) -> dict[str, Any]:
         if f.name in ("kstack_id", "ustack_id"):
             continue
         value = getattr(event, f.name)
+        if f.name == "cgroup" and value is None:
+            continue  # recordings made before cgroup ids stay byte-identical
         if f.name == "skaddr":
             value = f"0x{value:x}"
         elif isinstance(value, enum.Flag):  # a list of names, [] when none
@@ -356,7 +361,7 @@ def _check_types(event: SocketEvent) -> None:
     for name in ("ts_ns", "skaddr", "sport", "dport", "family", "task_pid"):
         if not isinstance(getattr(event, name), int):
             raise TypeError(f"{name} must be an integer")
-    for name in ("pid",):
+    for name in ("pid", "cgroup"):
         value = getattr(event, name)
         if value is not None and not isinstance(value, int):
             raise TypeError(f"{name} must be an integer or null")

@@ -87,6 +87,7 @@ class SocketRecord:
     """When it entered ``state``; None when tcptrace did not see it enter."""
     pid: int | None = None
     comm: str | None = None
+    cgroup: int | None = None
     origin: CodePath | None = None
     last_touch: CodePath | None = None
     eof_ns: int | None = None
@@ -113,6 +114,7 @@ class SocketRecord:
         if event.pid is not None:
             self.pid = event.pid
             self.comm = event.comm
+            self.cgroup = event.cgroup
 
 
 class SocketTable:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from tcptrace.model.closewait import Preexisting
 from tcptrace.model.events import SocketEvent, TcpState
 from tcptrace.model.filters import EventFilter
+from tcptrace.system import cgroups
 from tcptrace.system.procnet import ProcSocket, in_state
 
 _SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
@@ -115,6 +116,7 @@ def closewait_snapshot(flt: EventFilter | None = None) -> list[Preexisting]:
                 pid=pid,
                 comm=comm,
                 inode=s.inode,
+                cgroup=cgroups.id_of_pid(pid) if pid is not None else None,
             )
         )
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
@@ -99,10 +100,17 @@ def close_time_text(tracker: CloseWaitTracker) -> Text:
     )
 
 
-def group_lines(group: SuspectGroup) -> list[RenderableType]:
+CgroupNamer = Callable[[int], str | None]
+
+
+def group_lines(group: SuspectGroup, cgroup_name: CgroupNamer | None = None) -> list[RenderableType]:
     head = Text()
     head.append(f"  {group.count} × ", style="bold red")
     head.append(_owner(group.pid, group.comm), style="bold")
+    if group.cgroup is not None and cgroup_name is not None:
+        path = cgroup_name(group.cgroup)
+        if path and path != "/":
+            head.append(f" [cgroup {safe(path)}]")
     oldest = duration(group.oldest_age_ns)
     head.append(f"  oldest {'>= ' if group.at_least else ''}{oldest}")
     head.append(f"  remotes: {safe(group.remotes.text())}")
@@ -117,7 +125,12 @@ def group_lines(group: SuspectGroup) -> list[RenderableType]:
     return out
 
 
-def render(tracker: CloseWaitTracker, now_ns: int, interval: Interval | None = None) -> Group:
+def render(
+    tracker: CloseWaitTracker,
+    now_ns: int,
+    interval: Interval | None = None,
+    cgroup_name: CgroupNamer | None = None,
+) -> Group:
     """The whole view at ``now_ns``."""
     parts: list[RenderableType] = [headline(tracker, now_ns, interval)]
     ages = [s.age_ns(now_ns) for s in tracker.open.values()]
@@ -135,7 +148,7 @@ def render(tracker: CloseWaitTracker, now_ns: int, interval: Interval | None = N
     if groups:
         parts.append(Text("leak suspects by owner and code path:", style="bold"))
         for group in groups[:MAX_GROUPS]:
-            parts.extend(group_lines(group))
+            parts.extend(group_lines(group, cgroup_name))
         if len(groups) > MAX_GROUPS:
             parts.append(Text(f"  … {len(groups) - MAX_GROUPS} more groups (--json has all)", style="dim"))
     return Group(*parts)
@@ -169,13 +182,14 @@ def print_summary(
     now_ns: int,
     counters: dict[str, Any],
     reason: str,
+    cgroup_name: CgroupNamer | None = None,
 ) -> None:
     lost = int(counters.get("lost", 0))
     head = Text("\nclosewait summary")
     head.append(f" (stopped: {reason})")
     head.append(f", {lost} events lost", style="bold red" if lost else "")
     console.print(head)
-    console.print(render(tracker, now_ns))
+    console.print(render(tracker, now_ns, cgroup_name=cgroup_name))
     if tracker.open:
         console.print(Text("oldest sockets in CLOSE_WAIT:", style="bold"))
         console.print(sockets_table(tracker, now_ns))
