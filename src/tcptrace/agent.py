@@ -22,6 +22,7 @@ from typing import IO, Any
 from tcptrace.export.agentmodel import AgentConfig, AgentModel, states_count
 from tcptrace.export.prometheus import AgentCollector, MetricsServer, families, make_registry
 from tcptrace.model.events import SocketEvent
+from tcptrace.model.filters import EventFilter
 from tcptrace.session import StopFlag, run
 from tcptrace.sources import KernelSource
 
@@ -39,6 +40,7 @@ class AgentOptions:
     max_stacks: int = 16384
     max_symbol_pids: int = 256
     ringbuf_pages: int | None = None
+    filter: EventFilter = EventFilter()
     states_interval_s: float = 30.0
     """How often sockets by state are read from /proc (0: never)."""
 
@@ -117,20 +119,20 @@ class Agent:
         }
         program = load(
             [PARTS["lifecycle"], PARTS["owner"], PARTS["closelat"], PARTS["timewait"]],
-            None,
+            o.filter,
             stacks=o.stacks,
             defines=defines,
             ringbuf_pages=o.ringbuf_pages,
         )
         try:
-            self.stream = KernelStream(program, None, symbolize=o.stacks)
+            self.stream = KernelStream(program, o.filter, symbolize=o.stacks)
             self.source = KernelSource(self.stream)
             self.maps = AgentMaps(program)
             self.program = program
             # After attaching, so that a socket entering CLOSE_WAIT meanwhile is seen one
             # way or the other (the tracker keeps one copy).
             self.model.preexisting = self.model.tracker.add_preexisting(
-                closewait_snapshot(), self.source.now_ns()
+                closewait_snapshot(o.filter), self.source.now_ns()
             )
             self.tick(self.source.now_ns())
             self.server = MetricsServer(o.host, o.port, self.registry)

@@ -608,6 +608,7 @@ def timewait(
 
 
 @cli.command()
+@filter_options
 @click.option(
     "--listen",
     default="127.0.0.1:9464",
@@ -666,6 +667,11 @@ def timewait(
 @click.option("--no-stacks", is_flag=True, help="No code paths in leak-suspect logs (saves ~1 us an accept).")
 @ringbuf_option
 def agent(
+    pid: int | None,
+    comm: str | None,
+    ports: tuple[int, ...],
+    ipv4: bool,
+    ipv6: bool,
     listen: str,
     threshold: str,
     interval: float,
@@ -683,8 +689,9 @@ def agent(
     Exports sockets by state, CLOSE_WAIT sockets and their ages per process (and how many
     are older than --threshold), TIME_WAIT creations per process and remote port, resets,
     close() latency histograms, lost events and the agent's own CPU and memory. Label
-    sets are bounded (--top-processes, --top-ports). Runs until SIGTERM or Ctrl-C, then
-    detaches everything. See docs/agent.md and deploy/.
+    sets are bounded (--top-processes, --top-ports). The filters (--port, --pid, ...)
+    scope everything but sockets by state, which is host-wide. Runs until SIGTERM or
+    Ctrl-C, then detaches everything. See docs/agent.md and deploy/.
 
     \b
     Examples:
@@ -697,6 +704,7 @@ def agent(
     from tcptrace.export.prometheus import parse_listen
     from tcptrace.model.closewait import parse_duration
 
+    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=True)
     host, port = parse_listen(listen)
     try:
         threshold_ns = parse_duration(threshold)
@@ -716,6 +724,7 @@ def agent(
         ),
         stacks=not no_stacks,
         ringbuf_pages=ringbuf_pages,
+        filter=flt,
     )
     if log_file is None:
         run_agent(options)
