@@ -144,6 +144,16 @@ def test_hostile_comm_and_frames_are_escaped() -> None:
     assert "f\\x0ax+0x1 [m]" in text
 
 
+def test_text_shows_the_busiest_rows_and_counts_the_rest() -> None:
+    rows = tuple(
+        CallStats(CallKey(pid, f"p{pid}", Op.CLOSE), Log2Histogram.of([1_000] * (100 - pid)))
+        for pid in range(1, 13)
+    )
+    text = render(Report(1, "interval", 10**9, rows))
+    assert "p10 " in text and "p11 " not in text
+    assert "… 2 more rows (177 calls)" in text
+
+
 def test_empty_report_says_so() -> None:
     assert "no close() on a TCP socket" in render(Report(1, "interval", 10**9, ()))
 

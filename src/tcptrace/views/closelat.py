@@ -12,6 +12,7 @@ from tcptrace.model.events import CloseCall, CloseFlag
 from tcptrace.views.common import clock, duration, endpoint, safe
 
 BAR_WIDTH = 40
+MAX_ROWS = 10  # rows shown per report in text; --json has them all
 HEADER = (
     f"{'PID':>7} {'COMM':<15} {'CALL':<11} {'COUNT':>7} {'P50':>8} {'P90':>8} {'P99':>8} {'MAX':>8}  FLAGGED"
 )
@@ -68,7 +69,7 @@ def bar_lines(row: CallStats, width: int = BAR_WIDTH) -> list[Text]:
     return lines
 
 
-def report_lines(report: Report, offset_ns: int, bars: bool = True) -> list[Text]:
+def report_lines(report: Report, offset_ns: int, bars: bool = True, max_rows: int = MAX_ROWS) -> list[Text]:
     when = clock(report.ts_ns, offset_ns) if report.ts_ns else "-"
     if report.window == "cumulative":
         title = f"{when}  close() latency of TCP sockets, since start"
@@ -79,17 +80,25 @@ def report_lines(report: Report, offset_ns: int, bars: bool = True) -> list[Text
         lines.append(Text("        no close() on a TCP socket", style="dim"))
         return lines
     lines.append(Text(HEADER, style="bold"))
-    for row in report.rows:
+    for row in report.rows[:max_rows]:
         lines.append(row_line(row))
         for frame in row.key.stack[:8]:
             lines.append(Text(f"{'':>8}{safe(frame)}", style="dim"))
         if bars:
             lines.extend(bar_lines(row))
+    hidden = report.rows[max_rows:]
+    if hidden:
+        calls = sum(r.count for r in hidden)
+        lines.append(
+            Text(f"        … {len(hidden)} more rows ({calls} calls): --pid, --comm or --json", style="dim")
+        )
     return lines
 
 
-def print_report(console: Console, report: Report, offset_ns: int, bars: bool = True) -> None:
-    for line in report_lines(report, offset_ns, bars):
+def print_report(
+    console: Console, report: Report, offset_ns: int, bars: bool = True, max_rows: int = MAX_ROWS
+) -> None:
+    for line in report_lines(report, offset_ns, bars, max_rows):
         console.print(line, soft_wrap=True)
 
 
@@ -129,7 +138,7 @@ def print_summary(
     totals = model.totals()
     console.print()
     console.print(Text(f"closelat stopped ({reason}): summary since start", style="bold"))
-    print_report(console, totals, offset_ns, bars=True)
+    print_report(console, totals, offset_ns, bars=True, max_rows=2 * MAX_ROWS)
     flagged = model.summary_json()["flagged"]
     console.print(
         f"flagged calls: {flagged['reset']} reset, {flagged['lingered']} lingered, "
