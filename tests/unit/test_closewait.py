@@ -12,12 +12,13 @@ from click.testing import CliRunner
 from rich.console import Console
 
 import tcptrace.model.closewait
+import tcptrace.system.cgroups
 import tcptrace.system.procfd
 import tcptrace.system.procnet
 from tcptrace.cli import cli
 from tcptrace.errors import TcptraceError
 from tcptrace.model.closewait import CloseWaitTracker, Preexisting, parse_duration
-from tcptrace.model.events import Op, TcpState
+from tcptrace.model.events import Op, TcpState, from_json, to_json
 from tcptrace.model.filters import EventFilter
 from tcptrace.recording import JsonLinesWriter, make_header, open_recording
 from tcptrace.sources import RecordingSource
@@ -69,6 +70,25 @@ def test_suspects_grouped_by_owner_and_code_path() -> None:
     assert js["last_touch_stack"] == ["recv", "leak_fn"] and js["origin_stack"] == ["accept", "main"]
     assert js["oldest_age_s"] == pytest.approx(3.5, abs=1e-3)
     assert groups[1].last_touch is not None and groups[1].last_touch.ustack[-1] == "other_fn"
+
+
+def test_cgroup_of_the_owner_is_kept_and_splits_groups() -> None:
+    t = CloseWaitTracker(threshold_ns=NS)
+    leaked(t, 1, 7, 0, cgroup=4242)
+    leaked(t, 2, 7, 0, cgroup=4243)  # same pid and paths, another cgroup (pid namespaces)
+    groups = t.suspects(2 * NS)
+    assert sorted(g.cgroup for g in groups) == [4242, 4243]
+    summary = t.summary_json(2 * NS)
+    assert sorted(s["cgroup"] for s in summary["sockets"]) == [4242, 4243]
+    assert json.loads(json.dumps(summary))["groups"][0]["cgroup"] in (4242, 4243)
+
+
+def test_events_without_a_cgroup_serialize_as_before() -> None:
+    ev = tr(1, 1, S.ESTABLISHED, S.CLOSE_WAIT, pid=7)
+    assert "cgroup" not in to_json(ev)
+    with_cgroup = tr(1, 1, S.ESTABLISHED, S.CLOSE_WAIT, pid=7, cgroup=99)
+    assert to_json(with_cgroup)["cgroup"] == 99
+    assert from_json(json.loads(json.dumps(to_json(with_cgroup)))) == with_cgroup
 
 
 def test_unknown_owner_is_shown_not_dropped() -> None:
@@ -226,7 +246,8 @@ def test_proc_net_tcp_parse_error_names_file_and_line() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", [tcptrace.model.closewait, tcptrace.system.procnet, tcptrace.system.procfd]
+    "module",
+    [tcptrace.model.closewait, tcptrace.system.procnet, tcptrace.system.procfd, tcptrace.system.cgroups],
 )
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module)  # type: ignore[arg-type]

@@ -112,9 +112,10 @@ class SocketRecord:
 
     def take_owner(self, event: SocketEvent) -> None:
         if event.pid is not None:
+            if event.pid != self.pid or event.cgroup is not None:
+                self.cgroup = event.cgroup  # events of some kinds do not carry it
             self.pid = event.pid
             self.comm = event.comm
-            self.cgroup = event.cgroup
 
 
 class SocketTable:
