@@ -129,6 +129,7 @@ def run_top(
     threshold_ns: int,
     sort: str = "c",
     before_start: Callable[[], None] | None = None,
+    flag: Any = None,
 ) -> TopResult:
     """The live dashboard until q, Ctrl-C, SIGTERM or --duration; then the last screen.
 
@@ -143,7 +144,7 @@ def run_top(
     overview = Overview(threshold_ns=threshold_ns)
     overview.closelat.filter = flt
     state = view.TopState(sort=sort, pid=flt.pid)
-    flag = StopFlag()
+    flag = flag if flag is not None else StopFlag()
     with open_feeds(from_file, flt) as feeds:
         source = feeds.source
         live = source.live
@@ -246,6 +247,7 @@ def run_diagnose(
     overview.closelat.filter = flt
     start = end = None
     settings = None
+    writer = JsonLinesWriter(out) if as_json else None
     with open_feeds(from_file, flt, quiet=as_json) as feeds:
         source = feeds.source
         if source.live:
@@ -253,9 +255,12 @@ def run_diagnose(
 
             start = _start_live(overview, flt)
             settings = read_settings()
-            if not as_json:
-                status = make_console(stderr=True)
-                status.print(f"observing for {duration_s:g} s (Ctrl-C to stop early)…", style="dim")
+        if writer is not None:
+            # Written once attached (and seeded): a reader knows the window has begun.
+            writer.write(make_header("diagnose", filter=filter_json, duration_s=duration_s))
+        elif source.live:
+            status = make_console(stderr=True)
+            status.print(f"observing for {duration_s:g} s (Ctrl-C to stop early)…", style="dim")
 
         def on_tick(now_ns: int) -> None:
             feeds.tick(overview, now_ns)
@@ -286,9 +291,7 @@ def run_diagnose(
             overview.now_ns = max(overview.now_ns, end.at_ns)
     lost = int(counters.get("lost", 0))
     result = diagnose(overview, start=start, end=end, settings=settings, lost=lost)
-    if as_json:
-        writer = JsonLinesWriter(out)
-        writer.write(make_header("diagnose", filter=filter_json, duration_s=duration_s))
+    if writer is not None:
         writer.write({"type": "summary", "command": "diagnose", "stopped": reason, **result.to_json()})
     else:
         from tcptrace.views.diagnose import print_diagnosis

@@ -358,6 +358,7 @@ def run_demo(duration_s: float | None, interval_s: float, threshold_ns: int) -> 
     from tcptrace.dashboard import run_top
     from tcptrace.model.diagnosis import diagnose
     from tcptrace.model.filters import EventFilter
+    from tcptrace.session import StopFlag, stop_on_signals
     from tcptrace.views.common import make_console
     from tcptrace.views.diagnose import verdict_text
 
@@ -365,7 +366,9 @@ def run_demo(duration_s: float | None, interval_s: float, threshold_ns: int) -> 
     port = free_port()
     flt = EventFilter(ports=frozenset({port}))
     holder: list[Workload] = []
-    with ExitStack() as stack:
+    flag = StopFlag()
+    # SIGINT and SIGTERM stop the demo cleanly from here on, even before the view runs.
+    with stop_on_signals(flag), ExitStack() as stack:
 
         def start() -> None:
             w = stack.enter_context(workload(port))
@@ -384,6 +387,7 @@ def run_demo(duration_s: float | None, interval_s: float, threshold_ns: int) -> 
             duration_s=duration_s,
             threshold_ns=threshold_ns,
             before_start=start,
+            flag=flag,
         )
     # Here the program is detached and the workload stopped (ExitStack), in that order.
     if not holder:

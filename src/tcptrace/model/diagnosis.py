@@ -320,6 +320,11 @@ def _leak_verdict(
     ]
     if new:
         head = f"{who} leaks {_per_minute(len(new), window_s)} in CLOSE_WAIT"
+    elif all(s.preexisting for s in group.sockets):
+        head = (
+            f"{who} holds {group.count} sockets in CLOSE_WAIT since before tracing started "
+            f"(at least {_age(group.oldest_age_ns)})"
+        )
     else:
         head = f"{who} holds {group.count} sockets in CLOSE_WAIT"
     parts = [head]
