@@ -7,7 +7,8 @@
  *       origin stacks.
  *   sock:sock_recv_length, sock:sock_send_length  every recv/send on every
  *       socket of the host: protocol is checked first, then `socks`. Only a
- *       socket in CLOSE_WAIT emits a TOUCH (with stacks): a recv returning 0
+ *       socket in CLOSE_WAIT is touched: the toucher becomes its owner, and it
+ *       emits a TOUCH (with stacks): a recv returning 0
  *       there is the app seeing EOF, the moment it should close. At most
  *       TT_MAX_CW_TOUCHES such events per socket, so an app spinning on a dead
  *       socket cannot flood the ring buffer.
@@ -80,10 +81,13 @@ static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
     struct tt_sock *s = socks.lookup(&sk);
     if (!s || s->state != TT_TCP_CLOSE_WAIT)
         return 0;
-    if (!s->owner_tgid) {
-        /* The socket was established before tracing started (or its owner
-         * was never learned): whoever reads or writes it owns an fd on it. */
-        s->owner_tgid = bpf_get_current_pid_tgid() >> 32;
+    /* Whoever reads or writes the socket holds an fd on it and is the one that
+     * should close it: the owner from now on. This also learns the owner of a
+     * socket established before tracing started, and follows a socket handed
+     * to another process (accept then fork, SCM_RIGHTS). */
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (s->owner_tgid != tgid) {
+        s->owner_tgid = tgid;
         bpf_get_current_comm(&s->owner_comm, sizeof(s->owner_comm));
         s->owner_cgroup = bpf_get_current_cgroup_id();
     }

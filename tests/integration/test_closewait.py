@@ -14,6 +14,7 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -341,3 +342,55 @@ def test_client_side_leak_has_a_connect_origin(tcptrace_cmd: list[str], port: in
     (group,) = summary["groups"]
     assert group["origin_op"] == "CONNECT" and group["pid"] == os.getpid()
     assert any("connect" in f for f in group["origin_stack"]), group["origin_stack"]
+
+
+FORKING_SERVER = """
+import os, signal, socket, sys, time
+srv = socket.socket()
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen()
+print("ready", flush=True)
+conn, _ = srv.accept()
+child = os.fork()
+if child == 0:  # the child handles the connection: reads EOF, forgets to close
+    while conn.recv(100):
+        pass
+    print("eof", flush=True)
+    time.sleep(600)
+    os._exit(0)
+conn.close()  # the parent's copy: no state change, the child's fd keeps it open
+print(child, flush=True)
+time.sleep(600)
+"""
+
+
+def test_owner_follows_the_socket_into_a_forked_handler(
+    tcptrace_cmd: list[str], ss: helpers.SS, port: int
+) -> None:
+    """accept() in the parent, then fork: the child that reads EOF and leaks is the owner."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", FORKING_SERVER, str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        with tracing(tcptrace_cmd, "--port", str(port)) as tracer:
+            c = socket.create_connection(("127.0.0.1", port), timeout=5)
+            child = int(server.stdout.readline())  # the parent prints it right after fork()
+            mine = c.getsockname()[1]
+            c.close()
+            assert server.stdout.readline().strip() == "eof"
+            assert helpers.wait_for(lambda: server_side(ss, port, "close-wait") == {mine})
+            time.sleep(1.2)
+            _, summary = stop(tracer)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+    (sock,) = summary["sockets"]
+    assert sock["dport"] == mine and sock["pid"] == child != server.pid
+    (group,) = summary["groups"]
+    assert group["pid"] == child and group["origin_op"] == "ACCEPT" and group["last_touch_op"] == "RECV"
