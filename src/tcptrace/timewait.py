@@ -152,7 +152,9 @@ def run_timewait(
                 writer.event(event)
 
         def on_tick(now_ns: int) -> None:
-            interval = tick(now_ns)
+            # Live, the interval ends when the kernel's counters are read, which is later
+            # than the scheduled tick when the loop was held up (a slow reader of --json).
+            interval = tick(max(now_ns, source.now_ns()) if source.live else now_ns)
             if writer is not None:
                 obj = interval_json(interval)
                 obj["forecast"] = [forecast_json(f) for f in context().forecasts]

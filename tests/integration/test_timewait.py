@@ -1,0 +1,289 @@
+"""`tcptrace timewait` against the real kernel, with `ss` and the peers' own clocks as ground truth.
+
+Each test runs the CLI (`--json --events`) filtered by a fresh port, and a server and a
+client in separate processes on a loopback address of its own (127.201.x.y), so that other
+engineers' traffic on the same host (even on the same port number) is told apart by remote
+endpoint and pid. /proc/net/sockstat is host-wide and busy here, so the TIME_WAIT ground
+truth is `ss` filtered by our endpoint (TIME_WAIT lasts 60 s: every socket a test created
+is still listed when it checks).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PEER = Path(__file__).parent / "fixtures" / "tw_peer.py"
+
+
+def loopback_host() -> str:
+    return f"127.201.{random.randint(1, 254)}.{random.randint(1, 254)}"
+
+
+@dataclass
+class Run:
+    header: dict[str, Any]
+    intervals: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def process(self, pid: int) -> dict[str, Any]:
+        for row in self.summary["by_process"]:
+            if row["pid"] == pid:
+                return dict(row)
+        return {"pid": pid, "created": 0, "parked_fin_wait2": 0, "resets_sent": 0, "resets_received": 0}
+
+    def remote(self, endpoint: str) -> int:
+        return sum(r["created"] for r in self.summary["by_remote"] if r["remote"] == endpoint)
+
+    def our_events(self, host: str, port: int, what: str) -> list[dict[str, Any]]:
+        def ours(e: dict[str, Any]) -> bool:
+            return (e["daddr"] == host and e["dport"] == port) or (e["saddr"] == host and e["sport"] == port)
+
+        return [e for e in self.events if e["what"] == what and ours(e)]
+
+
+class Tracer:
+    """`tcptrace timewait --json --events` as a subprocess, stopped with SIGINT."""
+
+    def __init__(self, cmd: list[str], port: int, interval: float = 1.0) -> None:
+        self.proc = subprocess.Popen(
+            [*cmd, "timewait", "--port", str(port), "--json", "--events", "--interval", str(interval)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()  # written once the programs are attached
+        if not first:
+            self.proc.wait(timeout=10)
+            raise AssertionError(f"tcptrace timewait failed: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+        self.header = json.loads(first)
+        # Read as it is written: a full pipe would hold the tracer up.
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def stop(self) -> Run:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=30)
+        self.reader.join(timeout=10)
+        err = self.proc.stderr.read() if self.proc.stderr else ""
+        assert self.proc.returncode == 0, err
+        run = Run(self.header)
+        for line in self.lines:
+            obj = json.loads(line)
+            if obj["type"] == "interval":
+                run.intervals.append(obj)
+            elif obj["type"] == "timewait":
+                run.events.append(obj)
+            elif obj["type"] == "summary":
+                run.summary = obj
+        assert run.summary, "no summary line"
+        return run
+
+
+@dataclass
+class Peers:
+    server_pid: int
+    client_pid: int
+    closes_ns: list[int]
+    local_ports: list[int]
+
+
+def breakdown(run: Run) -> str:
+    """What to look at when a count is off: the summary's counts and the events by kind and pid."""
+    keys = (
+        "created_total",
+        "immediate",
+        "converted_at_fin",
+        "converted_at_timer",
+        "parked_fin_wait2",
+        "pending_fin_wait2",
+        "lost",
+    )
+    kinds = Counter((e["what"], e["substate"], e["pid"]) for e in run.events)
+    return (
+        f"{ {k: run.summary.get(k) for k in keys} } kernel={run.summary.get('kernel')} events={dict(kinds)}"
+    )
+
+
+def run_peers(
+    host: str, port: int, n: int, server_mode: str, client_mode: str, rate: float | None = None
+) -> Peers:
+    server = subprocess.Popen(
+        [sys.executable, str(PEER), "server", host, str(port), str(n), server_mode],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    assert server.stdout.readline().strip() == "ready"
+    args = [sys.executable, str(PEER), "client", host, str(port), str(n), client_mode]
+    if rate:
+        args.append(str(rate))
+    client = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    out, _ = client.communicate(timeout=120)
+    assert client.returncode == 0
+    server.communicate(timeout=120)
+    assert server.returncode == 0
+    rows = [line.split() for line in out.splitlines()]
+    return Peers(server.pid, client.pid, [int(r[0]) for r in rows], [int(r[1]) for r in rows])
+
+
+def ss_count(host: str, port: int, state: str) -> int:
+    out = subprocess.run(
+        ["ss", "-tanH", "state", state, f"( dst {host}:{port} or src {host}:{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(1 for line in out.splitlines() if line.strip())
+
+
+N = 200
+
+
+def test_client_closed_connections_counted_exactly_and_attributed_to_client(
+    tcptrace_cmd: list[str], port: int, ss: object
+) -> None:
+    host = loopback_host()
+    tracer = Tracer(tcptrace_cmd, port)
+    peers = run_peers(host, port, N, "eof", "first")
+    time.sleep(0.5)  # the last FINs reach their sockets
+    run = tracer.stop()
+
+    truth = ss_count(host, port, "time-wait")
+    assert truth == N  # ss: every client socket of ours is in TIME_WAIT
+    assert ss_count(host, port, "fin-wait-2") == 0
+    assert run.remote(f"{host}:{port}") == N
+    client = run.process(peers.client_pid)
+    assert client["created"] == N, breakdown(run)
+    assert run.process(peers.server_pid)["created"] == 0
+    # Each one counted once, by an event carrying the client as owner.
+    counted = [
+        e
+        for e in run.our_events(host, port, "CREATED") + run.our_events(host, port, "CONVERTED")
+        if e["substate"] == "TIME_WAIT"
+    ]
+    assert len(counted) == N
+    assert {e["pid"] for e in counted} == {peers.client_pid}
+    assert len({e["sport"] for e in counted}) == N
+    assert run.summary["lost"] == 0
+    assert run.summary["created_total"] >= N
+
+
+def test_server_closed_connections_counted_on_the_server_side(
+    tcptrace_cmd: list[str], port: int, ss: object
+) -> None:
+    host = loopback_host()
+    tracer = Tracer(tcptrace_cmd, port)
+    peers = run_peers(host, port, N, "first", "eof")
+    time.sleep(0.5)
+    run = tracer.stop()
+
+    assert ss_count(host, port, "time-wait") == N
+    server = run.process(peers.server_pid)
+    assert server["created"] == N, breakdown(run)
+    assert run.process(peers.client_pid)["created"] == 0
+    counted = [
+        e
+        for e in run.our_events(host, port, "CREATED") + run.our_events(host, port, "CONVERTED")
+        if e["substate"] == "TIME_WAIT"
+    ]
+    assert len(counted) == N
+    assert all(e["saddr"] == host and e["sport"] == port for e in counted)
+    assert {e["pid"] for e in counted} == {peers.server_pid}
+
+
+def test_resets_are_not_time_wait_and_are_counted_with_their_sender(
+    tcptrace_cmd: list[str], port: int, ss: object
+) -> None:
+    host = loopback_host()
+    n = 50
+    tracer = Tracer(tcptrace_cmd, port)
+    peers = run_peers(host, port, n, "eof", "linger0")
+    time.sleep(0.3)
+    run = tracer.stop()
+
+    assert ss_count(host, port, "time-wait") == 0
+    assert run.remote(f"{host}:{port}") == 0
+    client = run.process(peers.client_pid)
+    assert client["created"] == 0
+    assert client["resets_sent"] == n
+    assert run.process(peers.server_pid)["resets_received"] == n
+    sent = run.our_events(host, port, "RESET_SENT")
+    assert len(sent) == n
+    assert {e["pid"] for e in sent} == {peers.client_pid}
+
+
+def test_orphaned_fin_wait2_timeout_is_not_time_wait(tcptrace_cmd: list[str], port: int, ss: object) -> None:
+    host = loopback_host()
+    n = 20
+    tracer = Tracer(tcptrace_cmd, port)
+    # The client closes with TCP_LINGER2 1 s; the server keeps every connection open
+    # for 2.5 s, so each client socket is parked in FIN_WAIT2 and dies there.
+    peers = run_peers(host, port, n, "hold:2500", "linger2:1")
+    time.sleep(0.3)
+    run = tracer.stop()
+
+    assert ss_count(host, port, "time-wait") == 0
+    assert ss_count(host, port, "fin-wait-2") == 0
+    client = run.process(peers.client_pid)
+    assert client["created"] == 0
+    assert client["parked_fin_wait2"] == n
+    ended = run.our_events(host, port, "PARKED_ENDED")
+    assert len(ended) == n
+    assert {e["pid"] for e in ended} == {peers.client_pid}
+    assert all(e["age_ns"] >= 900_000_000 for e in ended)  # lived ~TCP_LINGER2, not 60 s
+    assert run.our_events(host, port, "CONVERTED") == []
+    assert run.remote(f"{host}:{port}") == 0
+
+
+def test_paced_run_rate_matches_the_pace(tcptrace_cmd: list[str], port: int, ss: object) -> None:
+    host = loopback_host()
+    rate, seconds = 500, 5
+    tracer = Tracer(tcptrace_cmd, port, interval=1.0)
+    peers = run_peers(host, port, rate * seconds, "eof", "first", rate=rate)
+    time.sleep(1.5)
+    run = tracer.stop()
+
+    closes = sorted(peers.closes_ns)
+    assert len(closes) == rate * seconds
+    # tcp_tw_reuse (2: loopback) lets connect() take the port of a TIME_WAIT socket older
+    # than 1 s to the same destination, ending that socket early: ss then lists one
+    # TIME_WAIT socket per distinct local port, while every connection created one.
+    assert ss_count(host, port, "time-wait") == len(set(peers.local_ports))
+    assert run.remote(f"{host}:{port}") == rate * seconds, breakdown(run)
+    # Intervals entirely inside the run, against the client's own close() times.
+    inside = [
+        iv
+        for iv in run.intervals
+        if iv["ts_ns"] - iv["interval_s"] * 1e9 >= closes[0] and iv["ts_ns"] <= closes[-1]
+    ]
+    assert len(inside) >= seconds - 2
+    for iv in inside:
+        start = iv["ts_ns"] - int(iv["interval_s"] * 1e9)
+        truth = sum(1 for t in closes if start <= t < iv["ts_ns"])
+        ours = next((r["created"] for r in iv["by_remote"] if r["remote"] == f"{host}:{port}"), 0)
+        assert abs(ours - truth) <= max(3, 0.02 * truth), (iv, truth)
+    pace = (len(closes) - 1) / ((closes[-1] - closes[0]) / 1e9)
+    reported = sum(
+        next((r["created"] for r in iv["by_remote"] if r["remote"] == f"{host}:{port}"), 0) for iv in inside
+    ) / sum(iv["interval_s"] for iv in inside)
+    assert reported == pytest.approx(pace, rel=0.03)
