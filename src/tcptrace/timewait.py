@@ -82,6 +82,7 @@ def run_timewait(
     console = make_console(file=out)
     writer = JsonLinesWriter(out) if as_json else None
     reader: Any = None
+    program: Any = None
     source: Source
     if from_file is not None:
         recording = open_recording(from_file)
@@ -187,6 +188,11 @@ def run_timewait(
             on_tick(now_ns)  # the last, partial interval: totals then include everything
         counters = source.counters()
         kernel_stats = reader.stats() if reader is not None else None
+        skipped = None
+        if program is not None:
+            from tcptrace.kernel.timewait import recursion_misses
+
+            skipped = recursion_misses(program)
     finally:
         source.close()
 
@@ -209,6 +215,17 @@ def run_timewait(
         }
         if kernel_stats is not None:
             summary["kernel"] = kernel_stats
+        if skipped is not None:
+            summary["kernel_skipped_runs"] = skipped
         writer.write(summary)
     else:
         view.print_summary(console, model, ctx, counters, reason, seconds)
+        missed = sum(skipped.values()) if skipped else 0
+        if missed:
+            console.print(
+                f"  the kernel skipped {missed} runs of tcptrace's programs (an interrupt hit the same "
+                f"tracepoint while it ran: {skipped}); most concern other timers, but a count may be "
+                "short by up to that many",
+                style="yellow",
+                soft_wrap=True,
+            )
