@@ -27,6 +27,25 @@
 #define TT_MAX_CW_TOUCHES 8
 #endif
 
+#if defined(TT_TOUCH_STACKS) && defined(TT_WITH_STACKS)
+/* The last send/recv of each socket before it entered CLOSE_WAIT, with its
+ * stacks (`closewait --touch-stacks`: ~2 us per send/recv of every socket that
+ * passes the filters). Written on every such touch; never deleted here (LRU):
+ * the user side reads it for sockets in CLOSE_WAIT and keeps an entry only
+ * when it is older than the socket's CLOSE_WAIT entry and newer than its birth,
+ * so an entry left by a freed socket at the same address is never used. */
+struct tt_last_touch {
+    __u64 ts_ns;
+    __s32 kstack;
+    __s32 ustack;
+    __s32 ret;
+    __u32 tgid;
+    __u8 op;
+    __u8 pad[7];
+};
+BPF_TABLE("lru_hash", __u64, struct tt_last_touch, last_touch, TT_MAX_SOCKS);
+#endif
+
 static __always_inline void tt_touch_fill(struct tt_event *e, __u64 sk, struct tt_sock *s,
                                           __u8 op, int ret)
 {
@@ -79,8 +98,26 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept)
 static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
 {
     struct tt_sock *s = socks.lookup(&sk);
-    if (!s || s->state != TT_TCP_CLOSE_WAIT)
+    if (!s)
         return 0;
+    if (s->state != TT_TCP_CLOSE_WAIT) {
+#if defined(TT_TOUCH_STACKS) && defined(TT_WITH_STACKS)
+        if (tt_keep(s->family, s->sport, s->dport, s->owner_tgid, s->owner_comm)) {
+            struct tt_last_touch t = {};
+            t.ts_ns = bpf_ktime_get_ns();
+            t.kstack = stacks.get_stackid(ctx, 0);
+            t.ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+            if (t.kstack < 0 || t.ustack < 0)
+                tt_stat(TT_STAT_STACK_FAIL);
+            t.ret = ret;
+            t.tgid = bpf_get_current_pid_tgid() >> 32;
+            t.op = op;
+            if (last_touch.update(&sk, &t))
+                tt_stat(TT_STAT_SOCK_UPDATE_FAIL);
+        }
+#endif
+        return 0;
+    }
     /* Whoever reads or writes the socket holds an fd on it and is the one that
      * should close it: the owner from now on. This also learns the owner of a
      * socket established before tracing started, and follows a socket handed

@@ -89,6 +89,11 @@ class KernelSource:
         self._stream = stream
         self.clock_offset_ns = clock_offset_ns()
 
+    @property
+    def stream(self) -> object:
+        """The KernelStream (kernel/ types stay out of this module's signatures)."""
+        return self._stream
+
     def poll(self, timeout_s: float) -> list[SocketEvent]:
         return self._stream.poll(max(0, int(timeout_s * 1000)))
 

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tcptrace.system import cgroups
 from tests.integration import helpers
 
@@ -77,7 +79,7 @@ def close_all(port: int, ss: helpers.SS, conns: list[tuple[str, socket.socket]])
     """Wait until the server holds every connection, close the clients; their ports by kind."""
     assert helpers.wait_for(lambda: len(server_side(ss, port, "established")) == len(conns), timeout=10)
     time.sleep(0.2)  # the server's threads are now blocked reading, waiting for EOF
-    ports: dict[str, set[int]] = {"C": set(), "L": set(), "J": set()}
+    ports: dict[str, set[int]] = {"C": set(), "L": set(), "J": set(), "W": set()}
     for kind, c in conns:
         ports[kind].add(c.getsockname()[1])
         c.close()
@@ -394,3 +396,38 @@ def test_owner_follows_the_socket_into_a_forked_handler(
     assert sock["dport"] == mine and sock["pid"] == child != server.pid
     (group,) = summary["groups"]
     assert group["pid"] == child and group["origin_op"] == "ACCEPT" and group["last_touch_op"] == "RECV"
+
+
+@pytest.mark.parametrize("touch_stacks", [True, False])
+def test_last_touch_before_the_fin_needs_touch_stacks(
+    fixture_bin: helpers.FixtureBuilder,
+    tcptrace_cmd: list[str],
+    ss: helpers.SS,
+    port: int,
+    touch_stacks: bool,
+) -> None:
+    """'W' connections get a reply and are then forgotten: no touch after the FIN."""
+    exe = fixture_bin("leaky_server")
+    args = ["--port", str(port), *(["--touch-stacks"] if touch_stacks else [])]
+    with tracing(tcptrace_cmd, *args) as tracer, leaky_server(exe, port):
+        conns = connect_all(port, "WWL")
+        for kind, c in conns:
+            if kind == "W":
+                assert c.recv(3) == b"ok\n"
+        ports = close_all(port, ss, conns)
+        want = ports["W"] | ports["L"]
+        assert helpers.wait_for(lambda: server_side(ss, port, "close-wait") == want, timeout=10)
+        time.sleep(1.2)
+        _, summary = stop(tracer)
+
+    groups = {g["count"]: g for g in summary["groups"]}
+    assert sorted(groups) == [1, 2], summary["groups"]
+    forgot, leaked = groups[2], groups[1]
+    assert leaked["last_touch_op"] == "RECV" and "leak_connection" in frames(leaked["last_touch_stack"])
+    if touch_stacks:
+        assert forgot["last_touch_op"] == "SEND", forgot
+        assert "respond_and_forget" in frames(forgot["last_touch_stack"])
+    else:
+        assert forgot["last_touch_op"] == "ACCEPT"
+        assert "respond_and_forget" not in frames(forgot["last_touch_stack"])
+    assert {s["dport"] for s in summary["sockets"]} == want

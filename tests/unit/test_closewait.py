@@ -20,6 +20,7 @@ from tcptrace.errors import TcptraceError
 from tcptrace.model.closewait import CloseWaitTracker, Preexisting, parse_duration
 from tcptrace.model.events import Op, TcpState, from_json, to_json
 from tcptrace.model.filters import EventFilter
+from tcptrace.model.lifecycle import CodePath
 from tcptrace.recording import JsonLinesWriter, make_header, open_recording
 from tcptrace.sources import RecordingSource
 from tcptrace.system.procnet import parse_table
@@ -252,3 +253,36 @@ def test_proc_net_tcp_parse_error_names_file_and_line() -> None:
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module)  # type: ignore[arg-type]
     assert result.attempted > 0 and result.failed == 0
+
+
+def path(op: Op, ts: int, frame: str) -> CodePath:
+    return CodePath(op=op, ts_ns=ts, task_pid=7, ustack=(frame,))
+
+
+def test_last_touch_before_the_fin_is_kept_only_when_it_is_this_sockets() -> None:
+    t = CloseWaitTracker(threshold_ns=NS)
+    # Born at 1000, accepted at 1003, FIN at 1010; no touch after the FIN.
+    t.feed(tr(1000, 5, S.LISTEN, S.SYN_RECV, pid=7))
+    t.feed(touch(1003, 5, Op.ACCEPT, 7, ustack=("accept",)))
+    t.feed(tr(1010, 5, S.ESTABLISHED, S.CLOSE_WAIT, pid=7))
+    assert t.pending_pre_fin() == [5]
+    assert not t.add_pre_fin_touch(5, path(Op.SEND, 900, "older_socket"))  # before its birth
+    assert t.pending_pre_fin() == []
+    sock = t.open[("sk", 5)]
+    assert sock.last_touch is not None and sock.last_touch.op == Op.ACCEPT
+    sock.pre_fin_checked = False
+    assert not t.add_pre_fin_touch(5, path(Op.SEND, 1020, "after_fin"))  # a later socket's
+    sock.pre_fin_checked = False
+    assert t.add_pre_fin_touch(5, path(Op.SEND, 1005, "reply"))
+    assert sock.last_touch is not None and sock.last_touch.ustack == ("reply",)
+    (group,) = t.suspects(2 * NS)
+    assert group.to_json()["last_touch_op"] == "SEND"
+    assert not t.add_pre_fin_touch(99, path(Op.SEND, 1005, "x"))  # not in CLOSE_WAIT
+
+
+def test_a_touch_after_the_fin_beats_the_one_before() -> None:
+    t = CloseWaitTracker(threshold_ns=NS)
+    leaked(t, 6, 7, 1000)  # EOF read at 1011
+    assert not t.add_pre_fin_touch(6, path(Op.SEND, 1005, "reply"))
+    sock = t.open[("sk", 6)]
+    assert sock.last_touch is not None and sock.last_touch.op == Op.RECV

@@ -60,6 +60,8 @@ class CloseWaitSocket:
     origin: CodePath | None = None
     last_touch: CodePath | None = None
     eof_ns: int | None = None
+    born_ns: int | None = None
+    pre_fin_checked: bool = False
 
     def age_ns(self, now_ns: int) -> int:
         return max(0, now_ns - self.entered_ns)
@@ -361,6 +363,7 @@ class CloseWaitTracker:
                 entered_ns=event.ts_ns,
                 origin=record.origin,
                 last_touch=record.last_touch,
+                born_ns=record.born_ns,
             )
             self.entered += 1
             if self.interval is not None:
@@ -394,6 +397,30 @@ class CloseWaitTracker:
             sock.origin = record.origin
         sock.last_touch = record.last_touch
         sock.eof_ns = record.eof_ns
+
+    def pending_pre_fin(self) -> list[int]:
+        """skaddrs of sockets seen entering CLOSE_WAIT whose last touch before the FIN was
+        not looked up yet (``closewait --touch-stacks``)."""
+        return [s.key[1] for s in self.open.values() if s.key[0] == "sk" and not s.pre_fin_checked]
+
+    def add_pre_fin_touch(self, skaddr: int, path: CodePath | None) -> bool:
+        """The last touch of ``skaddr`` before the FIN, as the kernel kept it; True if used.
+
+        Kept only when it happened before the socket entered CLOSE_WAIT and after it was
+        born: the kernel's entry may be a freed socket's at the same address.
+        """
+        sock = self.open.get(("sk", skaddr))
+        if sock is None:
+            return False
+        sock.pre_fin_checked = True
+        if path is None or path.ts_ns > sock.entered_ns:
+            return False
+        if sock.born_ns is not None and path.ts_ns < sock.born_ns:
+            return False
+        if sock.last_touch is None or path.ts_ns > sock.last_touch.ts_ns:
+            sock.last_touch = path
+            return True
+        return False
 
     # ---- reports -----------------------------------------------------------------------
 

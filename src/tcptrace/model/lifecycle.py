@@ -92,6 +92,8 @@ class SocketRecord:
     last_touch: CodePath | None = None
     eof_ns: int | None = None
     """When the app first read EOF (recv returned 0) in CLOSE_WAIT."""
+    born_ns: int | None = None
+    """When the socket was born; None when it was born before tcptrace saw it."""
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -160,7 +162,7 @@ class SocketTable:
         record = self._socks.get(event.skaddr)
         if birth(event):
             replaced = record
-            record = SocketRecord(skaddr=event.skaddr)
+            record = SocketRecord(skaddr=event.skaddr, born_ns=event.ts_ns)
         elif record is None:
             record = SocketRecord(skaddr=event.skaddr)
         record.take_addresses(event)
