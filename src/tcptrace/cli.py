@@ -371,7 +371,7 @@ def doctor() -> None:
     "--touch-stacks",
     is_flag=True,
     help="Also keep the stack of each socket's last send/recv before the FIN "
-    "(costs ~2 us per send/recv of every traced socket).",
+    "(costs ~4 us per send/recv of every traced socket).",
 )
 def closewait(
     pid: int | None,
