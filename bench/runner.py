@@ -40,9 +40,11 @@ from typing import Any
 from bench.report import (
     REFERENCE,
     UNTRACED,
+    BpfUse,
     Run,
     Scenario,
     Startup,
+    bpf_use,
     evaluate_targets,
     expected_transitions,
     last_summary,
@@ -70,7 +72,7 @@ FULL = [
     Scenario("client-first", 5000, 6.0),
     Scenario("client-first", 1000, 6.0),
 ]
-QUICK = [Scenario("client-first", 0, 3.0)]
+QUICK = [Scenario("client-first", 0, 2.0)]
 
 
 def say(msg: str) -> None:
@@ -154,43 +156,51 @@ def bpftool_json(*args: str) -> list[dict[str, Any]]:
     return entries if isinstance(entries, list) else []
 
 
-def attached_programs(pid: int) -> set[int]:
-    """Ids of the BPF programs process ``pid`` has attached to tracepoints (bpftool perf show)."""
-    return {
-        int(e["prog_id"])
-        for e in bpftool_json("perf", "show")
-        if e.get("pid") == pid and e.get("fd_type") == "tracepoint" and "prog_id" in e
-    }
+def perf_attached(pid: int) -> int:
+    """How many classic tracepoints process ``pid`` has programs attached to (bpftool perf show)."""
+    return sum(1 for e in bpftool_json("perf", "show") if e.get("pid") == pid)
 
 
-def program_stats(ids: set[int]) -> tuple[int, int, int]:
-    """Summed (run_time_ns, run_cnt, recursion_misses) of these programs (bpftool omits zeros).
-
-    Run time and count need kernel.bpf_stats_enabled; recursion misses are always counted:
-    a tracepoint program the kernel skipped because another BPF program was running on that
-    CPU, an event lost before any counter of the tracer could see it.
-    """
-    found = [e for e in bpftool_json("prog", "show") if e.get("id") in ids]
-    return (
-        sum(int(e.get("run_time_ns", 0)) for e in found),
-        sum(int(e.get("run_cnt", 0)) for e in found),
-        sum(int(e.get("recursion_misses", 0)) for e in found),
-    )
-
-
-BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
-
-
-def set_bpf_stats(value: str) -> str | None:
-    """Write kernel.bpf_stats_enabled; the previous value, or None when it cannot be set."""
+def process_bpf(pid: int) -> BpfUse:
+    """The BPF programs and links process ``pid`` holds, from /proc/PID/fdinfo (run time, runs,
+    runs the kernel skipped). Run time and count need kernel.bpf_stats_enabled."""
+    texts = []
     try:
-        with open(BPF_STATS) as fh:
-            previous = fh.read().strip()
-        with open(BPF_STATS, "w") as fh:
-            fh.write(value)
+        names = os.listdir(f"/proc/{pid}/fdinfo")
     except OSError:
+        return BpfUse()
+    for name in names:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{name}") as fh:
+                texts.append(fh.read())
+        except OSError:
+            continue  # closed meanwhile
+    return bpf_use(texts)
+
+
+SYS_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
+
+
+def enable_bpf_stats() -> int | None:
+    """Turn on BPF run-time statistics for as long as the returned fd stays open.
+
+    bpf(BPF_ENABLE_STATS) rather than writing kernel.bpf_stats_enabled: the kernel counts
+    every holder, so nothing global is changed behind other users' backs and stats stay on
+    whatever they do with the sysctl. Costs every BPF program two clock reads a run, for
+    every tracer alike. None when the kernel refuses (then no BPF time is reported).
+    """
+    import ctypes
+
+    nr = SYS_BPF.get(platform.machine())
+    if nr is None:
         return None
-    return previous
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint32 * 32)()  # union bpf_attr, zeroed; enable_stats.type first
+    attr[0] = BPF_STATS_RUN_TIME
+    fd = int(libc.syscall(nr, BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr)))
+    return fd if fd >= 0 else None
 
 
 class Tracer:
@@ -253,7 +263,7 @@ class Tracer:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise self._died()
-            if attached_programs(self.pid):
+            if process_bpf(self.pid).links or perf_attached(self.pid):
                 break
             if time.monotonic() > deadline:
                 raise BenchError(f"no program attached after {timeout_s:.0f} s")
@@ -344,7 +354,7 @@ class Bench:
             port = free_port()
             return Tracer(
                 name,
-                [*base, "--listen", f"127.0.0.1:{port}"],
+                [*base, "--listen", f"127.0.0.1:{port}", "--interval", "1"],
                 env=env,
                 lazy=lazy,
                 metrics_url=f"http://127.0.0.1:{port}/metrics",
@@ -380,8 +390,7 @@ class Bench:
                 tracer.start()
                 run.ready_s = tracer.wait_attached()
                 run.startup_cpu_s = cpu_ticks(tracer.pid) / TICK
-                progs = attached_programs(tracer.pid)
-                bpf0 = program_stats(progs)
+                bpf0 = process_bpf(tracer.pid)
                 c0 = cpu_ticks(tracer.pid)
             load = self.run_load(sc)
             run.connections = int(load["connections"])
@@ -393,11 +402,13 @@ class Bench:
                 run.catchup_s = tracer.wait_idle(30.0)
                 run.cpu_s = (cpu_ticks(tracer.pid) - c0) / TICK
                 run.peak_rss_kb = peak_rss_kb(tracer.pid)
-                bpf1 = program_stats(progs)
+                bpf1 = process_bpf(tracer.pid)
                 if self.bpf_stats:
-                    run.bpf_ns, run.bpf_runs = bpf1[0] - bpf0[0], bpf1[1] - bpf0[1]
-                run.recursion_misses = bpf1[2] - bpf0[2]
+                    run.bpf_ns = bpf1.run_time_ns - bpf0.run_time_ns
+                    run.bpf_runs = bpf1.run_cnt - bpf0.run_cnt
+                run.recursion_misses = bpf1.recursion_misses - bpf0.recursion_misses
                 if tracer.metrics_url is not None:
+                    time.sleep(1.5)  # the agent refreshes its metrics every --interval (1 s)
                     run.lost_reported = tracer.scrape_lost()
         except BenchError as exc:
             run.error = str(exc)
@@ -536,7 +547,7 @@ def host_meta(quick: bool) -> dict[str, Any]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="one scenario, 3 s loads: about a minute")
+    p.add_argument("--quick", action="store_true", help="one scenario, 2 s loads: about a minute")
     p.add_argument(
         "--out",
         help="directory for benchmarks.md and benchmarks.json "
@@ -546,7 +557,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--tracers", help="comma-separated subset of: untraced, tcpstates, " + ", ".join(CANDIDATES)
     )
     p.add_argument("--duration", type=float, help="seconds of load per run (overrides the default)")
-    p.add_argument("--no-bpf-stats", action="store_true", help="leave kernel.bpf_stats_enabled alone")
+    p.add_argument("--no-bpf-stats", action="store_true", help="do not turn on BPF run-time statistics")
     p.add_argument("--loadgen", default=str(ROOT / "bench" / "bin" / "loadgen"))
     p.add_argument("--tcpstates", default=shutil.which("tcpstates-bpfcc") or "/usr/sbin/tcpstates-bpfcc")
     return p.parse_args(argv)
@@ -596,10 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(loadgen, tcpstates, commands)
     runs: list[Run] = []
     startups = []
-    # In-kernel run time of each tracer's programs (costs ~2 clock reads a run, for every
-    # tracer alike); restored on the way out.
-    previous_stats = None if args.no_bpf_stats else set_bpf_stats("1")
-    meta["bpf_stats"] = bench.bpf_stats = previous_stats is not None
+    stats_fd = None if args.no_bpf_stats else enable_bpf_stats()
+    meta["bpf_stats"] = bench.bpf_stats = stats_fd is not None
     try:
         for sc in scenarios:
             for name in [UNTRACED, *tracers, UNTRACED]:
@@ -611,8 +620,8 @@ def main(argv: list[str] | None = None) -> int:
             startups.append(s)
             say(f"first event {name}: {s.first_event_s} {s.error or ''}".rstrip())
     finally:
-        if previous_stats is not None:
-            set_bpf_stats(previous_stats)
+        if stats_fd is not None:
+            os.close(stats_fd)
 
     meta["wall_s"] = round(time.monotonic() - started, 1)
     write_outputs(args, meta, scenarios, runs, startups, measured_commands)
