@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tcptrace.system.netstat import parse_netstat, parse_sockstat_tw
 
 PEER = Path(__file__).parent / "fixtures" / "tw_peer.py"
 
@@ -125,16 +129,22 @@ def breakdown(run: Run) -> str:
 
 
 def run_peers(
-    host: str, port: int, n: int, server_mode: str, client_mode: str, rate: float | None = None
+    host: str,
+    port: int,
+    n: int,
+    server_mode: str,
+    client_mode: str,
+    rate: float | None = None,
+    prefix: tuple[str, ...] = (),
 ) -> Peers:
     server = subprocess.Popen(
-        [sys.executable, str(PEER), "server", host, str(port), str(n), server_mode],
+        [*prefix, sys.executable, str(PEER), "server", host, str(port), str(n), server_mode],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert server.stdout is not None
     assert server.stdout.readline().strip() == "ready"
-    args = [sys.executable, str(PEER), "client", host, str(port), str(n), client_mode]
+    args = [*prefix, sys.executable, str(PEER), "client", host, str(port), str(n), client_mode]
     if rate:
         args.append(str(rate))
     client = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
@@ -287,3 +297,62 @@ def test_paced_run_rate_matches_the_pace(tcptrace_cmd: list[str], port: int, ss:
         next((r["created"] for r in iv["by_remote"] if r["remote"] == f"{host}:{port}"), 0) for iv in inside
     ) / sum(iv["interval_s"] for iv in inside)
     assert reported == pytest.approx(pace, rel=0.03)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A private network namespace with lo up: its /proc/net/sockstat and netstat are
+    quiet (only this test's sockets), unlike the host's."""
+    if shutil.which("ip") is None:
+        pytest.skip("needs ip (iproute2)")
+    name = f"tcptrace-tw-{random.randint(0, 1 << 30)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def in_netns(name: str, *cmd: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", name, *cmd], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_creations_equal_the_sockstat_tw_delta_of_a_quiet_namespace(
+    tcptrace_cmd: list[str], port: int, netns: str
+) -> None:
+    before = parse_sockstat_tw(in_netns(netns, "cat", "/proc/net/sockstat"))
+    tracer = Tracer(tcptrace_cmd, port)
+    peers = run_peers("127.0.0.1", port, N, "eof", "first", prefix=("ip", "netns", "exec", netns))
+    time.sleep(0.5)
+    run = tracer.stop()
+
+    after = parse_sockstat_tw(in_netns(netns, "cat", "/proc/net/sockstat"))
+    assert after - before == N  # sockstat counts every tw; all are TIME_WAIT here (ss below)
+    tw = in_netns(netns, "ss", "-tanH", "state", "time-wait")
+    assert sum(1 for line in tw.splitlines() if line.strip()) == N
+    assert run.process(peers.client_pid)["created"] == N, breakdown(run)
+    assert run.process(peers.server_pid)["created"] == 0
+
+
+def test_tw_bucket_overflow_is_not_counted_as_time_wait(
+    tcptrace_cmd: list[str], port: int, netns: str
+) -> None:
+    """Past tcp_max_tw_buckets the kernel skips TIME_WAIT (TCPTimeWaitOverflow): no tw, no count."""
+    limit, n = 5, 30
+    in_netns(netns, "sysctl", "-qw", f"net.ipv4.tcp_max_tw_buckets={limit}")
+    overflow_before = parse_netstat(in_netns(netns, "cat", "/proc/net/netstat"))["TcpExt"][
+        "TCPTimeWaitOverflow"
+    ]
+    tracer = Tracer(tcptrace_cmd, port)
+    peers = run_peers("127.0.0.1", port, n, "eof", "first", prefix=("ip", "netns", "exec", netns))
+    time.sleep(0.5)
+    run = tracer.stop()
+
+    tws = parse_sockstat_tw(in_netns(netns, "cat", "/proc/net/sockstat"))
+    overflow = parse_netstat(in_netns(netns, "cat", "/proc/net/netstat"))["TcpExt"]["TCPTimeWaitOverflow"]
+    assert tws == limit
+    assert overflow - overflow_before == n - limit
+    assert run.process(peers.client_pid)["created"] == limit, breakdown(run)
