@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 
 from tcptrace.model.closelat import CallKey, CallStats, CloseLatency, Report, merge_rows
-from tcptrace.model.events import CloseCall, CloseFlag, Op, TcpState, Transition
+from tcptrace.model.events import (
+    CloseCall,
+    CloseFlag,
+    DecodeError,
+    Kind,
+    Op,
+    TcpState,
+    Transition,
+    from_json,
+    from_raw,
+    to_json,
+)
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.histogram import Log2Histogram
 
@@ -216,3 +228,57 @@ def test_report_json_shape() -> None:
     assert obj["type"] == "closelat" and obj["window"] == "interval" and obj["interval_ns"] == S
     (p,) = obj["processes"]
     assert {"pid", "comm", "call", "count", "p50_ns", "p90_ns", "p99_ns", "max_ns", "buckets"} <= set(p)
+
+
+def raw_close(**over: object) -> SimpleNamespace:
+    fields: dict[str, object] = dict(
+        kind=Kind.CLOSE,
+        ts_ns=10,
+        skaddr=0xFFFF8881,
+        value_ns=1_020_000_000,
+        aux_ns=0,
+        flags=CloseFlag.LINGERED | CloseFlag.RESET,
+        sk_flags=1 << 8,
+        task_tgid=42,
+        task_pid=43,
+        owner_tgid=42,
+        kstack=-1,
+        ustack=-1,
+        ret=0,
+        saddr=bytes([127, 0, 0, 1]) + bytes(12),
+        daddr=bytes([127, 0, 0, 2]) + bytes(12),
+        sport=8080,
+        dport=50000,
+        family=2,
+        oldstate=TcpState.ESTABLISHED,
+        newstate=0,
+        op=Op.CLOSE,
+        task_comm=b"srv\0",
+        owner_comm=b"srv\0",
+    )
+    fields.update(over)
+    return SimpleNamespace(**fields)
+
+
+def test_close_events_decode_from_the_kernel_layout() -> None:
+    ev = from_raw(raw_close())
+    assert isinstance(ev, CloseCall)
+    assert ev.pid == 42 and ev.comm == "srv" and ev.task_tid == 43
+    assert ev.flags == CloseFlag.LINGERED | CloseFlag.RESET
+    assert ev.duration_ns == 1_020_000_000 and ev.in_state_ns is None
+    assert ev.state is TcpState.ESTABLISHED
+    assert (ev.saddr, ev.sport, ev.daddr, ev.dport) == ("127.0.0.1", 8080, "127.0.0.2", 50000)
+    assert from_json(json.loads(json.dumps(to_json(ev)))) == ev
+    late = from_raw(raw_close(oldstate=TcpState.CLOSE_WAIT, aux_ns=5 * S, flags=4, op=Op.CLOSE_RANGE))
+    assert isinstance(late, CloseCall)
+    assert late.flags == CloseFlag.LATE_CLOSE_WAIT and late.in_state_ns == 5 * S
+    assert late.op is Op.CLOSE_RANGE
+    with pytest.raises(DecodeError):
+        from_raw(raw_close(op=99))
+
+
+def test_close_event_json_refuses_bad_flags() -> None:
+    obj = to_json(from_raw(raw_close()))
+    for bad in ("RESET", ["NOPE"], [1]):
+        with pytest.raises((KeyError, TypeError, ValueError)):
+            from_json({**obj, "flags": bad})
