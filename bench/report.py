@@ -485,6 +485,14 @@ def startup_table(runs: Sequence[Run], startups: Sequence[Startup]) -> str:
     return "\n".join(lines)
 
 
+def decode_table(costs: dict[str, float]) -> str:
+    """Microseconds per event of each user-side stage, and the events/s one core could take."""
+    lines = ["| stage | µs per event | events/s on one core |", "| --- | --- | --- |"]
+    for stage, us in costs.items():
+        lines.append(f"| {stage} | {us:.2f} | {_num(1e6 / us if us > 0 else None)} |")
+    return "\n".join(lines)
+
+
 def verdict_lines(verdicts: Sequence[Verdict]) -> str:
     word = {True: "met", False: "**MISSED**", None: "not measured"}
     return "\n".join(f"- {v.target}: {word[v.met]} ({v.detail})" for v in verdicts)
@@ -518,6 +526,9 @@ def render_markdown(
         if checks:
             out += ["", "Exact counts against the load: " + "; ".join(checks) + "."]
     out += ["", "### Start-up", "", startup_table(runs, startups)]
+    costs = meta.get("decode_cost_us")
+    if costs:
+        out += ["", "### tcptrace's user side, per event (`states --json`)", "", decode_table(costs)]
     return "\n".join(out) + "\n"
 
 

@@ -622,6 +622,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if stats_fd is not None:
             os.close(stats_fd)
+    if "states" in tracers:
+        from bench.decode_cost import measure as decode_cost
+
+        try:
+            meta["decode_cost_us"] = {k: round(v, 3) for k, v in decode_cost().items()}
+        except Exception as exc:  # a side measurement: say why, keep the report
+            say(f"decode cost not measured: {exc}")
 
     meta["wall_s"] = round(time.monotonic() - started, 1)
     write_outputs(args, meta, scenarios, runs, startups, measured_commands)

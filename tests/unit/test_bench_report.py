@@ -14,6 +14,7 @@ from bench.report import (
     Startup,
     baseline,
     cpu_ratio,
+    decode_table,
     evaluate_targets,
     expected_transitions,
     last_summary,
@@ -262,3 +263,8 @@ def test_exact_commands_are_checked_against_the_load_counts() -> None:
     assert "closelat @ max/client-first: calls 199 < 200 (load)" in v.detail
     assert "timewait" not in v.detail.split(";")[0]
     assert "recursion_misses): closelat @ max/client-first: 3" in v.detail
+
+
+def test_decode_table() -> None:
+    table = decode_table({"from_raw": 8.0, "to_json": 4.0})
+    assert table.splitlines()[2:] == ["| from_raw | 8.00 | 125,000 |", "| to_json | 4.00 | 250,000 |"]
