@@ -65,5 +65,24 @@ class CloseLatencyReader:
         )
 
     def counters(self) -> dict[str, int]:
-        """Exact counters of the closelat program, summed over CPUs."""
-        return {name: int(self._stats.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        """Exact counters of the closelat program, summed over CPUs, and ``skipped_runs``."""
+        out = {name: int(self._stats.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        out["skipped_runs"] = self.skipped_runs()
+        return out
+
+    def skipped_runs(self) -> int:
+        """Runs of this program's hooks the kernel skipped because another BPF program was
+        running on that CPU (``recursion_misses`` of /proc/self/fdinfo): a hook that fires in
+        an interrupt while a program runs. Syscall hooks run in process context and are not
+        nested; a skipped lifecycle or reset hook can leave a socket's state age or a reset
+        unseen."""
+        total = 0
+        for func in self._program.bpf.funcs.values():
+            try:
+                with open(f"/proc/self/fdinfo/{func.fd}") as fh:
+                    for line in fh:
+                        if line.startswith("recursion_misses:"):
+                            total += int(line.split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        return total

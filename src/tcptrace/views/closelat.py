@@ -149,4 +149,7 @@ def print_summary(
     line = Text(f"{lost} events lost", style="bold red" if lost else "")
     if failed:
         line.append(f", {failed} calls not counted (kernel maps full)", style="bold red")
+    skipped = int(counters.get("skipped_runs", 0))
+    if skipped:
+        line.append(f", {skipped} hook runs skipped by the kernel (nested BPF)", style="yellow")
     console.print(line)
