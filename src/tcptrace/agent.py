@@ -14,12 +14,19 @@ that are gone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
 from typing import IO, Any
 
-from tcptrace.export.agentmodel import AgentConfig, AgentModel, states_count
+from tcptrace.export.agentmodel import (
+    AgentConfig,
+    AgentModel,
+    resolve_frames,
+    stack_placeholder,
+    states_count,
+)
 from tcptrace.export.prometheus import AgentCollector, MetricsServer, families, make_registry
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
@@ -27,6 +34,7 @@ from tcptrace.session import StopFlag, run
 from tcptrace.sources import KernelSource
 
 NS = 1_000_000_000
+SYMBOLS_FULL = "[not symbolized: --max-symbol-pids reached]"
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,10 @@ class AgentOptions:
     model: AgentConfig = AgentConfig()
     stacks: bool = True
     max_stacks: int = 16384
-    max_symbol_pids: int = 256
+    max_symbol_pids: int = 64
+    """bcc builds a symbol cache per process symbolized and cannot free it safely (bcc 0.26
+    closes unrelated fds when freeing one): user stacks are symbolized only for leak
+    suspects, and only for this many processes over the agent's life."""
     ringbuf_pages: int | None = None
     filter: EventFilter = EventFilter()
     states_interval_s: float = 30.0
@@ -95,7 +106,7 @@ class Agent:
         self.server: MetricsServer | None = None
         self.source: KernelSource | None = None
         self.stacks_cleared = 0
-        self.symbol_caches_freed = 0
+        self._generation = 0
         self._last_stack_failed = 0
         self._states: dict[str, int] | None = None
         self._states_ns: int | None = None
@@ -106,7 +117,7 @@ class Agent:
         from tcptrace.kernel.agentmaps import AgentMaps
         from tcptrace.kernel.closelat import CLOSE_WAIT_NS, LINGER_NS
         from tcptrace.kernel.loader import PARTS, load
-        from tcptrace.kernel.stream import KernelStream
+        from tcptrace.kernel.stream import KernelStream, Symbolizer
         from tcptrace.system.procfd import closewait_snapshot
 
         o = self.options
@@ -125,7 +136,9 @@ class Agent:
             ringbuf_pages=o.ringbuf_pages,
         )
         try:
-            self.stream = KernelStream(program, o.filter, symbolize=o.stacks)
+            # Stacks stay ids until a leak suspect is logged (see feed()).
+            self.stream = KernelStream(program, o.filter, symbolize=False)
+            self._symbolizer = Symbolizer(program)
             self.source = KernelSource(self.stream)
             self.maps = AgentMaps(program)
             self.program = program
@@ -168,10 +181,52 @@ class Agent:
     # ---- work --------------------------------------------------------------------------
 
     def feed(self, event: SocketEvent) -> None:
+        if event.kstack_id >= 0 or event.ustack_id >= 0:
+            event = dataclasses.replace(
+                event,
+                kstack=(stack_placeholder("k", self._generation, event.kstack_id),)
+                if event.kstack_id >= 0
+                else (),
+                ustack=(stack_placeholder("u", self._generation, event.ustack_id, event.task_pid),)
+                if event.ustack_id >= 0
+                else (),
+            )
         self.model.feed(event)
 
+    def _symbolize(self, kind: str, stack_id: int, pid: int) -> tuple[str, ...]:
+        from tcptrace.kernel.agentmaps import symbol_cache_count
+
+        if kind == "k":
+            return self._symbolizer.frames(stack_id, None)
+        if symbol_cache_count(self.program) >= self.options.max_symbol_pids:
+            return (SYMBOLS_FULL,)
+        return self._symbolizer.frames(stack_id, pid)
+
+    def resolve(self, frames: list[str] | tuple[str, ...]) -> list[str]:
+        return resolve_frames(frames, self._generation, self._symbolize)
+
+    def _resolve_open_sockets(self, older_than_ns: int | None = None, now_ns: int = 0) -> None:
+        """Symbolize the code paths of the sockets in CLOSE_WAIT now (those older than
+        ``older_than_ns``: the leak suspects, so that they group by function names), or of
+        all of them before the stack map is emptied."""
+        for sock in self.model.tracker.open.values():
+            if older_than_ns is not None and sock.age_ns(now_ns) < older_than_ns:
+                continue
+            for name in ("origin", "last_touch"):
+                path = getattr(sock, name)
+                if path is not None and any(f.startswith("@") for f in path.kstack + path.ustack):
+                    setattr(
+                        sock,
+                        name,
+                        dataclasses.replace(
+                            path,
+                            kstack=tuple(self.resolve(path.kstack)),
+                            ustack=tuple(self.resolve(path.ustack)),
+                        ),
+                    )
+
     def tick(self, now_ns: int) -> None:
-        from tcptrace.kernel.agentmaps import bound_symbol_caches, symbol_cache_count
+        from tcptrace.kernel.agentmaps import symbol_cache_count
 
         maps = self.maps
         prune = self.model.tick(
@@ -194,11 +249,12 @@ class Agent:
             if self.source is not None:
                 for event in self.source.drain():  # events still naming the old ids
                     self.feed(event)
+            self._resolve_open_sockets()
             maps.clear_stacks()
-            self.stream.forget_stacks()
+            self._symbolizer.clear()
+            self._generation += 1
             self.stacks_cleared += 1
         self._last_stack_failed = failed
-        self.symbol_caches_freed += bound_symbol_caches(self.program, self.options.max_symbol_pids)
         every = int(self.options.states_interval_s * NS)
         if every > 0 and (self._states_ns is None or now_ns - self._states_ns >= every):
             self._states, self._states_ns = read_states(), now_ns
@@ -211,7 +267,10 @@ class Agent:
             symbol_caches=symbol_cache_count(self.program),
         )
         self.collector.publish(families(state))
+        self._resolve_open_sockets(self.options.model.threshold_ns, now_ns)
         for record in self.model.suspect_records(now_ns):
+            for key in ("origin_stack", "last_touch_stack"):
+                record[key] = self.resolve(record.get(key) or [])
             self.log.write(json.dumps(record, separators=(",", ":")) + "\n")
         self.log.flush()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,6 +283,56 @@ class AgentModel:
         for key in [k for k in self._logged if k not in seen]:
             del self._logged[key]
         return out
+
+
+STACK_EXPIRED = "[stack expired]"
+
+
+def stack_placeholder(kind: str, generation: int, stack_id: int, pid: int = 0) -> str:
+    """A stack kept as its id until it must be shown: symbolizing every event's user stack
+    would make bcc build a symbol cache for every process seen (and it cannot free them).
+
+    >>> stack_placeholder("u", 2, 17, 4242)
+    '@u:2:17:4242'
+    >>> parse_placeholder('@u:2:17:4242'), parse_placeholder('main+0x1 [app]')
+    (('u', 2, 17, 4242), None)
+    """
+    return f"@{kind}:{generation}:{stack_id}:{pid}"
+
+
+def parse_placeholder(frame: str) -> tuple[str, int, int, int] | None:
+    if not frame.startswith("@"):
+        return None
+    parts = frame[1:].split(":")
+    if len(parts) != 4 or parts[0] not in ("k", "u"):
+        return None
+    try:
+        return parts[0], int(parts[1]), int(parts[2]), int(parts[3])
+    except ValueError:
+        return None
+
+
+def resolve_frames(
+    frames: list[str] | tuple[str, ...],
+    generation: int,
+    symbolize: Callable[[str, int, int], tuple[str, ...]],
+) -> list[str]:
+    """Frames with placeholders replaced by ``symbolize(kind, stack_id, pid)``; a
+    placeholder of an older generation (the stack map was emptied since) is expired.
+
+    >>> resolve_frames(["@k:1:5:0", "@u:0:6:9", "x"], 1, lambda k, i, p: (f"{k}{i}",))
+    ['k5', '[stack expired]', 'x']
+    """
+    out: list[str] = []
+    for frame in frames:
+        ph = parse_placeholder(frame)
+        if ph is None:
+            out.append(frame)
+        elif ph[1] != generation:
+            out.append(STACK_EXPIRED)
+        else:
+            out.extend(symbolize(ph[0], ph[2], ph[3]))
+    return out
 
 
 def _suspect_key(group: SuspectGroup) -> tuple[Any, ...]:

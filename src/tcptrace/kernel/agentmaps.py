@@ -12,7 +12,6 @@ between the read and the delete: only for a key idle for several intervals.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -142,36 +141,6 @@ class AgentMaps:
             except KeyError:
                 pass
         return len(keys)
-
-
-def bound_symbol_caches(program: LoadedProgram, max_pids: int) -> int:
-    """Free bcc's per-pid symbol caches of processes that are gone, and all of them when
-    more than ``max_pids`` remain; returns how many were freed.
-
-    bcc keeps one SymbolCache per pid ever symbolized, in a class-level dict, and never
-    frees them (nor notices a pid being reused by another program). Its C memory is freed
-    with bcc_free_symcache; dropping the Python object alone would leak it.
-    """
-    cls = type(program.bpf)
-    caches: dict[int, Any] = getattr(cls, "_sym_caches", {})
-    if not caches:
-        return 0
-    from bcc.libbcc import lib  # kernel/ is the only package that imports bcc
-
-    def free(pid: int) -> None:
-        cache = caches.pop(pid)
-        lib.bcc_free_symcache(cache.cache, pid)
-
-    freed = 0
-    for pid in [p for p in caches if p >= 0 and not os.path.exists(f"/proc/{p}")]:
-        free(pid)
-        freed += 1
-    user = [p for p in caches if p >= 0]
-    if len(user) > max_pids:
-        for pid in user:
-            free(pid)
-            freed += 1
-    return freed
 
 
 def symbol_cache_count(program: LoadedProgram) -> int:

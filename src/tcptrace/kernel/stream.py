@@ -116,11 +116,6 @@ class KernelStream:
         out, self._pending = self._pending, []
         return out
 
-    def forget_stacks(self) -> None:
-        """Drop symbolized stacks cached by id: call after emptying the stack map."""
-        if self._symbolizer is not None:
-            self._symbolizer.clear()
-
     def counters(self) -> dict[str, int]:
         kernel = self.program.counters()
         return {**kernel, "decoded": self.decoded, "malformed": self.malformed}
