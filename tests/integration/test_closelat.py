@@ -27,7 +27,7 @@ from tcptrace.kernel.stream import KernelStream, Symbolizer
 from tcptrace.model.closelat import CallStats, merge_rows
 from tcptrace.model.events import CloseCall, CloseFlag, Op, SocketEvent, TcpState
 from tcptrace.model.filters import EventFilter
-from tests.integration.helpers import SS, FixtureBuilder, load_parts, wait_for
+from tests.integration.helpers import SS, FixtureBuilder, free_port, load_parts, wait_for
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -366,3 +366,51 @@ def test_cli_json_counts_exactly_the_fixture_closes(
     reports = [o for o in objs if o["type"] == "closelat"]
     assert sum(p["count"] for r in reports for p in r["processes"]) == 7  # intervals add up
     assert all(r["window"] == "interval" for r in reports)
+
+
+def test_port_and_family_filters_apply_to_the_socket_closed(port: int) -> None:
+    me = os.getpid()
+    other_port = free_port()
+    with tracer(EventFilter(ports=frozenset({port}))) as t:
+        srv, other = listener_on(port), listener_on(other_port)
+        for listener in (srv, other, other):
+            client, server = pair(listener)
+            client.close()
+            server.close()
+        other.close()
+        srv.close()
+        rows = t.rows(me)
+    # client and server of the one pair on `port`, and its listener; nothing of other_port.
+    assert rows[Op.CLOSE].count == 3
+
+
+def test_ipv6_closes_are_counted_and_flagged_with_their_addresses() -> None:
+    me = os.getpid()
+    v6_port = free_port(socket.AF_INET6)
+    with tracer(EventFilter(family=6)) as t:
+        srv = socket.socket(socket.AF_INET6)
+        srv.bind(("::1", v6_port))
+        srv.listen()
+        client = socket.create_connection(("::1", v6_port))
+        server, _ = srv.accept()
+        client.sendall(b"unread")
+        assert wait_for(lambda: len(server.recv(8, socket.MSG_PEEK)) > 0, timeout=2)
+        server.close()  # unread data: reset
+        with pytest.raises(ConnectionResetError):
+            client.settimeout(2)
+            client.recv(10)
+        client.close()
+        # IPv4 closes are filtered out by -6.
+        v4 = listener_on(free_port())
+        c4, s4 = pair(v4)
+        c4.close()
+        s4.close()
+        v4.close()
+        srv.close()
+        wait_for(lambda: bool(t.flagged(me)), timeout=2)
+        flagged = t.flagged(me)
+        rows = t.rows(me)
+    assert rows[Op.CLOSE].count == 3
+    (ev,) = flagged
+    assert ev.family == 6 and ev.saddr == "::1" and ev.daddr == "::1"
+    assert ev.sport == v6_port and CloseFlag.RESET in ev.flags
