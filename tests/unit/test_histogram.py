@@ -228,3 +228,12 @@ def test_json_malformed(obj: dict[str, object]) -> None:
 
 def test_buckets_are_dataclasses() -> None:
     assert Log2Histogram.of([4, 5]).buckets() == [Bucket(4, 8, 2)]
+
+
+@given(samples)
+def test_cumulative_buckets_count_values_up_to_each_bound(values: list[int]) -> None:
+    cum = Log2Histogram.of(values).cumulative()
+    assert len(cum) == SLOTS
+    assert cum[-1] == ((1 << 64) - 1, len(values))
+    for le, count in cum[:40]:
+        assert count == sum(1 for v in values if v <= le)

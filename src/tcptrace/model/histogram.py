@@ -159,6 +159,21 @@ class Log2Histogram:
         """The non-empty slots, lowest first."""
         return [Bucket(*slot_bounds(s), c) for s, c in enumerate(self.counts) if c]
 
+    def cumulative(self) -> list[tuple[int, int]]:
+        """``(le_ns, count of values <= le_ns)`` for every slot: the inclusive top of the slot
+        and the running count, as Prometheus histograms want their buckets (fixed bounds,
+        cumulative counts; the last is the total).
+
+        >>> Log2Histogram.of([0, 3, 3, 5]).cumulative()[:5]
+        [(0, 1), (1, 1), (3, 3), (7, 4), (15, 4)]
+        """
+        out = []
+        running = 0
+        for slot, c in enumerate(self.counts):
+            running += c
+            out.append((slot_bounds(slot)[1] - 1, running))
+        return out
+
     def percentile(self, p: float) -> int | None:
         """Estimate of the nearest-rank ``p``-th percentile (0 < p <= 100); None when empty.
 
