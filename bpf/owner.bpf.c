@@ -5,7 +5,7 @@
  *   syscalls:sys_exit_accept4, sys_exit_accept  the accepted child: its owner is
  *       the caller (not only the listener's owner); TOUCH op ACCEPT with the
  *       origin stacks.
- *   sock:sock_recv_length, sock:sock_send_length  every recv/send on every
+ *   sock:sock_recv_length, sock:sock_send_length (raw tracepoints, see below)  every recv/send on every
  *       socket of the host: protocol is checked first, then `socks`. Only a
  *       socket in CLOSE_WAIT is touched: the toucher becomes its owner, and it
  *       emits a TOUCH (with stacks): a recv returning 0
@@ -141,16 +141,28 @@ static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
     return 0;
 }
 
-TRACEPOINT_PROBE(sock, sock_recv_length)
+/* sock_recv_length/sock_send_length as raw tracepoints (TP_PROTO(struct sock
+ * *sk, int ret, int flags)): they run on every send and recv of the host, in
+ * process context, and a classic tracepoint program holds the kernel's
+ * bpf_prog_active guard while it runs, so a softirq interrupting it would have
+ * its own TCP transitions skipped by lifecycle. A raw tracepoint program only
+ * guards against itself. */
+static __always_inline int tt_on_io_raw(struct bpf_raw_tracepoint_args *ctx, __u8 op)
 {
-    if (args->protocol != TT_IPPROTO_TCP)
+    const char *sk = (const char *)ctx->args[0];
+    __u16 protocol = 0;
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + TT_SK_PROTOCOL_OFF);
+    if (protocol != TT_IPPROTO_TCP)
         return 0;
-    return tt_on_io(args, (__u64)args->sk, TT_OP_RECV, args->ret);
+    return tt_on_io(ctx, (__u64)sk, op, (int)ctx->args[1]);
 }
 
-TRACEPOINT_PROBE(sock, sock_send_length)
+RAW_TRACEPOINT_PROBE(sock_recv_length)
 {
-    if (args->protocol != TT_IPPROTO_TCP)
-        return 0;
-    return tt_on_io(args, (__u64)args->sk, TT_OP_SEND, args->ret);
+    return tt_on_io_raw(ctx, TT_OP_RECV);
+}
+
+RAW_TRACEPOINT_PROBE(sock_send_length)
+{
+    return tt_on_io_raw(ctx, TT_OP_SEND);
 }
