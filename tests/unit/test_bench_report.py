@@ -20,6 +20,7 @@ from bench.report import (
     last_summary,
     parse_help_commands,
     parse_possibly_lost,
+    parse_proc_stat_state,
     parse_proc_stat_ticks,
     parse_prometheus_lost,
     parse_vm_hwm_kb,
@@ -53,6 +54,7 @@ def test_proc_stat_sums_user_system_and_waited_children_after_the_comm() -> None
     # comm with spaces and a ')' must not shift the fields
     text = "1234 (tcp (x) y) S 1 1234 1234 0 -1 4194560 5 0 0 0 250 70 3 2 20 0 3 0 100 0 0\n"
     assert parse_proc_stat_ticks(text) == 250 + 70 + 3 + 2
+    assert parse_proc_stat_state(text) == "S"
 
 
 def test_vm_hwm() -> None:
@@ -268,3 +270,10 @@ def test_exact_commands_are_checked_against_the_load_counts() -> None:
 def test_decode_table() -> None:
     table = decode_table({"from_raw": 8.0, "to_json": 4.0})
     assert table.splitlines()[2:] == ["| from_raw | 8.00 | 125,000 |", "| to_json | 4.00 | 250,000 |"]
+
+
+def test_the_flush_after_the_load_is_owed_by_streams_but_not_in_cpu_per_transition() -> None:
+    r = run("tcpstates", 1, connections=1_000, flush_connections=20, cpu_s=1.0, events_received=10_000)
+    assert r.should_deliver == 10_002 + 202
+    assert r.missing == 204
+    assert r.cpu_per_million == pytest.approx(1.0 / 0.010002)
