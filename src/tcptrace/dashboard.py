@@ -21,6 +21,7 @@ from tcptrace.recording import open_recording
 from tcptrace.sources import KernelSource, RecordingSource, Source
 
 PARTS = ("lifecycle", "owner", "closelat", "timewait")
+RESEED_NS = 10_000_000_000  # top re-reads /proc this often, so a missed transition heals
 CLOSE_WAIT_LATE_NS = 1_000_000_000
 
 
@@ -31,6 +32,7 @@ class Feeds:
     source: Source
     timewait: Any = None
     closelat: Any = None
+    missed: Any = None
     host_tw: bool = False
 
     def tick(self, overview: Overview, now_ns: int) -> None:
@@ -47,7 +49,8 @@ class Feeds:
             except TcptraceError:
                 host_tw = None
         lost = int(self.source.counters().get("lost", 0))
-        overview.tick(now_ns, tw_counts=tw, closelat_rows=rows, host_tw=host_tw, lost=lost)
+        skipped = self.missed.transitions() if self.missed is not None else None
+        overview.tick(now_ns, tw_counts=tw, closelat_rows=rows, host_tw=host_tw, lost=lost, skipped=skipped)
 
 
 def program_defines() -> dict[str, int]:
@@ -69,6 +72,7 @@ def open_feeds(from_file: str | None, flt: EventFilter, quiet: bool = False) -> 
         from tcptrace.kernel.closelat import CloseLatencyReader
         from tcptrace.kernel.loader import PARTS as ALL_PARTS
         from tcptrace.kernel.loader import load
+        from tcptrace.kernel.progstats import MissedRuns
         from tcptrace.kernel.stream import KernelStream
         from tcptrace.kernel.timewait import TimewaitReader
         from tcptrace.views.common import make_console
@@ -82,6 +86,7 @@ def open_feeds(from_file: str | None, flt: EventFilter, quiet: bool = False) -> 
                 KernelSource(stream),
                 timewait=TimewaitReader(program),
                 closelat=CloseLatencyReader(program),
+                missed=MissedRuns(program),
                 host_tw=flt.empty,
             )
         except Exception:
@@ -118,6 +123,15 @@ class TopResult:
     reason: str
     overview: Overview
     start: Any = None
+
+
+def _reseed(overview: Overview, flt: EventFilter) -> None:
+    """Counts per state from /proc again: what the transitions missed (a skipped run, a
+    lost event) stops counting. Owners are read only when a filter needs them."""
+    from tcptrace.system import hostsnap
+
+    snap = hostsnap.take(flt, owners=flt.pid is not None or flt.comm is not None)
+    overview.states.seed((s.state for s in snap.sockets), snap.at_ns)
 
 
 def run_top(
@@ -177,6 +191,8 @@ def run_top(
                         changed = True
                     if state.quit:
                         flag.set("quit")
+                if live and now_ns - (overview.states.seeded_ns or now_ns) >= RESEED_NS:
+                    _reseed(overview, flt)
                 if not live or now_ns - last_tick >= interval_s * 1e9:
                     feeds.tick(overview, now_ns)
                     last_tick = now_ns

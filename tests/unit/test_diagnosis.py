@@ -230,6 +230,33 @@ def test_state_counts_seed_plus_transitions() -> None:
     assert sc.get(S.CLOSE_WAIT) == 0  # drift (unseen sockets) shows as 0, never negative
 
 
+def tw_event(ts: int, sk: int, what: TwWhat, substate: TcpState) -> TimeWaitEvent:
+    return TimeWaitEvent(ts_ns=ts, skaddr=sk, pid=1, comm="c", what=what, substate=substate)
+
+
+def test_parked_fin_wait2_and_time_wait_ageing() -> None:
+    sc = StateCounts()
+    sc.seed([S.TIME_WAIT, S.TIME_WAIT, S.ESTABLISHED, S.ESTABLISHED], at_ns=0)
+    # An orphaned FIN_WAIT2 socket is parked as a tw: still FIN_WAIT2, as ss shows it.
+    sc.feed(tr(1, 1, S.ESTABLISHED, S.FIN_WAIT1))
+    sc.feed(tr(2, 1, S.FIN_WAIT1, S.FIN_WAIT2))
+    sc.feed(tw_event(3, 101, TwWhat.CREATED, S.FIN_WAIT2))
+    sc.feed(tr(3, 1, S.FIN_WAIT2, S.CLOSE))
+    assert (sc.get(S.FIN_WAIT2), sc.get(S.TIME_WAIT)) == (1, 2)
+    sc.feed(tw_event(10 * NS, 101, TwWhat.CONVERTED, S.TIME_WAIT))  # its FIN came
+    assert (sc.get(S.FIN_WAIT2), sc.get(S.TIME_WAIT)) == (0, 3)
+    sc.feed(tr(11 * NS, 2, S.ESTABLISHED, S.FIN_WAIT1))
+    sc.feed(tr(11 * NS + 1, 2, S.FIN_WAIT1, S.FIN_WAIT2))
+    sc.feed(tw_event(11 * NS + 2, 102, TwWhat.CREATED, S.FIN_WAIT2))
+    sc.feed(tr(11 * NS + 2, 2, S.FIN_WAIT2, S.CLOSE))
+    sc.feed(tw_event(20 * NS, 102, TwWhat.PARKED_ENDED, S.FIN_WAIT2))  # never TIME_WAIT
+    assert (sc.get(S.FIN_WAIT2), sc.get(S.TIME_WAIT)) == (0, 3)
+    sc.advance(60 * NS)  # the seeded ones have ended; the one made at 10 s has not
+    assert sc.get(S.TIME_WAIT) == 1
+    sc.advance(70 * NS)
+    assert sc.get(S.TIME_WAIT) == 0 and sc.tw_created == 1
+
+
 def test_report_is_self_contained_and_escapes_hostile_text() -> None:
     ov = Overview(threshold_ns=NS)
     ov.start(0)

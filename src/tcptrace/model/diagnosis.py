@@ -147,6 +147,7 @@ class Diagnosis:
     close_max_ns: int | None
     lost: int
     verdicts: list[Verdict]
+    skipped: int | None = None
     close_wait_entered: int = 0
     close_wait_closed: int = 0
     time_to_close: list[int] = field(default_factory=list)
@@ -220,6 +221,7 @@ class Diagnosis:
                 "max_ns": self.close_max_ns,
             },
             "lost": self.lost,
+            "skipped": self.skipped,
         }
 
 
@@ -587,6 +589,17 @@ def diagnose(
                 (),
             )
         )
+    if overview.skipped:
+        verdicts.append(
+            Verdict(
+                "warning",
+                "skipped_runs",
+                f"the kernel skipped {overview.skipped} runs of the state-transition hook (a softirq "
+                "changed a socket's state while another BPF program ran on that CPU): counts of "
+                "transitions may be short by up to that many",
+                ("bpf_prog_info.recursion_misses, counted for every socket of the host",),
+            )
+        )
     if not any(v.severity in ("problem", "warning") for v in verdicts):
         verdicts.append(
             Verdict(
@@ -619,6 +632,7 @@ def diagnose(
         close_max_ns=hist.max_ns if hist.count else None,
         lost=lost,
         verdicts=verdicts,
+        skipped=overview.skipped,
         close_wait_entered=tracker.entered,
         close_wait_closed=tracker.closed,
         time_to_close=times,

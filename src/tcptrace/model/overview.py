@@ -17,7 +17,7 @@ Pure: fed events, snapshots and counters by the caller.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +30,7 @@ from tcptrace.model.lifecycle import birth
 from tcptrace.model.timewait import TimewaitModel, TwCounts
 
 NS = 1_000_000_000
+TIMEWAIT_NS = 60 * NS  # TCP_TIMEWAIT_LEN
 MIN_RATE_S = 0.25  # intervals shorter than this do not replace the rates shown
 
 # The order states are shown in (the ones users ask about first).
@@ -60,8 +61,12 @@ class StateCounts:
     seeded: bool = False
     seeded_ns: int | None = None
     seed_total: int = 0
+    seeds: int = 0
     applied: int = 0
     tw_created: int = 0
+    tw_recent: deque[int] = field(default_factory=deque)
+    """Times of the TIME_WAIT creations of the last 60 s (each lasts 60 s)."""
+    now_ns: int = 0
     host_tw: int | None = None
     """sockstat ``tw`` (exact, host-wide) when the caller reads it."""
 
@@ -70,26 +75,47 @@ class StateCounts:
         self.seed_total = sum(self.counts.values())
         self.seeded = True
         self.seeded_ns = at_ns
+        self.seeds += 1
+        self.now_ns = max(self.now_ns, at_ns)
+        while self.tw_recent and self.tw_recent[0] <= at_ns:  # in the seed now
+            self.tw_recent.popleft()
 
     def feed(self, event: SocketEvent) -> None:
         if self.seeded_ns is not None and event.ts_ns <= self.seeded_ns:
             return
+        self.advance(event.ts_ns)
         if isinstance(event, Transition):
             self.applied += 1
             if not birth(event) and event.old != TcpState.CLOSE:
                 self.counts[event.old] -= 1
             if event.new != TcpState.CLOSE:
                 self.counts[event.new] += 1
-        elif isinstance(event, TimeWaitEvent) and event.substate == TcpState.TIME_WAIT:
-            if event.what in (TwWhat.CREATED, TwWhat.CONVERTED):
+        elif isinstance(event, TimeWaitEvent):
+            # A parked tw (an orphaned FIN_WAIT2 socket, the full one gone) is FIN_WAIT2
+            # still, as ss and /proc show it, until it gets the FIN or dies.
+            if event.what == TwWhat.CREATED and event.substate == TcpState.FIN_WAIT2:
+                self.counts[TcpState.FIN_WAIT2] += 1
+            elif event.what in (TwWhat.CONVERTED, TwWhat.PARKED_ENDED):
+                self.counts[TcpState.FIN_WAIT2] -= 1
+            if event.substate == TcpState.TIME_WAIT and event.what in (TwWhat.CREATED, TwWhat.CONVERTED):
                 self.tw_created += 1
+                self.tw_recent.append(event.ts_ns)
+
+    def advance(self, now_ns: int) -> None:
+        """Model time moves on: TIME_WAIT sockets older than 60 s have ended."""
+        self.now_ns = max(self.now_ns, now_ns)
+        while self.tw_recent and self.tw_recent[0] <= self.now_ns - TIMEWAIT_NS:
+            self.tw_recent.popleft()
 
     def get(self, state: TcpState) -> int:
         """The count shown for ``state`` (never below 0: drift shows as 0, not as a debt)."""
         if state == TcpState.TIME_WAIT:
             if self.host_tw is not None:
                 return self.host_tw
-            return max(0, self.counts[TcpState.TIME_WAIT] + self.tw_created)
+            seeded = self.counts[TcpState.TIME_WAIT]
+            if self.seeded_ns is not None and self.now_ns >= self.seeded_ns + TIMEWAIT_NS:
+                seeded = 0  # every one found at start has ended by now
+            return max(0, seeded + len(self.tw_recent))
         return max(0, self.counts[state])
 
     def how(self, state: TcpState) -> str:
@@ -97,7 +123,9 @@ class StateCounts:
         if state == TcpState.TIME_WAIT:
             if self.host_tw is not None:
                 return "sockstat tw (host, both substates)"
-            return "seed + created since (expiries not seen)"
+            if self.seeded:
+                return "seed + created in the last 60 s"
+            return "created in the last 60 s"
         return "seed + transitions" if self.seeded else "transitions since start"
 
     def rows(self) -> list[tuple[TcpState, int]]:
@@ -172,6 +200,8 @@ class Overview:
     start_ns: int | None = None
     now_ns: int = 0
     lost: int = 0
+    skipped: int | None = None
+    """Runs of the transition hook the kernel skipped (any socket of the host); None: unknown."""
 
     def __post_init__(self) -> None:
         self.closewait = CloseWaitTracker(threshold_ns=self.threshold_ns)
@@ -205,6 +235,7 @@ class Overview:
         closelat_rows: Iterable[Any] | None = None,
         host_tw: int | None = None,
         lost: int | None = None,
+        skipped: int | None = None,
     ) -> RateInterval | None:
         """End the interval at ``now_ns``; live, with the kernel's exact aggregates."""
         if self.start_ns is None:
@@ -221,10 +252,13 @@ class Overview:
         self.timewait.tick(now_ns, tw_counts)
         if closelat_rows is not None:
             self.closelat.snapshot(now_ns, closelat_rows)
+        self.states.advance(now_ns)
         if host_tw is not None:
             self.states.host_tw = host_tw
         if lost is not None:
             self.lost = lost
+        if skipped is not None:
+            self.skipped = skipped
         return done
 
     # ---- reports -------------------------------------------------------------------------

@@ -104,17 +104,23 @@ def states_table(overview: Overview) -> Table:
 
 
 def headline(overview: Overview) -> Text:
+    """One line: uptime, transition rate, leak suspects, losses (and skipped kernel runs)."""
     text = Text()
     text.append("tcptrace top", style="bold")
-    text.append(f"   up {duration(int(overview.elapsed_s * 1e9))}")
+    text.append(f"  up {duration(int(overview.elapsed_s * 1e9))}")
     last = overview.last
-    text.append(f"   transitions {_rate(last.total_rate if last else 0.0)}/s")
+    text.append(f"  {_rate(last.total_rate if last else 0.0)} transitions/s")
     cw = overview.closewait
     suspects = sum(1 for s in cw.open.values() if s.age_ns(overview.now_ns) >= cw.threshold_ns)
-    text.append(f"   CLOSE_WAIT suspects (>= {duration(cw.threshold_ns)}): ")
+    text.append(f"  CLOSE_WAIT >= {duration(cw.threshold_ns)}: ")
     text.append(str(suspects), style="bold red" if suspects else "")
-    text.append("   lost ")
+    text.append("  lost ")
     text.append(str(overview.lost), style="bold red" if overview.lost else "")
+    if overview.skipped:
+        text.append("  skipped ")
+        text.append(str(overview.skipped), style="yellow")
+    if overview.states.seeds > 1:
+        text.append(f"  /proc re-read {overview.states.seeds - 1}x", style="dim")
     return text
 
 
@@ -143,8 +149,12 @@ def processes_table(overview: Overview, state: TopState) -> Table:
     if state.pid is not None:
         title += f" (pid {state.pid} only)"
     table.title = title
-    for name in ("PID", "COMM", "CLOSE_WAIT", "OLDEST", "TW/s", "TW TOTAL", "CLOSES", "CLOSE p99", "MAX"):
-        table.add_column(name, justify="left" if name == "COMM" else "right")
+    # Fits 80 columns with a whole 15-character comm.
+    for name in ("PID", "COMM", "CLOSE_WAIT", "OLDEST", "TW/s", "TW", "CLOSES", "p99", "MAX"):
+        if name == "COMM":
+            table.add_column(name, min_width=15, no_wrap=True)
+        else:
+            table.add_column(name, justify="right", no_wrap=True)
     rows = sort_rows(overview.processes(state.pid), state.sort)
     for r in rows[:MAX_PROCESSES]:
         table.add_row(
