@@ -14,6 +14,7 @@ import json
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 
 from tcptrace.system.netstat import parse_netstat, parse_sockstat_tw
+from tests.integration.helpers import free_port
 
 PEER = Path(__file__).parent / "fixtures" / "tw_peer.py"
 
@@ -362,3 +364,22 @@ def test_tw_bucket_overflow_is_not_counted_as_time_wait(
     assert tws == limit
     assert overflow - overflow_before == n - limit
     assert run.process(peers.client_pid)["created"] == limit, breakdown(run)
+
+
+def test_ipv6_client_closed_connections(tcptrace_cmd: list[str], ss: object) -> None:
+    port = free_port(socket.AF_INET6)
+    n = 50
+    tracer = Tracer(tcptrace_cmd, port)
+    peers = run_peers("::1", port, n, "eof", "first")
+    time.sleep(0.5)
+    run = tracer.stop()
+
+    assert ss_count("[::1]", port, "time-wait") == len(set(peers.local_ports))
+    assert run.remote(f"[::1]:{port}") == n, breakdown(run)
+    assert run.process(peers.client_pid)["created"] == n
+    counted = [
+        e
+        for e in run.our_events("::1", port, "CREATED") + run.our_events("::1", port, "CONVERTED")
+        if e["substate"] == "TIME_WAIT"
+    ]
+    assert len(counted) == n and all(e["family"] == 6 for e in counted)
