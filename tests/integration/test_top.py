@@ -8,6 +8,7 @@ import re
 import select
 import socket
 import subprocess
+import termios
 import time
 from collections import Counter
 
@@ -116,3 +117,49 @@ def test_state_counts_match_ss(
     # The leaky server holds the five in CLOSE_WAIT (process table).
     row = next(line for line in out.splitlines() if "leaky_server" in line)
     assert row.split()[2] == "5", out
+
+
+def test_keys_in_a_terminal_and_q_quits(tcptrace_cmd: list[str], port: int) -> None:
+    """In a pty: t sorts by TIME_WAIT, p + digits + Enter filters a pid, q quits with 0,
+    and the terminal is back in canonical mode with the cursor shown."""
+    import os
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: top on a quiet port, reading keys from the pty
+        os.execv(tcptrace_cmd[0], [*tcptrace_cmd, "top", "--port", str(port), "--interval", "0.3"])
+    out = b""
+
+    def pump(seconds: float, until: bytes = b"") -> None:
+        nonlocal out
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not (until and until in out):
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:
+                    return
+
+    try:
+        pump(120, until=b"keys: c CLOSE_WAIT")
+        assert b"keys: c CLOSE_WAIT" in out, out[-2000:]
+        os.write(fd, b"t")
+        pump(5, until=b"sorted by TIME_WAIT/s")
+        os.write(fd, b"p4242\r")
+        pump(5, until=b"(pid 4242 only)")
+        os.write(fd, b"q")
+        pump(10)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    assert "sorted by TIME_WAIT/s" in text and "(pid 4242 only)" in text
+    assert text.rstrip().endswith("\x1b[?25h") or "\x1b[?25h" in text[-200:]  # cursor shown again
+    attrs = termios.tcgetattr(fd)
+    os.close(fd)
+    assert attrs[3] & termios.ICANON and attrs[3] & termios.ECHO  # cbreak undone
