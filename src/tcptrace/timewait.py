@@ -162,7 +162,8 @@ def run_timewait(
                 writer.write(obj)
             elif live_view is not None:
                 live_view.update(view.render(model, interval, context()), refresh=True)
-            else:
+            elif interval.seconds >= interval_s / 2 or interval.delta.created or interval.delta.resets_sent:
+                # (the last, partial interval only when something happened in it)
                 console.print(view.headline(interval, model.totals), soft_wrap=True)
 
         try:

@@ -53,14 +53,11 @@ def headline(interval: Interval, totals: TwCounts) -> Text:
 def process_table(interval: Interval | None, totals: TwCounts, n: int = 8) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
     table.title = "by process (the one that closed first)"
-    for name, justify in (
-        ("PID", "right"),
-        ("COMM", "left"),
-        ("NOW/s", "right"),
-        ("TOTAL", "right"),
-        ("RST SENT", "right"),
-        ("RST RECV", "right"),
-    ):
+    columns = [("PID", "right"), ("COMM", "left"), ("NOW/s", "right"), ("TOTAL", "right")]
+    columns += [("RST SENT", "right"), ("RST RECV", "right")]
+    if interval is None:  # the summary: totals only
+        columns.remove(("NOW/s", "right"))
+    for name, justify in columns:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     rows = sorted(totals.by_process.items(), key=lambda kv: (-kv[1].created, -kv[1].resets_sent, kv[0]))
     for (pid, comm), c in rows[:n]:
@@ -68,13 +65,9 @@ def process_table(interval: Interval | None, totals: TwCounts, n: int = 8) -> Ta
         if interval is not None:
             d = interval.delta.by_process.get((pid, comm))
             now = d.created / interval.seconds if d is not None else 0.0
+        now_cell = [f"{now:,.1f}"] if interval is not None else []
         table.add_row(
-            str(pid),
-            safe(comm)[:15],
-            f"{now:,.1f}",
-            str(c.created),
-            str(c.resets_sent),
-            str(c.resets_received),
+            str(pid), safe(comm)[:15], *now_cell, str(c.created), str(c.resets_sent), str(c.resets_received)
         )
     return table
 
@@ -83,12 +76,15 @@ def remote_table(interval: Interval | None, totals: TwCounts, n: int = 8) -> Tab
     table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
     table.title = "by remote endpoint"
     table.add_column("REMOTE")
-    table.add_column("NOW/s", justify="right")
+    if interval is not None:
+        table.add_column("NOW/s", justify="right")
     table.add_column("TOTAL", justify="right")
     now = by_remote(interval.delta.by_dest) if interval is not None else {}
-    seconds = interval.seconds if interval is not None else 1.0
     for remote, count in top(by_remote(totals.by_dest), n):
-        table.add_row(safe(remote), f"{now.get(remote, 0) / seconds:,.1f}", str(count))
+        if interval is not None:
+            table.add_row(safe(remote), f"{now.get(remote, 0) / interval.seconds:,.1f}", str(count))
+        else:
+            table.add_row(safe(remote), str(count))
     return table
 
 
@@ -107,7 +103,7 @@ def forecast_table(forecasts: Sequence[DestForecast]) -> Table:
     for name, justify in (
         ("LOCAL", "left"),
         ("REMOTE", "left"),
-        ("RATE/s", "right"),
+        ("RATE/s (60s)", "right"),
         ("HELD ~", "right"),
         ("OF PORTS", "right"),
         ("VERDICT", "left"),
