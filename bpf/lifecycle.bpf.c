@@ -82,6 +82,15 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     /* The command only needs the socket table (closelat): no event to decode. */
     return 0;
 #endif
+#ifdef TT_CLOSEWAIT_EVENTS
+    /* closewait needs births (a reused skaddr starts afresh), deaths, CLOSE_WAIT's
+     * entry and exits, and connect (owner and origin stack): the other
+     * transitions of a connection are not sent, which halves the stream of a
+     * busy host. */
+    if (!(o == TT_TCP_CLOSE || n == TT_TCP_SYN_RECV || n == TT_TCP_CLOSE
+          || o == TT_TCP_CLOSE_WAIT || n == TT_TCP_CLOSE_WAIT))
+        return 0;
+#endif
 
 #ifdef TT_PROC_STACKS_ONLY
     /* Stacks only where they attribute (connect, listen, close): softirq

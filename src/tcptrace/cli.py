@@ -419,7 +419,7 @@ def closewait(
 
         cgroup_name = path_of_id
     console = make_console()
-    defines = {"TT_PROC_STACKS_ONLY": 1}
+    defines = {"TT_PROC_STACKS_ONLY": 1, "TT_CLOSEWAIT_EVENTS": 1}
     if touch_stacks:
         defines["TT_TOUCH_STACKS"] = 1
     with open_source(from_file, flt, parts=("lifecycle", "owner"), stacks=True, defines=defines) as source:
@@ -503,6 +503,7 @@ def closewait(
                 "stopped": reason,
                 "lost": int(counters.get("lost", 0)),
                 "stack_failed": int(counters.get("stack_failed", 0)),
+                "events": int(counters.get("decoded", 0)),
                 **summary,
             }
         )
