@@ -315,8 +315,9 @@ def test_pid_filter_and_stacks_name_the_code_path(port: int, fixture_bin: Fixtur
         srv.close()
 
 
+@pytest.mark.parametrize("window", ["interval", "cumulative"])
 def test_cli_json_counts_exactly_the_fixture_closes(
-    port: int, fixture_bin: FixtureBuilder, tcptrace_cmd: list[str]
+    port: int, fixture_bin: FixtureBuilder, tcptrace_cmd: list[str], window: str
 ) -> None:
     exe = fixture_bin("closelat_closer")
     srv = listener_on(port)
@@ -338,6 +339,7 @@ def test_cli_json_counts_exactly_the_fixture_closes(
                 "0.2",
                 "--duration",
                 "4",
+                *(["--cumulative"] if window == "cumulative" else []),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -364,8 +366,12 @@ def test_cli_json_counts_exactly_the_fixture_closes(
     (proc,) = summary["processes"]
     assert proc["pid"] == child.pid and proc["call"] == "close" and proc["count"] == 7
     reports = [o for o in objs if o["type"] == "closelat"]
-    assert sum(p["count"] for r in reports for p in r["processes"]) == 7  # intervals add up
-    assert all(r["window"] == "interval" for r in reports)
+    assert reports and all(r["window"] == window for r in reports)
+    counts = [sum(p["count"] for p in r["processes"]) for r in reports]
+    if window == "interval":
+        assert sum(counts) == 7  # the intervals add up to the total
+    else:
+        assert counts == sorted(counts) and counts[-1] == 7
 
 
 def test_port_and_family_filters_apply_to_the_socket_closed(port: int) -> None:
