@@ -51,6 +51,72 @@ def raw_event() -> Any:
     return raw
 
 
+def prototype(keys: list[str]) -> Callable[[Any], str]:
+    """What `states --json` could cost: raw event -> JSON text with no dataclass in between,
+    addresses and comms cached. Only a yardstick for a proposal: the bench reports it only
+    when its text equals the real pipeline's byte for byte."""
+    import socket
+
+    from tcptrace.model.events import TcpState
+
+    names = {s.value: s.name for s in TcpState}
+    addrs: dict[tuple[bytes, int], str] = {}
+    comms: dict[bytes, str] = {}
+
+    def addr(raw: Any, family: int) -> str:
+        key = (bytes(raw), family)
+        text = addrs.get(key)
+        if text is None:
+            if family == socket.AF_INET:
+                text = socket.inet_ntop(socket.AF_INET, key[0][:4])
+            else:
+                import ipaddress
+
+                text = str(ipaddress.IPv6Address(key[0][:16]))
+            if len(addrs) < 4096:
+                addrs[key] = text
+        return text
+
+    def comm(raw: Any) -> str:
+        key = bytes(raw)
+        text = comms.get(key)
+        if text is None:
+            text = key.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+            if len(comms) < 4096:
+                comms[key] = text
+        return text
+
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    def fast(raw: Any) -> str:
+        family, owner = raw.family, raw.owner_tgid
+        d = {
+            "type": "transition",
+            "ts_ns": raw.ts_ns,
+            "skaddr": f"0x{raw.skaddr:x}",
+            "family": 6 if family == socket.AF_INET6 else 4,
+            "saddr": addr(raw.saddr, family),
+            "sport": raw.sport,
+            "daddr": addr(raw.daddr, family),
+            "dport": raw.dport,
+            "pid": owner or None,
+            "comm": comm(raw.owner_comm) if owner else None,
+            "task_pid": raw.task_tgid,
+            "task_tid": raw.task_pid,
+            "task_comm": comm(raw.task_comm),
+            "cgroup": None,
+            "kstack": [],
+            "ustack": [],
+            "old": names[raw.oldstate],
+            "new": names[raw.newstate],
+            "prev_ns": raw.value_ns or None,
+            "sk_flags": raw.sk_flags,
+        }
+        return dumps({k: d[k] for k in keys}) + "\n"
+
+    return fast
+
+
 def measure() -> dict[str, float]:
     from tcptrace.model.events import from_raw, to_json
     from tcptrace.model.states import StatesSummary
@@ -73,7 +139,7 @@ def measure() -> dict[str, float]:
             devnull.write(text)
             devnull.flush()
 
-        return {
+        costs = {
             "from_raw": _best_us(lambda: from_raw(raw)),
             "summary.feed": _best_us(lambda: summary.feed(event)),
             "to_json": _best_us(lambda: to_json(event)),
@@ -81,3 +147,11 @@ def measure() -> dict[str, float]:
             "write+flush (/dev/null)": _best_us(write_flush),
             "states --json, all stages": _best_us(pipeline),
         }
+    try:
+        fast = prototype(list(obj))
+        same = fast(raw) == text
+    except (KeyError, ValueError):
+        same = False
+    if same:
+        costs["prototype: raw -> JSON, no dataclass (same text)"] = _best_us(lambda: fast(raw))
+    return costs
