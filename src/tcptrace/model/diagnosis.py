@@ -485,7 +485,11 @@ def diagnose(
     # 4. TIME_WAIT: who creates it, at what rate, against the port range.
     tw = overview.timewait
     totals = tw.totals
-    tw_rate = totals.created / window_s if window_s > 0 else 0.0
+    # Rates over the span the kernel counted (attach to the last read), as the forecasts.
+    tw_span_s = window_s
+    if tw.start_ns is not None and tw.last_ns is not None and tw.last_ns > tw.start_ns:
+        tw_span_s = (tw.last_ns - tw.start_ns) / NS
+    tw_rate = totals.created / tw_span_s if tw_span_s > 0 else 0.0
     ports = settings.ports if settings is not None else None
     tw_reuse = settings.tw_reuse if settings is not None else None
     forecasts = tw.forecasts(ports or 0, tw_reuse) if ports else []
@@ -506,7 +510,7 @@ def diagnose(
         )
     worst = max(forecasts, key=lambda f: f.utilization, default=None)
     for pid, comm, n in by_proc[:3]:
-        rate = n / window_s if window_s > 0 else 0.0
+        rate = n / tw_span_s if tw_span_s > 0 else 0.0
         dests = sorted(totals.by_dest.items(), key=lambda dc: (-dc[1], dc[0]))
         towards = f", busiest destination {dests[0][0].remote}" if dests else ""
         sev = "info"
@@ -529,7 +533,7 @@ def diagnose(
                 sev,
                 "time_wait",
                 f"{_owner_text(pid, comm)} creates about {rate:.1f} TIME_WAIT sockets a second "
-                f"({n} in {window_s:.0f} s{towards}): {tail}",
+                f"({n} in {tw_span_s:.0f} s{towards}): {tail}",
                 (
                     f"TIME_WAIT held ≈ rate × {TIMEWAIT_LEN_S} s = {rate * TIMEWAIT_LEN_S:.0f}",
                     *(f"{a.setting} = {a.value}: {a.meaning}" for a in advice if a.warn),
