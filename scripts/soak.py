@@ -228,7 +228,8 @@ def main() -> int:
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lsock.bind(("127.0.0.1", churn_port))
     lsock.listen(1024)
-    threads = [threading.Thread(target=churn_server, args=(lsock, stop, counts), daemon=True)]
+    server_stop = threading.Event()  # after the clients: nothing may be left unaccepted
+    threads = [threading.Thread(target=churn_server, args=(lsock, server_stop, counts), daemon=True)]
     threads += [
         threading.Thread(
             target=churn_client, args=(connect_close, churn_port, args.per_process, stop, counts)
@@ -256,7 +257,12 @@ def main() -> int:
     finally:
         stop.set()
         for t in threads[1:]:
-            t.join(60)
+            t.join(120)
+        # Every client connection is accepted and closed by the server before it stops.
+        deadline = time.monotonic() + 30
+        while counts.server_closes < counts.churn and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server_stop.set()
         threads[0].join(5)
         lsock.close()
 
@@ -269,12 +275,12 @@ def main() -> int:
         "close_calls": 2 * counts.churn + counts.leak_l + 2 * counts.leak_c,
     }
     got: dict[str, float] = {}
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 75
     text = ""
     while time.monotonic() < deadline and agent.poll() is None:
         text = scrape(metrics)
         got = {k: sample_value(text, k) or 0.0 for k in expected if k != "close_calls"}
-        got["close_calls"] = total(text, "tcptrace_close_duration_seconds_count", call="close")
+        got["close_calls"] = sample_value(text, "tcptrace_close_calls_total", {"call": "close"}) or 0.0
         if got == expected:
             break
         time.sleep(1)
@@ -317,6 +323,16 @@ def main() -> int:
         "expected": expected,
         "agent": got,
         "events_lost": lost,
+        "kernel_map_failures": {
+            k: v
+            for k, v in (
+                (m, sample_value(text, "tcptrace_kernel_map_failures_total", {"map": m}))
+                for m in ("socks", "stacks", "timewait", "closelat_hists", "closelat_calls")
+            )
+            if v
+        },
+        "map_entries_pruned": total(text, "tcptrace_map_entries_pruned_total"),
+        "label_sets": total(text, "tcptrace_label_sets"),
         "suspect_log_lines": suspects,
         "rss_mib": {
             "first": round(rss.samples[0][1] / 2**20, 1) if rss.samples else None,

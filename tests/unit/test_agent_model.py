@@ -176,3 +176,18 @@ def test_agent_usage_errors(args: list[str], message: str) -> None:
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_close_calls_stay_exact_while_per_process_series_come_and_go() -> None:
+    m = AgentModel(AgentConfig(top_processes=2, label_idle_ns=3 * NS))
+    hists: dict[tuple[int, str, int], Log2Histogram] = {}
+    made = 0
+    for t in range(30):
+        pid = 100 + t  # a new process every interval, each closing t + 1 sockets
+        hists[(pid, "close", -1)] = Log2Histogram.of([1000] * (t + 1))
+        made += t + 1
+        m.tick(t * NS, cl_hists=dict(hists), cl_comm={k: "worker" for k in hists})
+    text = scrape(m, 30 * NS)
+    assert sample_value(text, "tcptrace_close_calls_total", {"call": "close"}) == made
+    assert len(series(text, "tcptrace_close_duration_seconds_count")) <= 3
+    assert m.close_by_proc["close"].dropped_total > 0  # series did end on the way

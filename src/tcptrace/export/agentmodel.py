@@ -116,6 +116,8 @@ class AgentModel:
             idle_reads=c.idle_intervals, subtract=_hist_sub, weight=_hist_weight
         )
         self.preexisting = 0
+        self.close_calls: Counter[str] = Counter({call: 0 for call in CALL_NAMES})
+        """Every call counted, whatever series it went to (series end; this never does)."""
         self.pruned: Counter[str] = Counter()
         self._logged: dict[tuple[Any, ...], tuple[int, int]] = {}
 
@@ -156,6 +158,7 @@ class AgentModel:
                 limiter = self.close_by_proc.get(call)
                 if limiter is not None:
                     limiter.add((pid, comms.get(key, "?")), h, now_ns)
+                    self.close_calls[call] += h.count
             prune["cl_hists"] = hidle
         for limiter in self._limiters():
             limiter.rebalance(now_ns)
@@ -248,6 +251,7 @@ class AgentModel:
             resets_sent_by_proc=with_other(self.rs_by_proc, AGGREGATE),
             resets_received_by_proc=with_other(self.rr_by_proc, AGGREGATE),
             close_durations=close_rows,
+            close_calls=dict(self.close_calls),
             events_decoded=counters.get("decoded", 0),
             events_lost=counters.get("lost", 0),
             events_malformed=counters.get("malformed", 0),

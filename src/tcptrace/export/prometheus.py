@@ -138,6 +138,8 @@ class ExportState:
     resets_received_by_proc: Sequence[tuple[Proc, int]] = ()
     close_durations: Sequence[tuple[Proc, str, Log2Histogram]] = ()
     """(process, call, cumulative histogram) rows."""
+    close_calls: Mapping[str, int] = field(default_factory=dict)
+    """Calls by call name, all processes: exact, while per-process series come and go."""
     events_decoded: int = 0
     events_lost: int = 0
     events_malformed: int = 0
@@ -279,6 +281,14 @@ def families(state: ExportState) -> list[Metric]:
     for proc, call, hist in state.close_durations:
         h.add_metric([*proc_labels(proc), call], duration_buckets(hist), hist.sum_ns / NS)
     out.append(h)
+    calls = CounterMetricFamily(
+        f"{PREFIX}_close_calls",
+        "close(), shutdown() and close_range() calls on TCP sockets, all processes.",
+        labels=["call"],
+    )
+    for call, n in sorted(state.close_calls.items()):
+        calls.add_metric([call], n)
+    out.append(calls)
 
     out.append(_counter("events", "Events decoded from the kernel's ring buffer.", state.events_decoded))
     out.append(
