@@ -368,6 +368,13 @@ def doctor() -> None:
     help="A socket in CLOSE_WAIT longer than this is a leak suspect (5s, 500ms, 2m).",
 )
 @click.option(
+    "--recheck",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Compare with /proc every S seconds, to repair a transition the kernel skipped (0: never).",
+)
+@click.option(
     "--touch-stacks",
     is_flag=True,
     help="Also keep the stack of each socket's last send/recv before the FIN "
@@ -384,6 +391,7 @@ def closewait(
     as_json: bool,
     from_file: str | None,
     threshold: str,
+    recheck: float,
     touch_stacks: bool,
 ) -> None:
     """Time every socket in CLOSE_WAIT and find the code paths that leak them.
@@ -462,7 +470,25 @@ def closewait(
             )
             live_view.start()
 
+        recheck_ns = int(recheck * 1e9)
+        next_recheck = [source.now_ns() + recheck_ns]
+
+        def heal() -> None:
+            # /proc first, then every event up to it, then compare (see CloseWaitTracker).
+            from tcptrace.system.procfd import closewait_ports, closewait_snapshot
+
+            snapshot_ns = source.now_ns()
+            in_close_wait = closewait_ports(flt)
+            drain_into(source, tracker.feed)
+            tracker.drop_gone(in_close_wait, snapshot_ns)
+            missing = tracker.unexplained(in_close_wait, snapshot_ns)
+            if missing:
+                tracker.add_found(closewait_snapshot(flt, only=missing), snapshot_ns)
+
         def on_tick(now_ns: int) -> None:
+            if source.live and recheck_ns and now_ns >= next_recheck[0]:
+                heal()
+                next_recheck[0] = now_ns + recheck_ns
             look_up_pre_fin()
             done: Interval | None = tracker.begin_interval(now_ns)
             if writer is not None:

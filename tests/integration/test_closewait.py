@@ -142,7 +142,7 @@ def test_leaks_are_timed_and_attributed_to_the_leaking_code_path(
     n_close, n_leak = 5, 4
     exe = fixture_bin("leaky_server")
     with (
-        tracing(tcptrace_cmd, "--port", str(port)) as tracer,
+        tracing(tcptrace_cmd, "--port", str(port), "--recheck", "0.3") as tracer,
         leaky_server(exe, port, own_cgroup=True) as server,
     ):
         conns = connect_all(port, "CL" * n_leak + "C" * (n_close - n_leak))
@@ -159,6 +159,8 @@ def test_leaks_are_timed_and_attributed_to_the_leaking_code_path(
 
     assert truth == ports["L"]
     assert summary["lost"] == 0
+    # Rechecked against /proc every 0.3 s: nothing was missed, so nothing is repaired.
+    assert summary["missed_exits"] == summary["missed_entries"] == 0
     assert summary["entered"] == n_close + n_leak
     assert summary["closed"] == n_close
     assert summary["open"] == n_leak == len(truth)
@@ -238,7 +240,7 @@ def test_pid_filter_keeps_the_owners_sockets_whichever_task_ran_the_transition(
         # One of a's leaks exists before tracing starts, one comes later; b leaks too.
         early = close_all(port_a, ss, connect_all(port_a, "L"))
         assert helpers.wait_for(lambda: server_side(ss, port_a, "close-wait") == early["L"], timeout=10)
-        args = ["--pid", str(a.pid), "--port", str(port_a), "--port", str(port_b)]
+        args = ["--pid", str(a.pid), "--port", str(port_a), "--port", str(port_b), "--recheck", "0.3"]
         with tracing(tcptrace_cmd, *args) as tracer:
             late_a = close_all(port_a, ss, connect_all(port_a, "LC"))
             late_b = close_all(port_b, ss, connect_all(port_b, "LL"))
@@ -253,6 +255,7 @@ def test_pid_filter_keeps_the_owners_sockets_whichever_task_ran_the_transition(
     assert all(s["pid"] == pid_a and s["sport"] == port_a for s in summary["sockets"])
     assert [s["preexisting"] for s in summary["sockets"]].count(True) == 1
     assert summary["entered"] == 2  # a's live ones; none of b's
+    assert summary["missed_exits"] == summary["missed_entries"] == 0
     assert summary["closed"] == 1
     assert sum(g["count"] for g in summary["groups"]) == 2
 
@@ -436,3 +439,31 @@ def test_last_touch_before_the_fin_needs_touch_stacks(
         assert forgot["last_touch_op"] == "ACCEPT"
         assert "respond_and_forget" not in frames(forgot["last_touch_stack"])
     assert {s["dport"] for s in summary["sockets"]} == want
+
+
+@pytest.mark.parametrize("recheck", ["0.3", "0"])
+def test_recheck_finds_a_socket_whose_owner_the_kernel_could_not_know(
+    tcptrace_cmd: list[str], port: int, recheck: str
+) -> None:
+    """Established before tracing, then the peer closes: the kernel saw no owner at the
+    FIN, so `--pid` dropped the transition. Only the /proc recheck can find it."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", port))
+        srv.listen()
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s, _ = srv.accept()
+        args = ["--pid", str(os.getpid()), "--port", str(port), "--recheck", recheck]
+        with tracing(tcptrace_cmd, *args) as tracer:
+            peer = c.getsockname()[1]
+            c.close()
+            assert helpers.wait_for(lambda: server_side(helpers.SS(), port, "close-wait") == {peer})
+            time.sleep(1.5)
+            _, summary = stop(tracer)
+        s.close()
+
+    if recheck == "0":
+        assert summary["sockets"] == [] and summary["missed_entries"] == 0
+        return
+    (sock,) = summary["sockets"]
+    assert (sock["dport"], sock["pid"], sock["at_least"]) == (peer, os.getpid(), True)
+    assert summary["missed_entries"] == 1 and summary["missed_exits"] == 0

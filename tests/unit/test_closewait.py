@@ -286,3 +286,24 @@ def test_a_touch_after_the_fin_beats_the_one_before() -> None:
     assert not t.add_pre_fin_touch(6, path(Op.SEND, 1005, "reply"))
     sock = t.open[("sk", 6)]
     assert sock.last_touch is not None and sock.last_touch.op == Op.RECV
+
+
+def test_recheck_drops_sockets_whose_exit_was_missed_and_adds_missed_entries() -> None:
+    t = CloseWaitTracker(threshold_ns=NS)
+    leaked(t, 1, 7, 0, sport=80, dport=1001)  # open; /proc will not show it: exit missed
+    leaked(t, 2, 7, 0, sport=80, dport=1002)  # open and still there
+    leaked(t, 3, 7, 0, sport=80, dport=1003)
+    t.feed(tr(5 * NS, 3, S.CLOSE_WAIT, S.LAST_ACK, pid=7, sport=80, dport=1003))  # left after the snapshot
+    snapshot = {(80, 1002), (80, 1003), (80, 1004)}
+    late = tr(5 * NS, 9, S.ESTABLISHED, S.CLOSE_WAIT, pid=7, sport=80, dport=1005)
+    t.feed(late)  # entered after the snapshot (at 4 s): not in it, must stay
+    assert t.drop_gone(snapshot, 4 * NS) == 1
+    assert {s.dport for s in t.open.values()} == {1002, 1005} and t.missed_exits == 1
+    # 1004 was never seen entering; 1003 left after the snapshot, so it is explained.
+    assert t.unexplained(snapshot, 4 * NS) == {(80, 1004)}
+    found = Preexisting(family=4, saddr="10.0.0.1", sport=80, daddr="10.0.0.9", dport=1004, pid=7, comm="p7")
+    assert t.add_found([found], 4 * NS) == 1 and t.missed_entries == 1
+    sock = next(s for s in t.open.values() if s.dport == 1004)
+    assert sock.preexisting and sock.age_ns(6 * NS) == 2 * NS
+    summary = t.summary_json(6 * NS)
+    assert (summary["missed_exits"], summary["missed_entries"]) == (1, 1)

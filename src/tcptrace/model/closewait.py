@@ -11,7 +11,7 @@ Pure: fed events (and the snapshot) by the caller, asked for reports at model ti
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +25,10 @@ NS = 1_000_000_000
 AGE_EDGES_S = (0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0)
 # Closed sockets' times-to-close kept exactly (for percentiles); beyond, the histogram only.
 MAX_CLOSE_SAMPLES = 100_000
+# Sockets that left CLOSE_WAIT remembered (by ports) to reconcile with a /proc snapshot.
+MAX_RECENTLY_LEFT = 65_536
+
+Ports = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -302,6 +306,11 @@ class CloseWaitTracker:
     close_hist: Counter[int] = field(default_factory=Counter)
     start_ns: int | None = None
     interval: Interval | None = None
+    missed_exits: int = 0
+    """Open sockets /proc no longer showed in CLOSE_WAIT: their exit was not seen."""
+    missed_entries: int = 0
+    """Sockets /proc showed in CLOSE_WAIT whose entry was not seen (added, age a lower bound)."""
+    recently_left: OrderedDict[Ports, int] = field(default_factory=OrderedDict)
 
     # ---- input -------------------------------------------------------------------------
 
@@ -374,6 +383,10 @@ class CloseWaitTracker:
         sock = self.open.pop(key, None)
         if sock is None:  # found at start: known by its addresses only
             sock = self.open.pop(("tuple", *record.tuple4), None)
+        self.recently_left[(record.sport, record.dport)] = event.ts_ns
+        self.recently_left.move_to_end((record.sport, record.dport))
+        if len(self.recently_left) > MAX_RECENTLY_LEFT:
+            self.recently_left.popitem(last=False)
         if event.new == TcpState.LAST_ACK:
             self.closed += 1
             if self.interval is not None:
@@ -421,6 +434,40 @@ class CloseWaitTracker:
             sock.last_touch = path
             return True
         return False
+
+    # ---- healing from /proc -------------------------------------------------------------
+    # The kernel may skip a run of the transition hook (bpf_prog_active recursion guard,
+    # ring buffer full), so the open set is compared with /proc now and then. Sockets are
+    # compared by (local port, remote port): a false match only delays a repair, while a
+    # difference in how addresses are written could never remove a live socket.
+
+    def drop_gone(self, in_close_wait: Iterable[Ports], snapshot_ns: int) -> int:
+        """Forget open sockets that entered before ``snapshot_ns`` but were not in CLOSE_WAIT
+        then (call after every event up to the snapshot was fed). Returns how many."""
+        present = set(in_close_wait)
+        gone = [
+            key
+            for key, s in self.open.items()
+            if s.entered_ns < snapshot_ns and (s.sport, s.dport) not in present
+        ]
+        for key in gone:
+            del self.open[key]
+        self.missed_exits += len(gone)
+        return len(gone)
+
+    def unexplained(self, in_close_wait: Iterable[Ports], snapshot_ns: int) -> set[Ports]:
+        """Sockets in CLOSE_WAIT at ``snapshot_ns`` that are not open here and did not leave
+        after the snapshot: their entry was not seen (or a filter left them out)."""
+        open_ports = {(s.sport, s.dport) for s in self.open.values()}
+        return {
+            p for p in in_close_wait if p not in open_ports and self.recently_left.get(p, -1) < snapshot_ns
+        }
+
+    def add_found(self, sockets: Iterable[Preexisting], snapshot_ns: int) -> int:
+        """Sockets whose entry was missed, in CLOSE_WAIT at least since ``snapshot_ns``."""
+        added = self.add_preexisting(sockets, snapshot_ns)
+        self.missed_entries += added
+        return added
 
     # ---- reports -----------------------------------------------------------------------
 
@@ -507,6 +554,8 @@ class CloseWaitTracker:
             "closed_preexisting": self.closed_preexisting,
             "reset": self.reset,
             "forgotten": self.forgotten,
+            "missed_exits": self.missed_exits,
+            "missed_entries": self.missed_entries,
             "time_to_close": self.close_time_json(),
             "groups": [g.to_json() for g in self.suspects(now_ns)],
             "sockets": [s.to_json(now_ns, self.threshold_ns) for s in self.open_sockets()],

@@ -82,15 +82,32 @@ def holders(inodes: Iterable[int], proc: str = "/proc") -> dict[int, list[Holder
     return found
 
 
-def closewait_snapshot(flt: EventFilter | None = None) -> list[Preexisting]:
+def closewait_ports(flt: EventFilter | None = None) -> set[tuple[int, int]]:
+    """(local port, remote port) of the sockets in CLOSE_WAIT now that pass the port and
+    family filters (owners are not looked up: that needs a walk of every /proc/PID/fd)."""
+    flt = flt or EventFilter()
+    owner_free = EventFilter(ports=flt.ports, family=flt.family)
+    return {
+        (s.sport, s.dport)
+        for s in in_state(TcpState.CLOSE_WAIT)
+        if _as_event(s, None, None, owner_free) is not None
+    }
+
+
+def closewait_snapshot(
+    flt: EventFilter | None = None, only: set[tuple[int, int]] | None = None
+) -> list[Preexisting]:
     """Sockets in CLOSE_WAIT now (/proc/net/tcp{,6}) with the process holding each one.
 
     A socket several processes hold (fork, fd passing) is reported with the first holder
     that passes ``flt``, else the lowest pid; one no process holds has an unknown owner.
-    Filtered like the kernel filters events: by port, family, and owner.
+    Filtered like the kernel filters events: by port, family, and owner; with ``only``,
+    just the sockets with those (local port, remote port).
     """
     flt = flt or EventFilter()
     socks = in_state(TcpState.CLOSE_WAIT)
+    if only is not None:
+        socks = [s for s in socks if (s.sport, s.dport) in only]
     owners = holders(s.inode for s in socks if s.inode)
     out: list[Preexisting] = []
     for s in socks:
