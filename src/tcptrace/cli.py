@@ -432,6 +432,11 @@ def closewait(
         defines["TT_TOUCH_STACKS"] = 1
     with open_source(from_file, flt, parts=("lifecycle", "owner"), stacks=True, defines=defines) as source:
         preexisting = 0
+        missed_runs = None
+        if isinstance(source, KernelSource):
+            from tcptrace.kernel.progstats import MissedRuns
+
+            missed_runs = MissedRuns(source.stream.program)  # type: ignore[attr-defined]
         last_touches = None
         if touch_stacks and isinstance(source, KernelSource):
             from tcptrace.kernel.touches import LastTouches
@@ -514,7 +519,12 @@ def closewait(
                 live_view.stop()
         drain_into(source, tracker.feed)
         look_up_pre_fin()
-        counters = source.counters()
+        counters = dict(source.counters())
+        skipped = missed_runs.transitions() if missed_runs is not None else None
+        if skipped is not None:
+            # Runs of the transition hook the kernel skipped (recursion guard), for any
+            # socket of the host: an upper bound on transitions of ours not seen.
+            counters["skipped_transitions"] = skipped
         now_ns = source.now_ns()
     if writer is not None:
         summary = tracker.summary_json(now_ns)
@@ -530,6 +540,7 @@ def closewait(
                 "lost": int(counters.get("lost", 0)),
                 "stack_failed": int(counters.get("stack_failed", 0)),
                 "events": int(counters.get("decoded", 0)),
+                "skipped_transitions": counters.get("skipped_transitions"),
                 **summary,
             }
         )

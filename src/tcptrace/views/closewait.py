@@ -188,6 +188,9 @@ def print_summary(
     head = Text("\nclosewait summary")
     head.append(f" (stopped: {reason})")
     head.append(f", {lost} events lost", style="bold red" if lost else "")
+    skipped = int(counters.get("skipped_transitions") or 0)
+    if skipped:
+        head.append(f", {skipped} transitions of the host skipped by the kernel", style="yellow")
     console.print(head)
     console.print(render(tracker, now_ns, cgroup_name=cgroup_name))
     if tracker.open:
