@@ -313,11 +313,22 @@ static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_t
     tt_tw_emit(ctx, TT_TW_CREATED, ann.tw, &w, ann.substate, 0, 0);
 }
 
-/* inet_sock_set_state(sk, oldstate, newstate): owners, and the CLOSE of replaced sockets. */
+/* inet_sock_set_state(sk, oldstate, newstate), in two programs. A raw tracepoint
+ * program is skipped when it interrupts itself on a CPU: an interrupt arriving
+ * while it runs in process context (close(), connect()) whose softirq then
+ * replaces a socket by a tw. So the process-context work (owners) and the
+ * softirq-critical work (the CLOSE of a replaced socket) are separate programs,
+ * each returning at once on the other's transitions: the second one is almost
+ * never running when a softirq needs it. */
+
+/* Owners: learned where the process acts; children inherit the listener's. */
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
-    const char *skp = (const char *)ctx->args[0];
     int o = (int)ctx->args[1], n = (int)ctx->args[2];
+    int proc = tt_tw_process_transition(o, n);
+    if (!proc && n != TT_TCP_SYN_RECV && !(o == TT_TCP_LISTEN && n == TT_TCP_CLOSE))
+        return 0;
+    const char *skp = (const char *)ctx->args[0];
     __u16 protocol = 0, family = 0, sport = 0;
     bpf_probe_read_kernel(&protocol, sizeof(protocol), skp + TT_SK_PROTOCOL_OFF);
     if (protocol != TT_IPPROTO_TCP)
@@ -327,32 +338,42 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     bpf_probe_read_kernel(&sport, sizeof(sport), skp + TT_INET_SPORT_OFF);
     __u32 lkey = ((__u32)family << 16) | __builtin_bswap16(sport);
 
-    if (tt_tw_process_transition(o, n)) {
+    if (proc) {
         struct tt_tw_owner me = {.tgid = bpf_get_current_pid_tgid() >> 32};
         bpf_get_current_comm(&me.comm, sizeof(me.comm));
         if (tw_owners.update(&sk, &me))
             tt_tw_stat(TT_TW_STAT_MAP_FAIL);
         if (n == TT_TCP_LISTEN && tw_listeners.update(&lkey, &me))
             tt_tw_stat(TT_TW_STAT_MAP_FAIL);
-        return 0;
-    }
-    if (n == TT_TCP_SYN_RECV) {
+    } else if (n == TT_TCP_SYN_RECV) {
         struct tt_tw_owner *l = tw_listeners.lookup(&lkey);
         if (l && tw_owners.update(&sk, l))
             tt_tw_stat(TT_TW_STAT_MAP_FAIL);
-        return 0;
+    } else {
+        tw_listeners.delete(&lkey); /* LISTEN -> CLOSE */
     }
-    if (n != TT_TCP_CLOSE)
+    return 0;
+}
+
+/* X -> CLOSE: the socket's owner moves to tw_closed (an abortive close() sends
+ * its RST after this), and a tw announced for it is confirmed. Attached by the
+ * loader (Part.raw_attach). */
+int tt_tw_on_close(struct bpf_raw_tracepoint_args *ctx)
+{
+    if ((int)ctx->args[2] != TT_TCP_CLOSE)
         return 0;
-    if (o == TT_TCP_LISTEN)
-        tw_listeners.delete(&lkey);
+    const char *skp = (const char *)ctx->args[0];
+    __u16 protocol = 0;
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), skp + TT_SK_PROTOCOL_OFF);
+    if (protocol != TT_IPPROTO_TCP)
+        return 0;
+    __u64 sk = (__u64)skp;
     struct tt_tw_owner owner = {};
     struct tt_tw_owner *known = tw_owners.lookup(&sk);
     if (known) {
         owner = *known;
         tw_owners.delete(&sk);
     }
-    /* An abortive close() sends its RST after this transition. */
     tw_closed.update(&sk, &owner);
     tt_tw_confirm(ctx, sk, &owner);
     return 0;

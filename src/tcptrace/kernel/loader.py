@@ -149,6 +149,9 @@ class Part:
 
     ``fd_walk``: the part calls tt_fd_to_tcp_sock(), which needs more offsets and a symbol.
     ``defines``: the part's own -D values (BTF offsets, symbols), computed when it is loaded.
+    ``raw_attach``: (tracepoint, function) pairs the loader attaches as raw tracepoints
+    after compiling: a second program on a tracepoint that already has a
+    RAW_TRACEPOINT_PROBE (bcc auto-attaches one per name).
     """
 
     file: str
@@ -156,6 +159,7 @@ class Part:
     feature: str
     fd_walk: bool = False
     defines: Callable[[Btf], dict[str, int]] | None = None
+    raw_attach: tuple[tuple[str, str], ...] = ()
 
 
 LIFECYCLE = Part("lifecycle.bpf.c", (("sock", "inet_sock_set_state"),), "TCP state transitions")
@@ -186,6 +190,7 @@ CLOSELAT = Part(
     "close() latency (closelat)",
     fd_walk=True,
 )
+
 
 def timewait_defines(btf: Btf) -> dict[str, int]:
     """What timewait.bpf.c reads of timewait sockets, their timer and tcp_sock (see that file).
@@ -223,6 +228,7 @@ TIMEWAIT = Part(
     ),
     "TIME_WAIT creation (timewait)",
     defines=timewait_defines,
+    raw_attach=(("inet_sock_set_state", "tt_tw_on_close"),),
 )
 
 # Program parts by the name commands ask for them with (see cli.open_source).
@@ -424,10 +430,27 @@ def load(
         raise _compile_error(str(failure), captured[0] if captured else "") from None
     try:
         _fill_filter_maps(bpf, flt)
+        for part in parts:
+            for tp, fn_name in part.raw_attach:
+                _attach_raw(bcc, bpf, tp, fn_name)
     except Exception:
         bpf.cleanup()
         raise
     return LoadedProgram(bpf, parts, stacks)
+
+
+def _attach_raw(bcc: Any, bpf: Any, tp: str, fn_name: str) -> None:
+    """Attach ``fn_name`` to raw tracepoint ``tp`` even when another function already is:
+    bcc's attach_raw_tracepoint() keeps one per name. The fd is filed under its own key,
+    so bcc's cleanup() closes it like the others."""
+    try:
+        fn = bpf.load_func(fn_name.encode(), bcc.BPF.RAW_TRACEPOINT)
+    except Exception as exc:  # bcc raises bare Exception
+        raise CompileError(f"cannot load {fn_name}: {exc}") from None
+    fd = bcc.lib.bpf_attach_raw_tracepoint(fn.fd, tp.encode())
+    if fd < 0:
+        raise CompileError(f"cannot attach {fn_name} to raw tracepoint {tp}")
+    bpf.raw_tracepoint_fds[f"{tp}/{fn_name}".encode()] = fd
 
 
 def _fill_filter_maps(bpf: Any, flt: EventFilter) -> None:

@@ -103,8 +103,6 @@ def recursion_misses(program: LoadedProgram, btf: Btf | None = None) -> dict[str
     out: dict[str, int] = {}
     for name, fn in getattr(program.bpf, "funcs", {}).items():
         label = name.decode() if isinstance(name, bytes) else str(name)
-        if not label.startswith("raw_tracepoint__"):
-            continue
         buf = ctypes.create_string_buffer(512)
         attr = _InfoAttr(int(fn.fd), ctypes.sizeof(buf), ctypes.addressof(buf))
         if libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
