@@ -109,7 +109,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, step: float = 
     return predicate()
 
 
-def bpf_prog_ids(name_prefix: str = "tracepoint__") -> set[int]:
+def bpf_prog_ids(name_prefix: str = "tt_lc_") -> set[int]:
     """Ids of loaded BPF programs whose name starts with ``name_prefix`` (bpftool -j).
 
     Tests compare sets taken before, during and after a run, so other tracers on the host

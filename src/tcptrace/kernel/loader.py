@@ -162,7 +162,29 @@ class Part:
     raw_attach: tuple[tuple[str, str], ...] = ()
 
 
-LIFECYCLE = Part("lifecycle.bpf.c", (("sock", "inet_sock_set_state"),), "TCP state transitions")
+def sock_defines(btf: Btf) -> dict[str, int]:
+    """Where sock:inet_sock_set_state's fields live in a socket (its TP_fast_assign):
+    family, protocol, ports and addresses, for programs on the raw tracepoint."""
+    return {
+        "TT_SKC_FAMILY_OFF": btf.member_offset("sock_common", "skc_family"),
+        "TT_SK_PROTOCOL_OFF": btf.member_offset("sock", "sk_protocol"),
+        "TT_INET_SPORT_OFF": btf.member_offset("inet_sock", "inet_sport"),
+        "TT_SKC_DPORT_OFF": btf.member_offset("sock_common", "skc_dport"),
+        "TT_SKC_RCV_SADDR_OFF": btf.member_offset("sock_common", "skc_rcv_saddr"),
+        "TT_SKC_DADDR_OFF": btf.member_offset("sock_common", "skc_daddr"),
+        "TT_SKC_V6_RCV_SADDR_OFF": btf.member_offset("sock_common", "skc_v6_rcv_saddr"),
+        "TT_SKC_V6_DADDR_OFF": btf.member_offset("sock_common", "skc_v6_daddr"),
+    }
+
+
+# Raw tracepoint programs (see lifecycle.bpf.c for why two).
+LIFECYCLE = Part(
+    "lifecycle.bpf.c",
+    (("sock", "inet_sock_set_state"),),
+    "TCP state transitions",
+    defines=sock_defines,
+    raw_attach=(("inet_sock_set_state", "tt_lc_process"), ("inet_sock_set_state", "tt_lc_other")),
+)
 
 OWNER = Part(
     "owner.bpf.c",
