@@ -26,11 +26,11 @@ from tcptrace.model.closelat import CloseLatency, by_process
 from tcptrace.model.closewait import CloseWaitTracker
 from tcptrace.model.events import SocketEvent, TcpState, TimeWaitEvent, Transition, TwWhat
 from tcptrace.model.histogram import Log2Histogram
-from tcptrace.model.lifecycle import birth
 from tcptrace.model.timewait import TimewaitModel, TwCounts
 
 NS = 1_000_000_000
 TIMEWAIT_NS = 60 * NS  # TCP_TIMEWAIT_LEN
+TW_BUCKET_NS = 10_000_000
 MIN_RATE_S = 0.25  # intervals shorter than this do not replace the rates shown
 
 # The order states are shown in (the ones users ask about first).
@@ -64,8 +64,9 @@ class StateCounts:
     seeds: int = 0
     applied: int = 0
     tw_created: int = 0
-    tw_recent: deque[int] = field(default_factory=deque)
-    """Times of the TIME_WAIT creations of the last 60 s (each lasts 60 s)."""
+    tw_recent: deque[list[int]] = field(default_factory=deque)
+    """TIME_WAIT creations of the last 60 s (each lasts 60 s), as [time, count] per
+    10 ms: bounded whatever the rate."""
     now_ns: int = 0
     host_tw: int | None = None
     """sockstat ``tw`` (exact, host-wide) when the caller reads it."""
@@ -77,7 +78,7 @@ class StateCounts:
         self.seeded_ns = at_ns
         self.seeds += 1
         self.now_ns = max(self.now_ns, at_ns)
-        while self.tw_recent and self.tw_recent[0] <= at_ns:  # in the seed now
+        while self.tw_recent and self.tw_recent[0][0] <= at_ns:  # in the seed now
             self.tw_recent.popleft()
 
     def feed(self, event: SocketEvent) -> None:
@@ -86,10 +87,12 @@ class StateCounts:
         self.advance(event.ts_ns)
         if isinstance(event, Transition):
             self.applied += 1
-            if not birth(event) and event.old != TcpState.CLOSE:
-                self.counts[event.old] -= 1
-            if event.new != TcpState.CLOSE:
-                self.counts[event.new] += 1
+            old, new = event.old, event.new
+            # A birth (CLOSE -> *, LISTEN -> SYN_RECV) takes nothing from the old state.
+            if old != TcpState.CLOSE and new != TcpState.SYN_RECV:
+                self.counts[old] -= 1
+            if new != TcpState.CLOSE:
+                self.counts[new] += 1
         elif isinstance(event, TimeWaitEvent):
             # A parked tw (an orphaned FIN_WAIT2 socket, the full one gone) is FIN_WAIT2
             # still, as ss and /proc show it, until it gets the FIN or dies.
@@ -99,12 +102,15 @@ class StateCounts:
                 self.counts[TcpState.FIN_WAIT2] -= 1
             if event.substate == TcpState.TIME_WAIT and event.what in (TwWhat.CREATED, TwWhat.CONVERTED):
                 self.tw_created += 1
-                self.tw_recent.append(event.ts_ns)
+                if self.tw_recent and event.ts_ns - self.tw_recent[-1][0] < TW_BUCKET_NS:
+                    self.tw_recent[-1][1] += 1
+                else:
+                    self.tw_recent.append([event.ts_ns, 1])
 
     def advance(self, now_ns: int) -> None:
         """Model time moves on: TIME_WAIT sockets older than 60 s have ended."""
         self.now_ns = max(self.now_ns, now_ns)
-        while self.tw_recent and self.tw_recent[0] <= self.now_ns - TIMEWAIT_NS:
+        while self.tw_recent and self.tw_recent[0][0] <= self.now_ns - TIMEWAIT_NS:
             self.tw_recent.popleft()
 
     def get(self, state: TcpState) -> int:
@@ -115,7 +121,7 @@ class StateCounts:
             seeded = self.counts[TcpState.TIME_WAIT]
             if self.seeded_ns is not None and self.now_ns >= self.seeded_ns + TIMEWAIT_NS:
                 seeded = 0  # every one found at start has ended by now
-            return max(0, seeded + len(self.tw_recent))
+            return max(0, seeded + sum(n for _, n in self.tw_recent))
         return max(0, self.counts[state])
 
     def how(self, state: TcpState) -> str:
@@ -148,14 +154,16 @@ class RateInterval:
     start_ns: int
     end_ns: int
     transitions: Counter[tuple[TcpState, TcpState]] = field(default_factory=Counter)
-    entered: Counter[TcpState] = field(default_factory=Counter)
 
     @property
     def seconds(self) -> float:
         return max(1e-9, (self.end_ns - self.start_ns) / NS)
 
+    def entered(self, state: TcpState) -> int:
+        return sum(n for (_, new), n in self.transitions.items() if new == state)
+
     def rate(self, state: TcpState) -> float:
-        return self.entered[state] / self.seconds
+        return self.entered(state) / self.seconds
 
     @property
     def total_rate(self) -> float:
@@ -195,7 +203,6 @@ class Overview:
     closelat: CloseLatency = field(default_factory=lambda: CloseLatency(cumulative=True))
     current: RateInterval | None = None
     last: RateInterval | None = None
-    totals: Counter[tuple[TcpState, TcpState]] = field(default_factory=Counter)
     events: int = 0
     start_ns: int | None = None
     now_ns: int = 0
@@ -221,11 +228,8 @@ class Overview:
         self.closewait.feed(event)
         self.timewait.feed(event)
         self.closelat.feed(event)
-        if isinstance(event, Transition):
-            self.totals[(event.old, event.new)] += 1
-            if self.current is not None:
-                self.current.transitions[(event.old, event.new)] += 1
-                self.current.entered[event.new] += 1
+        if self.current is not None and isinstance(event, Transition):
+            self.current.transitions[(event.old, event.new)] += 1
 
     def tick(
         self,
