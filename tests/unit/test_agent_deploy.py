@@ -1,0 +1,102 @@
+"""deploy/: the dashboard asks only for metrics the agent exports, the DaemonSet has what
+tracing needs, and every agent option the packaging passes exists."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+
+from tcptrace.cli import cli
+from tcptrace.export.prometheus import AgentCollector, ExportState, families, make_registry, text_of
+from tcptrace.model.histogram import Log2Histogram
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def exported_names() -> set[str]:
+    """Every sample name a scrape can hold (families with at least one sample each)."""
+    state = ExportState(
+        threshold_s=30,
+        states={"ESTABLISHED": 1},
+        close_wait_ages={(1, "a"): [1]},
+        timewait_by_proc=[((1, "a"), 1)],
+        timewait_by_remote_port=[("80", 1)],
+        resets_sent_by_proc=[((1, "a"), 1)],
+        resets_received_by_proc=[((1, "a"), 1)],
+        close_durations=[((1, "a"), "close", Log2Histogram.of([5]))],
+        close_calls={"close": 1},
+        map_failures={"socks": 0},
+        label_keys={"x": 1},
+        pruned={"tw_procs": 1},
+    )
+    collector = AgentCollector()
+    collector.publish(families(state))
+    text = text_of(make_registry(collector))
+    return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads((DEPLOY / "grafana" / "tcptrace-dashboard.json").read_text())
+    exprs = []
+
+    def walk(panels: list[dict[str, Any]]) -> None:
+        for p in panels:
+            exprs.extend(t["expr"] for t in p.get("targets", []))
+            walk(p.get("panels", []))
+
+    walk(dash["panels"])
+    return exprs
+
+
+def test_the_dashboard_queries_only_exported_metrics() -> None:
+    names = exported_names()
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 10
+    used = {m for e in exprs for m in re.findall(r"\b((?:tcptrace|process)_[a-z0-9_]+)\b", e)}
+    assert used, exprs
+    missing = sorted(used - names)
+    assert not missing, f"the dashboard asks for metrics the agent does not export: {missing}"
+
+
+def yaml_docs(path: Path) -> list[dict[str, Any]]:
+    yaml = pytest.importorskip("yaml")
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_the_daemonset_can_trace() -> None:
+    ds = next(d for d in yaml_docs(DEPLOY / "kubernetes" / "daemonset.yaml") if d["kind"] == "DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["hostPID"] is True and spec["hostNetwork"] is True
+    (container,) = spec["containers"]
+    assert container["securityContext"]["privileged"] is True
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/sys/kernel/tracing", "/sys/kernel/btf", "/lib/modules", "/usr/src"} <= mounts
+    hosts = {v["hostPath"]["path"] for v in spec["volumes"]}
+    assert {"/sys/kernel/tracing", "/sys/kernel/btf", "/lib/modules", "/usr/src"} <= hosts
+    args = container["args"]
+    listen = next(a for a in args if a.startswith("--listen="))
+    assert "0.0.0.0" not in listen
+    check_agent_options([a.split("=", 1)[0] for a in args])
+
+
+def test_the_systemd_unit_binds_loopback() -> None:
+    unit = (DEPLOY / "systemd" / "tcptrace-agent.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = shlex.split(exec_start.removeprefix("ExecStart="))
+    assert argv[1] == "agent"
+    assert argv[argv.index("--listen") + 1].startswith("127.0.0.1:")
+    assert "KillSignal=SIGTERM" in unit
+    check_agent_options([a for a in argv if a.startswith("--")])
+
+
+def check_agent_options(options: list[str]) -> None:
+    help_text = CliRunner().invoke(cli, ["agent", "--help"]).output
+    for opt in options:
+        assert re.search(rf"(^|\s){re.escape(opt)}\b", help_text), f"`tcptrace agent` has no {opt}"
