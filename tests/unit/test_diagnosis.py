@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import tcptrace.model.diagnosis
+import tcptrace.views.report
 from tcptrace.cli import cli
 from tcptrace.model.diagnosis import HostSnapshot, HostSocket, Verdict, app_frame, diagnose
 from tcptrace.model.events import Op, TcpState, TimeWaitEvent, TwWhat
@@ -29,6 +30,7 @@ EOF_AT = ("recv+0x19 [libc.so.6]", "read_request+0x22 [myserver]", "handle_conn+
 
 def test_doctests() -> None:
     assert doctest.testmod(tcptrace.model.diagnosis).failed == 0
+    assert doctest.testmod(tcptrace.views.report).failed == 0
 
 
 def leak(ov: Overview, sk: int, pid: int, ts: int, last: tuple[str, ...] = EOF_AT, eof: bool = True) -> None:

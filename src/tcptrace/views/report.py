@@ -74,6 +74,25 @@ def line_plot(values: Sequence[float], title: str, unit: str, width: int = 560, 
     )
 
 
+def filter_text(flt: Any) -> str:
+    """A filter as the options that made it: ``--port 80 --pid 7``, or ``none``.
+
+    >>> filter_text({"pid": 7, "comm": None, "ports": [80, 443], "family": 6})
+    '--pid 7 --port 80 --port 443 -6'
+    """
+    if not isinstance(flt, dict):
+        return str(flt or "none")
+    parts = []
+    if flt.get("pid") is not None:
+        parts.append(f"--pid {flt['pid']}")
+    if flt.get("comm"):
+        parts.append(f"--comm {flt['comm']}")
+    parts += [f"--port {p}" for p in flt.get("ports") or []]
+    if flt.get("family"):
+        parts.append(f"-{flt['family']}")
+    return " ".join(parts) or "none"
+
+
 def _verdicts(d: Diagnosis) -> str:
     out = []
     for v in d.verdicts:
@@ -95,7 +114,7 @@ def render_report(d: Diagnosis, overview: Overview, meta: dict[str, Any]) -> str
         f"<title>tcptrace diagnose: {esc(host)}</title><style>{CSS}</style></head><body>",
         f"<h1>tcptrace diagnose — {esc(host)}</h1>",
         f"<p class='dim'>{esc(when)}; window {d.window_s:.1f} s; kernel {esc(meta.get('kernel', ''))}; "
-        f"filter {esc(meta.get('filter', 'none'))}; events lost {d.lost}</p>",
+        f"filter {esc(filter_text(meta.get('filter')))}; events lost {d.lost}</p>",
         "<h2>Verdicts</h2>",
         _verdicts(d),
         "<h2>Sockets by state</h2>",
