@@ -33,7 +33,13 @@ THRESHOLD = "1s"
 @contextmanager
 def leaky_server(exe: Path, port: int, own_cgroup: bool = False) -> Iterator[subprocess.Popen[str]]:
     """The fixture, listening; with ``own_cgroup`` moved into a new cgroup v2 of its own."""
-    proc = subprocess.Popen([str(exe), str(port), str(DELAY_MS)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(exe), str(port), str(DELAY_MS)],
+        stdout=subprocess.PIPE,
+        text=True,
+        # A perf map (removed below) and a "closed US" line per close (read by one test).
+        env={**os.environ, "LEAKY_SERVER_PERF_MAP": "1", "LEAKY_SERVER_REPORT_CLOSES": "1"},
+    )
     group: Path | None = None
     try:
         assert proc.stdout is not None
