@@ -314,3 +314,37 @@ def test_cli_report_never_overwrites_without_force(tmp_path: Path) -> None:
 def test_cli_bad_threshold_is_one_line() -> None:
     result = CliRunner().invoke(cli, ["diagnose", "--from", "x.jsonl", "--threshold", "soon"])
     assert result.exit_code == 2 and "--threshold" in result.output and "Traceback" not in result.output
+
+
+def test_a_socket_both_in_the_snapshot_and_seen_entering_is_counted_once() -> None:
+    from tcptrace.model.closewait import Preexisting
+
+    ov = Overview(threshold_ns=NS)
+    # The stream's events up to the snapshot are polled after it was read.
+    ov.states.seed([S.CLOSE_WAIT], at_ns=100)
+    ov.start(100)
+    ov.closewait.add_preexisting([Preexisting(4, "10.0.0.1", 80, "10.0.0.5", 40000, 7, "p7")], 100)
+    ov.feed(tr(1, 5, S.LISTEN, S.SYN_RECV, pid=7, daddr="10.0.0.5"))
+    ov.feed(tr(2, 5, S.SYN_RECV, S.ESTABLISHED, pid=7, daddr="10.0.0.5"))
+    ov.feed(tr(50, 5, S.ESTABLISHED, S.CLOSE_WAIT, pid=7, daddr="10.0.0.5"))
+    assert len(ov.closewait.open) == 1 and not next(iter(ov.closewait.open.values())).preexisting
+    assert ov.states.get(S.CLOSE_WAIT) == 1
+
+
+def test_stacks_without_an_application_frame_still_say_what_happened() -> None:
+    ov = Overview(threshold_ns=NS)
+    ov.start(0)
+    libc_only = ("recv+0x19 [libc.so.6]", "[unknown] [python3.11]")
+    for i in range(3):
+        leak(ov, 10 + i, 5, i * NS, last=libc_only)
+    ov.tick(20 * NS)
+    (v,) = [v for v in diagnose(ov).verdicts if v.topic == "close_wait_leak"]
+    assert "the app read EOF without closing" in v.text and "accepted at handle_conn+0x4f" in v.text
+    ov2 = Overview(threshold_ns=NS)
+    ov2.start(0)
+    leak(ov2, 1, 5, 0, last=libc_only)
+    ov2.closewait.open[("sk", 1)].origin = None  # no origin seen either
+    ov2.tick(20 * NS)
+    (v2,) = [v for v in diagnose(ov2).verdicts if v.topic == "close_wait_leak"]
+    assert "the app read EOF without closing" in v2.text
+    assert any("frame pointers" in e for e in v2.evidence) and v2.functions == ()

@@ -334,11 +334,12 @@ def _leak_verdict(
         verb = "connected" if group.origin is not None and group.origin.op == Op.CONNECT else "accepted"
         parts.append(f"they were {verb} at {origin}")
         evidence.append(f"origin ({group.origin.op.name.lower() if group.origin else '?'}): {origin}")
-    if eof and touch is not None:
-        parts.append(
-            f"the app read EOF at {touch} without closing: look for an error path that skips close()"
+    if eof:
+        where = f" at {touch}" if touch is not None else ""
+        parts.append(f"the app read EOF{where} without closing: look for an error path that skips close()")
+        evidence.append(
+            f"EOF read (recv returned 0) on {group.eof_seen} of them" + (f", at {touch}" if touch else "")
         )
-        evidence.append(f"EOF read (recv returned 0) on {group.eof_seen} of them, at {touch}")
     elif touch is not None and group.last_touch is not None:
         parts.append(
             f"the app last touched them at {touch} ({group.last_touch.op.name.lower()}) and never read "
@@ -346,8 +347,15 @@ def _leak_verdict(
             "read again) or an error path that skips close()"
         )
         evidence.append(f"last touch: {group.last_touch.op.name.lower()} at {touch}")
-    else:
-        parts.append("no code path was seen (the sockets are older than tracing, or had no stack)")
+    if group.origin is None and group.last_touch is None:
+        parts.append("no code path was seen (the sockets are older than tracing)")
+    elif origin is None and touch is None:
+        evidence.append(
+            "their user stacks name no function of the application (only libc or unsymbolized "
+            "frames: a runtime without frame pointers, such as Python before 3.12)"
+        )
+        if len(parts) == 1:
+            parts.append("no function of the application could be named")
     functions = tuple(function_name(f) for f in (origin, touch) if f is not None)
     if remotes.dominant is not None and remotes.count > 1:
         evidence.append(
@@ -411,9 +419,7 @@ def diagnose(
         verdicts.append(_leak_verdict(g, window_s, overview.start_ns, tracker.open.values()))
 
     # Open at the end but younger than the threshold: too early to call.
-    young = [
-        s for s in tracker.open.values() if not s.preexisting and s.age_ns(now) < tracker.threshold_ns
-    ]
+    young = [s for s in tracker.open.values() if not s.preexisting and s.age_ns(now) < tracker.threshold_ns]
     if young:
         eof = sum(1 for s in young if s.eof_ns is not None)
         owners_young = Counter((s.pid, s.comm) for s in young)
