@@ -89,3 +89,37 @@ def test_demo_cleans_up_on_sigterm(tcptrace_cmd: list[str], ss: helpers.SS) -> N
     assert "stopped: SIGTERM" in out
     check_clean(ss, server, client, port, out)
     assert os.getpid()  # the test process itself is untouched
+
+
+def test_demo_without_a_compiler_runs_the_python_server(
+    tcptrace_cmd: list[str], ss: helpers.SS, tmp_path: object
+) -> None:
+    import shutil
+    from pathlib import Path
+
+    bin_dir = Path(str(tmp_path)) / "bin"
+    bin_dir.mkdir()
+    ss_path = shutil.which("ss")
+    assert ss_path is not None
+    (bin_dir / "ss").symlink_to(ss_path)  # ss only: no cc, no gcc
+    env = {**os.environ, "PATH": str(bin_dir)}
+    proc = subprocess.Popen(
+        [*tcptrace_cmd, "demo", "--duration", "7"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        server, port, client, lines = read_start(proc)
+        assert "(Python)" in lines[-1]
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    flat = " ".join(out.split())
+    assert f"pid {server} (demo-server) leaks" in flat and "the app read EOF" in flat
+    assert "no C compiler" in flat
+    check_clean(ss, server, client, port, out)
