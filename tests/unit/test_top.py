@@ -157,3 +157,22 @@ def test_cli_top_usage_errors_are_one_line() -> None:
     result = CliRunner().invoke(cli, ["top", "--from", "/nonexistent.jsonl"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_host_snapshot_finds_this_process_socket_and_applies_filters() -> None:
+    import socket
+
+    from tcptrace.model.filters import EventFilter
+    from tcptrace.system import hostsnap
+
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        port = lsock.getsockname()[1]
+        snap = hostsnap.take(EventFilter(ports=frozenset({port})))
+        (s,) = snap.sockets
+        assert (s.state, s.sport, s.pid) == (S.LISTEN, port, os.getpid())
+        assert snap.distribution() == {S.LISTEN: 1}
+        assert hostsnap.take(EventFilter(ports=frozenset({port}), pid=os.getpid())).sockets == (s,)
+        other = hostsnap.take(EventFilter(ports=frozenset({port}), comm="no-such-comm"))
+        assert other.sockets == ()

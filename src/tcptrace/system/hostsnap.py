@@ -20,30 +20,36 @@ def take(flt: EventFilter | None = None, owners: bool = True) -> HostSnapshot:
 
     ``owners``: find the process holding each socket's fd (a walk of /proc/*/fd); sockets
     no file refers to (timewait sockets, orphans) have none, so an owner filter (--pid,
-    --comm) leaves them out. ``at_ns`` is CLOCK_MONOTONIC at the end of the read.
+    --comm) leaves them out. ``at_ns`` is CLOCK_MONOTONIC right after /proc/net/tcp{,6}
+    were read (the walk of /proc/*/fd after it changes no state).
     """
     flt = flt or EventFilter()
     socks = read_sockets()
+    at_ns = time.monotonic_ns()  # the sockets' states are of now; owners do not change them
     held = holders(s.inode for s in socks if s.inode) if owners else {}
     out = []
     for s in socks:
         hs = held.get(s.inode, []) if s.inode else []
-        h = hs[0] if hs else None
-        if flt.pid is not None:
-            h = next((x for x in hs if x.pid == flt.pid), None)
-        pid, comm = (h.pid, h.comm[:15]) if h else (None, None)
-        probe = SocketEvent(
-            ts_ns=0,
-            skaddr=0,
-            family=s.family,
-            saddr=s.saddr,
-            sport=s.sport,
-            daddr=s.daddr,
-            dport=s.dport,
-            pid=pid,
-            comm=comm,
-        )
-        if not flt.matches(probe):
+        # A socket several processes hold (fork, fd passing): the first holder (lowest pid)
+        # that passes the filter.
+        candidates: list[tuple[int | None, str | None]] = [(h.pid, h.comm[:15]) for h in hs] or [(None, None)]
+        chosen = None
+        for pid, comm in candidates:
+            probe = SocketEvent(
+                ts_ns=0,
+                skaddr=0,
+                family=s.family,
+                saddr=s.saddr,
+                sport=s.sport,
+                daddr=s.daddr,
+                dport=s.dport,
+                pid=pid,
+                comm=comm,
+            )
+            if flt.matches(probe):
+                chosen = (pid, comm)
+                break
+        if chosen is None:
             continue
-        out.append(HostSocket(s.family, s.saddr, s.sport, s.daddr, s.dport, s.state, s.inode, pid, comm))
-    return HostSnapshot(time.monotonic_ns(), tuple(out))
+        out.append(HostSocket(s.family, s.saddr, s.sport, s.daddr, s.dport, s.state, s.inode, *chosen))
+    return HostSnapshot(at_ns, tuple(out))
