@@ -41,6 +41,7 @@
 #define TT_TW_PARKED_ENDED 3   /* a parked tw died in FIN_WAIT2 (fin timeout, kill): never TIME_WAIT */
 #define TT_TW_RESET_SENT 4     /* an RST sent on a socket; newstate its state */
 #define TT_TW_RESET_RECEIVED 5 /* an RST received on a socket; newstate its state */
+#define TT_TW_KILLED 6         /* a counted TIME_WAIT tw ended early (port reuse, SYN, RST, ss -K) */
 #define TT_TW_HOW_FIN 1        /* seen as the FIN arrived (the FIN freed at the tw, or the re-arm) */
 #define TT_TW_HOW_TIMER 2      /* seen at a later cancel or expiry of the tw's timer */
 
@@ -58,6 +59,7 @@
 #define TT_TW_STAT_CONFIRMED 10     /* ... matched with its full socket's CLOSE */
 #define TT_TW_STAT_MAP_FAIL 11      /* tw table or per-process/destination updates that failed */
 #define TT_TW_STAT_NO_OWNER 12      /* tws of a socket whose owner was never learned (unattributed) */
+#define TT_TW_STAT_KILLED 13        /* counted tws that ended before their 60 s */
 #define TT_TW_STAT_MAX 16
 
 /* TCP states as the kernel numbers them (include/net/tcp_states.h). */

@@ -19,6 +19,10 @@
  *    re-arm, before the expiry (timer_expire_entry follows), and when the tw
  *    is killed early (a SYN reusing the 4-tuple, an RST).
  *
+ * A counted tw whose timer is cancelled and neither re-armed nor expired at
+ * once was killed early (tcp_tw_reuse, a SYN reusing its 4-tuple, an RST,
+ * ss -K): counted as such when the next tw timer event on that CPU shows it.
+ *
  * Counting: a tw counts as a TIME_WAIT creation once, the first time its
  * substate is seen to be TIME_WAIT: at once when it was created so, else when
  * the FIN reaches it (kfree_skb, or the re-arm), else, as a fallback, at its
@@ -112,6 +116,18 @@ BPF_TABLE("lru_hash", __u64, struct tt_tw_owner, tw_owners, TT_MAX_SOCKS);
 /* Listeners' owners by (family << 16 | port): inserted at CLOSE->LISTEN,
  * deleted at LISTEN->CLOSE. */
 BPF_HASH(tw_listeners, __u32, struct tt_tw_owner, TT_MAX_LISTENERS);
+
+/* The TIME_WAIT tw whose timer was cancelled last on this CPU, until the next tw
+ * timer event there says why: a re-arm (timer_start of the same tw) and an
+ * expiry (timer_expire_entry) follow the cancel at once, inside the same timer
+ * code with the base locked; anything else means it was killed early. */
+struct tt_tw_cancel {
+    __u64 tw;
+    __u64 ts_ns;
+    __u32 snd_nxt;
+    __u32 valid;
+};
+BPF_PERCPU_ARRAY(tw_cancelled, struct tt_tw_cancel, 1);
 
 /* Exact per-CPU counters (TT_TW_STAT_*), summed by the user side. */
 BPF_PERCPU_ARRAY(tw_stats, __u64, TT_TW_STAT_MAX);
@@ -379,6 +395,25 @@ int tt_tw_on_close(struct bpf_raw_tracepoint_args *ctx)
     return 0;
 }
 
+/* A tw timer event on this CPU: settles the cancel before it (see tw_cancelled). */
+static __always_inline void tt_tw_settle(void *ctx, __u64 twaddr, __u32 snd_nxt)
+{
+    int zero = 0;
+    struct tt_tw_cancel *c = tw_cancelled.lookup(&zero);
+    if (!c || !c->valid)
+        return;
+    c->valid = 0;
+    if (c->tw == twaddr && c->snd_nxt == snd_nxt)
+        return; /* its re-arm or expiry */
+    __u64 prev = c->tw;
+    struct tt_tw *w = tws.lookup(&prev);
+    if (!w || w->snd_nxt != c->snd_nxt)
+        return;
+    tt_tw_stat(TT_TW_STAT_KILLED);
+    tt_tw_emit(ctx, TT_TW_KILLED, prev, w, TT_TCP_TIME_WAIT, c->ts_ns - w->created_ns, 0);
+    tws.delete(&prev);
+}
+
 /* timer_start(timer, bucket_expiry): a new tw is announced; a known one re-armed. */
 RAW_TRACEPOINT_PROBE(timer_start)
 {
@@ -391,6 +426,7 @@ RAW_TRACEPOINT_PROBE(timer_start)
     __u64 twaddr = (__u64)tw;
     __u8 sub = tt_tw_substate(tw);
     __u32 snd_nxt = tt_tw_snd_nxt(tw);
+    tt_tw_settle(ctx, twaddr, snd_nxt);
 
     struct tt_tw *w = tws.lookup(&twaddr);
     if (w && w->snd_nxt == snd_nxt) {
@@ -418,13 +454,23 @@ RAW_TRACEPOINT_PROBE(timer_cancel)
         return 0;
     const char *tw = timer - TT_TW_TIMER_OFF;
     __u64 twaddr = (__u64)tw;
+    __u32 snd_nxt = tt_tw_snd_nxt(tw);
+    tt_tw_settle(ctx, twaddr, snd_nxt);
     struct tt_tw *w = tws.lookup(&twaddr);
-    if (!w || w->snd_nxt != tt_tw_snd_nxt(tw))
+    if (!w || w->snd_nxt != snd_nxt)
         return 0;
     __u8 sub = tt_tw_substate(tw);
     if (sub == TT_TCP_TIME_WAIT) {
         /* Whichever of the three, it was TIME_WAIT. */
         tt_tw_converted(ctx, twaddr, w, TT_TW_HOW_TIMER);
+        int zero = 0;
+        struct tt_tw_cancel *c = tw_cancelled.lookup(&zero);
+        if (c) {
+            c->tw = twaddr;
+            c->snd_nxt = snd_nxt;
+            c->ts_ns = bpf_ktime_get_ns();
+            c->valid = 1;
+        }
         return 0;
     }
     /* Still FIN_WAIT2: a parked tw dies (timeout or kill), never TIME_WAIT (a
@@ -444,8 +490,10 @@ RAW_TRACEPOINT_PROBE(timer_expire_entry)
     if (fn != TT_TW_TIMER_FN)
         return 0;
     __u64 twaddr = (__u64)timer - TT_TW_TIMER_OFF;
+    __u32 snd_nxt = tt_tw_snd_nxt((const char *)twaddr);
+    tt_tw_settle(ctx, twaddr, snd_nxt);
     struct tt_tw *w = tws.lookup(&twaddr);
-    if (!w || w->snd_nxt != tt_tw_snd_nxt((const char *)twaddr))
+    if (!w || w->snd_nxt != snd_nxt)
         return 0;
     if (w->counted)
         tt_tw_stat(TT_TW_STAT_EXPIRED);

@@ -174,6 +174,21 @@ def ss_count(host: str, port: int, state: str, reads: int = 3) -> int:
     return best
 
 
+def assert_alive_matches_ss(
+    run: Run, host: str, port: int, created: int, peers: Peers, ss_host: str | None = None
+) -> None:
+    """ss lists the TIME_WAIT sockets alive now: those created minus those that ended early.
+
+    tcp_tw_reuse (2: loopback) lets connect() take a port whose TIME_WAIT socket dates
+    from an earlier second, and a SYN or RST on the same 4-tuple ends one too; tcptrace
+    reports each such end (KILLED). Every reused local port of the client is one such end
+    at least.
+    """
+    killed = len(run.our_events(host, port, "KILLED"))
+    assert killed >= len(peers.local_ports) - len(set(peers.local_ports))
+    assert ss_count(ss_host or host, port, "time-wait") == created - killed, breakdown(run)
+
+
 N = 200
 
 
@@ -186,10 +201,7 @@ def test_client_closed_connections_counted_exactly_and_attributed_to_client(
     time.sleep(0.5)  # the last FINs reach their sockets
     run = tracer.stop()
 
-    # ss: one TIME_WAIT socket per distinct local port of the client. tcp_tw_reuse (2:
-    # loopback) lets connect() take a port whose TIME_WAIT socket dates from an earlier
-    # second, ending that socket early; then fewer are listed than were created.
-    assert ss_count(host, port, "time-wait") == len(set(peers.local_ports))
+    assert_alive_matches_ss(run, host, port, N, peers)
     assert ss_count(host, port, "fin-wait-2") == 0
     assert run.remote(f"{host}:{port}") == N
     client = run.process(peers.client_pid)
@@ -218,7 +230,7 @@ def test_server_closed_connections_counted_on_the_server_side(
     run = tracer.stop()
 
     # A client SYN may reuse the 4-tuple of a server-side TIME_WAIT socket and end it.
-    assert ss_count(host, port, "time-wait") == len(set(peers.local_ports))
+    assert_alive_matches_ss(run, host, port, N, peers)
     server = run.process(peers.server_pid)
     assert server["created"] == N, breakdown(run)
     assert run.process(peers.client_pid)["created"] == 0
@@ -286,10 +298,7 @@ def test_paced_run_rate_matches_the_pace(tcptrace_cmd: list[str], port: int, ss:
 
     closes = sorted(peers.closes_ns)
     assert len(closes) == rate * seconds
-    # tcp_tw_reuse (2: loopback) lets connect() take the port of a TIME_WAIT socket older
-    # than 1 s to the same destination, ending that socket early: ss then lists one
-    # TIME_WAIT socket per distinct local port, while every connection created one.
-    assert ss_count(host, port, "time-wait") == len(set(peers.local_ports))
+    assert_alive_matches_ss(run, host, port, rate * seconds, peers)
     assert run.remote(f"{host}:{port}") == rate * seconds, breakdown(run)
     # Intervals entirely inside the run, against the client's own close() times.
     inside = [
@@ -343,10 +352,13 @@ def test_creations_equal_the_sockstat_tw_delta_of_a_quiet_namespace(
     run = tracer.stop()
 
     after = parse_sockstat_tw(in_netns(netns, "cat", "/proc/net/sockstat"))
-    assert after - before == N  # sockstat counts every tw; all are TIME_WAIT here (ss below)
-    tw = in_netns(netns, "ss", "-tanH", "state", "time-wait")
-    assert sum(1 for line in tw.splitlines() if line.strip()) == N
     assert run.process(peers.client_pid)["created"] == N, breakdown(run)
+    # sockstat counts every tw alive (both substates; all are TIME_WAIT here, see ss);
+    # with no port reuse, one ends early only on an RST or a SYN, reported as KILLED.
+    alive = N - len(run.our_events("127.0.0.1", port, "KILLED"))
+    assert after - before == alive
+    tw = in_netns(netns, "ss", "-tanH", "state", "time-wait")
+    assert sum(1 for line in tw.splitlines() if line.strip()) == alive
     assert run.process(peers.server_pid)["created"] == 0
 
 
@@ -380,7 +392,7 @@ def test_ipv6_client_closed_connections(tcptrace_cmd: list[str], ss: object) -> 
     time.sleep(0.5)
     run = tracer.stop()
 
-    assert ss_count("[::1]", port, "time-wait") == len(set(peers.local_ports))
+    assert_alive_matches_ss(run, "::1", port, n, peers, ss_host="[::1]")
     assert run.remote(f"[::1]:{port}") == n, breakdown(run)
     assert run.process(peers.client_pid)["created"] == n
     counted = [

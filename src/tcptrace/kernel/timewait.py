@@ -32,6 +32,7 @@ STAT_NAMES = (
     "confirmed",
     "map_failed",
     "no_owner",
+    "killed",
 )
 
 
@@ -63,6 +64,7 @@ class TimewaitReader:
             parked_ended=s["parked_ended"],
             resets_sent=s["resets_sent"],
             resets_received=s["resets_received"],
+            killed=s["killed"],
             by_process=procs,
             by_dest=dests,
         )

@@ -181,6 +181,7 @@ class TwWhat(enum.IntEnum):
     PARKED_ENDED = 3
     RESET_SENT = 4
     RESET_RECEIVED = 5
+    KILLED = 6
 
 
 TW_HOW = {1: "fin", 2: "timer"}
@@ -194,6 +195,7 @@ class TimeWaitEvent(SocketEvent):
     FIN_WAIT2 (an orphaned FIN_WAIT2 socket parked, not TIME_WAIT yet). CONVERTED: a parked
     tw got the peer's FIN and is TIME_WAIT now, seen when the FIN arrived (``how`` "fin") or
     only later at its timer ("timer"). PARKED_ENDED: a parked tw died in FIN_WAIT2.
+    KILLED: a counted TIME_WAIT tw ended before its 60 s (port reuse, a SYN, an RST).
     RESET_SENT/RESET_RECEIVED: an RST on a socket in state ``substate``. ``age_ns``: time
     since the tw was created. ``pid``/``comm``: the socket's owner, for a tw the process
     that closed first.
@@ -270,7 +272,7 @@ def _close_from_raw(raw: Any) -> CloseCall:
 def _timewait_from_raw(raw: Any) -> TimeWaitEvent:
     what = TwWhat(raw.op)
     new, old = int(raw.newstate), int(raw.oldstate)
-    is_tw = what in (TwWhat.CREATED, TwWhat.CONVERTED, TwWhat.PARKED_ENDED)
+    is_tw = what in (TwWhat.CREATED, TwWhat.CONVERTED, TwWhat.PARKED_ENDED, TwWhat.KILLED)
     return TimeWaitEvent(
         **_common_from_raw(raw),
         what=what,

@@ -86,6 +86,8 @@ class TwCounts:
     parked_ended: int = 0
     resets_sent: int = 0
     resets_received: int = 0
+    killed: int = 0
+    """Counted TIME_WAIT sockets that ended before their 60 s (port reuse, SYN, RST)."""
     by_process: Mapping[Proc, ProcCounts] = field(default_factory=dict)
     by_dest: Mapping[Dest, int] = field(default_factory=dict)
 
@@ -113,6 +115,7 @@ class EventCounts:
                 "parked_ended",
                 "resets_sent",
                 "resets_received",
+                "killed",
             ),
             0,
         )
@@ -151,6 +154,8 @@ class EventCounts:
         elif event.what == TwWhat.RESET_RECEIVED:
             self.totals["resets_received"] += 1
             self._proc(event, ProcCounts(resets_received=1))
+        elif event.what == TwWhat.KILLED:
+            self.totals["killed"] += 1
 
     def snapshot(self) -> TwCounts:
         return TwCounts(**self.totals, by_process=dict(self.by_process), by_dest=dict(self.by_dest))
@@ -207,6 +212,7 @@ def diff(new: TwCounts, old: TwCounts) -> TwCounts:
         parked_ended=new.parked_ended - old.parked_ended,
         resets_sent=new.resets_sent - old.resets_sent,
         resets_received=new.resets_received - old.resets_received,
+        killed=new.killed - old.killed,
         by_process=procs,
         by_dest=dests,
     )
@@ -448,6 +454,7 @@ def interval_json(interval: Interval, top_n: int = 20) -> dict[str, Any]:
         "pending_fin_wait2": interval.totals.pending_fin_wait2,
         "resets_sent": d.resets_sent,
         "resets_received": d.resets_received,
+        "ended_early": d.killed,
         "by_process": [
             {
                 "pid": pid,
@@ -484,6 +491,7 @@ def totals_json(totals: TwCounts, top_n: int = 50) -> dict[str, Any]:
         "pending_fin_wait2": totals.pending_fin_wait2,
         "resets_sent": totals.resets_sent,
         "resets_received": totals.resets_received,
+        "ended_early": totals.killed,
         "by_process": [
             {
                 "pid": pid,

@@ -174,6 +174,11 @@ def print_summary(
         soft_wrap=True,
     )
     console.print(f"  resets: {t.resets_sent} sent, {t.resets_received} received (abortive closes)")
+    if t.killed:
+        console.print(
+            f"  {t.killed} TIME_WAIT sockets ended before their 60 s "
+            "(a port reused by tcp_tw_reuse, a SYN or an RST on the same 4-tuple)"
+        )
     if model.overflow_total:
         console.print(
             f"  TCPTimeWaitOverflow +{model.overflow_total}: TIME_WAIT skipped (tcp_max_tw_buckets)",
