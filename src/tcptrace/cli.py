@@ -50,7 +50,10 @@ def cli() -> None:
 
     \b
     Start with:
+      sudo tcptrace demo            watch tcptrace find a leak (its own server and client)
       sudo tcptrace doctor          check this machine can trace
+      sudo tcptrace top             sockets per state and the processes behind them, live
+      sudo tcptrace diagnose        10 seconds, then what is wrong, with the evidence
       sudo tcptrace states          every TCP state transition, live
     """
 
