@@ -115,12 +115,14 @@ def test_counts_only_real_time_wait_entries() -> None:
     c.feed(tw(TwWhat.CREATED, 1.4, sub=TcpState.FIN_WAIT2, skaddr=4))  # parked, unresolved
     c.feed(tw(TwWhat.CREATED, 1.5, sub=TcpState.FIN_WAIT2, skaddr=5))
     c.feed(tw(TwWhat.CONVERTED, 9.0, how="timer", skaddr=5))  # seen TIME_WAIT only at its timer
+    c.feed(tw(TwWhat.KILLED, 3.0, skaddr=2))  # the converted one ends early: still created once
     c.feed(tw(TwWhat.RESET_SENT, 1.6, pid=200, sub=TcpState.CLOSE))
     c.feed(tw(TwWhat.RESET_RECEIVED, 1.6, pid=300, sub=TcpState.ESTABLISHED))
     t = c.snapshot()
     assert t.created == 3
     assert (t.immediate, t.converted_fin, t.converted_timer) == (1, 1, 1)
     assert t.parked == 4 and t.parked_ended == 1 and t.pending_fin_wait2 == 1
+    assert t.killed == 1
     assert t.by_process[(100, "p100")] == ProcCounts(created=3, parked=4)
     assert t.by_process[(200, "p200")] == ProcCounts(resets_sent=1)
     assert t.by_process[(300, "p300")] == ProcCounts(resets_received=1)
