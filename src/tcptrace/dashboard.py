@@ -271,6 +271,8 @@ def run_diagnose(
 
             start = _start_live(overview, flt)
             settings = read_settings()
+        else:
+            settings = recorded_settings(getattr(getattr(source, "recording", None), "header", {}))
         if writer is not None:
             # Written once attached (and seeded): a reader knows the window has begun.
             writer.write(make_header("diagnose", filter=filter_json, duration_s=duration_s))
@@ -325,6 +327,30 @@ def run_diagnose(
         _write_report(report, text, force)
         make_console(stderr=True).print(f"report written to {report}")
     return 0
+
+
+def recorded_settings(header: Any) -> Any:
+    """The TCP settings a recording's header carries (`timewait --json` writes them), else None.
+
+    >>> recorded_settings({"settings": {"port_range": [32768, 60999], "tw_reuse": 2}}).ports
+    28232
+    >>> recorded_settings({"settings": {"port_range": "wide"}}) is None
+    True
+    """
+    from tcptrace.system.sysctl import TcpSettings
+
+    raw = header.get("settings") if isinstance(header, dict) else None
+    if not isinstance(raw, dict):
+        return None
+    pr = raw.get("port_range")
+    if pr is not None and not (
+        isinstance(pr, list) and len(pr) == 2 and all(isinstance(x, int) for x in pr) and 0 < pr[0] <= pr[1]
+    ):
+        return None
+    values = {k: raw.get(k) for k in ("tw_reuse", "max_tw_buckets", "fin_timeout", "timestamps")}
+    if not all(v is None or isinstance(v, int) for v in values.values()):
+        return None
+    return TcpSettings(port_range=(pr[0], pr[1]) if pr else None, **values)
 
 
 def _write_report(path: str, text: str, force: bool) -> None:

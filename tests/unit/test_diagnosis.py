@@ -348,3 +348,26 @@ def test_stacks_without_an_application_frame_still_say_what_happened() -> None:
     (v2,) = [v for v in diagnose(ov2).verdicts if v.topic == "close_wait_leak"]
     assert "the app read EOF without closing" in v2.text
     assert any("frame pointers" in e for e in v2.evidence) and v2.functions == ()
+
+
+def test_cli_diagnose_a_timewait_recording_counts_creators_and_uses_its_settings() -> None:
+    import tcptrace.dashboard
+
+    assert doctest.testmod(tcptrace.dashboard).failed == 0
+    rec = DATA / "timewait_mix.jsonl"
+    # Ground truth from the recording itself: TIME_WAIT creations per owner.
+    truth: dict[int, int] = {}
+    for line in rec.read_text().splitlines():
+        obj = json.loads(line)
+        if obj.get("type") == "timewait" and obj["substate"] == "TIME_WAIT":
+            if obj["what"] in ("CREATED", "CONVERTED") and obj["pid"] is not None:
+                truth[obj["pid"]] = truth.get(obj["pid"], 0) + 1
+    result = CliRunner().invoke(cli, ["diagnose", "--from", str(rec), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.splitlines()[-1])
+    tw = summary["time_wait"]
+    assert {p["pid"]: p["created"] for p in tw["by_process"]} == truth
+    assert tw["created"] == sum(truth.values())
+    assert tw["ports"] == 60999 - 32768 + 1  # from the recording's header
+    verdicts = [v for v in summary["verdicts"] if v["topic"] == "time_wait"]
+    assert {v["pid"]: v["data"]["created"] for v in verdicts} == truth
