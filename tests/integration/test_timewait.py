@@ -401,3 +401,25 @@ def test_ipv6_client_closed_connections(tcptrace_cmd: list[str], ss: object) -> 
         if e["substate"] == "TIME_WAIT"
     ]
     assert len(counted) == n and all(e["family"] == 6 for e in counted)
+
+
+def test_counts_stay_exact_when_the_event_stream_overflows(port: int, ss: object) -> None:
+    """A one-page ring buffer nobody reads: events are lost, the kernel's counters are not."""
+    from tcptrace.kernel.timewait import TimewaitReader
+    from tcptrace.model.filters import EventFilter
+    from tests.integration.helpers import load_parts
+
+    host, n = loopback_host(), 500
+    program = load_parts(("timewait",), EventFilter(ports=frozenset([port])), ringbuf_pages=1)
+    try:
+        reader = TimewaitReader(program)
+        peers = run_peers(host, port, n, "eof", "first")
+        time.sleep(0.5)
+        counts = reader.counts()
+        lost = program.counters()["lost"]
+    finally:
+        program.close()
+    assert lost > 0  # the stream did overflow
+    client = next(c for (pid, _comm), c in counts.by_process.items() if pid == peers.client_pid)
+    assert client.created == n
+    assert sum(c for d, c in counts.by_dest.items() if (d.raddr, d.rport) == (host, port)) == n
