@@ -574,8 +574,21 @@ def host_meta(quick: bool) -> dict[str, Any]:
         bcc_version = getattr(bcc, "__version__", "?")
     except ImportError:
         bcc_version = "not importable"
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "?"
+    if git("status", "--porcelain", "--", "src", "bpf"):
+        commit += " (with uncommitted changes in src/ or bpf/)"
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": commit,
         "host": platform.node(),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),

@@ -277,3 +277,19 @@ def test_the_flush_after_the_load_is_owed_by_streams_but_not_in_cpu_per_transiti
     assert r.should_deliver == 10_002 + 202
     assert r.missing == 204
     assert r.cpu_per_million == pytest.approx(1.0 / 0.010002)
+
+
+def test_kernel_skipped_transitions_are_unreported_losses_even_when_totals_hide_them() -> None:
+    total = expected_transitions(1_000)
+    r = run(
+        "states",
+        1,
+        connections=1_000,
+        events_received=total + 50,  # other traffic on the host
+        lost_reported=0,
+        kernel_transitions=total + 50,
+        recursion_misses=3,
+    )
+    (v,) = [v for v in evaluate_targets([r], ["states"]) if v.target == "states reports every loss"]
+    assert v.met is False
+    assert "3 transitions skipped by the kernel (recursion_misses), not in tcptrace's lost" in v.detail
