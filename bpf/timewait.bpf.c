@@ -327,6 +327,16 @@ static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_t
     if (tws.update(&ann.tw, &w))
         tt_tw_stat(TT_TW_STAT_MAP_FAIL);
     tt_tw_emit(ctx, TT_TW_CREATED, ann.tw, &w, ann.substate, 0, 0);
+
+    /* The tw is in the hash since before its timer_start: the peer's FIN may have
+     * reached it on another CPU before it was in `tws` (seen: 2 in 2,500). */
+    if (ann.substate != TT_TCP_TIME_WAIT
+        && tt_tw_substate((const char *)ann.tw) == TT_TCP_TIME_WAIT
+        && tt_tw_snd_nxt((const char *)ann.tw) == ann.snd_nxt) {
+        struct tt_tw *in = tws.lookup(&ann.tw);
+        if (in)
+            tt_tw_converted(ctx, ann.tw, in, TT_TW_HOW_FIN);
+    }
 }
 
 /* inet_sock_set_state(sk, oldstate, newstate), in two programs. A raw tracepoint

@@ -203,7 +203,7 @@ def test_client_closed_connections_counted_exactly_and_attributed_to_client(
 
     assert_alive_matches_ss(run, host, port, N, peers)
     assert ss_count(host, port, "fin-wait-2") == 0
-    assert run.remote(f"{host}:{port}") == N
+    assert run.remote(f"{host}:{port}") == N, breakdown(run)
     client = run.process(peers.client_pid)
     assert client["created"] == N, breakdown(run)
     assert run.process(peers.server_pid)["created"] == 0
