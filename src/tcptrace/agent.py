@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import IO, Any
 
+from tcptrace.errors import TcptraceError
 from tcptrace.export.agentmodel import (
     AgentConfig,
     AgentModel,
@@ -34,6 +35,7 @@ from tcptrace.session import StopFlag, run
 from tcptrace.sources import KernelSource
 
 NS = 1_000_000_000
+MAX_CONSECUTIVE_ERRORS = 10  # failing from the start this often: give up, it will not recover
 SYMBOLS_FULL = "[not symbolized: --max-symbol-pids reached]"
 
 
@@ -107,6 +109,8 @@ class Agent:
         self.source: KernelSource | None = None
         self.stacks_cleared = 0
         self._generation = 0
+        self.tick_errors = 0
+        self._ok_ticks = 0
         self._last_stack_failed = 0
         self._states: dict[str, int] | None = None
         self._states_ns: int | None = None
@@ -226,6 +230,33 @@ class Agent:
                     )
 
     def tick(self, now_ns: int) -> None:
+        """One refresh. A failure is logged as one JSON line and counted
+        (tcptrace_agent_tick_errors_total); the agent goes on with the next interval, since
+        a process meant to run for weeks must not die of one unreadable /proc file."""
+        try:
+            self._tick(now_ns)
+        except Exception as exc:  # noqa: BLE001 - logged and counted, never silent
+            self.tick_errors += 1
+            self.log.write(
+                json.dumps(
+                    {
+                        "type": "agent_error",
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "count": self.tick_errors,
+                    },
+                    separators=(",", ":"),
+                )
+                + "\n"
+            )
+            self.log.flush()
+            if self.tick_errors >= MAX_CONSECUTIVE_ERRORS and self._ok_ticks == 0:
+                raise TcptraceError(
+                    f"every refresh of the agent fails: {type(exc).__name__}: {exc}"
+                ) from None
+            return
+        self._ok_ticks += 1
+
+    def _tick(self, now_ns: int) -> None:
         from tcptrace.kernel.agentmaps import symbol_cache_count
 
         maps = self.maps
@@ -265,6 +296,7 @@ class Agent:
             tw_stats=maps.tw_stats(),
             cl_stats=maps.cl_stats(),
             symbol_caches=symbol_cache_count(self.program),
+            tick_errors=self.tick_errors,
         )
         self.collector.publish(families(state))
         self._resolve_open_sockets(self.options.model.threshold_ns, now_ns)

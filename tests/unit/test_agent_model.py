@@ -191,3 +191,26 @@ def test_close_calls_stay_exact_while_per_process_series_come_and_go() -> None:
     assert sample_value(text, "tcptrace_close_calls_total", {"call": "close"}) == made
     assert len(series(text, "tcptrace_close_duration_seconds_count")) <= 3
     assert m.close_by_proc["close"].dropped_total > 0  # series did end on the way
+
+
+def test_a_failing_refresh_is_logged_counted_and_survived() -> None:
+    import io
+
+    from tcptrace.agent import MAX_CONSECUTIVE_ERRORS, Agent, AgentOptions
+    from tcptrace.errors import TcptraceError
+
+    log = io.StringIO()
+    a = Agent(AgentOptions(), log)
+
+    def broken(now_ns: int) -> None:
+        raise KeyError("tw_procs")
+
+    a._tick = broken  # type: ignore[method-assign]
+    a.tick(0)
+    line = log.getvalue().splitlines()[-1]
+    assert '"type":"agent_error"' in line and "KeyError" in line
+    assert a.tick_errors == 1
+    # Failing from the start every time: it gives up with one line, not a traceback.
+    with pytest.raises(TcptraceError, match="every refresh"):
+        for _ in range(MAX_CONSECUTIVE_ERRORS):
+            a.tick(0)

@@ -210,6 +210,7 @@ class AgentModel:
         tw_stats: Mapping[str, int] | None = None,
         cl_stats: Mapping[str, int] | None = None,
         symbol_caches: int = 0,
+        tick_errors: int = 0,
     ) -> ExportState:
         counters = counters or {}
         tw_stats = tw_stats or {}
@@ -265,6 +266,7 @@ class AgentModel:
             },
             pruned=dict(self.pruned),
             symbol_caches=symbol_caches,
+            tick_errors=tick_errors,
             user_sockets=len(t.table),
         )
 

@@ -149,6 +149,8 @@ class ExportState:
     pruned: Mapping[str, int] = field(default_factory=dict)
     """Kernel map entries deleted as idle, per map."""
     symbol_caches: int = 0
+    tick_errors: int = 0
+    """Refreshes that failed (each logged as an agent_error line)."""
     user_sockets: int = 0
     """Sockets in the agent's own table (bounded by --max-sockets)."""
 
@@ -319,6 +321,11 @@ def families(state: ExportState) -> list[Metric]:
     for name, n in sorted(state.pruned.items()):
         pruned.add_metric([name], n)
     out.append(pruned)
+    out.append(
+        _counter(
+            "agent_tick_errors", "Refreshes that failed (logged as agent_error lines).", state.tick_errors
+        )
+    )
     out.append(_gauge("symbol_caches", "bcc per-process symbol caches held (bounded).", state.symbol_caches))
     out.append(
         _gauge(
