@@ -259,6 +259,22 @@ def test_parked_fin_wait2_and_time_wait_ageing() -> None:
     assert sc.get(S.TIME_WAIT) == 0 and sc.tw_created == 1
 
 
+def test_time_wait_ended_early_leaves_the_count() -> None:
+    sc = StateCounts()
+    sc.seed([S.TIME_WAIT, S.TIME_WAIT], at_ns=0)
+    for i in range(3):
+        sc.feed(tw_event(NS + i, 200 + i, TwWhat.CREATED, S.TIME_WAIT))
+    assert sc.get(S.TIME_WAIT) == 5
+    killed = TimeWaitEvent(ts_ns=5 * NS, skaddr=200, what=TwWhat.KILLED, substate=S.TIME_WAIT, age_ns=4 * NS)
+    sc.feed(killed)  # one made at 1 s, ended by a reused port at 5 s
+    assert sc.get(S.TIME_WAIT) == 4
+    seeded = TimeWaitEvent(ts_ns=6 * NS, skaddr=9, what=TwWhat.KILLED, substate=S.TIME_WAIT, age_ns=30 * NS)
+    sc.feed(seeded)  # one of the seed
+    assert sc.get(S.TIME_WAIT) == 3
+    sc.advance(61 * NS + 5)  # the seed's and the 1 s ones' 60 s are over
+    assert sc.get(S.TIME_WAIT) == 0 and not sc.tw_killed
+
+
 def test_report_is_self_contained_and_escapes_hostile_text() -> None:
     ov = Overview(threshold_ns=NS)
     ov.start(0)

@@ -17,6 +17,7 @@ Pure: fed events, snapshots and counters by the caller.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class StateCounts:
     tw_recent: deque[list[int]] = field(default_factory=deque)
     """TIME_WAIT creations of the last 60 s (each lasts 60 s), as [time, count] per
     10 ms: bounded whatever the rate."""
+    tw_killed: list[int] = field(default_factory=list)
+    """A heap of the times TIME_WAIT sockets ended early (port reuse, a SYN, an RST) would
+    have expired: each counts against ``tw_recent`` until then."""
     now_ns: int = 0
     host_tw: int | None = None
     """sockstat ``tw`` (exact, host-wide) when the caller reads it."""
@@ -80,6 +84,7 @@ class StateCounts:
         self.now_ns = max(self.now_ns, at_ns)
         while self.tw_recent and self.tw_recent[0][0] <= at_ns:  # in the seed now
             self.tw_recent.popleft()
+        self.tw_killed.clear()  # their ends are in the seed too
 
     def feed(self, event: SocketEvent) -> None:
         if self.seeded_ns is not None and event.ts_ns <= self.seeded_ns:
@@ -106,12 +111,20 @@ class StateCounts:
                     self.tw_recent[-1][1] += 1
                 else:
                     self.tw_recent.append([event.ts_ns, 1])
+            elif event.what == TwWhat.KILLED:
+                created = event.ts_ns - (event.age_ns or 0)
+                if self.seeded_ns is not None and created <= self.seeded_ns:
+                    self.counts[TcpState.TIME_WAIT] -= 1  # one of the seed
+                elif created + TIMEWAIT_NS > self.now_ns:
+                    heapq.heappush(self.tw_killed, created + TIMEWAIT_NS)
 
     def advance(self, now_ns: int) -> None:
         """Model time moves on: TIME_WAIT sockets older than 60 s have ended."""
         self.now_ns = max(self.now_ns, now_ns)
         while self.tw_recent and self.tw_recent[0][0] <= self.now_ns - TIMEWAIT_NS:
             self.tw_recent.popleft()
+        while self.tw_killed and self.tw_killed[0] <= self.now_ns:
+            heapq.heappop(self.tw_killed)
 
     def get(self, state: TcpState) -> int:
         """The count shown for ``state`` (never below 0: drift shows as 0, not as a debt)."""
@@ -121,7 +134,7 @@ class StateCounts:
             seeded = self.counts[TcpState.TIME_WAIT]
             if self.seeded_ns is not None and self.now_ns >= self.seeded_ns + TIMEWAIT_NS:
                 seeded = 0  # every one found at start has ended by now
-            return max(0, seeded + sum(n for _, n in self.tw_recent))
+            return max(0, seeded + sum(n for _, n in self.tw_recent) - len(self.tw_killed))
         return max(0, self.counts[state])
 
     def how(self, state: TcpState) -> str:
