@@ -307,3 +307,42 @@ def test_recheck_drops_sockets_whose_exit_was_missed_and_adds_missed_entries() -
     assert sock.preexisting and sock.age_ns(6 * NS) == 2 * NS
     summary = t.summary_json(6 * NS)
     assert (summary["missed_exits"], summary["missed_entries"]) == (1, 1)
+
+
+def test_a_socket_found_at_start_and_then_seen_entering_is_counted_once() -> None:
+    """The /proc snapshot is read after attaching, but events from before it may still sit in
+    the ring buffer: the socket is then both "found at start" and seen entering live."""
+    from tcptrace.model.closewait import CloseWaitTracker, Preexisting
+    from tcptrace.model.events import TcpState, Transition
+
+    tracker = CloseWaitTracker()
+    common = dict(family=4, saddr="127.0.0.1", sport=8080, daddr="127.0.0.1", dport=50000)
+    snapshot_ns = 5_000
+    tracker.add_preexisting([Preexisting(**common, pid=7, comm="srv")], snapshot_ns)  # type: ignore[arg-type]
+    born = Transition(
+        ts_ns=1_000, skaddr=0xA, pid=7, comm="srv", old=TcpState.LISTEN, new=TcpState.SYN_RECV, **common
+    )
+    up = Transition(
+        ts_ns=2_000, skaddr=0xA, pid=7, comm="srv", old=TcpState.SYN_RECV, new=TcpState.ESTABLISHED, **common
+    )
+    fin = Transition(
+        ts_ns=4_000,
+        skaddr=0xA,
+        pid=7,
+        comm="srv",
+        old=TcpState.ESTABLISHED,
+        new=TcpState.CLOSE_WAIT,
+        **common,
+    )
+    for ev in (born, up, fin):
+        tracker.feed(ev)
+    assert len(tracker.open_sockets()) == 1
+    assert not tracker.open_sockets()[0].preexisting
+    # A socket entering after the snapshot is another socket with the same ports (reuse):
+    # both are kept.
+    tracker2 = CloseWaitTracker()
+    tracker2.add_preexisting([Preexisting(**common, pid=7, comm="srv")], snapshot_ns)  # type: ignore[arg-type]
+    later = [Transition(**{**e.__dict__, "ts_ns": e.ts_ns + 10_000}) for e in (born, up, fin)]  # type: ignore[arg-type]
+    for ev in later:
+        tracker2.feed(ev)
+    assert len(tracker2.open_sockets()) == 2

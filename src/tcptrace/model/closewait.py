@@ -359,6 +359,11 @@ class CloseWaitTracker:
     def _transition(self, event: Transition, record: SocketRecord) -> None:
         key = ("sk", event.skaddr)
         if event.new == TcpState.CLOSE_WAIT:
+            found = self.open.get(("tuple", *record.tuple4))
+            if found is not None and found.entered_ns >= event.ts_ns:
+                # It entered before the /proc snapshot that found it was read (its event
+                # was still in the ring buffer): one socket, and the live copy knows more.
+                del self.open[("tuple", *record.tuple4)]
             self.open[key] = CloseWaitSocket(
                 key=key,
                 family=record.family,

@@ -238,17 +238,7 @@ class Overview:
         self.events += 1
         self.now_ns = max(self.now_ns, event.ts_ns)
         self.states.feed(event)
-        self.closewait.feed(event)
-        if (
-            isinstance(event, Transition)
-            and event.new == TcpState.CLOSE_WAIT
-            and self.states.seeded_ns is not None
-            and event.ts_ns <= self.states.seeded_ns
-        ):
-            # Entered CLOSE_WAIT before the /proc snapshot was read, so the snapshot has it
-            # too (as "found at start", without a code path): keep the live one only.
-            key = ("tuple", event.saddr, event.sport, event.daddr, event.dport)
-            self.closewait.open.pop(key, None)
+        self.closewait.feed(event)  # (it keeps one copy of a socket /proc also found at start)
         self.timewait.feed(event)
         self.closelat.feed(event)
         if self.current is not None and isinstance(event, Transition):
