@@ -141,3 +141,39 @@ def test_listen(text: str, expected: tuple[str, int]) -> None:
 def test_bad_listen_is_a_usage_error(text: str) -> None:
     with pytest.raises(UsageError):
         parse_listen(text)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_server_serves_then_stops_and_frees_its_port(host: str) -> None:
+    import socket
+    import urllib.request
+
+    from tcptrace.export.prometheus import MetricsServer
+
+    collector = AgentCollector()
+    collector.publish(families(ExportState(threshold_s=5, events_decoded=7)))
+    try:
+        server = MetricsServer(host, 0, make_registry(collector, process_metrics=False))
+    except Exception as exc:  # noqa: BLE001 - no IPv6 loopback on this machine
+        pytest.skip(f"cannot listen on {host}: {exc}")
+    url_host = f"[{host}]" if ":" in host else host
+    with urllib.request.urlopen(f"http://{url_host}:{server.port}/metrics", timeout=5) as resp:
+        assert sample_value(resp.read().decode(), "tcptrace_events_total") == 7
+    assert server.stop(), "the server thread did not end"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with pytest.raises(OSError), socket.socket(family) as s:
+        s.settimeout(2)
+        s.connect((host, server.port))
+
+
+def test_a_busy_port_is_one_line() -> None:
+    import socket
+
+    from tcptrace.errors import TcptraceError
+    from tcptrace.export.prometheus import MetricsServer
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        with pytest.raises(TcptraceError, match="cannot listen on 127.0.0.1"):
+            MetricsServer("127.0.0.1", busy.getsockname()[1], make_registry(AgentCollector()))
