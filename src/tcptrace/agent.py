@@ -18,7 +18,7 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 
 from tcptrace.errors import TcptraceError
 from tcptrace.export.agentmodel import (
@@ -306,8 +306,13 @@ class Agent:
             self.log.write(json.dumps(record, separators=(",", ":")) + "\n")
         self.log.flush()
 
-    def describe(self) -> dict[str, Any]:
-        return {"listen": f"{self.options.host}:{self.server.port if self.server else self.options.port}"}
+
+def endpoint(host: str, port: int) -> str:
+    """
+    >>> endpoint("::1", 9464), endpoint("127.0.0.1", 9464)
+    ('[::1]:9464', '127.0.0.1:9464')
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def run_agent(options: AgentOptions, log: IO[str] | None = None, status: IO[str] | None = None) -> str:
@@ -320,7 +325,7 @@ def run_agent(options: AgentOptions, log: IO[str] | None = None, status: IO[str]
         assert agent.server is not None
         status.write(
             json.dumps(
-                {"type": "agent_started", "listen": f"{agent.server.host}:{agent.server.port}"},
+                {"type": "agent_started", "listen": endpoint(agent.server.host, agent.server.port)},
                 separators=(",", ":"),
             )
             + "\n"

@@ -40,3 +40,12 @@ def test_a_missing_ipv6_table_is_skipped(tmp_path: Path) -> None:
 def test_the_live_tables_are_read() -> None:
     states = read_states()
     assert states is not None and all(v >= 0 for v in states.values())
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import tcptrace.agent
+
+    result = doctest.testmod(tcptrace.agent)
+    assert result.attempted > 0 and result.failed == 0
