@@ -194,14 +194,19 @@ def stream_command(
     out: Any,
     as_json: bool,
     ringbuf_pages: int | None = None,
+    parts: Sequence[str] = ("lifecycle",),
+    defines: dict[str, int] | None = None,
+    header: dict[str, Any] | None = None,
 ) -> None:
     """What `states` and `record` share: every event out, then the summary."""
     console = make_console()
     summary = StatesSummary()
     writer = JsonLinesWriter(out) if as_json else None
-    with open_source(from_file, flt, stacks=stacks, ringbuf_pages=ringbuf_pages) as source:
+    with open_source(
+        from_file, flt, parts=parts, stacks=stacks, defines=defines, ringbuf_pages=ringbuf_pages
+    ) as source:
         if writer is not None:
-            writer.write(make_header(name, filter=filter_json(flt), stacks=stacks))
+            writer.write(make_header(name, filter=filter_json(flt), stacks=stacks, **(header or {})))
         else:
             from tcptrace.views.states import HEADER
 
@@ -246,12 +251,14 @@ def stream_command(
             reason = "SIGINT"
         drain_into(source, on_event)
         counters = source.counters()
+        end_ns = source.now_ns()
     if writer is not None:
         writer.write(
             {
                 "type": "summary",
                 "command": name,
                 "stopped": reason,
+                "end_ns": end_ns,
                 "lost": int(counters.get("lost", 0)),
                 "kernel_transitions": counters.get("transitions"),
                 **summary.to_json(),
@@ -301,13 +308,22 @@ def states(
     stream_command("states", flt, from_file, duration, interval, stacks, sys.stdout, as_json, ringbuf_pages)
 
 
+# What `record` traces: every part whose events the analyses replay.
+RECORD_PARTS = ("lifecycle", "owner", "timewait")
+
+
 @cli.command()
 @filter_options
 @click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write (JSON lines)."
 )
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
-@click.option("--stacks", is_flag=True, help="Record symbolized kernel and user stacks too.")
+@click.option(
+    "--stacks",
+    is_flag=True,
+    help="Stacks of every transition (by default only where a process acts: connect, accept, "
+    "close, touches of CLOSE_WAIT sockets).",
+)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @ringbuf_option
 def record(
@@ -324,13 +340,18 @@ def record(
 ) -> None:
     """Record the decoded event stream to a file, for replay with --from.
 
-    Record in production, analyse anywhere: every command takes `--from FILE` and answers
-    from the recording through the same code as from the kernel.
+    Record in production, analyse anywhere: every TCP transition, the owner and code path
+    of each socket (accept, connect, and the touches of sockets in CLOSE_WAIT, with their
+    stacks), and every timewait socket's life, plus the TCP settings. `states`,
+    `closewait`, `timewait` and `diagnose` answer from it with `--from FILE` through the
+    same code as from the kernel; replaying needs no root. (closelat's histograms are
+    aggregated in the kernel: record them with `closelat --json`.)
 
     \b
     Examples:
       sudo tcptrace record -o incident.jsonl --duration 60
       tcptrace closewait --from incident.jsonl
+      tcptrace timewait --from incident.jsonl
     """
     flt = make_filter(pid, comm, ports, ipv4, ipv6, live=True)
     if os.path.exists(output) and not force:
@@ -340,7 +361,23 @@ def record(
     except OSError as exc:
         raise TcptraceError(f"cannot write {output}: {exc.strerror}") from None
     with out:
-        stream_command("record", flt, None, duration, 1.0, stacks, out, True, ringbuf_pages)
+        from tcptrace.system.sysctl import read_settings
+        from tcptrace.timewait import settings_to_json
+
+        stream_command(
+            "record",
+            flt,
+            None,
+            duration,
+            1.0,
+            True,  # stacks where they attribute; all of them with --stacks
+            out,
+            True,
+            ringbuf_pages,
+            parts=RECORD_PARTS,
+            defines=None if stacks else {"TT_PROC_STACKS_ONLY": 1},
+            header={"settings": settings_to_json(read_settings())},
+        )
     click.echo(f"recorded to {output}", err=True)
 
 

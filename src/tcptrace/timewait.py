@@ -47,6 +47,14 @@ def host_sample() -> HostSample:
     return HostSample(tw, overflow)
 
 
+def settings_to_json(settings: TcpSettings) -> dict[str, Any]:
+    """The settings as a recording's header carries them (see settings_from_header)."""
+    return {
+        **dataclasses.asdict(settings),
+        "port_range": list(settings.port_range) if settings.port_range else None,
+    }
+
+
 def settings_from_header(header: dict[str, Any]) -> TcpSettings:
     raw = header.get("settings")
     if not isinstance(raw, dict):
@@ -134,10 +142,7 @@ def run_timewait(
                     filter=filter_json,
                     interval_s=interval_s,
                     events=events,
-                    settings={
-                        **dataclasses.asdict(settings),
-                        "port_range": list(settings.port_range) if settings.port_range else None,
-                    },
+                    settings=settings_to_json(settings),
                 )
             )
         live_view = None
