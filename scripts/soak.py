@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE / "src"))
 sys.path.insert(0, str(HERE))
 
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from tests.integration.helpers import FixtureBuilder, free_port  # noqa: E402
 
 from tcptrace.export.agentmodel import RssSeries  # noqa: E402
@@ -163,8 +164,6 @@ def scrape(port: int) -> str:
 
 def total(text: str, name: str, **labels: str) -> float:
     """Sum of every sample of ``name`` whose labels include ``labels``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     out = 0.0
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -354,6 +353,14 @@ def main() -> int:
             if v
         },
         "map_entries_pruned": total(text, "tcptrace_map_entries_pruned_total"),
+        "bpf_recursion_misses": {
+            s.labels["program"]: s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == "tcptrace_bpf_recursion_misses_total" and s.value
+        }
+        if text
+        else {},
         "label_sets": total(text, "tcptrace_label_sets"),
         "suspect_log_lines": suspects,
         "rss_mib": {

@@ -257,7 +257,7 @@ class Agent:
         self._ok_ticks += 1
 
     def _tick(self, now_ns: int) -> None:
-        from tcptrace.kernel.agentmaps import symbol_cache_count
+        from tcptrace.kernel.agentmaps import recursion_misses, symbol_cache_count
 
         maps = self.maps
         prune = self.model.tick(
@@ -298,6 +298,7 @@ class Agent:
             symbol_caches=symbol_cache_count(self.program),
             tick_errors=self.tick_errors,
         )
+        state.recursion_misses = recursion_misses(self.program)
         self.collector.publish(families(state))
         self._resolve_open_sockets(self.options.model.threshold_ns, now_ns)
         for record in self.model.suspect_records(now_ns):

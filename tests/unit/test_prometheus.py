@@ -177,3 +177,9 @@ def test_a_busy_port_is_one_line() -> None:
         busy.listen(1)
         with pytest.raises(TcptraceError, match="cannot listen on 127.0.0.1"):
             MetricsServer("127.0.0.1", busy.getsockname()[1], make_registry(AgentCollector()))
+
+
+def test_kernel_skipped_runs_are_exported_per_program() -> None:
+    text = parsed(ExportState(threshold_s=1, recursion_misses={"timer_start": 3, "tt_lc_process": 0}))
+    assert sample_value(text, "tcptrace_bpf_recursion_misses_total", {"program": "timer_start"}) == 3
+    assert sample_value(text, "tcptrace_bpf_recursion_misses_total", {"program": "tt_lc_process"}) == 0

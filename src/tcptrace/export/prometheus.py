@@ -150,6 +150,8 @@ class ExportState:
     """Kernel map entries deleted as idle, per map."""
     symbol_caches: int = 0
     tick_errors: int = 0
+    recursion_misses: Mapping[str, int] = field(default_factory=dict)
+    """Program runs the kernel skipped (another BPF program was running on that CPU)."""
     """Refreshes that failed (each logged as an agent_error line)."""
     user_sockets: int = 0
     """Sockets in the agent's own table (bounded by --max-sockets)."""
@@ -321,6 +323,15 @@ def families(state: ExportState) -> list[Metric]:
     for name, n in sorted(state.pruned.items()):
         pruned.add_metric([name], n)
     out.append(pruned)
+    misses = CounterMetricFamily(
+        f"{PREFIX}_bpf_recursion_misses",
+        "Runs of a BPF program the kernel skipped because another one was running on that CPU: "
+        "what they would have counted or sent is missing without a trace (not in events_lost).",
+        labels=["program"],
+    )
+    for name, n in sorted(state.recursion_misses.items()):
+        misses.add_metric([name], n)
+    out.append(misses)
     out.append(
         _counter(
             "agent_tick_errors", "Refreshes that failed (logged as agent_error lines).", state.tick_errors
