@@ -261,6 +261,7 @@ def stream_command(
                 "end_ns": end_ns,
                 "lost": int(counters.get("lost", 0)),
                 "kernel_transitions": counters.get("transitions"),
+                "skipped_transitions": counters.get("skipped_transitions"),
                 **summary.to_json(),
             }
         )
@@ -472,11 +473,7 @@ def closewait(
         defines["TT_TOUCH_STACKS"] = 1
     with open_source(from_file, flt, parts=("lifecycle", "owner"), stacks=True, defines=defines) as source:
         preexisting = 0
-        missed_runs = None
-        if isinstance(source, KernelSource):
-            from tcptrace.kernel.progstats import MissedRuns
-
-            missed_runs = MissedRuns(source.stream.program)  # type: ignore[attr-defined]
+        program = source.stream.program if isinstance(source, KernelSource) else None  # type: ignore[attr-defined]
         last_touches = None
         if touch_stacks and isinstance(source, KernelSource):
             from tcptrace.kernel.touches import LastTouches
@@ -560,7 +557,7 @@ def closewait(
         drain_into(source, tracker.feed)
         look_up_pre_fin()
         counters = dict(source.counters())
-        skipped = missed_runs.transitions() if missed_runs is not None else None
+        skipped = program.skipped_transitions() if program is not None else None
         if skipped is not None:
             # Runs of the transition hook the kernel skipped (recursion guard), for any
             # socket of the host: an upper bound on transitions of ours not seen.

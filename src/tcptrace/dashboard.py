@@ -32,7 +32,7 @@ class Feeds:
     source: Source
     timewait: Any = None
     closelat: Any = None
-    missed: Any = None
+    program: Any = None  # LoadedProgram, for the kernel's skipped runs
     host_tw: bool = False
 
     def tick(self, overview: Overview, now_ns: int) -> None:
@@ -49,7 +49,7 @@ class Feeds:
             except TcptraceError:
                 host_tw = None
         lost = int(self.source.counters().get("lost", 0))
-        skipped = self.missed.transitions() if self.missed is not None else None
+        skipped = self.program.skipped_transitions() if self.program is not None else None
         overview.tick(now_ns, tw_counts=tw, closelat_rows=rows, host_tw=host_tw, lost=lost, skipped=skipped)
 
 
@@ -72,7 +72,6 @@ def open_feeds(from_file: str | None, flt: EventFilter, quiet: bool = False) -> 
         from tcptrace.kernel.closelat import CloseLatencyReader
         from tcptrace.kernel.loader import PARTS as ALL_PARTS
         from tcptrace.kernel.loader import load
-        from tcptrace.kernel.progstats import MissedRuns
         from tcptrace.kernel.stream import KernelStream
         from tcptrace.kernel.timewait import TimewaitReader
         from tcptrace.views.common import make_console
@@ -86,7 +85,7 @@ def open_feeds(from_file: str | None, flt: EventFilter, quiet: bool = False) -> 
                 KernelSource(stream),
                 timewait=TimewaitReader(program),
                 closelat=CloseLatencyReader(program),
-                missed=MissedRuns(program),
+                program=program,
                 host_tw=flt.empty,
             )
         except Exception:

@@ -196,9 +196,7 @@ def run_timewait(
         kernel_stats = reader.stats() if reader is not None else None
         skipped = None
         if program is not None:
-            from tcptrace.kernel.timewait import recursion_misses
-
-            skipped = recursion_misses(program)
+            skipped = program.skipped_runs()
     finally:
         source.close()
 

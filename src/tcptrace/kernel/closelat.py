@@ -71,18 +71,6 @@ class CloseLatencyReader:
         return out
 
     def skipped_runs(self) -> int:
-        """Runs of this program's hooks the kernel skipped because another BPF program was
-        running on that CPU (``recursion_misses`` of /proc/self/fdinfo): a hook that fires in
-        an interrupt while a program runs. Syscall hooks run in process context and are not
-        nested; a skipped lifecycle or reset hook can leave a socket's state age or a reset
-        unseen."""
-        total = 0
-        for func in self._program.bpf.funcs.values():
-            try:
-                with open(f"/proc/self/fdinfo/{func.fd}") as fh:
-                    for line in fh:
-                        if line.startswith("recursion_misses:"):
-                            total += int(line.split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-        return total
+        """Runs of the program's hooks the kernel skipped (LoadedProgram.skipped_runs): a
+        skipped lifecycle or reset hook can leave a socket's state age or a reset unseen."""
+        return sum((self._program.skipped_runs() or {}).values())

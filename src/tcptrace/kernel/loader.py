@@ -384,6 +384,37 @@ class LoadedProgram:
         self.event_size = ctypes.sizeof(self.event_type)
         self._closed = False
 
+    def skipped_runs(self) -> dict[str, int] | None:
+        """Runs of our programs the kernel skipped, by tracepoint; None when it cannot tell.
+
+        A BPF program is not run when it would nest in itself on a CPU (raw tracepoints),
+        or in any other classic tracepoint or kprobe program (classic tracepoints): an
+        interrupt arriving while it runs. The kernel counts each skip per program
+        (recursion_misses, in /proc/self/fdinfo since 5.12); a skip of a transition hook
+        may be a transition of ours that was not seen, so commands report these.
+        """
+        attached = {fn.encode(): tp for part in self.parts for tp, fn in part.raw_attach}
+        out: dict[str, int] = {}
+        found = False
+        for name, func in getattr(self.bpf, "funcs", {}).items():
+            key = bytes(name)
+            tp = attached.get(key) or _tracepoint_of(key.decode(errors="replace"))
+            try:
+                with open(f"/proc/self/fdinfo/{func.fd}") as fh:
+                    for line in fh:
+                        if line.startswith("recursion_misses:"):
+                            out[tp] = out.get(tp, 0) + int(line.split()[1])
+                            found = True
+            except (OSError, ValueError, IndexError):
+                continue
+        return out if found else None
+
+    def skipped_transitions(self) -> int | None:
+        """Skipped runs of the hooks on sock:inet_sock_set_state (any socket of the host:
+        an upper bound on our transitions that went unseen)."""
+        runs = self.skipped_runs()
+        return None if runs is None else runs.get("inet_sock_set_state", 0)
+
     def counters(self) -> dict[str, int]:
         """The kernel's exact counters (TT_STAT_*), summed over CPUs."""
         table = self.bpf[b"stats"]
@@ -473,6 +504,16 @@ def _attach_raw(bcc: Any, bpf: Any, tp: str, fn_name: str) -> None:
     if fd < 0:
         raise CompileError(f"cannot attach {fn_name} to raw tracepoint {tp}")
     bpf.raw_tracepoint_fds[f"{tp}/{fn_name}".encode()] = fd
+
+
+def _tracepoint_of(function: str) -> str:
+    """The tracepoint of an auto-attached bcc function: ``raw_tracepoint__NAME`` and
+    ``tracepoint__GROUP__NAME`` give NAME; anything else is named as it is."""
+    if function.startswith("raw_tracepoint__"):
+        return function[len("raw_tracepoint__") :]
+    if function.startswith("tracepoint__"):
+        return function.split("__", 2)[-1]
+    return function
 
 
 def _fill_filter_maps(bpf: Any, flt: EventFilter) -> None:

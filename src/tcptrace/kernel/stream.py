@@ -117,5 +117,11 @@ class KernelStream:
         return out
 
     def counters(self) -> dict[str, int]:
+        """The kernel's exact counters, what this side decoded, and the runs of the
+        transition hooks the kernel skipped (when it says)."""
         kernel = self.program.counters()
-        return {**kernel, "decoded": self.decoded, "malformed": self.malformed}
+        out = {**kernel, "decoded": self.decoded, "malformed": self.malformed}
+        skipped = self.program.skipped_transitions()
+        if skipped is not None:
+            out["skipped_transitions"] = skipped
+        return out

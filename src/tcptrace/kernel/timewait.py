@@ -7,12 +7,8 @@ kernel, nor to an overflowing event stream.
 
 from __future__ import annotations
 
-import ctypes
-import platform
 from typing import Any
 
-from tcptrace.errors import TcptraceError
-from tcptrace.kernel.btf import Btf
 from tcptrace.kernel.loader import LoadedProgram
 from tcptrace.model.events import decode_comm, family_version, format_addr
 from tcptrace.model.timewait import Dest, ProcCounts, TwCounts
@@ -81,35 +77,3 @@ class TimewaitReader:
 
 
 # bpf(2) command and the kernel's own count of skipped runs of a program.
-_SYS_BPF = 321  # x86_64
-_BPF_OBJ_GET_INFO_BY_FD = 15
-
-
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
-
-
-def recursion_misses(program: LoadedProgram, btf: Btf | None = None) -> dict[str, int] | None:
-    """Runs of timewait.bpf.c's programs the kernel skipped, by tracepoint, because the
-    program was already running on that CPU (bpf_prog_info.recursion_misses, 5.12+): an
-    interrupt arriving while it ran hit the same tracepoint (timers are armed and cancelled
-    from interrupts all the time). Most such runs concern other timers; a skipped run on a
-    tw socket's event can leave a count short. None when this cannot be read."""
-    if platform.machine() != "x86_64":
-        return None
-    try:
-        offset = (btf or Btf.load()).member_offset("bpf_prog_info", "recursion_misses")
-    except TcptraceError:
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    out: dict[str, int] = {}
-    for name, fn in getattr(program.bpf, "funcs", {}).items():
-        label = name.decode() if isinstance(name, bytes) else str(name)
-        buf = ctypes.create_string_buffer(512)
-        attr = _InfoAttr(int(fn.fd), ctypes.sizeof(buf), ctypes.addressof(buf))
-        if libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
-            return None
-        if attr.info_len < offset + 8:
-            return None
-        out[label.removeprefix("raw_tracepoint__")] = int.from_bytes(buf.raw[offset : offset + 8], "little")
-    return out

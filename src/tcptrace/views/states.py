@@ -70,6 +70,9 @@ def print_summary(console: Console, summary: StatesSummary, counters: dict[str, 
     console.print()
     head = Text(f"{summary.events} events")
     head.append(f", {lost} lost", style="bold red" if lost else "")
+    skipped = int(counters.get("skipped_transitions") or 0)
+    if skipped:
+        head.append(f", {skipped} transition hook runs skipped by the kernel", style="bold yellow")
     head.append(f" (stopped: {reason})")
     console.print(head)
     if not summary.transitions:
