@@ -505,12 +505,9 @@ def closewait(
             )
         live_view = None
         if writer is None and console.is_terminal and source.live:
-            from rich.live import Live
+            from tcptrace.views.common import start_live
 
-            live_view = Live(
-                view.render(tracker, source.now_ns()), console=console, auto_refresh=False, transient=True
-            )
-            live_view.start()
+            live_view = start_live(console, view.render(tracker, source.now_ns()), transient=True)
 
         recheck_ns = int(recheck * 1e9)
         next_recheck = [source.now_ns() + recheck_ns]

@@ -170,15 +170,9 @@ def run_top(
         with view.key_reader() as keys:
             live_view = None
             if show_live:
-                from rich.live import Live
+                from tcptrace.views.common import start_live
 
-                live_view = Live(
-                    view.render(overview, state, keys=keys is not None),
-                    console=console,
-                    auto_refresh=False,
-                    screen=False,
-                )
-                live_view.start()
+                live_view = start_live(console, view.render(overview, state, keys=keys is not None))
             last_tick = overview.start_ns or 0
 
             def on_tick(now_ns: int) -> None:

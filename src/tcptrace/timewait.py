@@ -147,10 +147,9 @@ def run_timewait(
             )
         live_view = None
         if writer is None and console.is_terminal and source.live:
-            from rich.live import Live
+            from tcptrace.views.common import start_live
 
-            live_view = Live(view.render(model, None, context()), console=console, auto_refresh=False)
-            live_view.start()
+            live_view = start_live(console, view.render(model, None, context()))
 
         def on_event(event: SocketEvent) -> None:
             model.feed(event)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.live import Live
 from rich.text import Text
 
 NS = 1_000_000_000
@@ -47,6 +48,14 @@ def duration(ns: int | None) -> str:
 
 def plain(text: Text | str) -> str:
     return text.plain if isinstance(text, Text) else text
+
+
+def start_live(console: Console, renderable: object, *, transient: bool = False) -> Live:
+    """A started in-place display; the caller refreshes it with ``update(..., refresh=True)``
+    and stops it (restoring the terminal) in a ``finally``."""
+    live = Live(renderable, console=console, auto_refresh=False, transient=transient)  # type: ignore[arg-type]
+    live.start()
+    return live
 
 
 def make_console(stderr: bool = False, **kwargs: object) -> Console:
