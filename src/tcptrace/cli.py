@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -15,9 +14,9 @@ from tcptrace.errors import TcptraceError, UsageError
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.states import StatesSummary
-from tcptrace.recording import JsonLinesWriter, make_header, open_recording
+from tcptrace.recording import JsonLinesWriter, make_header
 from tcptrace.session import StopFlag, run
-from tcptrace.sources import KernelSource, RecordingSource, Source
+from tcptrace.sources import drain_into, open_source
 from tcptrace.views.common import make_console
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -129,61 +128,6 @@ def make_filter(
     return EventFilter(pid=pid, comm=comm, ports=frozenset(ports), family=4 if ipv4 else 6 if ipv6 else None)
 
 
-@contextmanager
-def open_source(
-    from_file: str | None,
-    flt: EventFilter,
-    *,
-    parts: Sequence[str] = ("lifecycle",),
-    stacks: bool = False,
-    defines: dict[str, int] | None = None,
-    ringbuf_pages: int | None = None,
-    quiet: bool = False,
-) -> Iterator[Source]:
-    """A recording when --from is given, else the live kernel running ``parts`` of bpf/.
-
-    Closed (every program detached) on exit, however the block ends.
-    """
-    source: Source
-    if from_file is not None:
-        source = RecordingSource(open_recording(from_file), flt)
-    else:
-        from tcptrace.kernel.loader import PARTS, load
-        from tcptrace.kernel.stream import KernelStream
-
-        console = make_console(stderr=True, quiet=quiet)
-        with console.status("compiling and attaching BPF programs…"):
-            program = load(
-                [PARTS[name] for name in parts],
-                flt,
-                stacks=stacks,
-                defines=defines,
-                ringbuf_pages=ringbuf_pages,
-            )
-        source = KernelSource(KernelStream(program, flt, symbolize=stacks))
-    try:
-        yield source
-    finally:
-        source.close()
-
-
-def drain_into(source: Source, on_event: Callable[[SocketEvent], None]) -> None:
-    """After a live stop, take what the kernel already sent, so the summary counts it."""
-    drain = getattr(source, "drain", None)
-    if drain is not None:
-        for event in drain():
-            on_event(event)
-
-
-def filter_json(flt: EventFilter) -> dict[str, Any]:
-    return {
-        "pid": flt.pid,
-        "comm": flt.comm,
-        "ports": sorted(flt.ports),
-        "family": flt.family,
-    }
-
-
 def stream_command(
     name: str,
     flt: EventFilter,
@@ -206,7 +150,7 @@ def stream_command(
         from_file, flt, parts=parts, stacks=stacks, defines=defines, ringbuf_pages=ringbuf_pages
     ) as source:
         if writer is not None:
-            writer.write(make_header(name, filter=filter_json(flt), stacks=stacks, **(header or {})))
+            writer.write(make_header(name, filter=flt.to_json(), stacks=stacks, **(header or {})))
         else:
             from tcptrace.views.states import HEADER
 
@@ -452,134 +396,25 @@ def closewait(
       sudo tcptrace closewait --json --duration 60 > closewait.jsonl
       tcptrace closewait --from incident.jsonl
     """
-    from tcptrace.model.closewait import CloseWaitTracker, Interval, parse_duration
-    from tcptrace.views import closewait as view
+    from tcptrace.closewait import run_closewait
+    from tcptrace.model.closewait import parse_duration
 
     flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
     try:
         threshold_ns = parse_duration(threshold)
     except ValueError as exc:
         raise UsageError(f"--threshold: {exc}") from None
-    tracker = CloseWaitTracker(threshold_ns=threshold_ns)
-    writer = JsonLinesWriter(sys.stdout) if as_json else None
-    cgroup_name: Callable[[int], str | None] | None = None
-    if from_file is None:  # a recording's cgroup ids belong to its host
-        from tcptrace.system.cgroups import path_of_id
-
-        cgroup_name = path_of_id
-    console = make_console()
-    defines = {"TT_PROC_STACKS_ONLY": 1, "TT_CLOSEWAIT_EVENTS": 1}
-    if touch_stacks:
-        defines["TT_TOUCH_STACKS"] = 1
-    with open_source(from_file, flt, parts=("lifecycle", "owner"), stacks=True, defines=defines) as source:
-        preexisting = 0
-        program = source.stream.program if isinstance(source, KernelSource) else None  # type: ignore[attr-defined]
-        last_touches = None
-        if touch_stacks and isinstance(source, KernelSource):
-            from tcptrace.kernel.touches import LastTouches
-
-            last_touches = LastTouches(source.stream.program)  # type: ignore[attr-defined]
-
-        def look_up_pre_fin() -> None:
-            # The kernel keeps each socket's last send/recv; read it once the socket is
-            # in CLOSE_WAIT (the model rejects what belonged to an earlier socket).
-            if last_touches is not None:
-                for skaddr in tracker.pending_pre_fin():
-                    tracker.add_pre_fin_touch(skaddr, last_touches.get(skaddr))
-
-        if source.live:
-            from tcptrace.system.procfd import closewait_snapshot
-
-            # After attaching, so a socket entering CLOSE_WAIT meanwhile is seen one way or
-            # the other (the tracker keeps one copy).
-            preexisting = tracker.add_preexisting(closewait_snapshot(flt), source.now_ns())
-        tracker.begin_interval(source.now_ns())
-        if writer is not None:
-            writer.write(
-                make_header(
-                    "closewait",
-                    filter=filter_json(flt),
-                    threshold_s=threshold_ns / 1e9,
-                    preexisting=preexisting,
-                )
-            )
-        live_view = None
-        if writer is None and console.is_terminal and source.live:
-            from tcptrace.views.common import start_live
-
-            live_view = start_live(console, view.render(tracker, source.now_ns()), transient=True)
-
-        recheck_ns = int(recheck * 1e9)
-        next_recheck = [source.now_ns() + recheck_ns]
-
-        def heal() -> None:
-            # /proc first, then every event up to it, then compare (see CloseWaitTracker).
-            from tcptrace.system.procfd import closewait_ports, closewait_snapshot
-
-            snapshot_ns = source.now_ns()
-            in_close_wait = closewait_ports(flt)
-            drain_into(source, tracker.feed)
-            tracker.drop_gone(in_close_wait, snapshot_ns)
-            missing = tracker.unexplained(in_close_wait, snapshot_ns)
-            if missing:
-                tracker.add_found(closewait_snapshot(flt, only=missing), snapshot_ns)
-
-        def on_tick(now_ns: int) -> None:
-            if source.live and recheck_ns and now_ns >= next_recheck[0]:
-                heal()
-                next_recheck[0] = now_ns + recheck_ns
-            look_up_pre_fin()
-            done: Interval | None = tracker.begin_interval(now_ns)
-            if writer is not None:
-                writer.write(tracker.periodic_json(now_ns, done))
-            elif live_view is not None:
-                live_view.update(view.render(tracker, now_ns, done, cgroup_name), refresh=True)
-            elif source.live:
-                console.print(view.headline(tracker, now_ns, done), soft_wrap=True)
-
-        try:
-            reason = run(
-                source,
-                tracker.feed,
-                interval_s=interval,
-                duration_s=duration,
-                on_tick=on_tick,
-                flag=StopFlag(),
-            )
-        except KeyboardInterrupt:
-            reason = "SIGINT"
-        finally:
-            if live_view is not None:
-                live_view.stop()
-        drain_into(source, tracker.feed)
-        look_up_pre_fin()
-        counters = dict(source.counters())
-        skipped = program.skipped_transitions() if program is not None else None
-        if skipped is not None:
-            # Runs of the transition hook the kernel skipped (recursion guard), for any
-            # socket of the host: an upper bound on transitions of ours not seen.
-            counters["skipped_transitions"] = skipped
-        now_ns = source.now_ns()
-    if writer is not None:
-        summary = tracker.summary_json(now_ns)
-        if cgroup_name is not None:
-            for item in (*summary["groups"], *summary["sockets"]):
-                if item["cgroup"] is not None:
-                    item["cgroup_path"] = cgroup_name(item["cgroup"])
-        writer.write(
-            {
-                "type": "summary",
-                "command": "closewait",
-                "stopped": reason,
-                "lost": int(counters.get("lost", 0)),
-                "stack_failed": int(counters.get("stack_failed", 0)),
-                "events": int(counters.get("decoded", 0)),
-                "skipped_transitions": counters.get("skipped_transitions"),
-                **summary,
-            }
-        )
-    else:
-        view.print_summary(console, tracker, now_ns, counters, reason, cgroup_name)
+    run_closewait(
+        flt,
+        from_file=from_file,
+        interval_s=interval,
+        duration_s=duration,
+        as_json=as_json,
+        threshold_ns=threshold_ns,
+        recheck_s=recheck,
+        touch_stacks=touch_stacks,
+        out=sys.stdout,
+    )
 
 
 @cli.command()
@@ -642,7 +477,7 @@ def closelat(
         close_wait_s=close_wait_min,
         as_json=as_json,
         out=sys.stdout,
-        filter_json=filter_json(flt),
+        filter_json=flt.to_json(),
     )
 
 
@@ -698,7 +533,7 @@ def timewait(
         as_json=as_json,
         events=events,
         out=sys.stdout,
-        filter_json=filter_json(flt),
+        filter_json=flt.to_json(),
     )
 
 
@@ -991,7 +826,7 @@ def diagnose(
         report=report,
         force=force,
         out=sys.stdout,
-        filter_json=filter_json(flt),
+        filter_json=flt.to_json(),
     )
 
 

@@ -7,12 +7,14 @@ timestamps), so the same analysis code answers for a live run and for a replay.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
-from tcptrace.recording import Recording, clock_offset_ns
+from tcptrace.recording import Recording, clock_offset_ns, open_recording
+from tcptrace.views.common import make_console
 
 
 class Source(Protocol):
@@ -116,3 +118,49 @@ class KernelSource:
 
     def close(self) -> None:
         self._stream.program.close()
+
+
+@contextmanager
+def open_source(
+    from_file: str | None,
+    flt: EventFilter,
+    *,
+    parts: Sequence[str] = ("lifecycle",),
+    stacks: bool = False,
+    defines: dict[str, int] | None = None,
+    ringbuf_pages: int | None = None,
+    quiet: bool = False,
+) -> Iterator[Source]:
+    """A recording when --from is given, else the live kernel running ``parts`` of bpf/.
+
+    Closed (every program detached) on exit, however the block ends.
+    """
+    source: Source
+    if from_file is not None:
+        source = RecordingSource(open_recording(from_file), flt)
+    else:
+        from tcptrace.kernel.loader import PARTS, load
+        from tcptrace.kernel.stream import KernelStream
+
+        console = make_console(stderr=True, quiet=quiet)
+        with console.status("compiling and attaching BPF programs…"):
+            program = load(
+                [PARTS[name] for name in parts],
+                flt,
+                stacks=stacks,
+                defines=defines,
+                ringbuf_pages=ringbuf_pages,
+            )
+        source = KernelSource(KernelStream(program, flt, symbolize=stacks))
+    try:
+        yield source
+    finally:
+        source.close()
+
+
+def drain_into(source: Source, on_event: Callable[[SocketEvent], None]) -> None:
+    """After a live stop, take what the kernel already sent, so the summary counts it."""
+    drain = getattr(source, "drain", None)
+    if drain is not None:
+        for event in drain():
+            on_event(event)

@@ -253,7 +253,7 @@ TIMEWAIT = Part(
     raw_attach=(("inet_sock_set_state", "tt_tw_on_close"),),
 )
 
-# Program parts by the name commands ask for them with (see cli.open_source).
+# Program parts by the name commands ask for them with (see sources.open_source).
 PARTS: dict[str, Part] = {
     "lifecycle": LIFECYCLE,
     "owner": OWNER,

@@ -54,6 +54,10 @@ class EventFilter:
             return False
         return True
 
+    def to_json(self) -> dict[str, object]:
+        """As recordings' headers carry it."""
+        return {"pid": self.pid, "comm": self.comm, "ports": sorted(self.ports), "family": self.family}
+
     @property
     def empty(self) -> bool:
         return self.pid is None and self.comm is None and not self.ports and self.family is None
