@@ -8,19 +8,20 @@ from rich.text import Text
 from tcptrace.doctor import Check
 
 
-def check_line(check: Check) -> Text:
+def check_line(check: Check, width: int = 38) -> Text:
     mark = ("ok", "green") if check.ok else (("FAIL", "bold red") if check.required else ("warn", "yellow"))
     text = Text()
     text.append(f"{mark[0]:<5}", style=mark[1])
-    text.append(f"{check.name:<38} {check.detail}")
+    text.append(f"{check.name:<{width}} {check.detail}")
     if not check.ok and check.fix:
         text.append(f"\n     fix: {check.fix}", style="bold")
     return text
 
 
 def print_checks(console: Console, checks: list[Check]) -> None:
+    width = max((len(c.name) for c in checks), default=0)
     for check in checks:
-        console.print(check_line(check), soft_wrap=True)
+        console.print(check_line(check, width), soft_wrap=True)
     failed = [c for c in checks if c.required and not c.ok]
     console.print()
     if failed:
