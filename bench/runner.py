@@ -103,7 +103,10 @@ class OutputReader(threading.Thread):
         self.bytes = 0
         self.first_line_t: float | None = None
         self.first_event_t: float | None = None
-        self.tail = b""
+        # The last complete lines, whole however long (a summary listing thousands of
+        # sockets runs to megabytes), and the line being written.
+        self.last_lines: list[bytes] = []
+        self._current = b""
         self._partial = b""
         try:
             fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
@@ -131,9 +134,29 @@ class OutputReader(threading.Thread):
                         self.first_event_t = now
                         self._partial = b""
                         break
-            self.tail = (self.tail + chunk)[-(1 << 18) :]
+            self._keep_last_lines(chunk)
             if self.lazy:
                 time.sleep(0.01)
+
+    def _keep_last_lines(self, chunk: bytes) -> None:
+        end = chunk.rfind(b"\n")
+        if end == -1:
+            if len(self._current) < (64 << 20):  # bounded: a line longer than 64 MiB is cut
+                self._current += chunk
+            return
+        before = chunk.rfind(b"\n", 0, end)
+        if before == -1:
+            self.last_lines = [*self.last_lines[-2:], self._current + chunk[:end]]
+        else:
+            previous = chunk.rfind(b"\n", 0, before)
+            head = self._current + chunk[:before] if previous == -1 else chunk[previous + 1 : before]
+            self.last_lines = [head, chunk[before + 1 : end]]
+        self._current = chunk[end + 1 :]
+
+    @property
+    def tail(self) -> bytes:
+        """The last complete lines (and any unfinished one), newline-separated."""
+        return b"\n".join([*self.last_lines, self._current])
 
 
 def cpu_ticks(pid: int) -> int:
