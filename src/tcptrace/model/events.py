@@ -311,24 +311,37 @@ def from_raw(raw: Any) -> SocketEvent:
         raise DecodeError(str(exc)) from exc
 
 
+_JSON_FIELDS: dict[type, tuple[str, ...]] = {}
+_PLAIN = (int, str, type(None))  # exact types: enums (int subclasses) are named below
+
+
 def to_json(event: SocketEvent) -> dict[str, Any]:
-    """A JSON-ready dict: states and ops by name, skaddr in hex, stacks as lists."""
-    out: dict[str, Any] = {"type": _TYPE_NAMES[type(event)]}
-    for f in dataclasses.fields(event):
-        if f.name in ("kstack_id", "ustack_id"):
-            continue
-        value = getattr(event, f.name)
-        if f.name == "cgroup" and value is None:
+    """A JSON-ready dict: states and ops by name, skaddr in hex, stacks as lists.
+
+    Runs once per event of `states --json` and `record`: field names are looked up once
+    per class, and plain values skip the enum checks (8.5 -> 4 us an event, scripts/bench).
+    """
+    cls = type(event)
+    names = _JSON_FIELDS.get(cls)
+    if names is None:
+        names = tuple(f.name for f in dataclasses.fields(event) if f.name not in ("kstack_id", "ustack_id"))
+        _JSON_FIELDS[cls] = names
+    out: dict[str, Any] = {"type": _TYPE_NAMES[cls]}
+    for name in names:
+        value = getattr(event, name)
+        if name == "cgroup" and value is None:
             continue  # recordings made before cgroup ids stay byte-identical
-        if f.name == "skaddr":
+        if name == "skaddr":
             value = f"0x{value:x}"
+        elif type(value) in _PLAIN:
+            pass
         elif isinstance(value, enum.Flag):  # a list of names, [] when none
             value = [m.name for m in type(value) if m in value]
         elif isinstance(value, enum.Enum):
             value = value.name
         elif isinstance(value, tuple):
             value = list(value)
-        out[f.name] = value
+        out[name] = value
     return out
 
 
