@@ -127,6 +127,9 @@ class Agent:
         o = self.options
         defines = {
             "TT_PROC_STACKS_ONLY": 1,
+            # The model takes transitions only for CLOSE_WAIT (states come from /proc,
+            # TIME_WAIT and close() from the kernel's maps): no other transition is sent.
+            "TT_CLOSEWAIT_EVENTS": 1,
             "TT_MAX_SOCKS": o.model.max_sockets,
             "TT_STACK_ENTRIES": o.max_stacks,
             CLOSE_WAIT_NS: o.model.threshold_ns,
@@ -257,7 +260,7 @@ class Agent:
         self._ok_ticks += 1
 
     def _tick(self, now_ns: int) -> None:
-        from tcptrace.kernel.agentmaps import recursion_misses, symbol_cache_count
+        from tcptrace.kernel.agentmaps import symbol_cache_count
 
         maps = self.maps
         prune = self.model.tick(
@@ -298,7 +301,7 @@ class Agent:
             symbol_caches=symbol_cache_count(self.program),
             tick_errors=self.tick_errors,
         )
-        state.recursion_misses = recursion_misses(self.program)
+        state.recursion_misses = self.program.skipped_runs_by_program() or {}
         self.collector.publish(families(state))
         self._resolve_open_sockets(self.options.model.threshold_ns, now_ns)
         for record in self.model.suspect_records(now_ns):

@@ -143,26 +143,5 @@ class AgentMaps:
         return len(keys)
 
 
-def recursion_misses(program: LoadedProgram) -> dict[str, int]:
-    """Runs the kernel skipped, per program: a tracepoint program does not run while
-    another BPF program runs on the same CPU (an interrupt arriving during one), and those
-    skips are in no map. The kernel counts them (bpf_prog_info.recursion_misses, shown in
-    /proc/self/fdinfo of the program's fd, Linux 5.12+)."""
-    out: dict[str, int] = {}
-    for name, fn in getattr(program.bpf, "funcs", {}).items():
-        fd = getattr(fn, "fd", None)
-        if fd is None or fd < 0:
-            continue
-        try:
-            with open(f"/proc/self/fdinfo/{fd}") as fh:
-                for line in fh:
-                    if line.startswith("recursion_misses:"):
-                        key = name.decode() if isinstance(name, bytes) else str(name)
-                        out[key] = out.get(key, 0) + int(line.split()[1])
-        except (OSError, ValueError):
-            continue
-    return out
-
-
 def symbol_cache_count(program: LoadedProgram) -> int:
     return len(getattr(type(program.bpf), "_sym_caches", {}))

@@ -393,17 +393,27 @@ class LoadedProgram:
         (recursion_misses, in /proc/self/fdinfo since 5.12); a skip of a transition hook
         may be a transition of ours that was not seen, so commands report these.
         """
-        attached = {fn.encode(): tp for part in self.parts for tp, fn in part.raw_attach}
+        by_program = self.skipped_runs_by_program()
+        if by_program is None:
+            return None
+        attached = {fn: tp for part in self.parts for tp, fn in part.raw_attach}
+        out: dict[str, int] = {}
+        for name, n in by_program.items():
+            tp = attached.get(name) or _tracepoint_of(name)
+            out[tp] = out.get(tp, 0) + n
+        return out
+
+    def skipped_runs_by_program(self) -> dict[str, int] | None:
+        """The same, by program (function) name; None when the kernel cannot tell."""
         out: dict[str, int] = {}
         found = False
         for name, func in getattr(self.bpf, "funcs", {}).items():
-            key = bytes(name)
-            tp = attached.get(key) or _tracepoint_of(key.decode(errors="replace"))
+            key = bytes(name).decode(errors="replace")
             try:
                 with open(f"/proc/self/fdinfo/{func.fd}") as fh:
                     for line in fh:
                         if line.startswith("recursion_misses:"):
-                            out[tp] = out.get(tp, 0) + int(line.split()[1])
+                            out[key] = out.get(key, 0) + int(line.split()[1])
                             found = True
             except (OSError, ValueError, IndexError):
                 continue
