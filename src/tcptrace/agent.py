@@ -162,19 +162,14 @@ class Agent:
 
     def run(self) -> str:
         assert self.source is not None
-        flag = StopFlag()
-        try:
-            reason = run(
-                self.source,
-                self.feed,
-                interval_s=self.options.interval_s,
-                duration_s=self.options.duration_s,
-                on_tick=self.tick,
-                flag=flag,
-            )
-        except KeyboardInterrupt:
-            reason = "SIGINT"
-        return reason
+        return run(
+            self.source,
+            self.feed,
+            interval_s=self.options.interval_s,
+            duration_s=self.options.duration_s,
+            on_tick=self.tick,
+            flag=StopFlag(),
+        )
 
     def stop(self) -> None:
         """Stop serving, detach every program. Safe to call twice."""

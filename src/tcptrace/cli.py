@@ -16,7 +16,7 @@ from tcptrace.model.filters import EventFilter
 from tcptrace.model.states import StatesSummary
 from tcptrace.recording import JsonLinesWriter, make_header
 from tcptrace.session import StopFlag, run
-from tcptrace.sources import drain_into, open_source
+from tcptrace.sources import open_source
 from tcptrace.views.common import make_console
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -181,19 +181,16 @@ def stream_command(
                 lost_seen = lost
 
         flag = StopFlag()
-        try:
-            reason = run(
-                source,
-                on_event,
-                interval_s=interval,
-                duration_s=duration,
-                on_tick=on_tick if source.live else None,
-                flag=flag,
-                watch_pid=flt.pid if source.live else None,
-            )
-        except KeyboardInterrupt:
-            reason = "SIGINT"
-        drain_into(source, on_event)
+        reason = run(
+            source,
+            on_event,
+            interval_s=interval,
+            duration_s=duration,
+            on_tick=on_tick if source.live else None,
+            flag=flag,
+            watch_pid=flt.pid if source.live else None,
+        )
+
         counters = source.counters()
         end_ns = source.now_ns()
     if writer is not None:
@@ -572,14 +569,14 @@ def timewait(
     type=click.IntRange(min=0),
     default=20,
     show_default=True,
-    help="Label sets per metric for processes; the rest are summed into comm=\"other\".",
+    help='Label sets per metric for processes; the rest are summed into comm="other".',
 )
 @click.option(
     "--top-ports",
     type=click.IntRange(min=0),
     default=20,
     show_default=True,
-    help="Remote ports kept as labels; the rest are summed into remote_port=\"other\".",
+    help='Remote ports kept as labels; the rest are summed into remote_port="other".',
 )
 @click.option(
     "--max-sockets",

@@ -114,21 +114,15 @@ def run_closelat(
                 emit(model.snapshot(ts_ns, reader.rows()))
 
         flag = StopFlag()
-        try:
-            reason = run(
-                source,
-                on_event,
-                interval_s=interval_s,
-                duration_s=duration_s,
-                on_tick=on_tick if reader is not None else None,
-                flag=flag,
-            )
-        except KeyboardInterrupt:
-            reason = "SIGINT"
-        drain = getattr(source, "drain", None)
-        if drain is not None:
-            for event in drain():
-                on_event(event)
+        reason = run(
+            source,
+            on_event,
+            interval_s=interval_s,
+            duration_s=duration_s,
+            on_tick=on_tick if reader is not None else None,
+            flag=flag,
+        )
+
         counters = dict(source.counters())
         if reader is not None:
             # The last, partial interval, so that nothing counted goes unreported.

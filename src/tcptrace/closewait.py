@@ -115,12 +115,9 @@ def run_closewait(
                 flag=StopFlag(),
                 watch_pid=flt.pid if source.live else None,
             )
-        except KeyboardInterrupt:
-            reason = "SIGINT"
         finally:
             if live_view is not None:
                 live_view.stop()
-        drain_into(source, tracker.feed)
         look_up_pre_fin()
         # (skipped_transitions: runs of the transition hooks the kernel skipped, for any
         # socket of the host: an upper bound on transitions of ours not seen)

@@ -204,15 +204,9 @@ def run_top(
                     on_tick=on_tick,
                     flag=flag,
                 )
-            except KeyboardInterrupt:
-                reason = "SIGINT"
             finally:
                 if live_view is not None:
                     live_view.stop()
-        drain = getattr(source, "drain", None)
-        if drain is not None:
-            for event in drain():
-                overview.feed(event)
         feeds.tick(overview, source.now_ns())
     if not show_live:
         console.print(view.render(overview, state, keys=False))
@@ -276,21 +270,15 @@ def run_diagnose(
         def on_tick(now_ns: int) -> None:
             feeds.tick(overview, now_ns)
 
-        try:
-            reason = run(
-                source,
-                overview.feed,
-                interval_s=interval_s,
-                duration_s=duration_s if source.live else None,
-                on_tick=on_tick,
-                flag=StopFlag(),
-            )
-        except KeyboardInterrupt:
-            reason = "SIGINT"
-        drain = getattr(source, "drain", None)
-        if drain is not None:
-            for event in drain():
-                overview.feed(event)
+        reason = run(
+            source,
+            overview.feed,
+            interval_s=interval_s,
+            duration_s=duration_s if source.live else None,
+            on_tick=on_tick,
+            flag=StopFlag(),
+        )
+
         now = source.now_ns()
         if now > (overview.timewait.last_ns or 0):
             feeds.tick(overview, now)

@@ -58,7 +58,12 @@ def run(
     flag: StopFlag | None = None,
     watch_pid: int | None = None,
 ) -> str:
-    """Run until stopped; returns why ("duration", "end", "SIGINT", "SIGTERM", "pid exited")."""
+    """Run until stopped; returns why ("duration", "end", "SIGINT", "SIGTERM", "pid exited").
+
+    A live source is drained at the end: what the kernel had already sent is handled too,
+    so a summary counts it. Ctrl-C arriving before the handlers are in place is a stop
+    like any other.
+    """
     flag = flag or StopFlag()
     pid_gone_at: int | None = None
     interval_ns = max(1, int(interval_s * NS))
@@ -75,7 +80,8 @@ def run(
                 on_tick(next_tick)
             next_tick += interval_ns
 
-    with stop_on_signals(flag):
+    def loop() -> None:
+        nonlocal start_ns, next_tick, deadline, pid_gone_at
         while flag.reason is None:
             timeout = 0.1
             if source.live and deadline is not None:
@@ -104,4 +110,14 @@ def run(
                     flag.set("pid exited")
             if source.exhausted:
                 flag.set("end")
+
+    with stop_on_signals(flag):
+        try:
+            loop()
+        except KeyboardInterrupt:
+            flag.set("SIGINT")
+        drain = getattr(source, "drain", None)
+        if drain is not None:
+            for event in drain():
+                on_event(event)
     return flag.reason or "end"

@@ -179,15 +179,9 @@ def run_timewait(
                 on_tick=on_tick,
                 flag=StopFlag(),
             )
-        except KeyboardInterrupt:
-            reason = "SIGINT"
         finally:
             if live_view is not None:
                 live_view.stop()
-        drain = getattr(source, "drain", None)
-        if drain is not None:
-            for event in drain():
-                on_event(event)
         now_ns = source.now_ns()
         if model.last_ns is not None and now_ns > model.last_ns:
             on_tick(now_ns)  # the last, partial interval: totals then include everything

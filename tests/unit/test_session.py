@@ -130,3 +130,23 @@ def test_live_run_stops_after_the_watched_pid_exits() -> None:
     assert reason == "pid exited"
     # events up to the grace period after the exit was noticed are still handled
     assert seen == [0.1, 0.9]
+
+
+def test_a_live_run_handles_what_is_left_in_the_buffer_at_the_end() -> None:
+    """Events the kernel already sent when the run stops are drained and handled."""
+    src = FakeLive([ev(0.1)])
+    left = [ev(0.95), ev(0.97)]
+    src.drain = lambda: left  # type: ignore[attr-defined]
+    seen: list[float] = []
+    assert run(src, lambda e: seen.append(e.ts_ns / NS), duration_s=0.5) == "duration"
+    assert seen == [0.1, 0.95, 0.97]
+
+
+def test_keyboard_interrupt_is_a_stop() -> None:
+    src = FakeLive([])
+
+    def poll(timeout_s: float) -> list[SocketEvent]:
+        raise KeyboardInterrupt
+
+    src.poll = poll  # type: ignore[method-assign]
+    assert run(src, lambda e: None) == "SIGINT"
