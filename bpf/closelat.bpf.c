@@ -123,7 +123,7 @@ static __always_inline int tt_cl_describe(struct tt_cl_call *c, __u64 sk, __u32 
     __u16 dport_be = 0;
     __u8 state = 0;
 
-    bpf_probe_read_kernel(&c->family, sizeof(c->family), p + TT_SK_FAMILY_OFF);
+    bpf_probe_read_kernel(&c->family, sizeof(c->family), p + TT_SKC_FAMILY_OFF);
     bpf_probe_read_kernel(&c->sport, sizeof(c->sport), p + TT_SKC_NUM_OFF);
     bpf_probe_read_kernel(&dport_be, sizeof(dport_be), p + TT_SKC_DPORT_OFF);
     c->dport = (dport_be >> 8) | ((dport_be & 0xff) << 8);
@@ -133,13 +133,7 @@ static __always_inline int tt_cl_describe(struct tt_cl_call *c, __u64 sk, __u32 
     c->state = state;
     c->sk = sk;
     c->sk_flags = tt_sk_flags(p);
-    if (c->family == TT_AF_INET6) {
-        bpf_probe_read_kernel(c->saddr, 16, p + TT_SKC_V6_RCV_SADDR_OFF);
-        bpf_probe_read_kernel(c->daddr, 16, p + TT_SKC_V6_DADDR_OFF);
-    } else {
-        bpf_probe_read_kernel(c->saddr, 4, p + TT_SKC_RCV_SADDR_OFF);
-        bpf_probe_read_kernel(c->daddr, 4, p + TT_SKC_DADDR_OFF);
-    }
+    tt_read_addrs(p, c->family, c->saddr, c->daddr);
     struct tt_sock *s = socks.lookup(&sk);
     if (s && s->state == state && s->since_ns)
         c->in_state_ns = bpf_ktime_get_ns() - s->since_ns;

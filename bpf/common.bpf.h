@@ -158,6 +158,22 @@ static __always_inline __u64 tt_sk_flags(const void *sk)
     return flags;
 }
 
+#ifdef TT_SKC_DADDR_OFF
+/* A socket's local and remote addresses (IPv4 in the first 4 bytes), as the
+ * tracepoint sock:inet_sock_set_state stores them; the offsets are sock_common's
+ * (kernel/loader.py sock_defines), so this reads timewait sockets too. */
+static __always_inline void tt_read_addrs(const char *sk, __u16 family, __u8 *saddr, __u8 *daddr)
+{
+    if (family == TT_AF_INET6) {
+        bpf_probe_read_kernel(saddr, 16, sk + TT_SKC_V6_RCV_SADDR_OFF);
+        bpf_probe_read_kernel(daddr, 16, sk + TT_SKC_V6_DADDR_OFF);
+    } else {
+        bpf_probe_read_kernel(saddr, 4, sk + TT_SKC_RCV_SADDR_OFF);
+        bpf_probe_read_kernel(daddr, 4, sk + TT_SKC_DADDR_OFF);
+    }
+}
+#endif
+
 #ifdef TT_FD_WALK
 /* The struct sock * behind file descriptor `fd` of the current task when it is an
  * IPv4/IPv6 TCP stream socket, else 0: current->files->fdt->fd[fd] is a socket
@@ -203,7 +219,7 @@ static __always_inline __u64 tt_fd_to_tcp_sock(int fd)
         return 0;
     bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + TT_SK_PROTOCOL_OFF);
     bpf_probe_read_kernel(&type, sizeof(type), sk + TT_SK_TYPE_OFF);
-    bpf_probe_read_kernel(&family, sizeof(family), sk + TT_SK_FAMILY_OFF);
+    bpf_probe_read_kernel(&family, sizeof(family), sk + TT_SKC_FAMILY_OFF);
     if (protocol != TT_IPPROTO_TCP || type != 1 /* SOCK_STREAM */
         || (family != TT_AF_INET && family != TT_AF_INET6))
         return 0;

@@ -48,13 +48,7 @@ static __always_inline void tt_lc_read(const char *sk, struct tt_lc_fields *f)
     bpf_probe_read_kernel(&dport, sizeof(dport), sk + TT_SKC_DPORT_OFF);
     f->sport = __builtin_bswap16(sport);
     f->dport = __builtin_bswap16(dport);
-    if (f->family == TT_AF_INET6) {
-        bpf_probe_read_kernel(f->saddr, 16, sk + TT_SKC_V6_RCV_SADDR_OFF);
-        bpf_probe_read_kernel(f->daddr, 16, sk + TT_SKC_V6_DADDR_OFF);
-    } else {
-        bpf_probe_read_kernel(f->saddr, 4, sk + TT_SKC_RCV_SADDR_OFF);
-        bpf_probe_read_kernel(f->daddr, 4, sk + TT_SKC_DADDR_OFF);
-    }
+    tt_read_addrs(sk, f->family, f->saddr, f->daddr);
 }
 
 static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, const char *skp, int o, int n,

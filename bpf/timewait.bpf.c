@@ -178,13 +178,7 @@ static __always_inline void tt_tw_read_tuple(const char *skc, struct tt_tw_tuple
         bpf_probe_read_kernel(&sport, sizeof(sport), skc + TT_INET_SPORT_OFF);
         t->sport = __builtin_bswap16(sport);
     }
-    if (family == TT_AF_INET6) {
-        bpf_probe_read_kernel(t->saddr, 16, skc + TT_SKC_V6_RCV_SADDR_OFF);
-        bpf_probe_read_kernel(t->daddr, 16, skc + TT_SKC_V6_DADDR_OFF);
-    } else {
-        bpf_probe_read_kernel(t->saddr, 4, skc + TT_SKC_RCV_SADDR_OFF);
-        bpf_probe_read_kernel(t->daddr, 4, skc + TT_SKC_DADDR_OFF);
-    }
+    tt_read_addrs(skc, family, t->saddr, t->daddr);
 }
 
 static __always_inline __u8 tt_tw_substate(const char *tw)

@@ -167,8 +167,10 @@ def sock_defines(btf: Btf) -> dict[str, int]:
     family, protocol, ports and addresses, for programs on the raw tracepoint."""
     return {
         "TT_SKC_FAMILY_OFF": btf.member_offset("sock_common", "skc_family"),
+        "TT_SKC_STATE_OFF": btf.member_offset("sock_common", "skc_state"),
         "TT_SK_PROTOCOL_OFF": btf.member_offset("sock", "sk_protocol"),
         "TT_INET_SPORT_OFF": btf.member_offset("inet_sock", "inet_sport"),
+        "TT_SKC_NUM_OFF": btf.member_offset("sock_common", "skc_num"),
         "TT_SKC_DPORT_OFF": btf.member_offset("sock_common", "skc_dport"),
         "TT_SKC_RCV_SADDR_OFF": btf.member_offset("sock_common", "skc_rcv_saddr"),
         "TT_SKC_DADDR_OFF": btf.member_offset("sock_common", "skc_daddr"),
@@ -219,22 +221,13 @@ def timewait_defines(btf: Btf) -> dict[str, int]:
 
     Its programs are raw tracepoints (the list in TIMEWAIT is checked all the same)."""
     return {
-        "TT_SKC_FAMILY_OFF": btf.member_offset("sock_common", "skc_family"),
-        "TT_SKC_STATE_OFF": btf.member_offset("sock_common", "skc_state"),
-        "TT_SKC_NUM_OFF": btf.member_offset("sock_common", "skc_num"),
-        "TT_SKC_DPORT_OFF": btf.member_offset("sock_common", "skc_dport"),
-        "TT_SKC_DADDR_OFF": btf.member_offset("sock_common", "skc_daddr"),
-        "TT_SKC_RCV_SADDR_OFF": btf.member_offset("sock_common", "skc_rcv_saddr"),
-        "TT_SKC_V6_DADDR_OFF": btf.member_offset("sock_common", "skc_v6_daddr"),
-        "TT_SKC_V6_RCV_SADDR_OFF": btf.member_offset("sock_common", "skc_v6_rcv_saddr"),
+        **sock_defines(btf),
         "TT_TW_SND_NXT_OFF": btf.member_offset("sock_common", "skc_tw_snd_nxt"),
         "TT_TW_SUBSTATE_OFF": btf.member_offset("inet_timewait_sock", "tw_substate"),
         "TT_TW_TIMER_OFF": btf.member_offset("inet_timewait_sock", "tw_timer"),
         "TT_TIMER_FUNCTION_OFF": btf.member_offset("timer_list", "function"),
         "TT_TCP_SND_NXT_OFF": btf.member_offset("tcp_sock", "snd_nxt"),
-        "TT_INET_SPORT_OFF": btf.member_offset("inet_sock", "inet_sport"),
         "TT_TW_TIMER_FN": kallsyms_address("tw_timer_handler"),
-        "TT_SK_PROTOCOL_OFF": btf.member_offset("sock", "sk_protocol"),
     }
 
 
@@ -292,17 +285,9 @@ def fd_walk_defines(btf: Btf) -> dict[str, int]:
         "TT_INODE_I_MODE_OFF": btf.member_offset("inode", "i_mode"),
         "TT_FILE_PRIVATE_DATA_OFF": btf.member_offset("file", "private_data"),
         "TT_SOCKET_SK_OFF": btf.member_offset("socket", "sk"),
-        "TT_SK_PROTOCOL_OFF": btf.member_offset("sock", "sk_protocol"),
         "TT_SK_TYPE_OFF": btf.member_offset("sock", "sk_type"),
-        "TT_SK_FAMILY_OFF": btf.member_offset("sock", "__sk_common.skc_family"),
-        # What a program may then read of the socket it found (closelat.bpf.c).
-        "TT_SKC_STATE_OFF": btf.member_offset("sock", "__sk_common.skc_state"),
-        "TT_SKC_NUM_OFF": btf.member_offset("sock", "__sk_common.skc_num"),
-        "TT_SKC_DPORT_OFF": btf.member_offset("sock", "__sk_common.skc_dport"),
-        "TT_SKC_RCV_SADDR_OFF": btf.member_offset("sock", "__sk_common.skc_rcv_saddr"),
-        "TT_SKC_DADDR_OFF": btf.member_offset("sock", "__sk_common.skc_daddr"),
-        "TT_SKC_V6_RCV_SADDR_OFF": btf.member_offset("sock", "__sk_common.skc_v6_rcv_saddr"),
-        "TT_SKC_V6_DADDR_OFF": btf.member_offset("sock", "__sk_common.skc_v6_daddr"),
+        # and what a program may then read of the socket it found (closelat.bpf.c)
+        **sock_defines(btf),
     }
 
 
