@@ -502,6 +502,8 @@ class Bench:
         run.summary = scalar_fields(summary)
         if "lost" in summary:
             run.lost_reported = int(summary["lost"])
+        if summary.get("skipped_transitions") is not None:
+            run.skipped_reported = int(summary["skipped_transitions"])
         if summary.get("kernel_transitions") is not None:
             run.kernel_transitions = int(summary["kernel_transitions"])
         if tracer.name == "states":

@@ -26,6 +26,7 @@ from bench.report import (
     parse_vm_hwm_kb,
     render_markdown,
     scenario_table,
+    skipped_cell,
     splice,
     startup_table,
     throughput_ratio,
@@ -292,4 +293,10 @@ def test_kernel_skipped_transitions_are_unreported_losses_even_when_totals_hide_
     )
     (v,) = [v for v in evaluate_targets([r], ["states"]) if v.target == "states reports every loss"]
     assert v.met is False
-    assert "3 transitions skipped by the kernel (recursion_misses), not in tcptrace's lost" in v.detail
+    assert (
+        "3 transitions skipped by the kernel (recursion_misses), 0 of them in tcptrace's summary" in v.detail
+    )
+    reported = Run.from_json({**r.to_json(), "skipped_reported": 3})
+    (ok,) = [v for v in evaluate_targets([reported], ["states"]) if v.target == "states reports every loss"]
+    assert ok.met is True
+    assert skipped_cell(reported) == "3 (reported)" and skipped_cell(r) == "3"
