@@ -362,7 +362,11 @@ def evaluate_targets(runs: Sequence[Run], commands: Sequence[str]) -> list[Verdi
     missing_cmds = [c for c in EXACT_COMMANDS if c not in commands]
     if missing_cmds:
         verdicts.append(
-            Verdict(f"{', '.join(missing_cmds)} lose nothing", None, "command not present: not measured")
+            Verdict(
+                f"{', '.join(missing_cmds)} lose nothing",
+                None,
+                "not measured (command absent or not selected)",
+            )
         )
 
     states = [r for r in runs if r.tracer == "states" and r.error is None]
