@@ -9,9 +9,8 @@ from __future__ import annotations
 import time
 
 from tcptrace.model.diagnosis import HostSnapshot, HostSocket
-from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
-from tcptrace.system.procfd import holders
+from tcptrace.system.procfd import holders, matching_holder
 from tcptrace.system.procnet import read_sockets
 
 
@@ -29,26 +28,7 @@ def take(flt: EventFilter | None = None, owners: bool = True) -> HostSnapshot:
     held = holders(s.inode for s in socks if s.inode) if owners else {}
     out = []
     for s in socks:
-        hs = held.get(s.inode, []) if s.inode else []
-        # A socket several processes hold (fork, fd passing): the first holder (lowest pid)
-        # that passes the filter.
-        candidates: list[tuple[int | None, str | None]] = [(h.pid, h.comm[:15]) for h in hs] or [(None, None)]
-        chosen = None
-        for pid, comm in candidates:
-            probe = SocketEvent(
-                ts_ns=0,
-                skaddr=0,
-                family=s.family,
-                saddr=s.saddr,
-                sport=s.sport,
-                daddr=s.daddr,
-                dport=s.dport,
-                pid=pid,
-                comm=comm,
-            )
-            if flt.matches(probe):
-                chosen = (pid, comm)
-                break
+        chosen = matching_holder(s, held.get(s.inode, []) if s.inode else [], flt)
         if chosen is None:
             continue
         out.append(HostSocket(s.family, s.saddr, s.sport, s.daddr, s.dport, s.state, s.inode, *chosen))

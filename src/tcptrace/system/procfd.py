@@ -111,18 +111,10 @@ def closewait_snapshot(
     owners = holders(s.inode for s in socks if s.inode)
     out: list[Preexisting] = []
     for s in socks:
-        candidates = owners.get(s.inode, []) if s.inode else []
-        chosen: Holder | None = None
-        for h in candidates:
-            if _as_event(s, h.pid, h.comm, flt) is not None:
-                chosen = h
-                break
-        if chosen is None and candidates:
-            chosen = candidates[0]
-        pid = chosen.pid if chosen else None
-        comm = chosen.comm[:15] if chosen else None
-        if _as_event(s, pid, comm, flt) is None:
+        chosen = matching_holder(s, owners.get(s.inode, []) if s.inode else [], flt)
+        if chosen is None:
             continue
+        pid, comm = chosen
         out.append(
             Preexisting(
                 family=s.family,
@@ -137,6 +129,21 @@ def closewait_snapshot(
             )
         )
     return out
+
+
+def matching_holder(
+    s: ProcSocket, candidates: list[Holder], flt: EventFilter
+) -> tuple[int | None, str | None] | None:
+    """(pid, comm) of the first process holding ``s`` that passes ``flt`` (several hold a
+    socket after fork or fd passing); (None, None) for a socket no process holds, when the
+    filter lets an unknown owner pass; None when the socket is filtered out."""
+    options: list[tuple[int | None, str | None]] = [(h.pid, h.comm[:15]) for h in candidates] or [
+        (None, None)
+    ]
+    for pid, comm in options:
+        if _as_event(s, pid, comm, flt) is not None:
+            return pid, comm
+    return None
 
 
 def _as_event(s: ProcSocket, pid: int | None, comm: str | None, flt: EventFilter) -> SocketEvent | None:
