@@ -157,3 +157,35 @@ def test_exception_in_the_consumer_still_detaches(port: int) -> None:
             assert ours
             raise RuntimeError("boom")
     assert wait_for(lambda: not (bpf_prog_ids() & ours), timeout=5)
+
+
+def test_different_commands_at_once(port: int, tcptrace_cmd: list[str]) -> None:
+    """states and closewait (both on the lifecycle part, with maps of their own) side by side."""
+    states = start_states(tcptrace_cmd, "--port", str(port))
+    closewait = subprocess.Popen(
+        [*tcptrace_cmd, "closewait", "--json", "--port", str(port), "--threshold", "100ms", "--recheck", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert closewait.stdout is not None
+    assert json.loads(closewait.stdout.readline())["type"] == "header"
+    # a connection whose server never closes: one socket left in CLOSE_WAIT
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(4)
+    client = socket.create_connection(("127.0.0.1", port))
+    server, _ = listener.accept()
+    client.close()
+    time.sleep(0.5)
+    closewait.send_signal(signal.SIGTERM)
+    out, err = closewait.communicate(timeout=60)
+    assert closewait.returncode == 0, err
+    summary = json.loads(out.splitlines()[-1])
+    assert [s["sport"] for s in summary["sockets"]] == [port]
+    assert summary["groups"][0]["pid"] == os.getpid()
+    events = [o for o in finish(states) if o["type"] == "transition"]
+    assert ("ESTABLISHED", "CLOSE_WAIT") in {(o["old"], o["new"]) for o in events if o["sport"] == port}
+    server.close()
+    listener.close()
