@@ -418,19 +418,30 @@ static __always_inline void tt_tw_settle(void *ctx, __u64 twaddr, __u32 snd_nxt)
     tws.delete(&prev);
 }
 
-/* timer_start(timer, bucket_expiry): a new tw is announced; a known one re-armed. */
-RAW_TRACEPOINT_PROBE(timer_start)
+/* What every tw timer event starts with: whether `timer` is a tw's (else 0),
+ * which tw and which incarnation of it (snd_nxt), and the settling of this CPU's
+ * pending cancel (see tw_cancelled). */
+static __always_inline const char *tt_tw_timer_event(void *ctx, const char *timer, __u32 *snd_nxt)
 {
-    const char *timer = (const char *)ctx->args[0];
     __u64 fn = 0;
     bpf_probe_read_kernel(&fn, sizeof(fn), timer + TT_TIMER_FUNCTION_OFF);
     if (fn != TT_TW_TIMER_FN)
         return 0;
     const char *tw = timer - TT_TW_TIMER_OFF;
+    *snd_nxt = tt_tw_snd_nxt(tw);
+    tt_tw_settle(ctx, (__u64)tw, *snd_nxt);
+    return tw;
+}
+
+/* timer_start(timer, bucket_expiry): a new tw is announced; a known one re-armed. */
+RAW_TRACEPOINT_PROBE(timer_start)
+{
+    __u32 snd_nxt = 0;
+    const char *tw = tt_tw_timer_event(ctx, (const char *)ctx->args[0], &snd_nxt);
+    if (!tw)
+        return 0;
     __u64 twaddr = (__u64)tw;
     __u8 sub = tt_tw_substate(tw);
-    __u32 snd_nxt = tt_tw_snd_nxt(tw);
-    tt_tw_settle(ctx, twaddr, snd_nxt);
 
     struct tt_tw *w = tws.lookup(&twaddr);
     if (w && w->snd_nxt == snd_nxt) {
@@ -451,15 +462,11 @@ RAW_TRACEPOINT_PROBE(timer_start)
 /* timer_cancel(timer): a re-arm, the expiry (timer_expire_entry follows), or a kill. */
 RAW_TRACEPOINT_PROBE(timer_cancel)
 {
-    const char *timer = (const char *)ctx->args[0];
-    __u64 fn = 0;
-    bpf_probe_read_kernel(&fn, sizeof(fn), timer + TT_TIMER_FUNCTION_OFF);
-    if (fn != TT_TW_TIMER_FN)
+    __u32 snd_nxt = 0;
+    const char *tw = tt_tw_timer_event(ctx, (const char *)ctx->args[0], &snd_nxt);
+    if (!tw)
         return 0;
-    const char *tw = timer - TT_TW_TIMER_OFF;
     __u64 twaddr = (__u64)tw;
-    __u32 snd_nxt = tt_tw_snd_nxt(tw);
-    tt_tw_settle(ctx, twaddr, snd_nxt);
     struct tt_tw *w = tws.lookup(&twaddr);
     if (!w || w->snd_nxt != snd_nxt)
         return 0;
@@ -488,14 +495,11 @@ RAW_TRACEPOINT_PROBE(timer_cancel)
 /* timer_expire_entry(timer, baseclk): a tw's time is up. */
 RAW_TRACEPOINT_PROBE(timer_expire_entry)
 {
-    const char *timer = (const char *)ctx->args[0];
-    __u64 fn = 0;
-    bpf_probe_read_kernel(&fn, sizeof(fn), timer + TT_TIMER_FUNCTION_OFF);
-    if (fn != TT_TW_TIMER_FN)
+    __u32 snd_nxt = 0;
+    const char *tw = tt_tw_timer_event(ctx, (const char *)ctx->args[0], &snd_nxt);
+    if (!tw)
         return 0;
-    __u64 twaddr = (__u64)timer - TT_TW_TIMER_OFF;
-    __u32 snd_nxt = tt_tw_snd_nxt((const char *)twaddr);
-    tt_tw_settle(ctx, twaddr, snd_nxt);
+    __u64 twaddr = (__u64)tw;
     struct tt_tw *w = tws.lookup(&twaddr);
     if (!w || w->snd_nxt != snd_nxt)
         return 0;
