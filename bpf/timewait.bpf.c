@@ -86,6 +86,23 @@ struct tt_tw {
     struct tt_tw_tuple t;
 };
 
+/* The TIME_WAIT tw whose timer was cancelled last on this CPU, until the next tw
+ * timer event there says why: a re-arm (timer_start of the same tw) and an
+ * expiry (timer_expire_entry) follow the cancel at once, inside the same timer
+ * code with the base locked; anything else means it was killed early.
+ * It holds a copy of the tw's record: a killed tw is freed at once, and under
+ * tcp_tw_reuse its memory often holds the next tw of the same port (a new entry
+ * in `tws` at the same address) within a millisecond, before the kill is
+ * settled; the copy still says whose it was and how old. */
+struct tt_tw_cancel {
+    __u64 tw;
+    __u64 ts_ns;
+    __u32 valid;
+    __u32 pad;
+    struct tt_tw w;
+};
+BPF_PERCPU_ARRAY(tw_cancelled, struct tt_tw_cancel, 1);
+
 /* Port-exhaustion key: one local port per (local ip, remote ip, remote port). */
 struct tt_tw_dest {
     __u8 laddr[16];
@@ -117,17 +134,6 @@ BPF_TABLE("lru_hash", __u64, struct tt_tw_owner, tw_owners, TT_MAX_SOCKS);
  * deleted at LISTEN->CLOSE. */
 BPF_HASH(tw_listeners, __u32, struct tt_tw_owner, TT_MAX_LISTENERS);
 
-/* The TIME_WAIT tw whose timer was cancelled last on this CPU, until the next tw
- * timer event there says why: a re-arm (timer_start of the same tw) and an
- * expiry (timer_expire_entry) follow the cancel at once, inside the same timer
- * code with the base locked; anything else means it was killed early. */
-struct tt_tw_cancel {
-    __u64 tw;
-    __u64 ts_ns;
-    __u32 snd_nxt;
-    __u32 valid;
-};
-BPF_PERCPU_ARRAY(tw_cancelled, struct tt_tw_cancel, 1);
 
 /* Exact per-CPU counters (TT_TW_STAT_*), summed by the user side. */
 BPF_PERCPU_ARRAY(tw_stats, __u64, TT_TW_STAT_MAX);
@@ -407,15 +413,15 @@ static __always_inline void tt_tw_settle(void *ctx, __u64 twaddr, __u32 snd_nxt)
     if (!c || !c->valid)
         return;
     c->valid = 0;
-    if (c->tw == twaddr && c->snd_nxt == snd_nxt)
+    if (c->tw == twaddr && c->w.snd_nxt == snd_nxt)
         return; /* its re-arm or expiry */
     __u64 prev = c->tw;
-    struct tt_tw *w = tws.lookup(&prev);
-    if (!w || w->snd_nxt != c->snd_nxt)
-        return;
     tt_tw_stat(TT_TW_STAT_KILLED);
-    tt_tw_emit(ctx, TT_TW_KILLED, prev, w, TT_TCP_TIME_WAIT, c->ts_ns - w->created_ns, 0);
-    tws.delete(&prev);
+    tt_tw_emit(ctx, TT_TW_KILLED, prev, &c->w, TT_TCP_TIME_WAIT, c->ts_ns - c->w.created_ns, 0);
+    /* Unless a new tw at that address has replaced it there already. */
+    struct tt_tw *w = tws.lookup(&prev);
+    if (w && w->snd_nxt == c->w.snd_nxt)
+        tws.delete(&prev);
 }
 
 /* What every tw timer event starts with: whether `timer` is a tw's (else 0),
@@ -478,8 +484,8 @@ RAW_TRACEPOINT_PROBE(timer_cancel)
         struct tt_tw_cancel *c = tw_cancelled.lookup(&zero);
         if (c) {
             c->tw = twaddr;
-            c->snd_nxt = snd_nxt;
             c->ts_ns = bpf_ktime_get_ns();
+            c->w = *w;
             c->valid = 1;
         }
         return 0;
