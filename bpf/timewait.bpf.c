@@ -77,11 +77,11 @@ struct tt_tw_pending {
 /* A tw socket we saw being created (and so count). */
 struct tt_tw {
     __u64 created_ns;
+    __u64 counted;      /* counted as a TIME_WAIT creation; set by compare-and-swap only */
     __u32 snd_nxt;      /* identity: a re-armed tw keeps it, a new tw at this address has another */
     __u32 owner_tgid;
     __u8 substate;      /* at creation */
-    __u8 counted;       /* counted as a TIME_WAIT creation */
-    __u8 pad[6];
+    __u8 pad[7];
     char owner_comm[TT_COMM_LEN];
     struct tt_tw_tuple t;
 };
@@ -263,12 +263,14 @@ static __always_inline void tt_tw_count(const struct tt_tw *w)
         tt_tw_stat(TT_TW_STAT_MAP_FAIL);
 }
 
-/* A parked tw is seen in TIME_WAIT: count it once. `how`: TT_TW_HOW_*. */
+/* A parked tw is seen in TIME_WAIT: count it once. `how`: TT_TW_HOW_*. Two CPUs can
+ * see it at once (the FIN's kfree_skb on one, the check after the insert in
+ * tt_tw_confirm on the other: seen, 1 in ~10,000 under churn), so the first to
+ * swap `counted` from 0 counts it. */
 static __always_inline void tt_tw_converted(void *ctx, __u64 tw, struct tt_tw *w, __s32 how)
 {
-    if (w->counted)
+    if (w->counted || __sync_val_compare_and_swap(&w->counted, 0, 1) != 0)
         return;
-    w->counted = 1;
     tt_tw_stat(how == TT_TW_HOW_FIN ? TT_TW_STAT_CONVERTED_FIN : TT_TW_STAT_CONVERTED_TIMER);
     tt_tw_count(w);
     __u64 now = bpf_ktime_get_ns();
