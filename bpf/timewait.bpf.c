@@ -40,8 +40,11 @@
  * kernel whenever any other BPF program is running on that CPU (the global
  * bpf_prog_active guard), e.g. when a softirq delivering a FIN interrupts one;
  * on a busy host that lost ~0.2% of creations (bpftool: recursion_misses). A
- * raw tracepoint program is only skipped when it interrupts itself, which these
- * cannot. Raw programs also leave the classic tracepoints to other parts.
+ * raw tracepoint program is only skipped when it would nest in itself: the timer
+ * hooks cannot (the timer code runs them with interrupts off, or in softirq for
+ * the expiry), and inet_sock_set_state's work is split so that no transition
+ * depends on one program alone (see below). Raw programs also leave the classic
+ * tracepoints to other parts.
  *
  * Offsets (TT_SKC_*, TT_TW_*, TT_TIMER_FUNCTION_OFF, TT_TCP_SND_NXT_OFF,
  * TT_INET_SPORT_OFF, TT_SK_PROTOCOL_OFF) come from BTF and TT_TW_TIMER_FN from
@@ -341,20 +344,29 @@ static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_t
     }
 }
 
-/* inet_sock_set_state(sk, oldstate, newstate), in two programs. A raw tracepoint
- * program is skipped when it interrupts itself on a CPU: an interrupt arriving
- * while it runs in process context (close(), connect()) whose softirq then
- * replaces a socket by a tw. So the process-context work (owners) and the
- * softirq-critical work (the CLOSE of a replaced socket) are separate programs,
- * each returning at once on the other's transitions: the second one is almost
- * never running when a softirq needs it. */
+/* inet_sock_set_state(sk, oldstate, newstate), in three programs. A raw
+ * tracepoint program is skipped when it would nest in itself on a CPU, and each
+ * program here runs (returning at once if it has nothing to do) for every state
+ * change of the host: an interrupt arriving while one runs in process context
+ * (close(), connect()), whose softirq then replaces a socket by a tw, finds it
+ * busy. Seen under scripts/soak: 2 to 128 skipped runs a minute of a single
+ * X->CLOSE program, and each skipped CLOSE of a replaced socket was a creation
+ * never counted (up to 5 a minute).
+ *  - raw_tracepoint__inet_sock_set_state: the transitions a process makes itself
+ *    (owners, listeners). It misses none: those never nest in one another.
+ *  - tt_tw_other and tt_tw_other_backup, two copies attached by the loader: what
+ *    happens in softirq too (a child inherits its listener's owner; X->CLOSE
+ *    confirms a tw). A change arriving while one copy is busy is handled by the
+ *    other. When both run, the backup finds the work done (the first confirm
+ *    consumed the announcement) and never overwrites what the first wrote. The
+ *    loader reports min(skips of the two) as the bound on what was lost. */
 
-/* Owners: learned where the process acts; children inherit the listener's. */
+/* Owners: learned where the process acts; a listener's dropped when it closes. */
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
     int o = (int)ctx->args[1], n = (int)ctx->args[2];
     int proc = tt_tw_process_transition(o, n);
-    if (!proc && n != TT_TCP_SYN_RECV && !(o == TT_TCP_LISTEN && n == TT_TCP_CLOSE))
+    if (!proc && !(o == TT_TCP_LISTEN && n == TT_TCP_CLOSE))
         return 0;
     const char *skp = (const char *)ctx->args[0];
     __u16 protocol = 0, family = 0, sport = 0;
@@ -366,29 +378,27 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     bpf_probe_read_kernel(&sport, sizeof(sport), skp + TT_INET_SPORT_OFF);
     __u32 lkey = ((__u32)family << 16) | __builtin_bswap16(sport);
 
-    if (proc) {
-        struct tt_tw_owner me = {.tgid = bpf_get_current_pid_tgid() >> 32};
-        bpf_get_current_comm(&me.comm, sizeof(me.comm));
-        if (tw_owners.update(&sk, &me))
-            tt_tw_stat(TT_TW_STAT_MAP_FAIL);
-        if (n == TT_TCP_LISTEN && tw_listeners.update(&lkey, &me))
-            tt_tw_stat(TT_TW_STAT_MAP_FAIL);
-    } else if (n == TT_TCP_SYN_RECV) {
-        struct tt_tw_owner *l = tw_listeners.lookup(&lkey);
-        if (l && tw_owners.update(&sk, l))
-            tt_tw_stat(TT_TW_STAT_MAP_FAIL);
-    } else {
+    if (!proc) {
         tw_listeners.delete(&lkey); /* LISTEN -> CLOSE */
+        return 0;
     }
+    struct tt_tw_owner me = {.tgid = bpf_get_current_pid_tgid() >> 32};
+    bpf_get_current_comm(&me.comm, sizeof(me.comm));
+    if (tw_owners.update(&sk, &me))
+        tt_tw_stat(TT_TW_STAT_MAP_FAIL);
+    if (n == TT_TCP_LISTEN && tw_listeners.update(&lkey, &me))
+        tt_tw_stat(TT_TW_STAT_MAP_FAIL);
     return 0;
 }
 
-/* X -> CLOSE: the socket's owner moves to tw_closed (an abortive close() sends
- * its RST after this), and a tw announced for it is confirmed. Attached by the
- * loader (Part.raw_attach). */
-int tt_tw_on_close(struct bpf_raw_tracepoint_args *ctx)
+/* LISTEN -> SYN_RECV: the child inherits the listener's owner. X -> CLOSE: the
+ * socket's owner moves to tw_closed (an abortive close() sends its RST after
+ * this), and a tw announced for it is confirmed. `backup`: the second copy, which
+ * only reads what the first one may have written. */
+static __always_inline int tt_tw_other(struct bpf_raw_tracepoint_args *ctx, int backup)
 {
-    if ((int)ctx->args[2] != TT_TCP_CLOSE)
+    int n = (int)ctx->args[2];
+    if (n != TT_TCP_CLOSE && n != TT_TCP_SYN_RECV)
         return 0;
     const char *skp = (const char *)ctx->args[0];
     __u16 protocol = 0;
@@ -396,15 +406,41 @@ int tt_tw_on_close(struct bpf_raw_tracepoint_args *ctx)
     if (protocol != TT_IPPROTO_TCP)
         return 0;
     __u64 sk = (__u64)skp;
+    if (n == TT_TCP_SYN_RECV) {
+        __u16 family = 0, sport = 0;
+        bpf_probe_read_kernel(&family, sizeof(family), skp + TT_SKC_FAMILY_OFF);
+        bpf_probe_read_kernel(&sport, sizeof(sport), skp + TT_INET_SPORT_OFF);
+        __u32 lkey = ((__u32)family << 16) | __builtin_bswap16(sport);
+        struct tt_tw_owner *l = tw_listeners.lookup(&lkey);
+        if (l && tw_owners.update(&sk, l))
+            tt_tw_stat(TT_TW_STAT_MAP_FAIL);
+        return 0;
+    }
     struct tt_tw_owner owner = {};
     struct tt_tw_owner *known = tw_owners.lookup(&sk);
     if (known) {
         owner = *known;
         tw_owners.delete(&sk);
+        tw_closed.update(&sk, &owner);
+    } else if (!backup) {
+        tw_closed.update(&sk, &owner); /* no owner: not an older socket's at this address */
+    } else {
+        struct tt_tw_owner *moved = tw_closed.lookup(&sk); /* by the first copy */
+        if (moved)
+            owner = *moved;
     }
-    tw_closed.update(&sk, &owner);
     tt_tw_confirm(ctx, sk, &owner);
     return 0;
+}
+
+int tt_tw_other_main(struct bpf_raw_tracepoint_args *ctx)
+{
+    return tt_tw_other(ctx, 0);
+}
+
+int tt_tw_other_backup(struct bpf_raw_tracepoint_args *ctx)
+{
+    return tt_tw_other(ctx, 1);
 }
 
 /* A tw timer event on this CPU: settles the cancel before it (see tw_cancelled). */

@@ -152,6 +152,11 @@ class Part:
     ``raw_attach``: (tracepoint, function) pairs the loader attaches as raw tracepoints
     after compiling: a second program on a tracepoint that already has a
     RAW_TRACEPOINT_PROBE (bcc auto-attaches one per name).
+    ``backups``: (program, backup) pairs of identical work on one tracepoint: an event
+    is lost only when both were skipped, so at most min(their skips) were.
+    ``nest_safe``: programs whose skipped runs lose nothing: they act only on what a
+    process does itself (in process context, which never nests in itself), so what a
+    nested run would have seen is an interrupt's, which they ignore.
     """
 
     file: str
@@ -160,6 +165,8 @@ class Part:
     fd_walk: bool = False
     defines: Callable[[Btf], dict[str, int]] | None = None
     raw_attach: tuple[tuple[str, str], ...] = ()
+    backups: tuple[tuple[str, str], ...] = ()
+    nest_safe: tuple[str, ...] = ()
 
 
 def sock_defines(btf: Btf) -> dict[str, int]:
@@ -186,6 +193,7 @@ LIFECYCLE = Part(
     "TCP state transitions",
     defines=sock_defines,
     raw_attach=(("inet_sock_set_state", "tt_lc_process"), ("inet_sock_set_state", "tt_lc_other")),
+    nest_safe=("tt_lc_process",),
 )
 
 OWNER = Part(
@@ -243,7 +251,12 @@ TIMEWAIT = Part(
     ),
     "TIME_WAIT creation (timewait)",
     defines=timewait_defines,
-    raw_attach=(("inet_sock_set_state", "tt_tw_on_close"),),
+    raw_attach=(
+        ("inet_sock_set_state", "tt_tw_other_main"),
+        ("inet_sock_set_state", "tt_tw_other_backup"),
+    ),
+    backups=(("tt_tw_other_main", "tt_tw_other_backup"),),
+    nest_safe=("raw_tracepoint__inet_sock_set_state",),
 )
 
 # Program parts by the name commands ask for them with (see sources.open_source).
@@ -382,10 +395,18 @@ class LoadedProgram:
         if by_program is None:
             return None
         attached = {fn: tp for part in self.parts for tp, fn in part.raw_attach}
+        harmless = {fn for part in self.parts for fn in part.nest_safe}
+        backed: dict[str, int] = {}
+        for part in self.parts:
+            for main, backup in part.backups:
+                backed[main] = min(by_program.get(main, 0), by_program.get(backup, 0))
+                backed[backup] = 0
         out: dict[str, int] = {}
         for name, n in by_program.items():
+            if name in harmless:
+                continue
             tp = attached.get(name) or _tracepoint_of(name)
-            out[tp] = out.get(tp, 0) + n
+            out[tp] = out.get(tp, 0) + backed.get(name, n)
         return out
 
     def skipped_runs_by_program(self) -> dict[str, int] | None:
