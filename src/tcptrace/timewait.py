@@ -126,6 +126,7 @@ def run_timewait(
             settings.fin_timeout,
             model.steady_total(),
             model.host.tw_now if model.host is not None else None,
+            settings.rfc1337,
         )
         return view.Context(ports or None, advice, forecasts)
 

@@ -252,6 +252,14 @@ def test_settings_are_explained_with_warnings() -> None:
     assert [a.warn for a in quiet] == [False, False]
 
 
+def test_rfc1337_says_whether_an_rst_can_end_time_wait() -> None:
+    (off,) = [a for a in explain_settings(None, None, None, None, 0.0, None, rfc1337=0)]
+    assert off.setting == "net.ipv4.tcp_rfc1337" and "ends a TIME_WAIT socket" in off.meaning
+    (on,) = explain_settings(None, None, None, None, 0.0, None, rfc1337=1)
+    assert "ignore RSTs" in on.meaning
+    assert explain_settings(None, None, None, None, 0.0, None) == []
+
+
 def test_sparkline_and_headline_render() -> None:
     assert sparkline([]) == ""
     assert sparkline([0, 0]) == "  "

@@ -513,6 +513,7 @@ def diagnose(
             settings.fin_timeout,
             tw.steady_total(),
             tw_now,
+            settings.rfc1337,
         )
     worst = max(forecasts, key=lambda f: f.utilization, default=None)
     for pid, comm, n in by_proc[:3]:

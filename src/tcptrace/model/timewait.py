@@ -292,6 +292,7 @@ def explain_settings(
     fin_timeout: int | None,
     steady_total: float,
     tw_now: int | None,
+    rfc1337: int | None = None,
 ) -> list[Advice]:
     """Each setting that governs TIME_WAIT, its value here, and what it means at this rate."""
     out = []
@@ -332,6 +333,15 @@ def explain_settings(
                 "it does not shorten TIME_WAIT (always 60 s)",
             )
         )
+    if rfc1337 is not None:
+        meaning = (
+            "TIME_WAIT sockets ignore RSTs and live their 60 s"
+            if rfc1337
+            else "an RST on its 4-tuple ends a TIME_WAIT socket at once (RFC 1337 "
+            "'TIME-WAIT assassination'; counted as ended before its 60 s, JSON ended_early), "
+            "e.g. a listener's RST answering a stale ACK"
+        )
+        out.append(Advice("net.ipv4.tcp_rfc1337", str(rfc1337), meaning))
     return out
 
 

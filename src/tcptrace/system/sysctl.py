@@ -45,6 +45,7 @@ class TcpSettings:
     max_tw_buckets: int | None = None
     fin_timeout: int | None = None
     timestamps: int | None = None
+    rfc1337: int | None = None
 
     @property
     def ports(self) -> int | None:
@@ -87,4 +88,5 @@ def read_settings(root: str = PROC_SYS) -> TcpSettings:
         max_tw_buckets=num("tcp_max_tw_buckets"),
         fin_timeout=num("tcp_fin_timeout"),
         timestamps=num("tcp_timestamps"),
+        rfc1337=num("tcp_rfc1337"),
     )
