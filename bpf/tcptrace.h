@@ -60,6 +60,7 @@
 #define TT_TW_STAT_MAP_FAIL 11      /* tw table or per-process/destination updates that failed */
 #define TT_TW_STAT_NO_OWNER 12      /* tws of a socket whose owner was never learned (unattributed) */
 #define TT_TW_STAT_KILLED 13        /* counted tws that ended before their 60 s */
+#define TT_TW_STAT_TIMER_STARTS 14  /* timer_start runs on a tw's timer (new or re-armed), any filter */
 #define TT_TW_STAT_MAX 16
 
 /* TCP states as the kernel numbers them (include/net/tcp_states.h). */

@@ -484,6 +484,7 @@ RAW_TRACEPOINT_PROBE(timer_start)
     const char *tw = tt_tw_timer_event(ctx, (const char *)ctx->args[0], &snd_nxt);
     if (!tw)
         return 0;
+    tt_tw_stat(TT_TW_STAT_TIMER_STARTS);
     __u64 twaddr = (__u64)tw;
     __u8 sub = tt_tw_substate(tw);
 

@@ -30,6 +30,7 @@ STAT_NAMES = (
     "map_failed",
     "no_owner",
     "killed",
+    "timer_starts",
 )
 
 
