@@ -298,9 +298,10 @@ def main() -> int:
             continue
         short = want - (have or 0)
         if key == "tcptrace_timewait_created_total" and 0 < short <= args.tw_tolerance * want:
-            # Seen here: the timewait part's in-kernel count trails the workload by ~1 in
-            # 3,000 under churn (bpf/timewait.bpf.c, not the agent: the agent exports that
-            # counter as it is). Reported, not hidden; beyond --tw-tolerance it fails.
+            # Seen here after the fixes in docs/timewait.md: in about half the 1-minute
+            # runs, up to 4 creations in ~17,000 are not counted: the kernel did not run the
+            # timer_start program for those tw timer armings (ftrace saw them) and counted no
+            # skipped run. Reported, not hidden; beyond --tw-tolerance it fails.
             warnings.append(f"{key}: agent says {have}, the workload made {want} ({short} short)")
         else:
             failures.append(f"{key}: agent says {have}, the workload made {want}")
