@@ -504,6 +504,8 @@ class Bench:
             run.lost_reported = int(summary["lost"])
         if summary.get("skipped_transitions") is not None:
             run.skipped_reported = int(summary["skipped_transitions"])
+        elif isinstance(summary.get("kernel_skipped_runs"), dict):  # timewait: by tracepoint
+            run.skipped_reported = sum(int(v) for v in summary["kernel_skipped_runs"].values())
         if summary.get("kernel_transitions") is not None:
             run.kernel_transitions = int(summary["kernel_transitions"])
         if tracer.name == "states":
