@@ -137,7 +137,6 @@ BPF_TABLE("lru_hash", __u64, struct tt_tw_owner, tw_owners, TT_MAX_SOCKS);
  * deleted at LISTEN->CLOSE. */
 BPF_HASH(tw_listeners, __u32, struct tt_tw_owner, TT_MAX_LISTENERS);
 
-
 /* Exact per-CPU counters (TT_TW_STAT_*), summed by the user side. */
 BPF_PERCPU_ARRAY(tw_stats, __u64, TT_TW_STAT_MAX);
 
@@ -354,7 +353,8 @@ static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_t
  * never counted (up to 5 a minute).
  *  - raw_tracepoint__inet_sock_set_state: the transitions a process makes itself
  *    (owners, listeners). It misses none: those never nest in one another.
- *  - tt_tw_other and tt_tw_other_backup, two copies attached by the loader: what
+ *  - tt_tw_other_main and tt_tw_other_backup, two copies of tt_tw_other()
+ *    attached by the loader: what
  *    happens in softirq too (a child inherits its listener's owner; X->CLOSE
  *    confirms a tw). A change arriving while one copy is busy is handled by the
  *    other. When both run, the backup finds the work done (the first confirm
