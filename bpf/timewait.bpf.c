@@ -354,9 +354,9 @@ static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_t
  *  - raw_tracepoint__inet_sock_set_state: the transitions a process makes itself
  *    (owners, listeners). It misses none: those never nest in one another.
  *  - tt_tw_other_main and tt_tw_other_backup, two copies of tt_tw_other()
- *    attached by the loader: what
- *    happens in softirq too (a child inherits its listener's owner; X->CLOSE
- *    confirms a tw). A change arriving while one copy is busy is handled by the
+ *    attached by the loader: what happens in softirq too (a child inherits its
+ *    listener's owner; X->CLOSE confirms a tw). A change arriving while one copy
+ *    is busy is handled by the
  *    other. When both run, the backup finds the work done (the first confirm
  *    consumed the announcement) and never overwrites what the first wrote. The
  *    loader reports min(skips of the two) as the bound on what was lost. */
