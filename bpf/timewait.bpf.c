@@ -356,10 +356,10 @@ static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_t
  *  - tt_tw_other_main and tt_tw_other_backup, two copies of tt_tw_other()
  *    attached by the loader: what happens in softirq too (a child inherits its
  *    listener's owner; X->CLOSE confirms a tw). A change arriving while one copy
- *    is busy is handled by the
- *    other. When both run, the backup finds the work done (the first confirm
- *    consumed the announcement) and never overwrites what the first wrote. The
- *    loader reports min(skips of the two) as the bound on what was lost. */
+ *    is busy is handled by the other. When both run, the backup finds the work
+ *    done (the first confirm consumed the announcement) and never overwrites what
+ *    the first wrote. The loader reports min(skips of the two) as the bound on
+ *    what was lost. */
 
 /* Owners: learned where the process acts; a listener's dropped when it closes. */
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
