@@ -153,6 +153,7 @@ class Touch(SocketEvent):
 
 Event = SocketEvent
 
+
 class CloseFlag(enum.IntFlag):
     """``tt_event.flags`` of CLOSE events: TT_CLOSE_* in bpf/tcptrace.h."""
 
