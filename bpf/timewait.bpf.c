@@ -343,6 +343,16 @@ static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_t
     }
 }
 
+/* A socket's key in tw_listeners: (family << 16 | local port). A child in SYN_RECV
+ * has its listener's local port. */
+static __always_inline __u32 tt_tw_listener_key(const char *skp)
+{
+    __u16 family = 0, sport = 0;
+    bpf_probe_read_kernel(&family, sizeof(family), skp + TT_SKC_FAMILY_OFF);
+    bpf_probe_read_kernel(&sport, sizeof(sport), skp + TT_INET_SPORT_OFF);
+    return ((__u32)family << 16) | __builtin_bswap16(sport);
+}
+
 /* inet_sock_set_state(sk, oldstate, newstate), in three programs. A raw
  * tracepoint program is skipped when it would nest in itself on a CPU, and each
  * program here runs (returning at once if it has nothing to do) for every state
@@ -369,14 +379,12 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     if (!proc && !(o == TT_TCP_LISTEN && n == TT_TCP_CLOSE))
         return 0;
     const char *skp = (const char *)ctx->args[0];
-    __u16 protocol = 0, family = 0, sport = 0;
+    __u16 protocol = 0;
     bpf_probe_read_kernel(&protocol, sizeof(protocol), skp + TT_SK_PROTOCOL_OFF);
     if (protocol != TT_IPPROTO_TCP)
         return 0;
     __u64 sk = (__u64)skp;
-    bpf_probe_read_kernel(&family, sizeof(family), skp + TT_SKC_FAMILY_OFF);
-    bpf_probe_read_kernel(&sport, sizeof(sport), skp + TT_INET_SPORT_OFF);
-    __u32 lkey = ((__u32)family << 16) | __builtin_bswap16(sport);
+    __u32 lkey = tt_tw_listener_key(skp);
 
     if (!proc) {
         tw_listeners.delete(&lkey); /* LISTEN -> CLOSE */
@@ -407,10 +415,7 @@ static __always_inline int tt_tw_other(struct bpf_raw_tracepoint_args *ctx, int 
         return 0;
     __u64 sk = (__u64)skp;
     if (n == TT_TCP_SYN_RECV) {
-        __u16 family = 0, sport = 0;
-        bpf_probe_read_kernel(&family, sizeof(family), skp + TT_SKC_FAMILY_OFF);
-        bpf_probe_read_kernel(&sport, sizeof(sport), skp + TT_INET_SPORT_OFF);
-        __u32 lkey = ((__u32)family << 16) | __builtin_bswap16(sport);
+        __u32 lkey = tt_tw_listener_key(skp);
         struct tt_tw_owner *l = tw_listeners.lookup(&lkey);
         if (l && tw_owners.update(&sk, l))
             tt_tw_stat(TT_TW_STAT_MAP_FAIL);
