@@ -10,13 +10,13 @@ from typing import Any, TypeVar
 import click
 
 from tcptrace import __version__
+from tcptrace.commands.session import StopFlag, run
+from tcptrace.commands.sources import open_source
 from tcptrace.errors import TcptraceError, UsageError
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.states import StatesSummary
 from tcptrace.recording import JsonLinesWriter, make_header
-from tcptrace.session import StopFlag, run
-from tcptrace.sources import open_source
 from tcptrace.views.common import make_console
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -303,8 +303,8 @@ def record(
     except OSError as exc:
         raise TcptraceError(f"cannot write {output}: {exc.strerror}") from None
     with out:
+        from tcptrace.commands.timewait import settings_to_json
         from tcptrace.system.sysctl import read_settings
-        from tcptrace.timewait import settings_to_json
 
         stream_command(
             "record",
@@ -331,7 +331,7 @@ def doctor() -> None:
     kernel BTF, and finally compiles and attaches the lifecycle program. Exits 1 when
     tracing cannot work.
     """
-    from tcptrace.doctor import run_checks
+    from tcptrace.commands.doctor import run_checks
     from tcptrace.views.doctor import print_checks
 
     checks = run_checks()
@@ -393,7 +393,7 @@ def closewait(
       sudo tcptrace closewait --json --duration 60 > closewait.jsonl
       tcptrace closewait --from incident.jsonl
     """
-    from tcptrace.closewait import run_closewait
+    from tcptrace.commands.closewait import run_closewait
     from tcptrace.model.closewait import parse_duration
 
     flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
@@ -459,7 +459,7 @@ def closelat(
       sudo tcptrace closelat --json --duration 60 > closelat.jsonl
       tcptrace closelat --from closelat.jsonl --cumulative
     """
-    from tcptrace.closelat import run_closelat
+    from tcptrace.commands.closelat import run_closelat
 
     flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
     if from_file is not None and (ports or ipv4 or ipv6):
@@ -517,7 +517,7 @@ def timewait(
       sudo tcptrace timewait --json --events --duration 60 > tw.jsonl
       tcptrace timewait --from tw.jsonl
     """
-    from tcptrace.timewait import run_timewait
+    from tcptrace.commands.timewait import run_timewait
 
     flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
     if events and not as_json:
@@ -626,7 +626,7 @@ def agent(
       sudo tcptrace agent --listen 0.0.0.0:9464 --threshold 60s --log /var/log/tcptrace.jsonl
       curl -s 127.0.0.1:9464/metrics | grep tcptrace_close_wait
     """
-    from tcptrace.agent import AgentOptions, run_agent
+    from tcptrace.commands.agent import AgentOptions, run_agent
     from tcptrace.export.agentmodel import AgentConfig
     from tcptrace.export.prometheus import parse_listen
     from tcptrace.model.closewait import parse_duration
@@ -735,7 +735,7 @@ def top(
       sudo tcptrace top --port 8080 --sort t
       tcptrace top --from incident.jsonl
     """
-    from tcptrace.dashboard import run_top
+    from tcptrace.commands.top import run_top
 
     flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
     run_top(
@@ -810,7 +810,7 @@ def diagnose(
       sudo tcptrace diagnose --json > diagnosis.json
       tcptrace diagnose --from incident.jsonl
     """
-    from tcptrace.dashboard import run_diagnose
+    from tcptrace.commands.top import run_diagnose
 
     flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
     run_diagnose(
@@ -850,7 +850,7 @@ def demo(duration: float | None, interval: float, threshold: str) -> None:
       sudo tcptrace demo
       sudo tcptrace demo --duration 20
     """
-    from tcptrace.demo import run_demo
+    from tcptrace.commands.demo import run_demo
 
     run_demo(duration, interval, _threshold_ns(threshold))
 

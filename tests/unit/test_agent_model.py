@@ -196,7 +196,7 @@ def test_close_calls_stay_exact_while_per_process_series_come_and_go() -> None:
 def test_a_failing_refresh_is_logged_counted_and_survived() -> None:
     import io
 
-    from tcptrace.agent import MAX_CONSECUTIVE_ERRORS, Agent, AgentOptions
+    from tcptrace.commands.agent import MAX_CONSECUTIVE_ERRORS, Agent, AgentOptions
     from tcptrace.errors import TcptraceError
 
     log = io.StringIO()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tcptrace.agent import read_states
+from tcptrace.commands.agent import read_states
 
 TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -45,7 +45,7 @@ def test_the_live_tables_are_read() -> None:
 def test_docstring_examples() -> None:
     import doctest
 
-    import tcptrace.agent
+    import tcptrace.commands.agent
 
-    result = doctest.testmod(tcptrace.agent)
+    result = doctest.testmod(tcptrace.commands.agent)
     assert result.attempted > 0 and result.failed == 0

@@ -16,13 +16,13 @@ import tcptrace.system.cgroups
 import tcptrace.system.procfd
 import tcptrace.system.procnet
 from tcptrace.cli import cli
+from tcptrace.commands.sources import RecordingSource
 from tcptrace.errors import TcptraceError
 from tcptrace.model.closewait import CloseWaitTracker, Preexisting, parse_duration
 from tcptrace.model.events import Op, TcpState, from_json, to_json
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.lifecycle import CodePath
 from tcptrace.recording import JsonLinesWriter, make_header, open_recording
-from tcptrace.sources import RecordingSource
 from tcptrace.system.procnet import parse_table
 from tcptrace.views.closewait import print_summary, render
 from tests.unit.test_lifecycle import touch, tr

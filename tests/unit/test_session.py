@@ -3,8 +3,8 @@ from __future__ import annotations
 import os
 import signal
 
+from tcptrace.commands.session import NS, StopFlag, run, stop_on_signals
 from tcptrace.model.events import SocketEvent, TcpState, Transition
-from tcptrace.session import NS, StopFlag, run, stop_on_signals
 
 
 def ev(t_s: float) -> Transition:

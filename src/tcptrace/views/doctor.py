@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.text import Text
 
-from tcptrace.doctor import Check
+from tcptrace.commands.doctor import Check
 
 
 def check_line(check: Check, width: int = 38) -> Text:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 from typing import IO, Any
 
+from tcptrace.commands.session import StopFlag, run
+from tcptrace.commands.sources import KernelSource, RecordingSource, Source
 from tcptrace.errors import RecordingError
 from tcptrace.model.closelat import REPORT_TYPE, CloseLatency, Report
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
 from tcptrace.recording import JsonLinesWriter, make_header, open_recording
-from tcptrace.session import StopFlag, run
-from tcptrace.sources import KernelSource, RecordingSource, Source
 from tcptrace.views.common import make_console
 
 NS = 1_000_000_000

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import IO
 
+from tcptrace.commands.session import StopFlag, run
+from tcptrace.commands.sources import KernelSource, drain_into, open_source
 from tcptrace.model.closewait import CloseWaitTracker, Interval
 from tcptrace.model.filters import EventFilter
 from tcptrace.recording import JsonLinesWriter, make_header
-from tcptrace.session import StopFlag, run
-from tcptrace.sources import KernelSource, drain_into, open_source
 from tcptrace.views import closewait as view
 from tcptrace.views.common import make_console
 

@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass
 from typing import IO
 
+from tcptrace.commands.session import StopFlag, run
+from tcptrace.commands.sources import KernelSource
 from tcptrace.errors import TcptraceError
 from tcptrace.export.agentmodel import (
     AgentConfig,
@@ -31,8 +33,6 @@ from tcptrace.export.agentmodel import (
 from tcptrace.export.prometheus import AgentCollector, MetricsServer, families, make_registry
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
-from tcptrace.session import StopFlag, run
-from tcptrace.sources import KernelSource
 
 NS = 1_000_000_000
 MAX_CONSECUTIVE_ERRORS = 10  # failing from the start this often: give up, it will not recover

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import IO, Any
 
+from tcptrace.commands.session import StopFlag, run
+from tcptrace.commands.sources import KernelSource, RecordingSource, Source
 from tcptrace.model.events import SocketEvent, TimeWaitEvent
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.timewait import (
@@ -24,8 +26,6 @@ from tcptrace.model.timewait import (
     totals_json,
 )
 from tcptrace.recording import JsonLinesWriter, make_header, open_recording
-from tcptrace.session import StopFlag, run
-from tcptrace.sources import KernelSource, RecordingSource, Source
 from tcptrace.system.sysctl import TcpSettings, read_settings
 from tcptrace.views.common import make_console
 

@@ -355,10 +355,10 @@ def workload(port: int | None = None) -> Iterator[Workload]:
 
 def run_demo(duration_s: float | None, interval_s: float, threshold_ns: int) -> None:
     """Start the workload, show `top` on its port, then clean up and print the diagnosis."""
-    from tcptrace.dashboard import run_top
+    from tcptrace.commands.session import StopFlag, stop_on_signals
+    from tcptrace.commands.top import run_top
     from tcptrace.model.diagnosis import diagnose
     from tcptrace.model.filters import EventFilter
-    from tcptrace.session import StopFlag, stop_on_signals
     from tcptrace.views.common import make_console
     from tcptrace.views.diagnose import verdict_text
 

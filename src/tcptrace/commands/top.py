@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from tcptrace.commands.sources import KernelSource, RecordingSource, Source
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.overview import Overview
 from tcptrace.recording import open_recording
-from tcptrace.sources import KernelSource, RecordingSource, Source
 
 PARTS = ("lifecycle", "owner", "closelat", "timewait")
 RESEED_NS = 10_000_000_000  # top re-reads /proc this often, so a missed transition heals
@@ -149,7 +149,7 @@ def run_top(
     ``before_start`` runs once the program is attached, before the /proc seed (the demo
     starts its workload there, so that every one of its sockets is seen born).
     """
-    from tcptrace.session import StopFlag, run
+    from tcptrace.commands.session import StopFlag, run
     from tcptrace.views import top as view
     from tcptrace.views.common import make_console
 
@@ -233,10 +233,10 @@ def run_diagnose(
     """
     import os
 
+    from tcptrace.commands.session import StopFlag, run
     from tcptrace.errors import UsageError
     from tcptrace.model.diagnosis import diagnose
     from tcptrace.recording import JsonLinesWriter, make_header
-    from tcptrace.session import StopFlag, run
     from tcptrace.views.common import make_console
 
     if report is not None:

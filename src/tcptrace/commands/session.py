@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
+from tcptrace.commands.sources import Source
 from tcptrace.model.events import SocketEvent
-from tcptrace.sources import Source
 
 NS = 1_000_000_000
 PID_EXIT_GRACE_S = 1.0
