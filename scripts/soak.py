@@ -43,8 +43,8 @@ sys.path.insert(0, str(HERE))
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from tests.integration.helpers import FixtureBuilder, free_port  # noqa: E402
 
-from tcptrace.export.agentmodel import RssSeries  # noqa: E402
 from tcptrace.export.prometheus import sample_value  # noqa: E402
+from tcptrace.model.agent import RssSeries  # noqa: E402
 
 
 def log(msg: str) -> None:

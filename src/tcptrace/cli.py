@@ -627,8 +627,8 @@ def agent(
       curl -s 127.0.0.1:9464/metrics | grep tcptrace_close_wait
     """
     from tcptrace.commands.agent import AgentOptions, run_agent
-    from tcptrace.export.agentmodel import AgentConfig
     from tcptrace.export.prometheus import parse_listen
+    from tcptrace.model.agent import AgentConfig
     from tcptrace.model.closewait import parse_duration
 
     flt = make_filter(pid, comm, ports, ipv4, ipv6, live=True)

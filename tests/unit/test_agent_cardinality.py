@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tcptrace.export.cardinality
-from tcptrace.export.cardinality import BoundedCounters, MapDeltas, top_n
+import tcptrace.model.cardinality
+from tcptrace.model.cardinality import BoundedCounters, MapDeltas, top_n
 from tcptrace.model.histogram import EMPTY, Log2Histogram
 
 NS = 1_000_000_000
 
 
 def test_docstring_examples() -> None:
-    result = doctest.testmod(tcptrace.export.cardinality)
+    result = doctest.testmod(tcptrace.model.cardinality)
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from tcptrace.cli import cli
-from tcptrace.export.prometheus import AgentCollector, ExportState, families, make_registry, text_of
+from tcptrace.export.prometheus import AgentCollector, families, make_registry, text_of
+from tcptrace.model.agent import ExportState
 from tcptrace.model.histogram import Log2Histogram
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

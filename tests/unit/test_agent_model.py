@@ -9,10 +9,10 @@ import random
 import pytest
 from click.testing import CliRunner
 
-import tcptrace.export.agentmodel
+import tcptrace.model.agent
 from tcptrace.cli import cli
-from tcptrace.export.agentmodel import AgentConfig, AgentModel, ProcTw, RssSeries
 from tcptrace.export.prometheus import AgentCollector, families, make_registry, sample_value, text_of
+from tcptrace.model.agent import AgentConfig, AgentModel, ProcTw, RssSeries
 from tcptrace.model.events import Op, TcpState
 from tcptrace.model.histogram import Log2Histogram
 from tests.unit.test_lifecycle import touch, tr
@@ -22,7 +22,7 @@ NS = 1_000_000_000
 
 
 def test_docstring_examples() -> None:
-    result = doctest.testmod(tcptrace.export.agentmodel)
+    result = doctest.testmod(tcptrace.model.agent)
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -15,7 +15,6 @@ from tcptrace.errors import UsageError
 from tcptrace.export.prometheus import (
     DURATION_SLOTS,
     AgentCollector,
-    ExportState,
     age_buckets,
     duration_buckets,
     families,
@@ -24,6 +23,7 @@ from tcptrace.export.prometheus import (
     sample_value,
     text_of,
 )
+from tcptrace.model.agent import ExportState
 from tcptrace.model.histogram import Log2Histogram
 
 NS = 1_000_000_000

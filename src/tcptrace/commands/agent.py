@@ -23,14 +23,14 @@ from typing import IO
 from tcptrace.commands.session import StopFlag, run
 from tcptrace.commands.sources import KernelSource
 from tcptrace.errors import TcptraceError
-from tcptrace.export.agentmodel import (
+from tcptrace.export.prometheus import AgentCollector, MetricsServer, families, make_registry
+from tcptrace.model.agent import (
     AgentConfig,
     AgentModel,
     resolve_frames,
     stack_placeholder,
     states_count,
 )
-from tcptrace.export.prometheus import AgentCollector, MetricsServer, families, make_registry
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
 

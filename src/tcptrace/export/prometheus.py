@@ -1,7 +1,7 @@
 """Prometheus exposition of the agent's state: metric families built from plain data, a
 collector that serves the latest ones, and the HTTP endpoint.
 
-The agent builds an ``ExportState`` at every interval (in its own thread, from the models
+The agent builds an ``ExportState`` (model/agent.py) at every interval (in its own thread, from the models
 and the kernel's maps) and publishes the families made of it; a scrape (in the HTTP
 server's thread) only hands out the last published list, so the two threads share one
 reference swapped under a lock and nothing else.
@@ -11,7 +11,7 @@ Histograms of durations come from the kernel's log2 slots (slot k holds integer 
 exactly the values of slots 0..k: no bucket is an estimate. Slots below LOW_SLOT fold
 into its bucket, slots above HIGH_SLOT into +Inf.
 
-Labels that name processes or remote ports are bounded (export/cardinality.py): the
+Labels that name processes or remote ports are bounded (model/cardinality.py): the
 aggregate is ``comm="other", pid=""`` or ``remote_port="other"``.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import ipaddress
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -32,11 +31,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tcptrace.errors import UsageError
+from tcptrace.model.agent import ExportState, Proc
 from tcptrace.model.histogram import Log2Histogram
 
 NS = 1_000_000_000
 PREFIX = "tcptrace"
-OTHER = "other"
 
 LOW_SLOT = 10  # le = 1023 ns: everything faster than ~1 us shares this bucket
 HIGH_SLOT = 35  # le = 34.36 s: slower calls are in +Inf only
@@ -44,9 +43,6 @@ DURATION_SLOTS = tuple(range(LOW_SLOT, HIGH_SLOT + 1))
 
 # Upper bounds (seconds, inclusive) of the CLOSE_WAIT age gauge histogram.
 AGE_BOUNDS_S = (0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 86400.0)
-
-Proc = tuple[int, str]
-"""(pid, comm) of a process; (0, "other") stands for the aggregate of the rest."""
 
 
 def float_text(value: float) -> str:
@@ -113,48 +109,6 @@ def proc_labels(proc: Proc) -> list[str]:
     """[pid, comm] label values; the aggregate (and an unknown owner) has an empty pid."""
     pid, comm = proc
     return ["" if pid == 0 else str(pid), comm]
-
-
-@dataclass
-class ExportState:
-    """Everything one export shows, already bounded (top N plus an aggregate)."""
-
-    threshold_s: float
-    states: Mapping[str, int] | None = None
-    """Sockets by state from /proc/net/tcp{,6} (host network namespace); None: unread."""
-    close_wait_ages: Mapping[Proc, list[int]] = field(default_factory=dict)
-    """Ages (ns) of the sockets in CLOSE_WAIT now, per owning process (bounded)."""
-    close_wait_entered: int = 0
-    close_wait_closed: int = 0
-    close_wait_reset: int = 0
-    close_wait_preexisting: int = 0
-    suspect_groups: int = 0
-    timewait_created: int = 0
-    timewait_by_proc: Sequence[tuple[Proc, int]] = ()
-    timewait_by_remote_port: Sequence[tuple[str, int]] = ()
-    resets_sent: int = 0
-    resets_received: int = 0
-    resets_sent_by_proc: Sequence[tuple[Proc, int]] = ()
-    resets_received_by_proc: Sequence[tuple[Proc, int]] = ()
-    close_durations: Sequence[tuple[Proc, str, Log2Histogram]] = ()
-    """(process, call, cumulative histogram) rows."""
-    close_calls: Mapping[str, int] = field(default_factory=dict)
-    """Calls by call name, all processes: exact, while per-process series come and go."""
-    events_decoded: int = 0
-    events_lost: int = 0
-    events_malformed: int = 0
-    map_failures: Mapping[str, int] = field(default_factory=dict)
-    label_keys: Mapping[str, int] = field(default_factory=dict)
-    """Label sets kept per bounded family (for watching the bound itself)."""
-    pruned: Mapping[str, int] = field(default_factory=dict)
-    """Kernel map entries deleted as idle, per map."""
-    symbol_caches: int = 0
-    tick_errors: int = 0
-    recursion_misses: Mapping[str, int] = field(default_factory=dict)
-    """Program runs the kernel skipped (another BPF program was running on that CPU)."""
-    """Refreshes that failed (each logged as an agent_error line)."""
-    user_sockets: int = 0
-    """Sockets in the agent's own table (bounded by --max-sockets)."""
 
 
 def families(state: ExportState) -> list[Metric]:

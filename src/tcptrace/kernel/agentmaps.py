@@ -6,7 +6,7 @@ The timewait and closelat maps are cumulative and never pruned by the kernel: ke
 process (and destination, call, user stack), they would fill with the keys of processes
 long gone and then refuse new ones. The agent reads them every interval, exports the
 differences, and deletes entries whose values have not moved for a while (see
-export/cardinality.MapDeltas). Deleting an idle entry can lose an increment that lands
+model/cardinality.MapDeltas). Deleting an idle entry can lose an increment that lands
 between the read and the delete: only for a key idle for several intervals.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from tcptrace.export.agentmodel import ProcTw
 from tcptrace.kernel.loader import LoadedProgram
+from tcptrace.model.agent import ProcTw
 from tcptrace.model.closelat import CALLS
 from tcptrace.model.events import Op, decode_comm, family_version, format_addr
 from tcptrace.model.histogram import SLOTS, Log2Histogram

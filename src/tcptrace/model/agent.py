@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tcptrace.export.cardinality import BoundedCounters, MapDeltas, top_n
-from tcptrace.export.prometheus import OTHER, ExportState, Proc
+from tcptrace.model.cardinality import BoundedCounters, MapDeltas, top_n
 from tcptrace.model.closewait import CloseWaitTracker, SuspectGroup, code_path_key
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.histogram import EMPTY, Log2Histogram
 from tcptrace.model.lifecycle import SocketTable
 
 NS = 1_000_000_000
+OTHER = "other"
 CALL_NAMES = ("close", "shutdown", "close_range")
+Proc = tuple[int, str]
+"""(pid, comm) of a process; (0, "other") stands for the aggregate of the rest."""
 AGGREGATE: Proc = (0, OTHER)
 Dest = tuple[int, str, str, int]
 ClKey = tuple[int, str, int]
@@ -83,6 +85,48 @@ def _hist_sub(a: Log2Histogram, b: Log2Histogram) -> Log2Histogram:
 
 def proc_of(pid: int | None, comm: str | None) -> Proc:
     return (pid or 0, comm or "unknown")
+
+
+@dataclass
+class ExportState:
+    """Everything one export shows, already bounded (top N plus an aggregate)."""
+
+    threshold_s: float
+    states: Mapping[str, int] | None = None
+    """Sockets by state from /proc/net/tcp{,6} (host network namespace); None: unread."""
+    close_wait_ages: Mapping[Proc, list[int]] = field(default_factory=dict)
+    """Ages (ns) of the sockets in CLOSE_WAIT now, per owning process (bounded)."""
+    close_wait_entered: int = 0
+    close_wait_closed: int = 0
+    close_wait_reset: int = 0
+    close_wait_preexisting: int = 0
+    suspect_groups: int = 0
+    timewait_created: int = 0
+    timewait_by_proc: Sequence[tuple[Proc, int]] = ()
+    timewait_by_remote_port: Sequence[tuple[str, int]] = ()
+    resets_sent: int = 0
+    resets_received: int = 0
+    resets_sent_by_proc: Sequence[tuple[Proc, int]] = ()
+    resets_received_by_proc: Sequence[tuple[Proc, int]] = ()
+    close_durations: Sequence[tuple[Proc, str, Log2Histogram]] = ()
+    """(process, call, cumulative histogram) rows."""
+    close_calls: Mapping[str, int] = field(default_factory=dict)
+    """Calls by call name, all processes: exact, while per-process series come and go."""
+    events_decoded: int = 0
+    events_lost: int = 0
+    events_malformed: int = 0
+    map_failures: Mapping[str, int] = field(default_factory=dict)
+    label_keys: Mapping[str, int] = field(default_factory=dict)
+    """Label sets kept per bounded family (for watching the bound itself)."""
+    pruned: Mapping[str, int] = field(default_factory=dict)
+    """Kernel map entries deleted as idle, per map."""
+    symbol_caches: int = 0
+    tick_errors: int = 0
+    """Refreshes that failed (each logged as an agent_error line)."""
+    recursion_misses: Mapping[str, int] = field(default_factory=dict)
+    """Program runs the kernel skipped (another BPF program was running on that CPU)."""
+    user_sockets: int = 0
+    """Sockets in the agent's own table (bounded by --max-sockets)."""
 
 
 class AgentModel:
