@@ -1,25 +1,30 @@
-"""The command line: options -> source -> model -> view. The only module that imports click."""
+"""The command line: option declarations, then one call per command into commands/NAME.py.
+
+The only module that imports click. Options that several commands take are declared once,
+below, as decorators; what a command does with them is in its module.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, cast
 
 import click
 
 from tcptrace import __version__
-from tcptrace.commands.session import StopFlag, run
-from tcptrace.commands.sources import open_source
-from tcptrace.errors import TcptraceError, UsageError
-from tcptrace.model.events import SocketEvent
-from tcptrace.model.filters import EventFilter
-from tcptrace.model.states import StatesSummary
-from tcptrace.recording import JsonLinesWriter, make_header
-from tcptrace.views.common import make_console
+from tcptrace.commands.options import FilterOptions
+from tcptrace.errors import TcptraceError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Decorator(Protocol):
+    """What click.option returns: a function's decorator that keeps its type."""
+
+    def __call__(self, fn: F, /) -> F: ...
 
 
 class TcptraceGroup(click.Group):
@@ -57,46 +62,89 @@ def cli() -> None:
     """
 
 
+# ---- shared options ----------------------------------------------------------------------
+
+
+def options(*decorators: Decorator) -> Decorator:
+    """Several options as one decorator; --help lists them in the order given."""
+
+    def apply(fn: F) -> F:
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply
+
+
 def filter_options(fn: F) -> F:
-    """--pid, --comm, --port, -4/-6: applied in the kernel, and to recordings alike."""
-    fn = click.option("-6", "ipv6", is_flag=True, help="IPv6 sockets only.")(fn)
-    fn = click.option("-4", "ipv4", is_flag=True, help="IPv4 sockets only.")(fn)
-    fn = click.option(
-        "--port",
-        "ports",
-        multiple=True,
-        type=click.IntRange(1, 65535),
-        help="Sockets with this local or remote port (repeatable).",
-    )(fn)
-    fn = click.option("--comm", help="Sockets owned by a process of this name (first 15 characters).")(fn)
-    fn = click.option("--pid", type=click.IntRange(min=1), help="Sockets owned by this process.")(fn)
-    return fn
+    """--pid, --comm, --port, -4/-6 (applied in the kernel, and to recordings alike), handed
+    to the command as one ``filters`` value."""
+
+    @functools.wraps(fn)
+    def with_filters(
+        *args: Any,
+        pid: int | None,
+        comm: str | None,
+        ports: tuple[int, ...],
+        ipv4: bool,
+        ipv6: bool,
+        **kwargs: Any,
+    ) -> Any:
+        return fn(*args, filters=FilterOptions(pid, comm, tuple(ports), ipv4, ipv6), **kwargs)
+
+    return options(
+        click.option("--pid", type=click.IntRange(min=1), help="Sockets owned by this process."),
+        click.option("--comm", help="Sockets owned by a process of this name (first 15 characters)."),
+        click.option(
+            "--port",
+            "ports",
+            multiple=True,
+            type=click.IntRange(1, 65535),
+            help="Sockets with this local or remote port (repeatable).",
+        ),
+        click.option("-4", "ipv4", is_flag=True, help="IPv4 sockets only."),
+        click.option("-6", "ipv6", is_flag=True, help="IPv6 sockets only."),
+    )(cast(F, with_filters))
 
 
-def run_options(fn: F) -> F:
-    """--interval, --duration, --json, --from."""
-    fn = click.option(
-        "--from",
-        "from_file",
-        type=click.Path(dir_okay=False),
-        help="Replay a recording (from `tcptrace record`) instead of tracing the kernel.",
-    )(fn)
-    fn = click.option(
-        "--json", "as_json", is_flag=True, help="One JSON object per line; the last is the summary."
-    )(fn)
-    fn = click.option(
+def interval_option(
+    help: str = "Refresh every S seconds.", *, default: float = 1.0, minimum: float = 0.1
+) -> Decorator:
+    return click.option(
+        "--interval", type=click.FloatRange(min=minimum), default=default, show_default=True, help=help
+    )
+
+
+def duration_option(help: str = "Stop after S seconds.", *, default: float | None = None) -> Decorator:
+    return click.option(
         "--duration",
         type=click.FloatRange(min=0, min_open=True),
-        help="Stop after S seconds and print the summary.",
-    )(fn)
-    fn = click.option(
-        "--interval",
-        type=click.FloatRange(min=0.05),
-        default=1.0,
-        show_default=True,
-        help="Refresh every S seconds.",
-    )(fn)
-    return fn
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )
+
+
+def json_option(help: str) -> Decorator:
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def from_option(help: str) -> Decorator:
+    return click.option("--from", "from_file", type=click.Path(dir_okay=False), help=help)
+
+
+def force_option(help: str) -> Decorator:
+    return click.option("--force", is_flag=True, help=help)
+
+
+def stacks_option(help: str) -> Decorator:
+    return click.option("--stacks", is_flag=True, help=help)
+
+
+def threshold_option(
+    default: str, help: str = "A socket in CLOSE_WAIT longer than this is a leak suspect (5s, 500ms, 2m)."
+) -> Decorator:
+    return click.option("--threshold", default=default, show_default=True, help=help)
 
 
 def _power_of_two(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
@@ -105,133 +153,32 @@ def _power_of_two(ctx: click.Context, param: click.Parameter, value: int | None)
     return value
 
 
-def ringbuf_option(fn: F) -> F:
-    """--ringbuf-pages: size of the kernel-to-user event buffer."""
-    return click.option(
-        "--ringbuf-pages",
-        type=int,
-        callback=_power_of_two,
-        help="Event ring buffer size in 4 KiB pages, a power of two (default 1024 = 4 MiB). "
-        "Losses are counted exactly whatever the size.",
-    )(fn)
+ringbuf_option = click.option(
+    "--ringbuf-pages",
+    type=int,
+    callback=_power_of_two,
+    help="Event ring buffer size in 4 KiB pages, a power of two (default 1024 = 4 MiB). "
+    "Losses are counted exactly whatever the size.",
+)
+
+# --interval, --duration, --json, --from: what the streaming and aggregating commands share.
+run_options = options(
+    interval_option(minimum=0.05),
+    duration_option("Stop after S seconds and print the summary."),
+    json_option("One JSON object per line; the last is the summary."),
+    from_option("Replay a recording (from `tcptrace record`) instead of tracing the kernel."),
+)
 
 
-def make_filter(
-    pid: int | None, comm: str | None, ports: Sequence[int], ipv4: bool, ipv6: bool, live: bool
-) -> EventFilter:
-    if ipv4 and ipv6:
-        raise UsageError("-4 and -6 exclude each other")
-    if live and pid is not None and not os.path.isdir(f"/proc/{pid}"):
-        raise UsageError(f"no process with pid {pid}")
-    if comm is not None and not comm:
-        raise UsageError("--comm needs a name")
-    return EventFilter(pid=pid, comm=comm, ports=frozenset(ports), family=4 if ipv4 else 6 if ipv6 else None)
-
-
-def stream_command(
-    name: str,
-    flt: EventFilter,
-    from_file: str | None,
-    duration: float | None,
-    interval: float,
-    stacks: bool,
-    out: Any,
-    as_json: bool,
-    ringbuf_pages: int | None = None,
-    parts: Sequence[str] = ("lifecycle",),
-    defines: dict[str, int] | None = None,
-    header: dict[str, Any] | None = None,
-) -> None:
-    """What `states` and `record` share: every event out, then the summary."""
-    console = make_console()
-    summary = StatesSummary()
-    writer = JsonLinesWriter(out) if as_json else None
-    with open_source(
-        from_file, flt, parts=parts, stacks=stacks, defines=defines, ringbuf_pages=ringbuf_pages
-    ) as source:
-        if writer is not None:
-            writer.write(make_header(name, filter=flt.to_json(), stacks=stacks, **(header or {})))
-        else:
-            from tcptrace.views.states import HEADER
-
-            console.print(HEADER, style="bold", soft_wrap=True)
-
-        def on_event(event: SocketEvent) -> None:
-            summary.feed(event)
-            if writer is not None:
-                writer.event(event)
-            else:
-                from tcptrace.views.states import print_event
-
-                print_event(console, event, source.clock_offset_ns)
-
-        lost_seen = 0
-
-        def on_tick(_now_ns: int) -> None:
-            # Losses are shown as they happen, not only in the summary.
-            nonlocal lost_seen
-            lost = int(source.counters().get("lost", 0))
-            if lost > lost_seen:
-                if writer is not None:
-                    writer.write({"type": "lost", "lost": lost, "new": lost - lost_seen})
-                else:
-                    from tcptrace.views.states import print_lost
-
-                    print_lost(console, lost - lost_seen, lost)
-                lost_seen = lost
-
-        flag = StopFlag()
-        reason = run(
-            source,
-            on_event,
-            interval_s=interval,
-            duration_s=duration,
-            on_tick=on_tick if source.live else None,
-            flag=flag,
-            watch_pid=flt.pid if source.live else None,
-        )
-
-        counters = source.counters()
-        end_ns = source.now_ns()
-    if writer is not None:
-        writer.write(
-            {
-                "type": "summary",
-                "command": name,
-                "stopped": reason,
-                "end_ns": end_ns,
-                "lost": int(counters.get("lost", 0)),
-                "kernel_transitions": counters.get("transitions"),
-                "skipped_transitions": counters.get("skipped_transitions"),
-                **summary.to_json(),
-            }
-        )
-    else:
-        from tcptrace.views.states import print_summary
-
-        print_summary(make_console(stderr=True), summary, counters, reason)
+# ---- commands ----------------------------------------------------------------------------
 
 
 @cli.command()
 @filter_options
 @run_options
-@click.option(
-    "--stacks", is_flag=True, help="Show kernel and user stacks of each transition (costs ~2 us each)."
-)
+@stacks_option("Show kernel and user stacks of each transition (costs ~2 us each).")
 @ringbuf_option
-def states(
-    pid: int | None,
-    comm: str | None,
-    ports: tuple[int, ...],
-    ipv4: bool,
-    ipv6: bool,
-    interval: float,
-    duration: float | None,
-    as_json: bool,
-    from_file: str | None,
-    stacks: bool,
-    ringbuf_pages: int | None,
-) -> None:
+def states(**given: Any) -> None:
     """Stream every TCP state transition, live.
 
     Each line: time, owning pid and comm, local and remote address:port, OLD -> NEW, and
@@ -246,12 +193,9 @@ def states(
       sudo tcptrace states --json --duration 10 > transitions.jsonl
       tcptrace states --from transitions.jsonl --port 443
     """
-    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
-    stream_command("states", flt, from_file, duration, interval, stacks, sys.stdout, as_json, ringbuf_pages)
+    from tcptrace.commands import states as command
 
-
-# What `record` traces: every part whose events the analyses replay.
-RECORD_PARTS = ("lifecycle", "owner", "timewait")
+    command.run(**given)
 
 
 @cli.command()
@@ -259,27 +203,14 @@ RECORD_PARTS = ("lifecycle", "owner", "timewait")
 @click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write (JSON lines)."
 )
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
-@click.option(
-    "--stacks",
-    is_flag=True,
-    help="Stacks of every transition (by default only where a process acts: connect, accept, "
-    "close, touches of CLOSE_WAIT sockets).",
+@duration_option()
+@stacks_option(
+    "Stacks of every transition (by default only where a process acts: connect, accept, "
+    "close, touches of CLOSE_WAIT sockets)."
 )
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@force_option("Overwrite OUTPUT if it exists.")
 @ringbuf_option
-def record(
-    pid: int | None,
-    comm: str | None,
-    ports: tuple[int, ...],
-    ipv4: bool,
-    ipv6: bool,
-    output: str,
-    duration: float | None,
-    stacks: bool,
-    force: bool,
-    ringbuf_pages: int | None,
-) -> None:
+def record(**given: Any) -> None:
     """Record the decoded event stream to a file, for replay with --from.
 
     Record in production, analyse anywhere: every TCP transition, the owner and code path
@@ -295,32 +226,9 @@ def record(
       tcptrace closewait --from incident.jsonl
       tcptrace timewait --from incident.jsonl
     """
-    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=True)
-    if os.path.exists(output) and not force:
-        raise UsageError(f"{output} exists; pass --force to overwrite it")
-    try:
-        out = open(output, "w", encoding="utf-8")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise TcptraceError(f"cannot write {output}: {exc.strerror}") from None
-    with out:
-        from tcptrace.commands.timewait import settings_to_json
-        from tcptrace.system.sysctl import read_settings
+    from tcptrace.commands import record as command
 
-        stream_command(
-            "record",
-            flt,
-            None,
-            duration,
-            1.0,
-            True,  # stacks where they attribute; all of them with --stacks
-            out,
-            True,
-            ringbuf_pages,
-            parts=RECORD_PARTS,
-            defines=None if stacks else {"TT_PROC_STACKS_ONLY": 1},
-            header={"settings": settings_to_json(read_settings())},
-        )
-    click.echo(f"recorded to {output}", err=True)
+    command.run(**given)
 
 
 @cli.command()
@@ -331,24 +239,15 @@ def doctor() -> None:
     kernel BTF, and finally compiles and attaches the lifecycle program. Exits 1 when
     tracing cannot work.
     """
-    from tcptrace.commands.doctor import run_checks
-    from tcptrace.views.doctor import print_checks
+    from tcptrace.commands import doctor as command
 
-    checks = run_checks()
-    print_checks(make_console(), checks)
-    if any(c.required and not c.ok for c in checks):
-        sys.exit(1)
+    command.run()
 
 
 @cli.command()
 @filter_options
 @run_options
-@click.option(
-    "--threshold",
-    default="5s",
-    show_default=True,
-    help="A socket in CLOSE_WAIT longer than this is a leak suspect (5s, 500ms, 2m).",
-)
+@threshold_option("5s")
 @click.option(
     "--recheck",
     type=click.FloatRange(min=0),
@@ -362,20 +261,7 @@ def doctor() -> None:
     help="Also keep the stack of each socket's last send/recv before the FIN "
     "(costs ~4 us per send/recv of every traced socket).",
 )
-def closewait(
-    pid: int | None,
-    comm: str | None,
-    ports: tuple[int, ...],
-    ipv4: bool,
-    ipv6: bool,
-    interval: float,
-    duration: float | None,
-    as_json: bool,
-    from_file: str | None,
-    threshold: str,
-    recheck: float,
-    touch_stacks: bool,
-) -> None:
+def closewait(**given: Any) -> None:
     """Time every socket in CLOSE_WAIT and find the code paths that leak them.
 
     A socket sits in CLOSE_WAIT from the peer's FIN until its application closes it; one
@@ -393,34 +279,16 @@ def closewait(
       sudo tcptrace closewait --json --duration 60 > closewait.jsonl
       tcptrace closewait --from incident.jsonl
     """
-    from tcptrace.commands.closewait import run_closewait
-    from tcptrace.model.closewait import parse_duration
+    from tcptrace.commands import closewait as command
 
-    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
-    try:
-        threshold_ns = parse_duration(threshold)
-    except ValueError as exc:
-        raise UsageError(f"--threshold: {exc}") from None
-    run_closewait(
-        flt,
-        from_file=from_file,
-        interval_s=interval,
-        duration_s=duration,
-        as_json=as_json,
-        threshold_ns=threshold_ns,
-        recheck_s=recheck,
-        touch_stacks=touch_stacks,
-        out=sys.stdout,
-    )
+    command.run(**given)
 
 
 @cli.command()
 @filter_options
 @run_options
 @click.option("--cumulative", is_flag=True, help="Show totals since start instead of each interval.")
-@click.option(
-    "--stacks", is_flag=True, help="One histogram per user code path of the call (costs ~1 us a call)."
-)
+@stacks_option("One histogram per user code path of the call (costs ~1 us a call).")
 @click.option(
     "--close-wait-min",
     type=click.FloatRange(min=0),
@@ -428,20 +296,7 @@ def closewait(
     show_default=True,
     help="Flag a close() of a socket that had sat in CLOSE_WAIT at least S seconds.",
 )
-def closelat(
-    pid: int | None,
-    comm: str | None,
-    ports: tuple[int, ...],
-    ipv4: bool,
-    ipv6: bool,
-    interval: float,
-    duration: float | None,
-    as_json: bool,
-    from_file: str | None,
-    cumulative: bool,
-    stacks: bool,
-    close_wait_min: float,
-) -> None:
+def closelat(**given: Any) -> None:
     """Histograms of how long close() takes on TCP sockets, per process.
 
     Times close(), shutdown() and close_range() on TCP sockets only (files, pipes, UDP and
@@ -459,23 +314,9 @@ def closelat(
       sudo tcptrace closelat --json --duration 60 > closelat.jsonl
       tcptrace closelat --from closelat.jsonl --cumulative
     """
-    from tcptrace.commands.closelat import run_closelat
+    from tcptrace.commands import closelat as command
 
-    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
-    if from_file is not None and (ports or ipv4 or ipv6):
-        raise UsageError("--port, -4 and -6 cannot filter recorded histograms; give them when recording")
-    run_closelat(
-        flt,
-        from_file=from_file,
-        interval_s=interval,
-        duration_s=duration,
-        cumulative=cumulative,
-        stacks=stacks,
-        close_wait_s=close_wait_min,
-        as_json=as_json,
-        out=sys.stdout,
-        filter_json=flt.to_json(),
-    )
+    command.run(**given)
 
 
 @cli.command()
@@ -487,18 +328,7 @@ def closelat(
     help="With --json: also every timewait socket's creation, conversion and end, and each "
     "reset (makes the output replayable with --from).",
 )
-def timewait(
-    pid: int | None,
-    comm: str | None,
-    ports: tuple[int, ...],
-    ipv4: bool,
-    ipv6: bool,
-    interval: float,
-    duration: float | None,
-    as_json: bool,
-    from_file: str | None,
-    events: bool,
-) -> None:
+def timewait(**given: Any) -> None:
     """Count TIME_WAIT creation exactly: rates, who, to where, and when the ports run out.
 
     Counted in the kernel from the timewait sockets themselves, so no count is lost when
@@ -517,21 +347,9 @@ def timewait(
       sudo tcptrace timewait --json --events --duration 60 > tw.jsonl
       tcptrace timewait --from tw.jsonl
     """
-    from tcptrace.commands.timewait import run_timewait
+    from tcptrace.commands import timewait as command
 
-    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
-    if events and not as_json:
-        raise UsageError("--events needs --json")
-    run_timewait(
-        flt,
-        from_file=from_file,
-        interval_s=interval,
-        duration_s=duration,
-        as_json=as_json,
-        events=events,
-        out=sys.stdout,
-        filter_json=flt.to_json(),
-    )
+    command.run(**given)
 
 
 @cli.command()
@@ -543,19 +361,8 @@ def timewait(
     help="HOST:PORT of the /metrics endpoint. Loopback unless told otherwise: metrics name "
     "processes, pids and remote ports.",
 )
-@click.option(
-    "--threshold",
-    default="30s",
-    show_default=True,
-    help="A socket in CLOSE_WAIT this long is a leak suspect (30s, 500ms, 2m).",
-)
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=0.1),
-    default=5.0,
-    show_default=True,
-    help="Read the kernel's maps and /proc, and refresh the metrics, every S seconds.",
-)
+@threshold_option("30s", "A socket in CLOSE_WAIT this long is a leak suspect (30s, 500ms, 2m).")
+@interval_option("Read the kernel's maps and /proc, and refresh the metrics, every S seconds.", default=5.0)
 @click.option(
     "--states-interval",
     type=click.FloatRange(min=0),
@@ -563,7 +370,7 @@ def timewait(
     show_default=True,
     help="Count sockets by state from /proc/net/tcp{,6} every S seconds (0: never; ~3 us a socket).",
 )
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
+@duration_option()
 @click.option(
     "--top-processes",
     type=click.IntRange(min=0),
@@ -593,24 +400,7 @@ def timewait(
 )
 @click.option("--no-stacks", is_flag=True, help="No code paths in leak-suspect logs (saves ~1 us an accept).")
 @ringbuf_option
-def agent(
-    pid: int | None,
-    comm: str | None,
-    ports: tuple[int, ...],
-    ipv4: bool,
-    ipv6: bool,
-    listen: str,
-    threshold: str,
-    interval: float,
-    states_interval: float,
-    duration: float | None,
-    top_processes: int,
-    top_ports: int,
-    max_sockets: int,
-    log_file: str | None,
-    no_stacks: bool,
-    ringbuf_pages: int | None,
-) -> None:
+def agent(**given: Any) -> None:
     """Run headless and export Prometheus metrics; log leak suspects as JSON lines.
 
     Exports sockets by state, CLOSE_WAIT sockets and their ages per process (and how many
@@ -626,81 +416,16 @@ def agent(
       sudo tcptrace agent --listen 0.0.0.0:9464 --threshold 60s --log /var/log/tcptrace.jsonl
       curl -s 127.0.0.1:9464/metrics | grep tcptrace_close_wait
     """
-    from tcptrace.commands.agent import AgentOptions, run_agent
-    from tcptrace.export.prometheus import parse_listen
-    from tcptrace.model.agent import AgentConfig
-    from tcptrace.model.closewait import parse_duration
+    from tcptrace.commands import agent as command
 
-    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=True)
-    host, port = parse_listen(listen)
-    try:
-        threshold_ns = parse_duration(threshold)
-    except ValueError as exc:
-        raise UsageError(f"--threshold: {exc}") from None
-    options = AgentOptions(
-        host=host,
-        port=port,
-        interval_s=interval,
-        states_interval_s=states_interval,
-        duration_s=duration,
-        model=AgentConfig(
-            threshold_ns=threshold_ns,
-            top_processes=top_processes,
-            top_ports=top_ports,
-            max_sockets=max_sockets,
-        ),
-        stacks=not no_stacks,
-        ringbuf_pages=ringbuf_pages,
-        filter=flt,
-    )
-    if log_file is None:
-        run_agent(options)
-        return
-    try:
-        log = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise TcptraceError(f"cannot write {log_file}: {exc.strerror}") from None
-    with log:
-        run_agent(options, log)
-
-
-def threshold_option(default: str) -> Callable[[F], F]:
-    def deco(fn: F) -> F:
-        return click.option(
-            "--threshold",
-            default=default,
-            show_default=True,
-            help="A socket in CLOSE_WAIT longer than this is a leak suspect (5s, 500ms, 2m).",
-        )(fn)
-
-    return deco
-
-
-def _threshold_ns(text: str) -> int:
-    from tcptrace.model.closewait import parse_duration
-
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise UsageError(f"--threshold: {exc}") from None
+    command.run(**given)
 
 
 @cli.command()
 @filter_options
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=0.1),
-    default=1.0,
-    show_default=True,
-    help="Refresh every S seconds.",
-)
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
-@click.option(
-    "--from",
-    "from_file",
-    type=click.Path(dir_okay=False),
-    help="Replay a recording (from `tcptrace record --stacks`) instead of tracing the kernel.",
-)
+@interval_option()
+@duration_option()
+@from_option("Replay a recording (from `tcptrace record --stacks`) instead of tracing the kernel.")
 @threshold_option("5s")
 @click.option(
     "--sort",
@@ -709,18 +434,7 @@ def _threshold_ns(text: str) -> int:
     show_default=True,
     help="Sort processes by CLOSE_WAIT (c), TIME_WAIT created/s (t) or close() p99 (l).",
 )
-def top(
-    pid: int | None,
-    comm: str | None,
-    ports: tuple[int, ...],
-    ipv4: bool,
-    ipv6: bool,
-    interval: float,
-    duration: float | None,
-    from_file: str | None,
-    threshold: str,
-    sort: str,
-) -> None:
+def top(**given: Any) -> None:
     """One live screen: sockets per state, rates, the processes behind them, close() times.
 
     Counts per state start from /proc/net/tcp{,6} and follow every transition after
@@ -735,65 +449,25 @@ def top(
       sudo tcptrace top --port 8080 --sort t
       tcptrace top --from incident.jsonl
     """
-    from tcptrace.commands.top import run_top
+    from tcptrace.commands import top as command
 
-    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
-    run_top(
-        flt,
-        from_file=from_file,
-        interval_s=interval,
-        duration_s=duration,
-        threshold_ns=_threshold_ns(threshold),
-        sort=sort,
-    )
+    command.run(**given)
 
 
 @cli.command()
 @filter_options
-@click.option(
-    "--duration",
-    type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
-    show_default=True,
-    help="Observe for S seconds (Ctrl-C stops early and still diagnoses).",
-)
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=0.1),
-    default=1.0,
-    show_default=True,
-    help="Sample every S seconds.",
-)
-@click.option(
-    "--json", "as_json", is_flag=True, help="The diagnosis as JSON (a header line, then the summary)."
-)
+@duration_option("Observe for S seconds (Ctrl-C stops early and still diagnoses).", default=10.0)
+@interval_option("Sample every S seconds.")
+@json_option("The diagnosis as JSON (a header line, then the summary).")
 @click.option(
     "--report",
     type=click.Path(dir_okay=False),
     help="Also write a self-contained HTML report (plots inline, no external asset) to FILE.",
 )
-@click.option("--force", is_flag=True, help="Overwrite the --report file if it exists.")
-@click.option(
-    "--from",
-    "from_file",
-    type=click.Path(dir_okay=False),
-    help="Diagnose a recording (from `tcptrace record --stacks`) instead of the live kernel.",
-)
+@force_option("Overwrite the --report file if it exists.")
+@from_option("Diagnose a recording (from `tcptrace record --stacks`) instead of the live kernel.")
 @threshold_option("2s")
-def diagnose(
-    pid: int | None,
-    comm: str | None,
-    ports: tuple[int, ...],
-    ipv4: bool,
-    ipv6: bool,
-    duration: float,
-    interval: float,
-    as_json: bool,
-    report: str | None,
-    force: bool,
-    from_file: str | None,
-    threshold: str,
-) -> None:
+def diagnose(**given: Any) -> None:
     """Watch for a while, then say what is wrong, with the evidence.
 
     Automates the usual workflow: the state distribution at the start and the end; the
@@ -810,34 +484,16 @@ def diagnose(
       sudo tcptrace diagnose --json > diagnosis.json
       tcptrace diagnose --from incident.jsonl
     """
-    from tcptrace.commands.top import run_diagnose
+    from tcptrace.commands import diagnose as command
 
-    flt = make_filter(pid, comm, ports, ipv4, ipv6, live=from_file is None)
-    run_diagnose(
-        flt,
-        from_file=from_file,
-        interval_s=interval,
-        duration_s=duration,
-        threshold_ns=_threshold_ns(threshold),
-        as_json=as_json,
-        report=report,
-        force=force,
-        out=sys.stdout,
-        filter_json=flt.to_json(),
-    )
+    command.run(**given)
 
 
 @cli.command()
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after S seconds.")
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=0.1),
-    default=1.0,
-    show_default=True,
-    help="Refresh every S seconds.",
-)
+@duration_option()
+@interval_option()
 @threshold_option("3s")
-def demo(duration: float | None, interval: float, threshold: str) -> None:
+def demo(**given: Any) -> None:
     """See tcptrace find a leak: a leaky server and a churning client on loopback.
 
     Starts demo-server (leaks one connection in ten in CLOSE_WAIT, in handle_leaky()) and
@@ -850,9 +506,9 @@ def demo(duration: float | None, interval: float, threshold: str) -> None:
       sudo tcptrace demo
       sudo tcptrace demo --duration 20
     """
-    from tcptrace.commands.demo import run_demo
+    from tcptrace.commands import demo as command
 
-    run_demo(duration, interval, _threshold_ns(threshold))
+    command.run(**given)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -367,9 +367,9 @@ def test_stacks_without_an_application_frame_still_say_what_happened() -> None:
 
 
 def test_cli_diagnose_a_timewait_recording_counts_creators_and_uses_its_settings() -> None:
-    import tcptrace.commands.top
+    import tcptrace.commands.diagnose
 
-    assert doctest.testmod(tcptrace.commands.top).failed == 0
+    assert doctest.testmod(tcptrace.commands.diagnose).failed == 0
     rec = DATA / "timewait_mix.jsonl"
     # Ground truth from the recording itself: TIME_WAIT creations per owner.
     truth: dict[int, int] = {}

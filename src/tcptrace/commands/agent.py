@@ -20,10 +20,12 @@ import sys
 from dataclasses import dataclass
 from typing import IO
 
-from tcptrace.commands.session import StopFlag, run
+from tcptrace.commands import session
+from tcptrace.commands.options import FilterOptions, threshold_ns
+from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource
 from tcptrace.errors import TcptraceError
-from tcptrace.export.prometheus import AgentCollector, MetricsServer, families, make_registry
+from tcptrace.export.prometheus import AgentCollector, MetricsServer, families, make_registry, parse_listen
 from tcptrace.model.agent import (
     AgentConfig,
     AgentModel,
@@ -162,7 +164,7 @@ class Agent:
 
     def run(self) -> str:
         assert self.source is not None
-        return run(
+        return session.run(
             self.source,
             self.feed,
             interval_s=self.options.interval_s,
@@ -312,6 +314,50 @@ def endpoint(host: str, port: int) -> str:
     ('[::1]:9464', '127.0.0.1:9464')
     """
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run(
+    *,
+    filters: FilterOptions,
+    listen: str,
+    threshold: str,
+    interval: float,
+    states_interval: float,
+    duration: float | None,
+    top_processes: int,
+    top_ports: int,
+    max_sockets: int,
+    log_file: str | None,
+    no_stacks: bool,
+    ringbuf_pages: int | None,
+) -> None:
+    flt = filters.event_filter(live=True)
+    host, port = parse_listen(listen)
+    options = AgentOptions(
+        host=host,
+        port=port,
+        interval_s=interval,
+        states_interval_s=states_interval,
+        duration_s=duration,
+        model=AgentConfig(
+            threshold_ns=threshold_ns(threshold),
+            top_processes=top_processes,
+            top_ports=top_ports,
+            max_sockets=max_sockets,
+        ),
+        stacks=not no_stacks,
+        ringbuf_pages=ringbuf_pages,
+        filter=flt,
+    )
+    if log_file is None:
+        run_agent(options)
+        return
+    try:
+        log = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise TcptraceError(f"cannot write {log_file}: {exc.strerror}") from None
+    with log:
+        run_agent(options, log)
 
 
 def run_agent(options: AgentOptions, log: IO[str] | None = None, status: IO[str] | None = None) -> str:

@@ -8,12 +8,15 @@ order, interleaved with the flagged calls, through the same model.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import IO, Any
 
-from tcptrace.commands.session import StopFlag, run
+from tcptrace.commands import session
+from tcptrace.commands.options import FilterOptions
+from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource, RecordingSource, Source
-from tcptrace.errors import RecordingError
+from tcptrace.errors import RecordingError, UsageError
 from tcptrace.model.closelat import REPORT_TYPE, CloseLatency, Report
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
@@ -21,6 +24,34 @@ from tcptrace.recording import JsonLinesWriter, make_header, open_recording
 from tcptrace.views.common import make_console
 
 NS = 1_000_000_000
+
+
+def run(
+    *,
+    filters: FilterOptions,
+    interval: float,
+    duration: float | None,
+    as_json: bool,
+    from_file: str | None,
+    cumulative: bool,
+    stacks: bool,
+    close_wait_min: float,
+) -> None:
+    flt = filters.event_filter(live=from_file is None)
+    if from_file is not None and filters.by_address:
+        raise UsageError("--port, -4 and -6 cannot filter recorded histograms; give them when recording")
+    run_closelat(
+        flt,
+        from_file=from_file,
+        interval_s=interval,
+        duration_s=duration,
+        cumulative=cumulative,
+        stacks=stacks,
+        close_wait_s=close_wait_min,
+        as_json=as_json,
+        out=sys.stdout,
+        filter_json=flt.to_json(),
+    )
 
 
 def run_closelat(
@@ -114,7 +145,7 @@ def run_closelat(
                 emit(model.snapshot(ts_ns, reader.rows()))
 
         flag = StopFlag()
-        reason = run(
+        reason = session.run(
             source,
             on_event,
             interval_s=interval_s,

@@ -3,16 +3,44 @@ its views. The analysis is model/closewait.py; the command line is cli.py."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import IO
 
-from tcptrace.commands.session import StopFlag, run
+from tcptrace.commands import session
+from tcptrace.commands.options import FilterOptions, threshold_ns
+from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource, drain_into, open_source
 from tcptrace.model.closewait import CloseWaitTracker, Interval
 from tcptrace.model.filters import EventFilter
 from tcptrace.recording import JsonLinesWriter, make_header
 from tcptrace.views import closewait as view
 from tcptrace.views.common import make_console
+
+
+def run(
+    *,
+    filters: FilterOptions,
+    interval: float,
+    duration: float | None,
+    as_json: bool,
+    from_file: str | None,
+    threshold: str,
+    recheck: float,
+    touch_stacks: bool,
+) -> None:
+    flt = filters.event_filter(live=from_file is None)
+    run_closewait(
+        flt,
+        from_file=from_file,
+        interval_s=interval,
+        duration_s=duration,
+        as_json=as_json,
+        threshold_ns=threshold_ns(threshold),
+        recheck_s=recheck,
+        touch_stacks=touch_stacks,
+        out=sys.stdout,
+    )
 
 
 def run_closewait(
@@ -106,7 +134,7 @@ def run_closewait(
                 console.print(view.headline(tracker, now_ns, done), soft_wrap=True)
 
         try:
-            reason = run(
+            reason = session.run(
                 source,
                 tracker.feed,
                 interval_s=interval_s,

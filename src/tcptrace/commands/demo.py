@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
+from tcptrace.commands.options import threshold_ns
 from tcptrace.errors import EnvironmentProblem, TcptraceError
 
 SERVER_C = r"""
@@ -351,6 +352,10 @@ def workload(port: int | None = None) -> Iterator[Workload]:
         yield w
     finally:
         w.notes.extend(w.stop())
+
+
+def run(*, duration: float | None, interval: float, threshold: str) -> None:
+    run_demo(duration, interval, threshold_ns(threshold))
 
 
 def run_demo(duration_s: float | None, interval_s: float, threshold_ns: int) -> None:

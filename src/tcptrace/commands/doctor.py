@@ -3,31 +3,27 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
-from dataclasses import dataclass
 
 from tcptrace.errors import TcptraceError
+from tcptrace.kernel import loader
+from tcptrace.kernel.btf import Btf
+from tcptrace.views.common import make_console
+from tcptrace.views.doctor import Check, print_checks
 
 INSTALL = "run scripts/install as root"
 
 
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-    required: bool = True
-
-
-# Every tracepoint some command attaches to, and what is lost without it.
-TRACEPOINTS = (("sock", "inet_sock_set_state", "every command: TCP state transitions"),)
+def run() -> None:
+    """Print every check; exit 1 when one that tracing needs failed."""
+    checks = run_checks()
+    print_checks(make_console(), checks)
+    if any(c.required and not c.ok for c in checks):
+        sys.exit(1)
 
 
 def run_checks() -> list[Check]:
-    from tcptrace.kernel import loader
-    from tcptrace.kernel.btf import Btf
-
     checks: list[Check] = []
     privileged = loader.has_tracing_privileges()
     checks.append(
@@ -77,6 +73,7 @@ def run_checks() -> list[Check]:
                     "a newer kernel (4.16+) is needed",
                 )
             )
+    btf: Btf | None
     try:
         btf = Btf.load()
         offset = btf.member_offset("sock", "__sk_common.skc_flags")
@@ -101,13 +98,10 @@ def _tracefs_if_mounted() -> str | None:
     return None
 
 
-def _attach_check(btf: object) -> Check:
-    from tcptrace.kernel.btf import Btf
-    from tcptrace.kernel.loader import PARTS, load
-
+def _attach_check(btf: Btf | None) -> Check:
     started = time.monotonic()
     try:
-        program = load(list(PARTS.values()), btf=btf if isinstance(btf, Btf) else None)
+        program = loader.load(list(loader.PARTS.values()), btf=btf)
     except TcptraceError as exc:
         return Check("compile and attach", False, str(exc), exc.hint or INSTALL)
     program.close()

@@ -9,10 +9,14 @@ derives the counts from the recorded events.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import IO, Any
 
-from tcptrace.commands.session import StopFlag, run
+from tcptrace.commands import session
+from tcptrace.commands.options import FilterOptions
+from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource, RecordingSource, Source
+from tcptrace.errors import UsageError
 from tcptrace.model.events import SocketEvent, TimeWaitEvent
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.timewait import (
@@ -70,6 +74,30 @@ def settings_from_header(header: dict[str, Any]) -> TcpSettings:
         else:
             values[key] = value if isinstance(value, int) else None
     return TcpSettings(**values)
+
+
+def run(
+    *,
+    filters: FilterOptions,
+    interval: float,
+    duration: float | None,
+    as_json: bool,
+    from_file: str | None,
+    events: bool,
+) -> None:
+    flt = filters.event_filter(live=from_file is None)
+    if events and not as_json:
+        raise UsageError("--events needs --json")
+    run_timewait(
+        flt,
+        from_file=from_file,
+        interval_s=interval,
+        duration_s=duration,
+        as_json=as_json,
+        events=events,
+        out=sys.stdout,
+        filter_json=flt.to_json(),
+    )
 
 
 def run_timewait(
@@ -172,7 +200,7 @@ def run_timewait(
                 console.print(view.headline(interval, model.totals), soft_wrap=True)
 
         try:
-            reason = run(
+            reason = session.run(
                 source,
                 on_event,
                 interval_s=interval_s,

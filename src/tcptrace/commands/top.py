@@ -1,4 +1,5 @@
-"""What `tcptrace top` and `tcptrace diagnose` share: one program of four parts, and a tick.
+"""`tcptrace top`: the live dashboard; and what `diagnose` and `demo` share with it: one
+program of four parts, the Overview model, and a tick.
 
 Live, one BPF program is compiled from the lifecycle, owner, closelat and timewait parts
 (kernel/loader.py inlines them into one translation unit): transitions and CLOSE_WAIT
@@ -15,7 +16,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from tcptrace.commands import session
+from tcptrace.commands.options import FilterOptions, threshold_ns
+from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource, RecordingSource, Source
+from tcptrace.model.diagnosis import HostSnapshot
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.overview import Overview
 from tcptrace.recording import open_recording
@@ -97,7 +102,7 @@ def open_feeds(from_file: str | None, flt: EventFilter, quiet: bool = False) -> 
         feeds.source.close()
 
 
-def _start_live(overview: Overview, flt: EventFilter) -> Any:
+def seed_from_host(overview: Overview, flt: EventFilter) -> HostSnapshot:
     """Seed the model from a /proc snapshot taken after attaching; returns the snapshot."""
     from tcptrace.model.closewait import Preexisting
     from tcptrace.model.events import TcpState
@@ -121,7 +126,7 @@ def _start_live(overview: Overview, flt: EventFilter) -> Any:
 class TopResult:
     reason: str
     overview: Overview
-    start: Any = None
+    start: HostSnapshot | None = None
 
 
 def _reseed(overview: Overview, flt: EventFilter) -> None:
@@ -131,6 +136,26 @@ def _reseed(overview: Overview, flt: EventFilter) -> None:
 
     snap = hostsnap.take(flt, owners=flt.pid is not None or flt.comm is not None)
     overview.states.seed((s.state for s in snap.sockets), snap.at_ns)
+
+
+def run(
+    *,
+    filters: FilterOptions,
+    interval: float,
+    duration: float | None,
+    from_file: str | None,
+    threshold: str,
+    sort: str,
+) -> None:
+    flt = filters.event_filter(live=from_file is None)
+    run_top(
+        flt,
+        from_file=from_file,
+        interval_s=interval,
+        duration_s=duration,
+        threshold_ns=threshold_ns(threshold),
+        sort=sort,
+    )
 
 
 def run_top(
@@ -149,7 +174,6 @@ def run_top(
     ``before_start`` runs once the program is attached, before the /proc seed (the demo
     starts its workload there, so that every one of its sockets is seen born).
     """
-    from tcptrace.commands.session import StopFlag, run
     from tcptrace.views import top as view
     from tcptrace.views.common import make_console
 
@@ -165,7 +189,7 @@ def run_top(
         if before_start is not None:
             before_start()
         if live:
-            start_snap = _start_live(overview, flt)
+            start_snap = seed_from_host(overview, flt)
         show_live = live and console.is_terminal
         with view.key_reader() as keys:
             live_view = None
@@ -196,7 +220,7 @@ def run_top(
                     live_view.update(view.render(overview, state, keys=keys is not None), refresh=True)
 
             try:
-                reason = run(
+                reason = session.run(
                     source,
                     overview.feed,
                     interval_s=min(interval_s, 0.1) if live else interval_s,
@@ -211,141 +235,3 @@ def run_top(
     if not show_live:
         console.print(view.render(overview, state, keys=False))
     return TopResult(reason, overview, start_snap)
-
-
-def run_diagnose(
-    flt: EventFilter,
-    *,
-    from_file: str | None,
-    interval_s: float,
-    duration_s: float,
-    threshold_ns: int,
-    as_json: bool,
-    report: str | None,
-    force: bool,
-    out: Any,
-    filter_json: dict[str, Any],
-) -> int:
-    """Observe for ``duration_s``, then print the verdicts (and write the report).
-
-    Returns the exit status: 0 whatever the verdicts (a diagnosis that found a problem
-    did its job); failures raise.
-    """
-    import os
-
-    from tcptrace.commands.session import StopFlag, run
-    from tcptrace.errors import UsageError
-    from tcptrace.model.diagnosis import diagnose
-    from tcptrace.recording import JsonLinesWriter, make_header
-    from tcptrace.views.common import make_console
-
-    if report is not None:
-        if os.path.exists(report) and not force:
-            raise UsageError(f"{report} exists; pass --force to overwrite it")
-        parent = os.path.dirname(os.path.abspath(report))
-        if not os.path.isdir(parent):
-            raise UsageError(f"--report: no directory {parent}")
-    console = make_console(file=out) if not as_json else make_console(stderr=True)
-    overview = Overview(threshold_ns=threshold_ns)
-    overview.closelat.filter = flt
-    start = end = None
-    settings = None
-    writer = JsonLinesWriter(out) if as_json else None
-    with open_feeds(from_file, flt, quiet=as_json) as feeds:
-        source = feeds.source
-        if source.live:
-            from tcptrace.system.sysctl import read_settings
-
-            start = _start_live(overview, flt)
-            settings = read_settings()
-        else:
-            settings = recorded_settings(getattr(getattr(source, "recording", None), "header", {}))
-        if writer is not None:
-            # Written once attached (and seeded): a reader knows the window has begun.
-            writer.write(make_header("diagnose", filter=filter_json, duration_s=duration_s))
-        elif source.live:
-            status = make_console(stderr=True)
-            status.print(f"observing for {duration_s:g} s (Ctrl-C to stop early)…", style="dim")
-
-        def on_tick(now_ns: int) -> None:
-            feeds.tick(overview, now_ns)
-
-        reason = run(
-            source,
-            overview.feed,
-            interval_s=interval_s,
-            duration_s=duration_s if source.live else None,
-            on_tick=on_tick,
-            flag=StopFlag(),
-        )
-
-        now = source.now_ns()
-        if now > (overview.timewait.last_ns or 0):
-            feeds.tick(overview, now)
-        counters = source.counters()
-        if source.live:
-            from tcptrace.system import hostsnap
-
-            end = hostsnap.take(flt)
-            overview.now_ns = max(overview.now_ns, end.at_ns)
-    lost = int(counters.get("lost", 0))
-    result = diagnose(overview, start=start, end=end, settings=settings, lost=lost)
-    if writer is not None:
-        writer.write({"type": "summary", "command": "diagnose", "stopped": reason, **result.to_json()})
-    else:
-        from tcptrace.views.diagnose import print_diagnosis
-
-        print_diagnosis(console, result, reason)
-    if report is not None:
-        from tcptrace.views.report import render_report
-
-        header = make_header("diagnose")
-        text = render_report(
-            result,
-            overview,
-            {"host": header["host"], "kernel": header["kernel"], "filter": filter_json},
-        )
-        _write_report(report, text, force)
-        make_console(stderr=True).print(f"report written to {report}")
-    return 0
-
-
-def recorded_settings(header: Any) -> Any:
-    """The TCP settings a recording's header carries (`timewait --json` writes them), else None.
-
-    >>> recorded_settings({"settings": {"port_range": [32768, 60999], "tw_reuse": 2}}).ports
-    28232
-    >>> recorded_settings({"settings": {"port_range": "wide"}}) is None
-    True
-    """
-    from tcptrace.system.sysctl import TcpSettings
-
-    raw = header.get("settings") if isinstance(header, dict) else None
-    if not isinstance(raw, dict):
-        return None
-    pr = raw.get("port_range")
-    if pr is not None and not (
-        isinstance(pr, list) and len(pr) == 2 and all(isinstance(x, int) for x in pr) and 0 < pr[0] <= pr[1]
-    ):
-        return None
-    values = {k: raw.get(k) for k in ("tw_reuse", "max_tw_buckets", "fin_timeout", "timestamps")}
-    if not all(v is None or isinstance(v, int) for v in values.values()):
-        return None
-    return TcpSettings(port_range=(pr[0], pr[1]) if pr else None, **values)
-
-
-def _write_report(path: str, text: str, force: bool) -> None:
-    """Write ``path``; without ``force`` never replace a file (one may have appeared since)."""
-    import os
-
-    from tcptrace.errors import TcptraceError, UsageError
-
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o644)
-    except FileExistsError:
-        raise UsageError(f"{path} exists; pass --force to overwrite it") from None
-    except OSError as exc:
-        raise TcptraceError(f"cannot write {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rich.console import Console
 from rich.text import Text
 
-from tcptrace.commands.doctor import Check
+
+@dataclass(frozen=True)
+class Check:
+    """One check of `tcptrace doctor` and its outcome; ``fix`` says what to do when it failed."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
 
 
 def check_line(check: Check, width: int = 38) -> Text:

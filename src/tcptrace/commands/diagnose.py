@@ -1,0 +1,171 @@
+"""`tcptrace diagnose`: watch for a while (or replay a recording), then the verdicts with
+their evidence, and optionally a self-contained HTML report.
+
+It runs what `top` runs (one program of four parts, the Overview model; see
+commands/top.py), seeded from /proc at the start and compared with /proc at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import IO, Any
+
+from tcptrace.commands import session
+from tcptrace.commands.options import FilterOptions, threshold_ns
+from tcptrace.commands.session import StopFlag
+from tcptrace.commands.sources import RecordingSource
+from tcptrace.commands.top import open_feeds, seed_from_host
+from tcptrace.errors import TcptraceError, UsageError
+from tcptrace.model.diagnosis import diagnose
+from tcptrace.model.filters import EventFilter
+from tcptrace.model.overview import Overview
+from tcptrace.recording import JsonLinesWriter, make_header
+from tcptrace.system import hostsnap
+from tcptrace.system.sysctl import TcpSettings, read_settings
+from tcptrace.views.common import make_console
+from tcptrace.views.diagnose import print_diagnosis
+from tcptrace.views.report import render_report
+
+
+def run(
+    *,
+    filters: FilterOptions,
+    duration: float,
+    interval: float,
+    as_json: bool,
+    report: str | None,
+    force: bool,
+    from_file: str | None,
+    threshold: str,
+) -> None:
+    flt = filters.event_filter(live=from_file is None)
+    run_diagnose(
+        flt,
+        from_file=from_file,
+        interval_s=interval,
+        duration_s=duration,
+        threshold_ns=threshold_ns(threshold),
+        as_json=as_json,
+        report=report,
+        force=force,
+        out=sys.stdout,
+        filter_json=flt.to_json(),
+    )
+
+
+def run_diagnose(
+    flt: EventFilter,
+    *,
+    from_file: str | None,
+    interval_s: float,
+    duration_s: float,
+    threshold_ns: int,
+    as_json: bool,
+    report: str | None,
+    force: bool,
+    out: IO[str],
+    filter_json: dict[str, Any],
+) -> int:
+    """Observe for ``duration_s``, then print the verdicts (and write the report).
+
+    Returns the exit status: 0 whatever the verdicts (a diagnosis that found a problem
+    did its job); failures raise.
+    """
+    if report is not None:
+        if os.path.exists(report) and not force:
+            raise UsageError(f"{report} exists; pass --force to overwrite it")
+        parent = os.path.dirname(os.path.abspath(report))
+        if not os.path.isdir(parent):
+            raise UsageError(f"--report: no directory {parent}")
+    console = make_console(file=out) if not as_json else make_console(stderr=True)
+    overview = Overview(threshold_ns=threshold_ns)
+    overview.closelat.filter = flt
+    start = end = None
+    settings: TcpSettings | None = None
+    writer = JsonLinesWriter(out) if as_json else None
+    with open_feeds(from_file, flt, quiet=as_json) as feeds:
+        source = feeds.source
+        if source.live:
+            start = seed_from_host(overview, flt)
+            settings = read_settings()
+        elif isinstance(source, RecordingSource):
+            settings = recorded_settings(source.recording.header)
+        if writer is not None:
+            # Written once attached (and seeded): a reader knows the window has begun.
+            writer.write(make_header("diagnose", filter=filter_json, duration_s=duration_s))
+        elif source.live:
+            status = make_console(stderr=True)
+            status.print(f"observing for {duration_s:g} s (Ctrl-C to stop early)…", style="dim")
+
+        def on_tick(now_ns: int) -> None:
+            feeds.tick(overview, now_ns)
+
+        reason = session.run(
+            source,
+            overview.feed,
+            interval_s=interval_s,
+            duration_s=duration_s if source.live else None,
+            on_tick=on_tick,
+            flag=StopFlag(),
+        )
+
+        now = source.now_ns()
+        if now > (overview.timewait.last_ns or 0):
+            feeds.tick(overview, now)
+        counters = source.counters()
+        if source.live:
+            end = hostsnap.take(flt)
+            overview.now_ns = max(overview.now_ns, end.at_ns)
+    lost = int(counters.get("lost", 0))
+    result = diagnose(overview, start=start, end=end, settings=settings, lost=lost)
+    if writer is not None:
+        writer.write({"type": "summary", "command": "diagnose", "stopped": reason, **result.to_json()})
+    else:
+        print_diagnosis(console, result, reason)
+    if report is not None:
+        header = make_header("diagnose")
+        text = render_report(
+            result,
+            overview,
+            {"host": header["host"], "kernel": header["kernel"], "filter": filter_json},
+        )
+        _write_report(report, text, force)
+        make_console(stderr=True).print(f"report written to {report}")
+    return 0
+
+
+def recorded_settings(header: Mapping[str, Any]) -> TcpSettings | None:
+    """The TCP settings a recording's header carries (`timewait --json` writes them), else None.
+
+    >>> recorded_settings({"settings": {"port_range": [32768, 60999], "tw_reuse": 2}}).ports
+    28232
+    >>> recorded_settings({"settings": {"port_range": "wide"}}) is None
+    True
+    """
+    raw = header.get("settings")
+    if not isinstance(raw, dict):
+        return None
+    pr = raw.get("port_range")
+    if pr is not None and not (
+        isinstance(pr, list) and len(pr) == 2 and all(isinstance(x, int) for x in pr) and 0 < pr[0] <= pr[1]
+    ):
+        return None
+    values = {k: raw.get(k) for k in ("tw_reuse", "max_tw_buckets", "fin_timeout", "timestamps")}
+    if not all(v is None or isinstance(v, int) for v in values.values()):
+        return None
+    return TcpSettings(port_range=(pr[0], pr[1]) if pr else None, **values)
+
+
+def _write_report(path: str, text: str, force: bool) -> None:
+    """Write ``path``; without ``force`` never replace a file (one may have appeared since)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise UsageError(f"{path} exists; pass --force to overwrite it") from None
+    except OSError as exc:
+        raise TcptraceError(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
