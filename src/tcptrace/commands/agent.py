@@ -17,15 +17,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import IO
 
 from tcptrace.commands import session
 from tcptrace.commands.options import FilterOptions, threshold_ns
 from tcptrace.commands.session import StopFlag
-from tcptrace.commands.sources import KernelSource
+from tcptrace.commands.sources import KernelSource, live_session
 from tcptrace.errors import TcptraceError
 from tcptrace.export.prometheus import AgentCollector, MetricsServer, families, make_registry, parse_listen
+from tcptrace.kernel.agentmaps import AgentMaps, symbol_cache_count
+from tcptrace.kernel.closelat import CLOSE_WAIT_NS, LINGER_NS
+from tcptrace.kernel.stream import Symbolizer
 from tcptrace.model.agent import (
     AgentConfig,
     AgentModel,
@@ -33,10 +37,12 @@ from tcptrace.model.agent import (
     stack_placeholder,
     states_count,
 )
-from tcptrace.model.events import SocketEvent
+from tcptrace.model.events import SocketEvent, TcpState
 from tcptrace.model.filters import EventFilter
+from tcptrace.system.procfd import closewait_snapshot
 
 NS = 1_000_000_000
+PARTS = ("lifecycle", "owner", "closelat", "timewait")
 MAX_CONSECUTIVE_ERRORS = 10  # failing from the start this often: give up, it will not recover
 SYMBOLS_FULL = "[not symbolized: --max-symbol-pids reached]"
 
@@ -69,8 +75,6 @@ def read_states(paths: tuple[str, ...] = PROC_NET_TCP) -> dict[str, int] | None:
     Only the state column is parsed: reading the files costs the kernel ~10 us a socket,
     the rest is kept small (tens of thousands of TIME_WAIT sockets are common).
     """
-    from tcptrace.model.events import TcpState
-
     states: list[str] = []
     names = {s.value: s.name for s in TcpState}
     counts: dict[bytes, int] = {}
@@ -109,6 +113,7 @@ class Agent:
         self.registry = make_registry(self.collector)
         self.server: MetricsServer | None = None
         self.source: KernelSource | None = None
+        self._session = ExitStack()
         self.stacks_cleared = 0
         self._generation = 0
         self.tick_errors = 0
@@ -120,14 +125,41 @@ class Agent:
     # ---- life --------------------------------------------------------------------------
 
     def start(self) -> None:
-        from tcptrace.kernel.agentmaps import AgentMaps
-        from tcptrace.kernel.closelat import CLOSE_WAIT_NS, LINGER_NS
-        from tcptrace.kernel.loader import PARTS, load
-        from tcptrace.kernel.stream import KernelStream, Symbolizer
-        from tcptrace.system.procfd import closewait_snapshot
-
+        """Load and attach (no spinner: stderr carries JSON lines), read the sockets already
+        in CLOSE_WAIT, refresh once, then serve. On failure everything is detached again."""
         o = self.options
-        defines = {
+        self._session = ExitStack()
+        try:
+            # Stacks stay ids until a leak suspect is logged (see feed()).
+            source = self._session.enter_context(
+                live_session(
+                    PARTS,
+                    o.filter,
+                    stacks=o.stacks,
+                    symbolize=False,
+                    defines=self.program_defines(),
+                    ringbuf_pages=o.ringbuf_pages,
+                    quiet=True,
+                )
+            )
+            self.source = source
+            self.program = source.program
+            self._symbolizer = Symbolizer(source.program)
+            self.maps = AgentMaps(source.program)
+            # After attaching, so that a socket entering CLOSE_WAIT meanwhile is seen one
+            # way or the other (the tracker keeps one copy).
+            self.model.preexisting = self.model.tracker.add_preexisting(
+                closewait_snapshot(o.filter), source.now_ns()
+            )
+            self.tick(source.now_ns())
+            self.server = MetricsServer(o.host, o.port, self.registry)
+        except BaseException:
+            self._session.close()
+            raise
+
+    def program_defines(self) -> dict[str, int]:
+        o = self.options
+        return {
             "TT_PROC_STACKS_ONLY": 1,
             # The model takes transitions only for CLOSE_WAIT (states come from /proc,
             # TIME_WAIT and close() from the kernel's maps): no other transition is sent.
@@ -137,30 +169,6 @@ class Agent:
             CLOSE_WAIT_NS: o.model.threshold_ns,
             LINGER_NS: 1_000_000,
         }
-        program = load(
-            [PARTS["lifecycle"], PARTS["owner"], PARTS["closelat"], PARTS["timewait"]],
-            o.filter,
-            stacks=o.stacks,
-            defines=defines,
-            ringbuf_pages=o.ringbuf_pages,
-        )
-        try:
-            # Stacks stay ids until a leak suspect is logged (see feed()).
-            self.stream = KernelStream(program, o.filter, symbolize=False)
-            self._symbolizer = Symbolizer(program)
-            self.source = KernelSource(self.stream)
-            self.maps = AgentMaps(program)
-            self.program = program
-            # After attaching, so that a socket entering CLOSE_WAIT meanwhile is seen one
-            # way or the other (the tracker keeps one copy).
-            self.model.preexisting = self.model.tracker.add_preexisting(
-                closewait_snapshot(o.filter), self.source.now_ns()
-            )
-            self.tick(self.source.now_ns())
-            self.server = MetricsServer(o.host, o.port, self.registry)
-        except BaseException:
-            program.close()
-            raise
 
     def run(self) -> str:
         assert self.source is not None
@@ -178,9 +186,8 @@ class Agent:
         if self.server is not None:
             self.server.stop()
             self.server = None
-        if self.source is not None:
-            self.source.close()
-            self.source = None
+        self._session.close()
+        self.source = None
 
     # ---- work --------------------------------------------------------------------------
 
@@ -198,8 +205,6 @@ class Agent:
         self.model.feed(event)
 
     def _symbolize(self, kind: str, stack_id: int, pid: int) -> tuple[str, ...]:
-        from tcptrace.kernel.agentmaps import symbol_cache_count
-
         if kind == "k":
             return self._symbolizer.frames(stack_id, None)
         if symbol_cache_count(self.program) >= self.options.max_symbol_pids:
@@ -257,8 +262,6 @@ class Agent:
         self._ok_ticks += 1
 
     def _tick(self, now_ns: int) -> None:
-        from tcptrace.kernel.agentmaps import symbol_cache_count
-
         maps = self.maps
         prune = self.model.tick(
             now_ns,

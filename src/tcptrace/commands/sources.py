@@ -1,7 +1,12 @@
-"""Where events come from: the live kernel, or a recording. Commands take either.
+"""Where events come from: a live session on the kernel, or a recording. Commands take either.
 
 Both give events in order and a model clock (``now_ns``, CLOCK_MONOTONIC like the kernel's
 timestamps), so the same analysis code answers for a live run and for a replay.
+
+``live_session`` is the one place that loads and attaches programs for a command: the
+spinner while bcc compiles, the event stream, and detaching everything when the command
+ends or fails. A command that also reads the kernel's maps makes its readers from
+``KernelSource.program`` inside the session's block, so they are covered too.
 """
 
 from __future__ import annotations
@@ -9,12 +14,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
 from tcptrace.recording import Recording, clock_offset_ns, open_recording
 from tcptrace.views.common import make_console
+
+if TYPE_CHECKING:  # kernel/ is imported when a live session starts, not for a replay
+    from tcptrace.kernel.loader import LoadedProgram
+    from tcptrace.kernel.stream import KernelStream
 
 
 class Source(Protocol):
@@ -84,24 +93,17 @@ class RecordingSource:
 
 
 class KernelSource:
-    """Events from a loaded program (kernel/ is imported only when one is made)."""
+    """Events from a live session: a loaded program and the stream of its ring buffer."""
 
     live = True
 
-    def __init__(self, stream: object) -> None:
-        from tcptrace.kernel.stream import KernelStream
-
-        assert isinstance(stream, KernelStream)
-        self._stream = stream
+    def __init__(self, program: LoadedProgram, stream: KernelStream) -> None:
+        self.program = program
+        self.stream = stream
         self.clock_offset_ns = clock_offset_ns()
 
-    @property
-    def stream(self) -> object:
-        """The KernelStream (kernel/ types stay out of this module's signatures)."""
-        return self._stream
-
     def poll(self, timeout_s: float) -> list[SocketEvent]:
-        return self._stream.poll(max(0, int(timeout_s * 1000)))
+        return self.stream.poll(max(0, int(timeout_s * 1000)))
 
     @property
     def exhausted(self) -> bool:
@@ -111,13 +113,53 @@ class KernelSource:
         return time.monotonic_ns()
 
     def counters(self) -> dict[str, int]:
-        return self._stream.counters()
+        return self.stream.counters()
 
     def drain(self) -> list[SocketEvent]:
-        return self._stream.drain()
+        return self.stream.drain()
 
     def close(self) -> None:
-        self._stream.program.close()
+        self.program.close()
+
+
+@contextmanager
+def live_session(
+    parts: Sequence[str],
+    flt: EventFilter,
+    *,
+    stacks: bool = False,
+    symbolize: bool = False,
+    defines: dict[str, int] | None = None,
+    ringbuf_pages: int | None = None,
+    quiet: bool = False,
+) -> Iterator[KernelSource]:
+    """Load ``parts`` of bpf/ (a spinner on stderr while bcc compiles), attach them and
+    stream their events (``symbolize``: stacks as frames).
+
+    Every program is detached when the block ends, however it ends: a failure while the
+    caller sets up its readers, an exception, Ctrl-C. ``quiet``: no spinner.
+    """
+    from tcptrace.kernel.loader import PARTS, load
+    from tcptrace.kernel.stream import KernelStream
+
+    console = make_console(stderr=True, quiet=quiet)
+    with console.status("compiling and attaching BPF programs…"):
+        program = load(
+            [PARTS[name] for name in parts],
+            flt,
+            stacks=stacks,
+            defines=defines,
+            ringbuf_pages=ringbuf_pages,
+        )
+    try:
+        source = KernelSource(program, KernelStream(program, flt, symbolize=symbolize))
+    except BaseException:
+        program.close()
+        raise
+    try:
+        yield source
+    finally:
+        source.close()
 
 
 @contextmanager
@@ -130,37 +172,34 @@ def open_source(
     defines: dict[str, int] | None = None,
     ringbuf_pages: int | None = None,
     quiet: bool = False,
+    on_report: Callable[[dict[str, Any]], None] | None = None,
+    batch: int = 4096,
 ) -> Iterator[Source]:
-    """A recording when --from is given, else the live kernel running ``parts`` of bpf/.
-
-    Closed (every program detached) on exit, however the block ends.
-    """
-    source: Source
-    if from_file is not None:
-        source = RecordingSource(open_recording(from_file), flt)
-    else:
-        from tcptrace.kernel.loader import PARTS, load
-        from tcptrace.kernel.stream import KernelStream
-
-        console = make_console(stderr=True, quiet=quiet)
-        with console.status("compiling and attaching BPF programs…"):
-            program = load(
-                [PARTS[name] for name in parts],
-                flt,
-                stacks=stacks,
-                defines=defines,
-                ringbuf_pages=ringbuf_pages,
-            )
-        source = KernelSource(KernelStream(program, flt, symbolize=stacks))
+    """A recording when --from is given (objects that are not events go to ``on_report``),
+    else a live session running ``parts`` of bpf/ (see live_session)."""
+    if from_file is None:
+        with live_session(
+            parts,
+            flt,
+            stacks=stacks,
+            symbolize=stacks,
+            defines=defines,
+            ringbuf_pages=ringbuf_pages,
+            quiet=quiet,
+        ) as source:
+            yield source
+        return
+    recording = open_recording(from_file)
+    recording.on_report = on_report
+    replay = RecordingSource(recording, flt, batch=batch)
     try:
-        yield source
+        yield replay
     finally:
-        source.close()
+        replay.close()
 
 
 def drain_into(source: Source, on_event: Callable[[SocketEvent], None]) -> None:
     """After a live stop, take what the kernel already sent, so the summary counts it."""
-    drain = getattr(source, "drain", None)
-    if drain is not None:
-        for event in drain():
+    if isinstance(source, KernelSource):
+        for event in source.drain():
             on_event(event)

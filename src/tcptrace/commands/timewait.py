@@ -1,4 +1,4 @@
-"""`tcptrace timewait` wired together: a source (kernel or recording), the model, the view.
+"""`tcptrace timewait`: a source (kernel or recording), the TIME_WAIT model, the view.
 
 Live, the kernel's exact counters (bpf/timewait.bpf.c) are read at every tick and the model
 takes differences; the event stream carries each tw socket's attribution for --events and
@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import IO, Any
+from typing import Any
 
 from tcptrace.commands import session
 from tcptrace.commands.options import FilterOptions
 from tcptrace.commands.session import StopFlag
-from tcptrace.commands.sources import KernelSource, RecordingSource, Source
+from tcptrace.commands.sources import KernelSource, RecordingSource, open_source
 from tcptrace.errors import UsageError
+from tcptrace.kernel.timewait import TimewaitReader
 from tcptrace.model.events import SocketEvent, TimeWaitEvent
-from tcptrace.model.filters import EventFilter
 from tcptrace.model.timewait import (
     REMEDIES,
     HostSample,
@@ -29,17 +29,20 @@ from tcptrace.model.timewait import (
     interval_json,
     totals_json,
 )
-from tcptrace.recording import JsonLinesWriter, make_header, open_recording
+from tcptrace.recording import JsonLinesWriter, make_header
+from tcptrace.system.netstat import ProcNetError, sockstat_tw, tcpext
 from tcptrace.system.sysctl import TcpSettings, read_settings
-from tcptrace.views.common import make_console
+from tcptrace.views import timewait as view
+from tcptrace.views.common import make_console, start_live
 
 NS = 1_000_000_000
+# timewait.bpf.c keeps its own owner table: no lifecycle part needed.
+PARTS = ("timewait",)
+TOP_N = 5  # destinations forecast
 
 
 def host_sample() -> HostSample:
     """sockstat tw and TCPTimeWaitOverflow now; None for what cannot be read."""
-    from tcptrace.system.netstat import ProcNetError, sockstat_tw, tcpext
-
     try:
         tw: int | None = sockstat_tw()
     except ProcNetError:
@@ -85,68 +88,105 @@ def run(
     from_file: str | None,
     events: bool,
 ) -> None:
+    """Count until stopped, one interval every --interval; then the summary.
+
+    Live, the interval ends when the kernel's counters are read, so every creation falls
+    in exactly one interval; the last, partial one is reported too.
+    """
     flt = filters.event_filter(live=from_file is None)
     if events and not as_json:
         raise UsageError("--events needs --json")
-    run_timewait(
-        flt,
-        from_file=from_file,
-        interval_s=interval,
-        duration_s=duration,
-        as_json=as_json,
-        events=events,
-        out=sys.stdout,
-        filter_json=flt.to_json(),
-    )
-
-
-def run_timewait(
-    flt: EventFilter,
-    *,
-    from_file: str | None,
-    interval_s: float,
-    duration_s: float | None,
-    as_json: bool,
-    events: bool,
-    out: IO[str],
-    filter_json: dict[str, Any],
-    top_n: int = 5,
-) -> None:
-    from tcptrace.views import timewait as view
-
+    out = sys.stdout
     model = TimewaitModel()
     console = make_console(file=out)
     writer = JsonLinesWriter(out) if as_json else None
-    reader: Any = None
-    program: Any = None
-    source: Source
-    if from_file is not None:
-        recording = open_recording(from_file)
-        settings = settings_from_header(recording.header)
-        source = RecordingSource(recording, flt)
-    else:
-        from tcptrace.kernel.loader import PARTS, load
-        from tcptrace.kernel.stream import KernelStream
-        from tcptrace.kernel.timewait import TimewaitReader
+    settings = read_settings() if from_file is None else TcpSettings()
+    with open_source(from_file, flt, parts=PARTS) as source:
+        reader = None
+        if isinstance(source, KernelSource):
+            reader = TimewaitReader(source.program)
+            model.start(source.now_ns(), host_sample())
+        elif isinstance(source, RecordingSource):
+            settings = settings_from_header(source.recording.header)
+        counting = Counting(model, settings, reader)
+        if writer is not None:
+            writer.write(
+                make_header(
+                    "timewait",
+                    filter=flt.to_json(),
+                    interval_s=interval,
+                    events=events,
+                    settings=settings_to_json(settings),
+                )
+            )
+        live_view = None
+        if writer is None and console.is_terminal and source.live:
+            live_view = start_live(console, view.render(model, None, counting.context()))
 
-        settings = read_settings()
-        status = make_console(stderr=True)
-        with status.status("compiling and attaching BPF programs…"):
-            # timewait.bpf.c keeps its own owner table: no lifecycle part needed.
-            program = load([PARTS["timewait"]], flt)
+        def on_event(event: SocketEvent) -> None:
+            model.feed(event)
+            if writer is not None and events and isinstance(event, TimeWaitEvent):
+                writer.event(event)
+
+        def on_tick(now_ns: int) -> None:
+            # Live, the interval ends when the kernel's counters are read, which is later
+            # than the scheduled tick when the loop was held up (a slow reader of --json).
+            done = counting.tick(max(now_ns, source.now_ns()) if source.live else now_ns)
+            if writer is not None:
+                obj = interval_json(done)
+                obj["forecast"] = [forecast_json(f) for f in counting.context().forecasts]
+                writer.write(obj)
+            elif live_view is not None:
+                live_view.update(view.render(model, done, counting.context()), refresh=True)
+            elif done.seconds >= interval / 2 or done.delta.created or done.delta.resets_sent:
+                # (the last, partial interval only when something happened in it)
+                console.print(view.headline(done, model.totals), soft_wrap=True)
+
         try:
-            stream = KernelStream(program, flt)
-            reader = TimewaitReader(program)
-        except Exception:
-            program.close()
-            raise
-        source = KernelSource(stream)
-        model.start(source.now_ns(), host_sample())
+            reason = session.run(
+                source, on_event, interval_s=interval, duration_s=duration, on_tick=on_tick, flag=StopFlag()
+            )
+        finally:
+            if live_view is not None:
+                live_view.stop()
+        now_ns = source.now_ns()
+        if model.last_ns is not None and now_ns > model.last_ns:
+            on_tick(now_ns)  # the last, partial interval: totals then include everything
+        counters = source.counters()
+        kernel_stats = reader.stats() if reader is not None else None
+        skipped = source.program.skipped_runs() if isinstance(source, KernelSource) else None
 
-    ports = settings.ports or 0
+    seconds = (model.last_ns - model.start_ns) / NS if model.start_ns and model.last_ns else 0.0
+    ctx = counting.context()
+    if writer is not None:
+        writer.write(summary_json(model, ctx, counters, reason, seconds, kernel_stats, skipped))
+    else:
+        view.print_summary(console, model, ctx, counters, reason, seconds)
+        note = skipped_runs_note(skipped)
+        if note:
+            console.print(note, style="yellow", soft_wrap=True)
 
-    def context() -> view.Context:
-        forecasts = model.forecasts(ports, settings.tw_reuse, top=top_n) if ports else []
+
+class Counting:
+    """The model, the settings it is judged against and, live, the reader of the kernel's
+    exact counters."""
+
+    def __init__(self, model: TimewaitModel, settings: TcpSettings, reader: TimewaitReader | None) -> None:
+        self.model = model
+        self.settings = settings
+        self.reader = reader
+        self.ports = settings.ports or 0
+
+    def tick(self, now_ns: int) -> Interval:
+        """End an interval at ``now_ns`` (with the kernel's counts, live)."""
+        if self.reader is not None:
+            return self.model.tick(now_ns, self.reader.counts(), host_sample())
+        return self.model.tick(now_ns)
+
+    def context(self) -> view.Context:
+        """The port forecasts and what the settings mean, now."""
+        model, settings, ports = self.model, self.settings, self.ports
+        forecasts = model.forecasts(ports, settings.tw_reuse, top=TOP_N) if ports else []
         advice = explain_settings(
             settings.port_range,
             settings.tw_reuse,
@@ -158,100 +198,44 @@ def run_timewait(
         )
         return view.Context(ports or None, advice, forecasts)
 
-    def tick(now_ns: int) -> Interval:
-        if reader is not None:
-            return model.tick(now_ns, reader.counts(), host_sample())
-        return model.tick(now_ns)
 
-    try:
-        if writer is not None:
-            writer.write(
-                make_header(
-                    "timewait",
-                    filter=filter_json,
-                    interval_s=interval_s,
-                    events=events,
-                    settings=settings_to_json(settings),
-                )
-            )
-        live_view = None
-        if writer is None and console.is_terminal and source.live:
-            from tcptrace.views.common import start_live
+def summary_json(
+    model: TimewaitModel,
+    ctx: view.Context,
+    counters: dict[str, int],
+    reason: str,
+    seconds: float,
+    kernel_stats: dict[str, int] | None,
+    skipped: dict[str, int] | None,
+) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "type": "summary",
+        "command": "timewait",
+        "stopped": reason,
+        "duration_s": round(seconds, 3),
+        "lost": int(counters.get("lost", 0)),
+        "rate_per_s": round(model.totals.created / seconds, 3) if seconds > 0 else 0.0,
+        **totals_json(model.totals),
+        "events_created": model.events.snapshot().created,
+        "tw_overflow": model.overflow_total,
+        "forecast": [forecast_json(f) for f in ctx.forecasts],
+        "settings": [dataclasses.asdict(a) for a in ctx.advice],
+        "remedies": list(REMEDIES),
+    }
+    if kernel_stats is not None:
+        summary["kernel"] = kernel_stats
+    if skipped is not None:
+        summary["kernel_skipped_runs"] = skipped
+    return summary
 
-            live_view = start_live(console, view.render(model, None, context()))
 
-        def on_event(event: SocketEvent) -> None:
-            model.feed(event)
-            if writer is not None and events and isinstance(event, TimeWaitEvent):
-                writer.event(event)
-
-        def on_tick(now_ns: int) -> None:
-            # Live, the interval ends when the kernel's counters are read, which is later
-            # than the scheduled tick when the loop was held up (a slow reader of --json).
-            interval = tick(max(now_ns, source.now_ns()) if source.live else now_ns)
-            if writer is not None:
-                obj = interval_json(interval)
-                obj["forecast"] = [forecast_json(f) for f in context().forecasts]
-                writer.write(obj)
-            elif live_view is not None:
-                live_view.update(view.render(model, interval, context()), refresh=True)
-            elif interval.seconds >= interval_s / 2 or interval.delta.created or interval.delta.resets_sent:
-                # (the last, partial interval only when something happened in it)
-                console.print(view.headline(interval, model.totals), soft_wrap=True)
-
-        try:
-            reason = session.run(
-                source,
-                on_event,
-                interval_s=interval_s,
-                duration_s=duration_s,
-                on_tick=on_tick,
-                flag=StopFlag(),
-            )
-        finally:
-            if live_view is not None:
-                live_view.stop()
-        now_ns = source.now_ns()
-        if model.last_ns is not None and now_ns > model.last_ns:
-            on_tick(now_ns)  # the last, partial interval: totals then include everything
-        counters = source.counters()
-        kernel_stats = reader.stats() if reader is not None else None
-        skipped = None
-        if program is not None:
-            skipped = program.skipped_runs()
-    finally:
-        source.close()
-
-    seconds = (model.last_ns - model.start_ns) / NS if model.start_ns and model.last_ns else 0.0
-    ctx = context()
-    if writer is not None:
-        summary: dict[str, Any] = {
-            "type": "summary",
-            "command": "timewait",
-            "stopped": reason,
-            "duration_s": round(seconds, 3),
-            "lost": int(counters.get("lost", 0)),
-            "rate_per_s": round(model.totals.created / seconds, 3) if seconds > 0 else 0.0,
-            **totals_json(model.totals),
-            "events_created": model.events.snapshot().created,
-            "tw_overflow": model.overflow_total,
-            "forecast": [forecast_json(f) for f in ctx.forecasts],
-            "settings": [dataclasses.asdict(a) for a in ctx.advice],
-            "remedies": list(REMEDIES),
-        }
-        if kernel_stats is not None:
-            summary["kernel"] = kernel_stats
-        if skipped is not None:
-            summary["kernel_skipped_runs"] = skipped
-        writer.write(summary)
-    else:
-        view.print_summary(console, model, ctx, counters, reason, seconds)
-        missed = sum(skipped.values()) if skipped else 0
-        if missed:
-            console.print(
-                f"  the kernel skipped {missed} runs of tcptrace's programs (an interrupt hit the same "
-                f"tracepoint while it ran: {skipped}); most concern other timers, but a count may be "
-                "short by up to that many",
-                style="yellow",
-                soft_wrap=True,
-            )
+def skipped_runs_note(skipped: dict[str, int] | None) -> str:
+    """What the summary says when the kernel skipped runs of the programs ("" if none)."""
+    missed = sum(skipped.values()) if skipped else 0
+    if not missed:
+        return ""
+    return (
+        f"  the kernel skipped {missed} runs of tcptrace's programs (an interrupt hit the same "
+        f"tracepoint while it ran: {skipped}); most concern other timers, but a count may be "
+        "short by up to that many"
+    )

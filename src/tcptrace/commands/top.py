@@ -14,16 +14,23 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from tcptrace.commands import session
 from tcptrace.commands.options import FilterOptions, threshold_ns
 from tcptrace.commands.session import StopFlag
-from tcptrace.commands.sources import KernelSource, RecordingSource, Source
+from tcptrace.commands.sources import KernelSource, Source, open_source
+from tcptrace.errors import TcptraceError
+from tcptrace.kernel.closelat import CloseLatencyReader, closelat_defines
+from tcptrace.kernel.timewait import TimewaitReader
+from tcptrace.model.closewait import Preexisting
 from tcptrace.model.diagnosis import HostSnapshot
+from tcptrace.model.events import TcpState
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.overview import Overview
-from tcptrace.recording import open_recording
+from tcptrace.system import hostsnap
+from tcptrace.system.netstat import sockstat_tw
+from tcptrace.views import top as view
+from tcptrace.views.common import make_console, start_live
 
 PARTS = ("lifecycle", "owner", "closelat", "timewait")
 RESEED_NS = 10_000_000_000  # top re-reads /proc this often, so a missed transition heals
@@ -35,10 +42,10 @@ class Feeds:
     """A source and, live, the readers of the kernel's exact aggregates."""
 
     source: Source
-    timewait: Any = None
-    closelat: Any = None
-    program: Any = None  # LoadedProgram, for the kernel's skipped runs
+    timewait: TimewaitReader | None = None
+    closelat: CloseLatencyReader | None = None
     host_tw: bool = False
+    """Read the host's TIME_WAIT count (sockstat): only when nothing is filtered out."""
 
     def tick(self, overview: Overview, now_ns: int) -> None:
         """End an interval of ``overview`` at ``now_ns`` with what the kernel counted."""
@@ -46,21 +53,18 @@ class Feeds:
         rows = self.closelat.rows() if self.closelat is not None else None
         host_tw = None
         if self.host_tw:
-            from tcptrace.errors import TcptraceError
-            from tcptrace.system.netstat import sockstat_tw
-
             try:
                 host_tw = sockstat_tw()
             except TcptraceError:
                 host_tw = None
         lost = int(self.source.counters().get("lost", 0))
-        skipped = self.program.skipped_transitions() if self.program is not None else None
+        skipped = None
+        if isinstance(self.source, KernelSource):
+            skipped = self.source.program.skipped_transitions()
         overview.tick(now_ns, tw_counts=tw, closelat_rows=rows, host_tw=host_tw, lost=lost, skipped=skipped)
 
 
 def program_defines() -> dict[str, int]:
-    from tcptrace.kernel.closelat import closelat_defines
-
     defines = closelat_defines(CLOSE_WAIT_LATE_NS)
     # Unlike `closelat` and `timewait`, these commands want the transition events.
     defines.pop("TT_NO_TRANSITION_EVENTS", None)
@@ -71,43 +75,22 @@ def program_defines() -> dict[str, int]:
 @contextmanager
 def open_feeds(from_file: str | None, flt: EventFilter, quiet: bool = False) -> Iterator[Feeds]:
     """The live kernel (all four parts, stacks where they attribute) or a recording."""
-    if from_file is not None:
-        feeds = Feeds(RecordingSource(open_recording(from_file), flt))
-    else:
-        from tcptrace.kernel.closelat import CloseLatencyReader
-        from tcptrace.kernel.loader import PARTS as ALL_PARTS
-        from tcptrace.kernel.loader import load
-        from tcptrace.kernel.stream import KernelStream
-        from tcptrace.kernel.timewait import TimewaitReader
-        from tcptrace.views.common import make_console
-
-        console = make_console(stderr=True, quiet=quiet)
-        with console.status("compiling and attaching BPF programs…"):
-            program = load([ALL_PARTS[p] for p in PARTS], flt, stacks=True, defines=program_defines())
-        try:
-            stream = KernelStream(program, flt, symbolize=True)
+    with open_source(
+        from_file, flt, parts=PARTS, stacks=True, defines=program_defines(), quiet=quiet
+    ) as source:
+        feeds = Feeds(source)
+        if isinstance(source, KernelSource):
             feeds = Feeds(
-                KernelSource(stream),
-                timewait=TimewaitReader(program),
-                closelat=CloseLatencyReader(program),
-                program=program,
+                source,
+                timewait=TimewaitReader(source.program),
+                closelat=CloseLatencyReader(source.program),
                 host_tw=flt.empty,
             )
-        except Exception:
-            program.close()
-            raise
-    try:
         yield feeds
-    finally:
-        feeds.source.close()
 
 
 def seed_from_host(overview: Overview, flt: EventFilter) -> HostSnapshot:
     """Seed the model from a /proc snapshot taken after attaching; returns the snapshot."""
-    from tcptrace.model.closewait import Preexisting
-    from tcptrace.model.events import TcpState
-    from tcptrace.system import hostsnap
-
     snap = hostsnap.take(flt)
     overview.states.seed((s.state for s in snap.sockets), snap.at_ns)
     overview.start(snap.at_ns)
@@ -132,8 +115,6 @@ class TopResult:
 def _reseed(overview: Overview, flt: EventFilter) -> None:
     """Counts per state from /proc again: what the transitions missed (a skipped run, a
     lost event) stops counting. Owners are read only when a filter needs them."""
-    from tcptrace.system import hostsnap
-
     snap = hostsnap.take(flt, owners=flt.pid is not None or flt.comm is not None)
     overview.states.seed((s.state for s in snap.sockets), snap.at_ns)
 
@@ -167,16 +148,13 @@ def run_top(
     threshold_ns: int,
     sort: str = "c",
     before_start: Callable[[], None] | None = None,
-    flag: Any = None,
+    flag: StopFlag | None = None,
 ) -> TopResult:
     """The live dashboard until q, Ctrl-C, SIGTERM or --duration; then the last screen.
 
     ``before_start`` runs once the program is attached, before the /proc seed (the demo
     starts its workload there, so that every one of its sockets is seen born).
     """
-    from tcptrace.views import top as view
-    from tcptrace.views.common import make_console
-
     console = make_console()
     overview = Overview(threshold_ns=threshold_ns)
     overview.closelat.filter = flt
@@ -194,8 +172,6 @@ def run_top(
         with view.key_reader() as keys:
             live_view = None
             if show_live:
-                from tcptrace.views.common import start_live
-
                 live_view = start_live(console, view.render(overview, state, keys=keys is not None))
             last_tick = overview.start_ns or 0
 
