@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import io
 import json
@@ -346,3 +347,20 @@ def test_a_socket_found_at_start_and_then_seen_entering_is_counted_once() -> Non
     for ev in later:
         tracker2.feed(ev)
     assert len(tracker2.open_sockets()) == 2
+
+
+def test_rewrite_code_paths_touches_only_sockets_old_enough() -> None:
+    t = CloseWaitTracker(threshold_ns=NS)
+    leaked(t, 1, 7, 0)
+    leaked(t, 2, 7, 3 * NS)  # entered CLOSE_WAIT at 3 s
+
+    def upper(path: CodePath) -> CodePath:
+        return dataclasses.replace(path, ustack=tuple(f.upper() for f in path.ustack))
+
+    t.rewrite_code_paths(upper, now_ns=int(3.5 * NS), min_age_ns=NS)
+    old, young = t.open[("sk", 1)], t.open[("sk", 2)]
+    assert old.origin is not None and old.origin.ustack == ("ACCEPT", "MAIN")
+    assert old.last_touch is not None and old.last_touch.ustack == ("RECV", "LEAK_FN")
+    assert young.origin is not None and young.origin.ustack == ("accept", "main")
+    t.rewrite_code_paths(upper)  # no age given: every socket
+    assert young.last_touch is not None and young.last_touch.ustack == ("RECV", "LEAK_FN")

@@ -39,6 +39,7 @@ from tcptrace.model.agent import (
 )
 from tcptrace.model.events import SocketEvent, TcpState
 from tcptrace.model.filters import EventFilter
+from tcptrace.model.lifecycle import CodePath
 from tcptrace.system.procfd import closewait_snapshot
 
 NS = 1_000_000_000
@@ -218,21 +219,14 @@ class Agent:
         """Symbolize the code paths of the sockets in CLOSE_WAIT now (those older than
         ``older_than_ns``: the leak suspects, so that they group by function names), or of
         all of them before the stack map is emptied."""
-        for sock in self.model.tracker.open.values():
-            if older_than_ns is not None and sock.age_ns(now_ns) < older_than_ns:
-                continue
-            for name in ("origin", "last_touch"):
-                path = getattr(sock, name)
-                if path is not None and any(f.startswith("@") for f in path.kstack + path.ustack):
-                    setattr(
-                        sock,
-                        name,
-                        dataclasses.replace(
-                            path,
-                            kstack=tuple(self.resolve(path.kstack)),
-                            ustack=tuple(self.resolve(path.ustack)),
-                        ),
-                    )
+        self.model.tracker.rewrite_code_paths(self._resolve_path, now_ns, older_than_ns)
+
+    def _resolve_path(self, path: CodePath) -> CodePath:
+        if not any(f.startswith("@") for f in path.kstack + path.ustack):
+            return path
+        return dataclasses.replace(
+            path, kstack=tuple(self.resolve(path.kstack)), ustack=tuple(self.resolve(path.ustack))
+        )
 
     def tick(self, now_ns: int) -> None:
         """One refresh. A failure is logged as one JSON line and counted

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -439,6 +439,20 @@ class CloseWaitTracker:
             sock.last_touch = path
             return True
         return False
+
+    def rewrite_code_paths(
+        self, rewrite: Callable[[CodePath], CodePath], now_ns: int = 0, min_age_ns: int | None = None
+    ) -> None:
+        """Replace the origin and last-touch code paths of the sockets in CLOSE_WAIT (those
+        at least ``min_age_ns`` old at ``now_ns``, when given) with ``rewrite(path)``. The
+        agent keeps stacks as ids until they are shown, and symbolizes them this way."""
+        for sock in self.open.values():
+            if min_age_ns is not None and sock.age_ns(now_ns) < min_age_ns:
+                continue
+            if sock.origin is not None:
+                sock.origin = rewrite(sock.origin)
+            if sock.last_touch is not None:
+                sock.last_touch = rewrite(sock.last_touch)
 
     # ---- healing from /proc -------------------------------------------------------------
     # The kernel may skip a run of the transition hook (bpf_prog_active recursion guard,
