@@ -113,8 +113,19 @@ def proc_labels(proc: Proc) -> list[str]:
 
 def families(state: ExportState) -> list[Metric]:
     """The metric families of one export."""
-    out: list[Metric] = []
+    return [
+        *_socket_states(state),
+        *_close_wait(state),
+        *_timewait(state),
+        *_resets(state),
+        *_close_latency(state),
+        *_health(state),
+    ]
 
+
+def _socket_states(state: ExportState) -> list[Metric]:
+    """Sockets by state (when /proc was read)."""
+    out: list[Metric] = []
     if state.states is not None:
         g = GaugeMetricFamily(
             f"{PREFIX}_sockets",
@@ -124,7 +135,12 @@ def families(state: ExportState) -> list[Metric]:
         for name, count in sorted(state.states.items()):
             g.add_metric([name], count)
         out.append(g)
+    return out
 
+
+def _close_wait(state: ExportState) -> list[Metric]:
+    """CLOSE_WAIT now, per process, and since the agent started."""
+    out: list[Metric] = []
     open_g = GaugeMetricFamily(
         f"{PREFIX}_close_wait_sockets",
         "Sockets in CLOSE_WAIT now, by owning process.",
@@ -191,7 +207,12 @@ def families(state: ExportState) -> list[Metric]:
             "leak_suspect_groups", "Groups of leak suspects by (owner, code path) now.", state.suspect_groups
         )
     )
+    return out
 
+
+def _timewait(state: ExportState) -> list[Metric]:
+    """TIME_WAIT created, in all and by process and remote port (bounded)."""
+    out: list[Metric] = []
     out.append(
         _counter(
             "timewait_created",
@@ -215,7 +236,12 @@ def families(state: ExportState) -> list[Metric]:
     for port, n in state.timewait_by_remote_port:
         tw_r.add_metric([port], n)
     out.append(tw_r)
+    return out
 
+
+def _resets(state: ExportState) -> list[Metric]:
+    """Resets sent and received, in all and by process (bounded)."""
+    out: list[Metric] = []
     out.append(_counter("resets_sent", "TCP resets sent since the agent started.", state.resets_sent))
     out.append(
         _counter("resets_received", "TCP resets received since the agent started.", state.resets_received)
@@ -230,7 +256,12 @@ def families(state: ExportState) -> list[Metric]:
         for proc, n in rows:
             c.add_metric(proc_labels(proc), n)
         out.append(c)
+    return out
 
+
+def _close_latency(state: ExportState) -> list[Metric]:
+    """close(), shutdown() and close_range(): durations by process, calls in all."""
+    out: list[Metric] = []
     h = HistogramMetricFamily(
         f"{PREFIX}_close_duration_seconds",
         "Duration of close(), shutdown() and close_range() on TCP sockets (exact log2 buckets).",
@@ -247,7 +278,12 @@ def families(state: ExportState) -> list[Metric]:
     for call, n in sorted(state.close_calls.items()):
         calls.add_metric([call], n)
     out.append(calls)
+    return out
 
+
+def _health(state: ExportState) -> list[Metric]:
+    """What the agent itself saw, lost, pruned and holds."""
+    out: list[Metric] = []
     out.append(_counter("events", "Events decoded from the kernel's ring buffer.", state.events_decoded))
     out.append(
         _counter(
