@@ -65,55 +65,15 @@ def run(
     like any other.
     """
     flag = flag or StopFlag()
-    pid_gone_at: int | None = None
-    interval_ns = max(1, int(interval_s * NS))
-    start_ns: int | None = source.now_ns() if source.live else None
-    next_tick: int | None = start_ns + interval_ns if start_ns is not None else None
-    deadline: int | None = None
-    if duration_s is not None and start_ns is not None:
-        deadline = start_ns + int(duration_s * NS)
-
-    def tick_until(now: int) -> None:
-        nonlocal next_tick
-        while next_tick is not None and now >= next_tick:
-            if on_tick is not None:
-                on_tick(next_tick)
-            next_tick += interval_ns
-
-    def loop() -> None:
-        nonlocal start_ns, next_tick, deadline, pid_gone_at
-        while flag.reason is None:
-            timeout = 0.1
-            if source.live and deadline is not None:
-                timeout = max(0.0, min(timeout, (deadline - source.now_ns()) / NS))
-            events = source.poll(timeout)
-            for event in events:
-                if start_ns is None:  # replay: the clock starts at the first event
-                    start_ns = event.ts_ns
-                    next_tick = start_ns + interval_ns
-                    if duration_s is not None:
-                        deadline = start_ns + int(duration_s * NS)
-                if deadline is not None and event.ts_ns > deadline:
-                    flag.set("duration")
-                    break
-                if not source.live:
-                    tick_until(event.ts_ns)
-                on_event(event)
-            now = source.now_ns()
-            if source.live:
-                tick_until(now)
-                if deadline is not None and now >= deadline:
-                    flag.set("duration")
-                if watch_pid is not None and pid_gone_at is None and not os.path.exists(f"/proc/{watch_pid}"):
-                    pid_gone_at = now
-                if pid_gone_at is not None and now - pid_gone_at >= PID_EXIT_GRACE_S * NS:
-                    flag.set("pid exited")
-            if source.exhausted:
-                flag.set("end")
-
+    clock = Clock(max(1, int(interval_s * NS)), duration_s, on_tick)
+    if source.live:
+        clock.start(source.now_ns())
+    pid = PidWatch(watch_pid)
     with stop_on_signals(flag):
         try:
-            loop()
+            while flag.reason is None:
+                _handle_poll(source, on_event, clock, flag)
+                _check_stop(source, clock, flag, pid)
         except KeyboardInterrupt:
             flag.set("SIGINT")
         drain = getattr(source, "drain", None)
@@ -121,3 +81,76 @@ def run(
             for event in drain():
                 on_event(event)
     return flag.reason or "end"
+
+
+@dataclass
+class Clock:
+    """When the next tick is due and when --duration ends, in the source's clock (model
+    time). Live it starts with the run; in a replay at the first event."""
+
+    interval_ns: int
+    duration_s: float | None
+    on_tick: Callable[[int], None] | None
+    next_tick: int | None = None
+    deadline: int | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.next_tick is not None
+
+    def start(self, start_ns: int) -> None:
+        self.next_tick = start_ns + self.interval_ns
+        if self.duration_s is not None:
+            self.deadline = start_ns + int(self.duration_s * NS)
+
+    def tick_until(self, now: int) -> None:
+        """Every tick due at ``now``, in order."""
+        while self.next_tick is not None and now >= self.next_tick:
+            if self.on_tick is not None:
+                self.on_tick(self.next_tick)
+            self.next_tick += self.interval_ns
+
+
+@dataclass
+class PidWatch:
+    """Whether the traced process has exited, a grace period ago."""
+
+    pid: int | None
+    gone_at: int | None = None
+
+    def exited(self, now: int) -> bool:
+        if self.pid is not None and self.gone_at is None and not os.path.exists(f"/proc/{self.pid}"):
+            self.gone_at = now
+        return self.gone_at is not None and now - self.gone_at >= PID_EXIT_GRACE_S * NS
+
+
+def _handle_poll(
+    source: Source, on_event: Callable[[SocketEvent], None], clock: Clock, flag: StopFlag
+) -> None:
+    """One poll of ``source``: each event handled, in a replay after the ticks due before it;
+    the first event past --duration stops the run."""
+    timeout = 0.1
+    if source.live and clock.deadline is not None:
+        timeout = max(0.0, min(timeout, (clock.deadline - source.now_ns()) / NS))
+    for event in source.poll(timeout):
+        if not clock.started:  # replay: the clock starts at the first event
+            clock.start(event.ts_ns)
+        if clock.deadline is not None and event.ts_ns > clock.deadline:
+            flag.set("duration")
+            break
+        if not source.live:
+            clock.tick_until(event.ts_ns)
+        on_event(event)
+
+
+def _check_stop(source: Source, clock: Clock, flag: StopFlag, pid: PidWatch) -> None:
+    """Live: the ticks due now, --duration, the traced process' exit; any source: its end."""
+    now = source.now_ns()
+    if source.live:
+        clock.tick_until(now)
+        if clock.deadline is not None and now >= clock.deadline:
+            flag.set("duration")
+        if pid.exited(now):
+            flag.set("pid exited")
+    if source.exhausted:
+        flag.set("end")
