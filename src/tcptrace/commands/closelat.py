@@ -16,7 +16,7 @@ from typing import Any
 from tcptrace.commands import session
 from tcptrace.commands.options import FilterOptions
 from tcptrace.commands.session import StopFlag
-from tcptrace.commands.sources import KernelSource, open_source
+from tcptrace.commands.sources import KernelSource, Source, open_source
 from tcptrace.errors import RecordingError, UsageError
 from tcptrace.kernel.closelat import CloseLatencyReader, closelat_defines
 from tcptrace.kernel.stream import Symbolizer
@@ -67,10 +67,7 @@ def run(
         on_report=replay_reports(model, emit, from_file or ""),
         batch=1,  # a recorded report is replayed between the events around it
     ) as source:
-        reader = None
-        if isinstance(source, KernelSource):
-            reader = CloseLatencyReader(source.program, Symbolizer(source.program) if stacks else None)
-            model.start(source.now_ns())
+        reader = kernel_reader(source, model, stacks)
         if writer is not None:
             writer.write(
                 make_header(
@@ -113,15 +110,30 @@ def run(
                 emit(model.snapshot(now, reader.rows()))
             counters.update(reader.counters())
 
-    if from_file is not None and model.reports == 0 and model.flagged_total == 0:
-        raise RecordingError(
-            f"{from_file} holds no close() latency reports",
-            hint="record them with `tcptrace closelat --json > FILE`",
-        )
+    if from_file is not None:
+        require_reports(model, from_file)
     if writer is not None:
         writer.write(summary_json(model, counters, reason))
     else:
         print_summary(make_console(stderr=True), model, counters, reason, source.clock_offset_ns)
+
+
+def kernel_reader(source: Source, model: CloseLatency, stacks: bool) -> CloseLatencyReader | None:
+    """Live: the reader of the kernel's histograms (per code path with --stacks), and the
+    model's clock started; from a recording: None (its reports are replayed)."""
+    if not isinstance(source, KernelSource):
+        return None
+    model.start(source.now_ns())
+    return CloseLatencyReader(source.program, Symbolizer(source.program) if stacks else None)
+
+
+def require_reports(model: CloseLatency, path: str) -> None:
+    """A recording without a report or a flagged call is not one of `closelat --json`."""
+    if model.reports == 0 and model.flagged_total == 0:
+        raise RecordingError(
+            f"{path} holds no close() latency reports",
+            hint="record them with `tcptrace closelat --json > FILE`",
+        )
 
 
 def replay_reports(

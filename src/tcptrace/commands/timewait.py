@@ -15,8 +15,9 @@ from typing import Any
 from tcptrace.commands import session
 from tcptrace.commands.options import FilterOptions
 from tcptrace.commands.session import StopFlag
-from tcptrace.commands.sources import KernelSource, RecordingSource, open_source
+from tcptrace.commands.sources import KernelSource, RecordingSource, Source, open_source
 from tcptrace.errors import UsageError
+from tcptrace.kernel.loader import LoadedProgram
 from tcptrace.kernel.timewait import TimewaitReader
 from tcptrace.model.events import SocketEvent, TimeWaitEvent
 from tcptrace.model.timewait import (
@@ -100,15 +101,9 @@ def run(
     model = TimewaitModel()
     console = make_console(file=out)
     writer = JsonLinesWriter(out) if as_json else None
-    settings = read_settings() if from_file is None else TcpSettings()
+    settings = read_settings() if from_file is None else None
     with open_source(from_file, flt, parts=PARTS) as source:
-        reader = None
-        if isinstance(source, KernelSource):
-            reader = TimewaitReader(source.program)
-            model.start(source.now_ns(), host_sample())
-        elif isinstance(source, RecordingSource):
-            settings = settings_from_header(source.recording.header)
-        counting = Counting(model, settings, reader)
+        counting = Counting.of(source, model, settings)
         if writer is not None:
             writer.write(
                 make_header(
@@ -116,7 +111,7 @@ def run(
                     filter=flt.to_json(),
                     interval_s=interval,
                     events=events,
-                    settings=settings_to_json(settings),
+                    settings=settings_to_json(counting.settings),
                 )
             )
         live_view = None
@@ -153,8 +148,7 @@ def run(
         if model.last_ns is not None and now_ns > model.last_ns:
             on_tick(now_ns)  # the last, partial interval: totals then include everything
         counters = source.counters()
-        kernel_stats = reader.stats() if reader is not None else None
-        skipped = source.program.skipped_runs() if isinstance(source, KernelSource) else None
+        kernel_stats, skipped = counting.kernel_stats(), counting.skipped_runs()
 
     seconds = (model.last_ns - model.start_ns) / NS if model.start_ns and model.last_ns else 0.0
     ctx = counting.context()
@@ -171,11 +165,36 @@ class Counting:
     """The model, the settings it is judged against and, live, the reader of the kernel's
     exact counters."""
 
-    def __init__(self, model: TimewaitModel, settings: TcpSettings, reader: TimewaitReader | None) -> None:
+    def __init__(
+        self,
+        model: TimewaitModel,
+        settings: TcpSettings,
+        reader: TimewaitReader | None = None,
+        program: LoadedProgram | None = None,
+    ) -> None:
         self.model = model
         self.settings = settings
         self.reader = reader
+        self.program = program
         self.ports = settings.ports or 0
+
+    @classmethod
+    def of(cls, source: Source, model: TimewaitModel, settings: TcpSettings | None) -> Counting:
+        """Live: the kernel's counters, read from now on, and the host's ``settings``; from a
+        recording: the settings its header carries."""
+        if isinstance(source, KernelSource):
+            model.start(source.now_ns(), host_sample())
+            return cls(model, settings or TcpSettings(), TimewaitReader(source.program), source.program)
+        if isinstance(source, RecordingSource):
+            return cls(model, settings_from_header(source.recording.header))
+        return cls(model, settings or TcpSettings())
+
+    def kernel_stats(self) -> dict[str, int] | None:
+        return self.reader.stats() if self.reader is not None else None
+
+    def skipped_runs(self) -> dict[str, int] | None:
+        """Runs of the programs the kernel skipped, by tracepoint (live, when it can tell)."""
+        return self.program.skipped_runs() if self.program is not None else None
 
     def tick(self, now_ns: int) -> Interval:
         """End an interval at ``now_ns`` (with the kernel's counts, live)."""
