@@ -372,7 +372,7 @@ def evaluate_targets(runs: Sequence[Run], commands: Sequence[str]) -> list[Verdi
     states = [r for r in runs if r.tracer == "states" and r.error is None]
     if states:
         problems: list[str] = []
-        notes: list[str] = []
+        notes = []
         for r in states:
             if r.events_received is None or r.lost_reported is None or r.kernel_transitions is None:
                 problems.append(f"{r.scenario}: no summary")
