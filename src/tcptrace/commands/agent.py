@@ -58,9 +58,9 @@ class AgentOptions:
     stacks: bool = True
     max_stacks: int = 16384
     max_symbol_pids: int = 64
-    """bcc builds a symbol cache per process symbolized and cannot free it safely (bcc 0.26
-    closes unrelated fds when freeing one): user stacks are symbolized only for leak
-    suspects, and only for this many processes over the agent's life."""
+    """User stacks are symbolized only for leak suspects, and only for this many processes
+    over the agent's life: bcc keeps a symbol cache per process and cannot free one safely
+    (docs/agent.md, "Bounded for weeks")."""
     ringbuf_pages: int | None = None
     filter: EventFilter = EventFilter()
     states_interval_s: float = 30.0
@@ -73,8 +73,8 @@ PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
 def read_states(paths: tuple[str, ...] = PROC_NET_TCP) -> dict[str, int] | None:
     """Sockets by state from /proc/net/tcp{,6}; None when they cannot be read.
 
-    Only the state column is parsed: reading the files costs the kernel ~10 us a socket,
-    the rest is kept small (tens of thousands of TIME_WAIT sockets are common).
+    Only the state column is parsed: the files can hold tens of thousands of sockets, and
+    what reading them costs is the kernel's (docs/agent.md).
     """
     states: list[str] = []
     names = {s.value: s.name for s in TcpState}

@@ -98,6 +98,3 @@ class TimewaitReader:
             format_addr(bytes(key.raddr), family),
             int(key.rport),
         )
-
-
-# bpf(2) command and the kernel's own count of skipped runs of a program.
