@@ -125,17 +125,17 @@ def families(state: ExportState) -> list[Metric]:
 
 def _socket_states(state: ExportState) -> list[Metric]:
     """Sockets by state (when /proc was read)."""
-    out: list[Metric] = []
-    if state.states is not None:
-        g = GaugeMetricFamily(
-            f"{PREFIX}_sockets",
+    if state.states is None:
+        return []
+    return [
+        _by_label(
+            GaugeMetricFamily,
+            "sockets",
             "TCP sockets by state in the host network namespace (from /proc/net/tcp and tcp6).",
-            labels=["state"],
+            "state",
+            state.states,
         )
-        for name, count in sorted(state.states.items()):
-            g.add_metric([name], count)
-        out.append(g)
-    return out
+    ]
 
 
 def _close_wait(state: ExportState) -> list[Metric]:
@@ -270,14 +270,15 @@ def _close_latency(state: ExportState) -> list[Metric]:
     for proc, call, hist in state.close_durations:
         h.add_metric([*proc_labels(proc), call], duration_buckets(hist), hist.sum_ns / NS)
     out.append(h)
-    calls = CounterMetricFamily(
-        f"{PREFIX}_close_calls",
-        "close(), shutdown() and close_range() calls on TCP sockets, all processes.",
-        labels=["call"],
+    out.append(
+        _by_label(
+            CounterMetricFamily,
+            "close_calls",
+            "close(), shutdown() and close_range() calls on TCP sockets, all processes.",
+            "call",
+            state.close_calls,
+        )
     )
-    for call, n in sorted(state.close_calls.items()):
-        calls.add_metric([call], n)
-    out.append(calls)
     return out
 
 
@@ -291,37 +292,43 @@ def _health(state: ExportState) -> list[Metric]:
         )
     )
     out.append(_counter("events_malformed", "Events that could not be decoded.", state.events_malformed))
-    fails = CounterMetricFamily(
-        f"{PREFIX}_kernel_map_failures",
-        "Kernel map updates or stack captures that failed, by map.",
-        labels=["map"],
+    out.append(
+        _by_label(
+            CounterMetricFamily,
+            "kernel_map_failures",
+            "Kernel map updates or stack captures that failed, by map.",
+            "map",
+            state.map_failures,
+        )
     )
-    for name, n in sorted(state.map_failures.items()):
-        fails.add_metric([name], n)
-    out.append(fails)
-    keys = GaugeMetricFamily(
-        f"{PREFIX}_label_sets",
-        "Label sets kept per bounded metric (at most --top-processes or --top-ports).",
-        labels=["metric"],
+    out.append(
+        _by_label(
+            GaugeMetricFamily,
+            "label_sets",
+            "Label sets kept per bounded metric (at most --top-processes or --top-ports).",
+            "metric",
+            state.label_keys,
+        )
     )
-    for name, n in sorted(state.label_keys.items()):
-        keys.add_metric([name], n)
-    out.append(keys)
-    pruned = CounterMetricFamily(
-        f"{PREFIX}_map_entries_pruned", "Idle kernel map entries the agent deleted.", labels=["map"]
+    out.append(
+        _by_label(
+            CounterMetricFamily,
+            "map_entries_pruned",
+            "Idle kernel map entries the agent deleted.",
+            "map",
+            state.pruned,
+        )
     )
-    for name, n in sorted(state.pruned.items()):
-        pruned.add_metric([name], n)
-    out.append(pruned)
-    misses = CounterMetricFamily(
-        f"{PREFIX}_bpf_recursion_misses",
-        "Runs of a BPF program the kernel skipped because another one was running on that CPU: "
-        "what they would have counted or sent is missing without a trace (not in events_lost).",
-        labels=["program"],
+    out.append(
+        _by_label(
+            CounterMetricFamily,
+            "bpf_recursion_misses",
+            "Runs of a BPF program the kernel skipped because another one was running on that CPU: "
+            "what they would have counted or sent is missing without a trace (not in events_lost).",
+            "program",
+            state.recursion_misses,
+        )
     )
-    for name, n in sorted(state.recursion_misses.items()):
-        misses.add_metric([name], n)
-    out.append(misses)
     out.append(
         _counter(
             "agent_tick_errors", "Refreshes that failed (logged as agent_error lines).", state.tick_errors
@@ -335,6 +342,20 @@ def _health(state: ExportState) -> list[Metric]:
             state.user_sockets,
         )
     )
+    return out
+
+
+def _by_label(
+    family: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    name: str,
+    doc: str,
+    label: str,
+    values: Mapping[str, int],
+) -> Metric:
+    """One family with one label, a sample per key, in key order."""
+    out = family(f"{PREFIX}_{name}", doc, labels=[label])
+    for key, n in sorted(values.items()):
+        out.add_metric([key], n)
     return out
 
 
