@@ -170,7 +170,8 @@ def test_compile_errors_name_the_bpf_file_and_line(tmp_path: Path) -> None:
     from tcptrace.kernel import loader
 
     broken = tmp_path / "bpf"
-    shutil.copytree(loader.bpf_dir(), broken)
+    with loader.bpf_sources() as sources:
+        shutil.copytree(sources, broken)
     src = broken / "lifecycle.bpf.c"
     lines = src.read_text().splitlines()
     idx = next(i for i, line in enumerate(lines) if "prev_ns = 0;" in line)

@@ -15,11 +15,13 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from tcptrace.errors import CompileError, EnvironmentProblem, PrivilegeError
 from tcptrace.kernel.btf import Btf
+from tcptrace.kernel.trust import untrusted_reason
 from tcptrace.model.filters import EventFilter
 
 INSTALL_HINT = "run scripts/install (as root) from the tcptrace checkout"
@@ -33,17 +35,31 @@ CAPS_NEEDED = "CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH"
 STAT_NAMES = ("transitions", "emitted", "lost", "sock_update_failed", "stack_failed")
 
 
-def bpf_dir() -> Path:
-    """bpf/ of this checkout (or of an installed copy beside the package)."""
-    env = os.environ.get("TCPTRACE_BPF_DIR")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "bpf" / "tcptrace.h"
-        if candidate.exists():
-            return candidate.parent
-    raise EnvironmentProblem("cannot find the bpf/ programs", hint=INSTALL_HINT)
+BPF_DIR_ENV = "TCPTRACE_BPF_DIR"
+
+
+@contextmanager
+def bpf_sources() -> Iterator[Path]:
+    """A real directory holding the BPF programs, for bcc's ``-I``: the package's own
+    ``tcptrace/bpf`` (made a directory by importlib.resources when the package is not on a
+    file system), or ``TCPTRACE_BPF_DIR`` when root may compile from it (kernel/trust.py)."""
+    override = os.environ.get(BPF_DIR_ENV)
+    if override:
+        problem = untrusted_reason(override)
+        if problem:
+            raise EnvironmentProblem(
+                f"{BPF_DIR_ENV} refused: {problem}",
+                hint=f"unset {BPF_DIR_ENV} (sudo -E keeps it); tcptrace compiles its own programs",
+            )
+        yield Path(override)
+        return
+    with resources.as_file(resources.files("tcptrace") / "bpf") as path:
+        directory = Path(path)
+        if not (directory / "tcptrace.h").is_file():
+            raise EnvironmentProblem(
+                "cannot find the bpf/ programs in the tcptrace package", hint="reinstall tcptrace"
+            )
+        yield directory
 
 
 def effective_caps() -> int:
@@ -469,8 +485,7 @@ def load(
                 )
     bcc = import_bcc()
     require_headers()
-    directory = bpf_dir()
-    cflags = [f"-I{directory}", *filter_cflags(flt), "-Wno-macro-redefined"]
+    cflags = [*filter_cflags(flt), "-Wno-macro-redefined"]
     btf = btf or Btf.load()
     all_defines = dict(BtfOffsets.read(btf).defines)
     if any(p.fd_walk for p in parts):
@@ -487,10 +502,10 @@ def load(
     cflags += [f"-D{k}={v}" if v < (1 << 63) else f"-D{k}={v}ULL" for k, v in sorted(all_defines.items())]
     if stacks:
         cflags.append("-DTT_WITH_STACKS")
-    text = program_text(parts, directory)
-    with _stderr_captured() as captured:
+    with bpf_sources() as directory, _stderr_captured() as captured:
+        text = program_text(parts, directory)
         try:
-            bpf = bcc.BPF(text=text, cflags=cflags)
+            bpf = bcc.BPF(text=text, cflags=[f"-I{directory}", *cflags])
         except Exception as exc:  # bcc raises bare Exception for compile and load failures
             failure: Exception | None = exc
         else:
