@@ -7,7 +7,7 @@ import sys
 import time
 
 from tcptrace.errors import TcptraceError
-from tcptrace.kernel import loader
+from tcptrace.kernel import headers, loader
 from tcptrace.kernel.btf import Btf
 from tcptrace.views.common import make_console
 from tcptrace.views.doctor import Check, print_checks
@@ -44,10 +44,10 @@ def run_checks() -> list[Check]:
     except TcptraceError as exc:
         bcc = None
         checks.append(Check("bcc", False, str(exc), INSTALL))
-    build = loader.headers_dir()
-    headers_ok = (build / "include").is_dir()
-    target = os.path.realpath(build) if build.exists() else "missing"
-    checks.append(Check("kernel headers", headers_ok, f"{build} -> {target}", INSTALL))
+    try:
+        checks.append(Check("kernel headers", True, headers.find().describe))
+    except TcptraceError as exc:
+        checks.append(Check("kernel headers", False, str(exc), exc.hint or INSTALL))
     try:
         tracefs = loader.ensure_tracefs() if privileged else _tracefs_if_mounted()
         checks.append(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tcptrace.errors import CompileError, EnvironmentProblem, PrivilegeError
+from tcptrace.kernel import headers
 from tcptrace.kernel.btf import Btf
 from tcptrace.kernel.trust import untrusted_reason
 from tcptrace.model.filters import EventFilter
@@ -137,16 +138,6 @@ def ensure_tracefs() -> str:
 def tracepoint_exists(group: str, name: str) -> bool:
     tracefs = ensure_tracefs()
     return os.path.isdir(os.path.join(tracefs, "events", group, name))
-
-
-def headers_dir() -> Path:
-    return Path("/lib/modules") / os.uname().release / "build"
-
-
-def require_headers() -> None:
-    build = headers_dir()
-    if not (build / "include").is_dir() and not (build / "Makefile").exists():
-        raise EnvironmentProblem(f"no kernel headers at {build}", hint=INSTALL_HINT)
 
 
 def import_bcc() -> Any:
@@ -371,6 +362,39 @@ def program_text(parts: Sequence[Part], directory: Path) -> str:
 _DIAG = re.compile(r"^(bpf/[^:]+:\d+:\d+: (?:fatal )?error: .*)$", re.M)
 
 
+# What in a caller's environment would add or swap C in what root compiles: clang's include
+# paths, and bcc's choice of the /lib/modules subdirectory. Cleared for the compile; bcc's
+# BCC_KERNEL_SOURCE is honoured only when trusted (kernel/headers.py).
+UNTRUSTED_ENV = (
+    "CPATH",
+    "C_INCLUDE_PATH",
+    "CPLUS_INCLUDE_PATH",
+    "OBJC_INCLUDE_PATH",
+    "BCC_KERNEL_MODULES_SUFFIX",
+)
+
+
+@contextmanager
+def _compile_environment(kernel_headers: headers.KernelHeaders) -> Iterator[None]:
+    """The environment bcc compiles in: the untrusted variables unset, and
+    BCC_KERNEL_SOURCE pointing at ``kernel_headers`` when bcc would not find them itself.
+    Restored afterwards, so child processes never inherit it."""
+    names = (*UNTRUSTED_ENV, headers.ENV)
+    saved = {name: os.environ.get(name) for name in names}
+    for name in UNTRUSTED_ENV:
+        os.environ.pop(name, None)
+    if kernel_headers.env is not None:
+        os.environ[headers.ENV] = kernel_headers.env
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @contextmanager
 def _stderr_captured() -> Iterator[list[str]]:
     """Capture what C code (clang, the verifier via libbcc) writes to fd 2."""
@@ -484,7 +508,7 @@ def load(
                     f"this kernel has no tracepoint {group}:{name}: {part.feature} cannot be traced"
                 )
     bcc = import_bcc()
-    require_headers()
+    kernel_headers = headers.find()
     cflags = [*filter_cflags(flt), "-Wno-macro-redefined"]
     btf = btf or Btf.load()
     all_defines = dict(BtfOffsets.read(btf).defines)
@@ -502,7 +526,7 @@ def load(
     cflags += [f"-D{k}={v}" if v < (1 << 63) else f"-D{k}={v}ULL" for k, v in sorted(all_defines.items())]
     if stacks:
         cflags.append("-DTT_WITH_STACKS")
-    with bpf_sources() as directory, _stderr_captured() as captured:
+    with bpf_sources() as directory, _compile_environment(kernel_headers), _stderr_captured() as captured:
         text = program_text(parts, directory)
         try:
             bpf = bcc.BPF(text=text, cflags=[f"-I{directory}", *cflags])
@@ -511,7 +535,8 @@ def load(
         else:
             failure = None
     if failure is not None:
-        raise _compile_error(str(failure), captured[0] if captured else "") from None
+        stderr = captured[0] if captured else ""
+        raise _compile_error(str(failure), stderr, kernel_headers) from None
     try:
         _fill_filter_maps(bpf, flt)
         for part in parts:
@@ -560,7 +585,7 @@ def _fill_filter_maps(bpf: Any, flt: EventFilter) -> None:
         table[table.Key(0)] = leaf
 
 
-def _compile_error(message: str, stderr: str) -> CompileError:
+def _compile_error(message: str, stderr: str, kernel_headers: headers.KernelHeaders) -> CompileError:
     diags = _DIAG.findall(stderr)
     if diags:
         more = f" (+{len(diags) - 1} more)" if len(diags) > 1 else ""
@@ -570,4 +595,4 @@ def _compile_error(message: str, stderr: str) -> CompileError:
         detail = " | ".join(tail)
         return CompileError(f"the kernel refused a BPF program: {message}: {detail}")
     first = next((ln for ln in stderr.splitlines() if "error" in ln), message)
-    return CompileError(f"BPF compile error: {first}", hint=f"kernel headers: {headers_dir()}")
+    return CompileError(f"BPF compile error: {first}", hint=f"kernel headers: {kernel_headers.describe}")
