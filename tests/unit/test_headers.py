@@ -45,7 +45,7 @@ def test_a_debian_split_becomes_one_tree_of_links(tmp_path: Path) -> None:
     assert found is not None
     tree = trees / flav.name
     assert found.path == tree and found.env == str(tree)
-    assert "nearest to 6.18.1-test" in found.describe and f"{flav.name} + {common.name}" in found.describe
+    assert "nearest to 6.18.1-test" in found.describe and f"{flav.name} with {common.name}" in found.describe
     assert headers.has_headers(tree)
     # directories both layers have are merged; everything else is one link to the layer's entry
     assert (tree / "include").is_dir() and not (tree / "include").is_symlink()

@@ -209,7 +209,7 @@ def _from_usr_src(release: str, build: bool, trees: Path, usr_src: Path) -> Kern
             build_tree(candidate, common, trees)
         else:
             raise EnvironmentProblem(f"{candidate.name} needs tcptrace's header tree {tree}", hint=HINT)
-        return KernelHeaders(tree, f"{tree} = {candidate.name} + {common.name}{note} via {ENV}", str(tree))
+        return KernelHeaders(tree, f"{candidate.name} with {common.name}{note} via {ENV}={tree}", str(tree))
     return None
 
 
