@@ -17,11 +17,8 @@
  * is ignored; otherwise the call counts when one of the first TT_CL_RANGE_SCAN fds of
  * the range is a TCP socket (its first such socket describes the call).
  */
-#include "common.bpf.h"
+#include "sock.bpf.h"
 
-#ifndef TT_CL_SLOTS
-#define TT_CL_SLOTS 65           /* slot 0: 0 ns; slot k: [2^(k-1), 2^k) ns */
-#endif
 #ifndef TT_CL_MAX_KEYS
 #define TT_CL_MAX_KEYS 16384     /* (process, syscall, stack) histograms */
 #endif
@@ -39,13 +36,6 @@
 #endif
 
 #define TT_CL_CLOSE_RANGE_CLOEXEC 4 /* include/uapi/linux/close_range.h */
-
-/* Indexes of `cl_stats` (kernel/closelat.py names them). */
-#define TT_CL_STAT_CALLS 0        /* calls on TCP sockets that passed the filters */
-#define TT_CL_STAT_CALL_FAIL 1    /* cl_calls full: a call not timed */
-#define TT_CL_STAT_HIST_FAIL 2    /* cl_hists full: a call timed but not counted */
-#define TT_CL_STAT_FLAGGED 3      /* calls that set a TT_CLOSE_* flag */
-#define TT_CL_STAT_MAX 4
 
 struct tt_cl_key {
     __u32 tgid;
@@ -71,15 +61,11 @@ struct tt_cl_call {
     __u64 sk_flags;
     __u64 in_state_ns;            /* time the socket had been in `state` at entry, 0 unknown */
     __s32 ustack;
-    __u16 family;
-    __u16 sport;
-    __u16 dport;
     __u8 op;
     __u8 state;
     __u8 reset;
-    __u8 pad[3];
-    __u8 saddr[16];
-    __u8 daddr[16];
+    __u8 pad;
+    struct tt_tuple t;            /* local port: skc_num (0 for a socket already in CLOSE) */
 };
 
 /* Histograms, cumulative since the program was loaded: inserted at the first call of a
@@ -89,19 +75,14 @@ BPF_HASH(cl_hists, struct tt_cl_key, struct tt_cl_hist, TT_CL_MAX_KEYS);
 /* Calls in flight by thread id: inserted at sys_enter, deleted at sys_exit. */
 BPF_HASH(cl_calls, __u32, struct tt_cl_call, TT_CL_MAX_THREADS);
 
-/* A zeroed histogram to insert from (too large for the BPF stack). Only comm is ever
- * written, and it is rewritten before each use. */
+/* A zeroed histogram to insert from (too large for the BPF stack): one slot per CPU,
+ * never inserted or deleted. Only comm is ever written, and it is rewritten before
+ * each use. */
 BPF_PERCPU_ARRAY(cl_zero, struct tt_cl_hist, 1);
 
-/* Exact counters, TT_CL_STAT_*. */
+/* Exact per-CPU counters (TT_CL_STAT_*), a fixed array: incremented here, summed
+ * over CPUs and never reset by the user side. */
 BPF_PERCPU_ARRAY(cl_stats, __u64, TT_CL_STAT_MAX);
-
-static __always_inline void tt_cl_stat(__u32 idx)
-{
-    __u64 *v = cl_stats.lookup(&idx);
-    if (v)
-        (*v)++;
-}
 
 /* Number of significant bits of v: 0 for 0, k for v in [2^(k-1), 2^k). */
 static __always_inline __u32 tt_cl_slot(__u64 v)
@@ -120,20 +101,15 @@ static __always_inline __u32 tt_cl_slot(__u64 v)
 static __always_inline int tt_cl_describe(struct tt_cl_call *c, __u64 sk, __u32 tgid, const char *comm)
 {
     const char *p = (const char *)sk;
-    __u16 dport_be = 0;
     __u8 state = 0;
 
-    bpf_probe_read_kernel(&c->family, sizeof(c->family), p + TT_SKC_FAMILY_OFF);
-    bpf_probe_read_kernel(&c->sport, sizeof(c->sport), p + TT_SKC_NUM_OFF);
-    bpf_probe_read_kernel(&dport_be, sizeof(dport_be), p + TT_SKC_DPORT_OFF);
-    c->dport = (dport_be >> 8) | ((dport_be & 0xff) << 8);
-    if (!tt_keep(c->family, c->sport, c->dport, tgid, comm))
+    tt_read_tuple(p, &c->t, TT_SPORT_NUM);
+    if (!tt_keep(c->t.family, c->t.sport, c->t.dport, tgid, comm))
         return 0;
     bpf_probe_read_kernel(&state, sizeof(state), p + TT_SKC_STATE_OFF);
     c->state = state;
     c->sk = sk;
     c->sk_flags = tt_sk_flags(p);
-    tt_read_addrs(p, c->family, c->saddr, c->daddr);
     struct tt_sock *s = socks.lookup(&sk);
     if (s && s->state == state && s->since_ns)
         c->in_state_ns = bpf_ktime_get_ns() - s->since_ns;
@@ -148,11 +124,11 @@ static __always_inline int tt_cl_begin(void *ctx, struct tt_cl_call *c, __u8 op)
 #ifdef TT_WITH_STACKS
     c->ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
     if (c->ustack < 0)
-        tt_stat(TT_STAT_STACK_FAIL);
+        stats.increment(TT_STAT_STACK_FAIL);
 #endif
     c->start_ns = bpf_ktime_get_ns();
     if (cl_calls.update(&tid, c))
-        tt_cl_stat(TT_CL_STAT_CALL_FAIL);
+        cl_stats.increment(TT_CL_STAT_CALL_FAIL);
     return 0;
 }
 
@@ -173,15 +149,15 @@ static __always_inline void tt_cl_count(struct tt_cl_key *key, __u64 d, __u32 fl
 {
     struct tt_cl_hist *h = cl_hists.lookup(key);
     if (!h) {
+        /* The key's first call: a zeroed histogram named after the caller. */
         int zero = 0;
         struct tt_cl_hist *z = cl_zero.lookup(&zero);
         if (!z)
             return;
         bpf_get_current_comm(&z->comm, sizeof(z->comm));
-        cl_hists.insert(key, z); /* BPF_NOEXIST: a racing first call of the key wins */
-        h = cl_hists.lookup(key);
+        h = cl_hists.lookup_or_try_init(key, z);
         if (!h) {
-            tt_cl_stat(TT_CL_STAT_HIST_FAIL);
+            cl_stats.increment(TT_CL_STAT_HIST_FAIL);
             return;
         }
     }
@@ -226,10 +202,10 @@ static __always_inline int tt_cl_exit(void *ctx, long ret)
     key.op = c.op;
     key.ustack = c.ustack;
     tt_cl_count(&key, d, flags);
-    tt_cl_stat(TT_CL_STAT_CALLS);
+    cl_stats.increment(TT_CL_STAT_CALLS);
     if (!flags)
         return 0;
-    tt_cl_stat(TT_CL_STAT_FLAGGED);
+    cl_stats.increment(TT_CL_STAT_FLAGGED);
 
     /* Stacks of the event: the user stack is the call's; a kernel stack at syscall
      * exit says nothing. */
@@ -242,16 +218,12 @@ static __always_inline int tt_cl_exit(void *ctx, long ret)
     e->aux_ns = c.in_state_ns;
     e->flags = flags;
     e->sk_flags = c.sk_flags;
-    e->owner_tgid = key.tgid;
+    e->owner_tgid = key.tgid; /* the caller, as in the histogram's key */
     __builtin_memcpy(e->owner_comm, e->task_comm, TT_COMM_LEN);
     e->ret = (__s32)ret;
     e->op = c.op;
     e->oldstate = c.state;
-    e->family = c.family;
-    e->sport = c.sport;
-    e->dport = c.dport;
-    __builtin_memcpy(e->saddr, c.saddr, 16);
-    __builtin_memcpy(e->daddr, c.daddr, 16);
+    tt_event_endpoint(e, &c.t);
     tt_submit(e);
     return 0;
 }

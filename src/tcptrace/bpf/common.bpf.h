@@ -1,7 +1,19 @@
-/* common.bpf.h: maps and helpers shared by every tcptrace program.
+/* common.bpf.h: what every tcptrace program shares: the event ring buffer,
+ * the exact counters, the filters, stacks, and the fd-to-socket walk.
+ * sock.bpf.h adds how a socket is read and the table of sockets and owners.
  *
- * kernel/loader.py compiles one translation unit per command that includes
- * this file once and then the program parts it needs (lifecycle.bpf.c, ...).
+ * kernel/loader.py compiles one translation unit per command: this file, then
+ * sock.bpf.h, then the program parts it needs (lifecycle.bpf.c, ...), inlined
+ * because bcc rewrites map calls only in the main file.
+ *
+ * Two map operations have one copy, bcc's own, and are used everywhere:
+ *   COUNTERS.increment(IDX)        a per-CPU counter array (`stats`, `tw_stats`,
+ *                                  `cl_stats`): lookup and add, no atomics needed
+ *   MAP.lookup_or_try_init(&k, &zero)  the entry of `k`, inserted from `zero`
+ *                                  with BPF_NOEXIST when missing (a racing CPU's
+ *                                  insert wins); NULL only when the map is full,
+ *                                  which callers count
+ * (map calls cannot be wrapped in a helper or a macro: bcc rewrites them by name.)
  *
  * Knobs (-D cflags set by the loader, all optional):
  *   TT_FILTER_PID=N      keep sockets owned by tgid N
@@ -19,30 +31,21 @@
 #include "tcptrace.h"
 
 /* Every event of every kind, in one ring buffer so their order is kept.
- * Written by tt_emit(); read by kernel/stream.py. */
+ * Reserved by tt_reserve(), submitted by tt_submit(), consumed by
+ * kernel/stream.py. */
 BPF_RINGBUF_OUTPUT(events, TT_RINGBUF_PAGES);
 
 /* Never written: it exists so that bcc derives the user side's layout of
  * struct tt_event from this file (kernel/stream.py decodes with its Leaf). */
 BPF_ARRAY(event_layout, struct tt_event, 1);
 
-/* Exact per-CPU counters (TT_STAT_*). Incremented here; read, never reset,
- * by the user side. */
+/* Exact per-CPU counters (TT_STAT_*), a fixed array: incremented by every
+ * part, read (summed over CPUs), never reset, by the user side. */
 BPF_PERCPU_ARRAY(stats, __u64, TT_STAT_MAX);
 
-/* Per-socket state, keyed by skaddr. Inserted when a socket is born
- * (CLOSE->*, LISTEN->SYN_RECV) or first seen; updated on every transition;
- * deleted when it reaches CLOSE. LRU, so a socket whose CLOSE we never see
- * cannot pin an entry forever. */
-BPF_TABLE("lru_hash", __u64, struct tt_sock, socks, TT_MAX_SOCKS);
-
-/* Listening sockets' owners by (family << 16 | port): a passively opened
- * child is born in softirq (LISTEN->SYN_RECV), and inherits its listener's
- * owner from here. Inserted at CLOSE->LISTEN, deleted at LISTEN->CLOSE. */
-BPF_HASH(listeners, __u32, struct tt_sock, TT_MAX_LISTENERS);
-
 #ifdef TT_FILTER_PORTS
-/* Ports to keep (host order); filled by the loader before attaching. */
+/* Ports to keep (host order): inserted by the loader before attaching, never
+ * deleted. */
 BPF_HASH(port_filter, __u16, __u8, TT_MAX_PORT_FILTERS);
 #endif
 
@@ -58,13 +61,6 @@ BPF_ARRAY(comm_filter, struct tt_comm, 1);
  * (failures are counted in TT_STAT_STACK_FAIL). */
 BPF_STACK_TRACE(stacks, TT_STACK_ENTRIES);
 #endif
-
-static __always_inline void tt_stat(__u32 idx)
-{
-    __u64 *v = stats.lookup(&idx);
-    if (v)
-        (*v)++;
-}
 
 /* Whether a socket with these ports, family and owner passes the filters.
  * Owner filters need a known owner: a socket whose owner was never learned
@@ -109,7 +105,7 @@ static __always_inline struct tt_event *tt_reserve_stacks(void *ctx, __u8 kind, 
 {
     struct tt_event *e = events.ringbuf_reserve(sizeof(struct tt_event));
     if (!e) {
-        tt_stat(TT_STAT_LOST);
+        stats.increment(TT_STAT_LOST);
         return 0;
     }
     __builtin_memset(e, 0, sizeof(*e));
@@ -125,11 +121,11 @@ static __always_inline struct tt_event *tt_reserve_stacks(void *ctx, __u8 kind, 
     if (want_stacks) {
         e->kstack = stacks.get_stackid(ctx, 0);
         if (e->kstack < 0)
-            tt_stat(TT_STAT_STACK_FAIL);
+            stats.increment(TT_STAT_STACK_FAIL);
         if (process_ctx) {
             e->ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
             if (e->ustack < 0)
-                tt_stat(TT_STAT_STACK_FAIL);
+                stats.increment(TT_STAT_STACK_FAIL);
         }
     }
 #endif
@@ -145,7 +141,7 @@ static __always_inline struct tt_event *tt_reserve(void *ctx, __u8 kind, int pro
 static __always_inline void tt_submit(struct tt_event *e)
 {
     events.ringbuf_submit(e, 0);
-    tt_stat(TT_STAT_EMITTED);
+    stats.increment(TT_STAT_EMITTED);
 }
 
 /* sk->sk_flags, raw, when the loader passed its BTF offset; else 0. */
@@ -157,22 +153,6 @@ static __always_inline __u64 tt_sk_flags(const void *sk)
 #endif
     return flags;
 }
-
-#ifdef TT_SKC_DADDR_OFF
-/* A socket's local and remote addresses (IPv4 in the first 4 bytes), as the
- * tracepoint sock:inet_sock_set_state stores them; the offsets are sock_common's
- * (kernel/loader.py sock_defines), so this reads timewait sockets too. */
-static __always_inline void tt_read_addrs(const char *sk, __u16 family, __u8 *saddr, __u8 *daddr)
-{
-    if (family == TT_AF_INET6) {
-        bpf_probe_read_kernel(saddr, 16, sk + TT_SKC_V6_RCV_SADDR_OFF);
-        bpf_probe_read_kernel(daddr, 16, sk + TT_SKC_V6_DADDR_OFF);
-    } else {
-        bpf_probe_read_kernel(saddr, 4, sk + TT_SKC_RCV_SADDR_OFF);
-        bpf_probe_read_kernel(daddr, 4, sk + TT_SKC_DADDR_OFF);
-    }
-}
-#endif
 
 #ifdef TT_FD_WALK
 /* The struct sock * behind file descriptor `fd` of the current task when it is an

@@ -1,114 +1,100 @@
-/* lifecycle.bpf.c: every TCP state transition, from sock:inet_sock_set_state.
+/* lifecycle.bpf.c: every TCP state transition, from sock:inet_sock_set_state,
+ * and the one writer of the socket table (sock.bpf.h) on that tracepoint.
  *
- * Keeps the per-socket table `socks` (state, since when, owner) and emits one
- * TT_KIND_TRANSITION event per transition that passes the filters.
+ * Keeps each socket's entry in `socks` (owner, state, since when) and emits one
+ * TT_KIND_TRANSITION event per transition that passes the filters
+ * (TT_NO_TRANSITION_EVENTS: the table only; TT_CLOSEWAIT_EVENTS: only the
+ * transitions closewait reads).
  *
- * Raw tracepoint, in two programs. A classic tracepoint program is not run
- * when any other classic tracepoint or kprobe program is running on the CPU
- * (the kernel's bpf_prog_active guard): a softirq that changes a TCP state
- * while, say, a syscall hook runs in process context would go unseen, and
- * here it did (delayed ACKs handled in one timer softirq). A raw tracepoint
- * program is skipped only when it interrupts itself, so the transitions made
+ * TT_LC_OWNERS_ONLY: the socket table's owners and nothing else, for a command
+ * that reads owners without tracing transitions (timewait; the loader adds this
+ * mode as the part SOCKET_OWNERS). Only the transitions that bind, inherit or
+ * end an owner are handled, and no event is sent.
+ *
+ * Raw tracepoint, in programs split by context. A classic tracepoint program is
+ * not run while any other classic tracepoint or kprobe program runs on the CPU
+ * (the kernel's bpf_prog_active guard), so a softirq changing a TCP state while
+ * a syscall hook runs in process context would go unseen. A raw tracepoint
+ * program is skipped only when it would nest in itself, so the transitions made
  * in process context and all the others run in separate programs: a softirq
- * arriving while the process-context one runs is handled by the other. What
- * is still skipped is counted by the kernel (recursion_misses, reported).
- * The fields are read from the socket as the tracepoint's TP_fast_assign
- * reads them, at offsets from BTF (TT_SKC_*, TT_INET_SPORT_OFF, ...).
+ * arriving while the process-context one runs is handled by the other. What is
+ * still skipped is counted by the kernel (recursion_misses, reported). In the
+ * owners-only mode the other program has a backup copy (see tt_lifecycle()), so
+ * an owner is lost only when both copies were skipped. The fields are read from
+ * the socket as the tracepoint's TP_fast_assign reads them, at offsets from BTF.
  *
- * Owner: the tracepoint runs in softirq for most transitions (->CLOSE_WAIT,
- * the TIME_WAIT entry, ...), where the current task is whoever was on the
- * CPU. Only the transitions below are made by the socket's own process, so
+ * Owner: only tt_process_transition()s are made by the socket's own process, so
  * only they set the owner; every other transition keeps the owner learned
- * before. Passively opened children inherit their listener's owner.
+ * before. A passively opened child inherits its listener's owner.
  */
-#include "common.bpf.h"
+#include "sock.bpf.h"
 
-/* Transitions the kernel makes in the calling process's context. */
-static __always_inline int tt_process_transition(int o, int n)
+/* One transition of socket `skp`. `proc`: made in the owner's process context.
+ * `backup`: the owners-only backup copy, run right after the main one on the
+ * same CPU (or alone when the main one was skipped): its writes repeat the main
+ * one's, except that it never records an unknown owner in `closed_owners`,
+ * which would hide the one the main copy moved there. */
+static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int o, int n, int proc,
+                                        int backup)
 {
-    return (o == TT_TCP_CLOSE && n == TT_TCP_SYN_SENT)       /* connect() */
-        || (o == TT_TCP_CLOSE && n == TT_TCP_LISTEN)         /* listen() */
-        || (o == TT_TCP_LISTEN && n == TT_TCP_CLOSE)         /* close() of a listener */
-        || (o == TT_TCP_ESTABLISHED && n == TT_TCP_FIN_WAIT1) /* close()/shutdown() */
-        || (o == TT_TCP_CLOSE_WAIT && n == TT_TCP_LAST_ACK);  /* close()/shutdown() */
-}
-
-/* The tracepoint's fields, read from the socket (include/trace/events/sock.h). */
-struct tt_lc_fields {
-    __u16 family, protocol, sport, dport;
-    __u8 saddr[16], daddr[16];
-};
-
-static __always_inline void tt_lc_read(const char *sk, struct tt_lc_fields *f)
-{
-    __u16 sport = 0, dport = 0;
-    bpf_probe_read_kernel(&f->family, sizeof(f->family), sk + TT_SKC_FAMILY_OFF);
-    bpf_probe_read_kernel(&f->protocol, sizeof(f->protocol), sk + TT_SK_PROTOCOL_OFF);
-    bpf_probe_read_kernel(&sport, sizeof(sport), sk + TT_INET_SPORT_OFF);
-    bpf_probe_read_kernel(&dport, sizeof(dport), sk + TT_SKC_DPORT_OFF);
-    f->sport = __builtin_bswap16(sport);
-    f->dport = __builtin_bswap16(dport);
-    tt_read_addrs(sk, f->family, f->saddr, f->daddr);
-}
-
-static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, const char *skp, int o, int n,
-                                        int proc)
-{
-    struct tt_lc_fields f = {};
-    tt_lc_read(skp, &f);
-    if (f.protocol != TT_IPPROTO_TCP)
+    const char *skp = (const char *)ctx->args[0];
+    if (!tt_sk_is_tcp(skp))
         return 0;
-
+    struct tt_tuple t = {};
+    tt_read_tuple(skp, &t, TT_SPORT_INET);
     __u64 sk = (__u64)skp;
     __u64 now = bpf_ktime_get_ns();
-    __u32 lkey = ((__u32)f.family << 16) | f.sport;
+    __u32 lkey = tt_listener_key(t.family, t.sport);
 
     struct tt_sock cur = {};
     __u64 prev_ns = 0;
+    int known = 0;
     if (o == TT_TCP_CLOSE || n == TT_TCP_SYN_RECV) {
         /* Born now: whatever the table holds at this address belongs to a
          * freed socket, so start afresh. */
         if (n == TT_TCP_SYN_RECV) {
-            struct tt_sock *l = listeners.lookup(&lkey);
-            if (l) {
-                cur.owner_tgid = l->owner_tgid;
-                __builtin_memcpy(cur.owner_comm, l->owner_comm, TT_COMM_LEN);
-                cur.owner_cgroup = l->owner_cgroup;
-            }
+            struct tt_owner *l = listeners.lookup(&lkey);
+            if (l)
+                cur.owner = *l;
         }
     } else {
         struct tt_sock *s = socks.lookup(&sk);
         if (s) {
             cur = *s;
+            known = 1;
             if (cur.since_ns && now > cur.since_ns)
                 prev_ns = now - cur.since_ns;
         }
     }
-    if (proc) {
-        cur.owner_tgid = bpf_get_current_pid_tgid() >> 32;
-        bpf_get_current_comm(&cur.owner_comm, sizeof(cur.owner_comm));
-        cur.owner_cgroup = bpf_get_current_cgroup_id();
-    }
+    if (proc)
+        tt_owner_current(&cur.owner);
 
     if (n == TT_TCP_CLOSE) {
+#ifdef TT_CLOSED_OWNERS
+        if (!backup || known)
+            closed_owners.update(&sk, &cur.owner);
+#endif
         socks.delete(&sk);
         if (o == TT_TCP_LISTEN)
             listeners.delete(&lkey);
     } else {
         cur.since_ns = now;
         cur.state = n;
-        cur.family = f.family;
-        cur.sport = f.sport;
-        cur.dport = f.dport;
+        cur.family = t.family;
+        cur.sport = t.sport;
+        cur.dport = t.dport;
         if (socks.update(&sk, &cur))
-            tt_stat(TT_STAT_SOCK_UPDATE_FAIL);
-        if (n == TT_TCP_LISTEN && listeners.update(&lkey, &cur))
-            tt_stat(TT_STAT_SOCK_UPDATE_FAIL);
+            stats.increment(TT_STAT_SOCK_UPDATE_FAIL);
+        if (n == TT_TCP_LISTEN && listeners.update(&lkey, &cur.owner))
+            stats.increment(TT_STAT_SOCK_UPDATE_FAIL);
     }
 
-    if (!tt_keep(f.family, f.sport, f.dport, cur.owner_tgid, cur.owner_comm))
+#ifdef TT_LC_OWNERS_ONLY
+    return 0;
+#endif
+    if (!tt_keep(t.family, t.sport, t.dport, cur.owner.tgid, cur.owner.comm))
         return 0;
-    tt_stat(TT_STAT_TRANSITIONS);
+    stats.increment(TT_STAT_TRANSITIONS);
 #ifdef TT_NO_TRANSITION_EVENTS
     /* The command only needs the socket table (closelat): no event to decode. */
     return 0;
@@ -135,16 +121,10 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, con
     e->skaddr = sk;
     e->value_ns = prev_ns;
     e->sk_flags = tt_sk_flags(skp);
-    e->owner_tgid = cur.owner_tgid;
-    __builtin_memcpy(e->owner_comm, cur.owner_comm, TT_COMM_LEN);
-    e->owner_cgroup = cur.owner_cgroup;
+    tt_event_owner(e, &cur.owner);
     e->oldstate = o;
     e->newstate = n;
-    e->family = f.family;
-    e->sport = f.sport;
-    e->dport = f.dport;
-    __builtin_memcpy(e->saddr, f.saddr, 16);
-    __builtin_memcpy(e->daddr, f.daddr, 16);
+    tt_event_endpoint(e, &t);
     tt_submit(e);
     return 0;
 }
@@ -156,14 +136,38 @@ int tt_lc_process(struct bpf_raw_tracepoint_args *ctx)
     int o = (int)ctx->args[1], n = (int)ctx->args[2];
     if (!tt_process_transition(o, n))
         return 0;
-    return tt_lifecycle(ctx, (const char *)ctx->args[0], o, n, 1);
+    return tt_lifecycle(ctx, o, n, 1, 0);
+}
+
+/* Whether the other programs handle transition o -> n: all of them, or in the
+ * owners-only mode, a child's birth (inherits an owner) and CLOSE (ends one). */
+static __always_inline int tt_lc_other_wants(int o, int n)
+{
+    if (tt_process_transition(o, n))
+        return 0;
+#ifdef TT_LC_OWNERS_ONLY
+    return n == TT_TCP_SYN_RECV || n == TT_TCP_CLOSE;
+#else
+    return 1;
+#endif
 }
 
 /* ... and all the others (mostly softirq). */
 int tt_lc_other(struct bpf_raw_tracepoint_args *ctx)
 {
     int o = (int)ctx->args[1], n = (int)ctx->args[2];
-    if (tt_process_transition(o, n))
+    if (!tt_lc_other_wants(o, n))
         return 0;
-    return tt_lifecycle(ctx, (const char *)ctx->args[0], o, n, 0);
+    return tt_lifecycle(ctx, o, n, 0, 0);
 }
+
+#ifdef TT_LC_OWNERS_ONLY
+/* The owners-only mode's backup copy of tt_lc_other (Part.backups). */
+int tt_lc_other_backup(struct bpf_raw_tracepoint_args *ctx)
+{
+    int o = (int)ctx->args[1], n = (int)ctx->args[2];
+    if (!tt_lc_other_wants(o, n))
+        return 0;
+    return tt_lifecycle(ctx, o, n, 0, 1);
+}
+#endif

@@ -1,27 +1,27 @@
 /* owner.bpf.c: process-context hooks that bind a TCP socket to its owner and
- * code path (the `closewait` command).
+ * code path (closewait, and the commands built on it).
  *
  * Hooks (all in the calling process's context):
  *   syscalls:sys_exit_accept4, sys_exit_accept  the accepted child: its owner is
  *       the caller (not only the listener's owner); TOUCH op ACCEPT with the
  *       origin stacks.
- *   sock:sock_recv_length, sock:sock_send_length (raw tracepoints, see below)  every recv/send on every
- *       socket of the host: protocol is checked first, then `socks`. Only a
- *       socket in CLOSE_WAIT is touched: the toucher becomes its owner, and it
- *       emits a TOUCH (with stacks): a recv returning 0
- *       there is the app seeing EOF, the moment it should close. At most
+ *   sock:sock_recv_length, sock:sock_send_length (raw tracepoints, see below)
+ *       every recv/send on every socket of the host: protocol is checked first,
+ *       then `socks`. Only a socket in CLOSE_WAIT is touched: the toucher becomes
+ *       its owner, and it emits a TOUCH (with stacks): a recv returning 0 there
+ *       is the app seeing EOF, the moment it should close. At most
  *       TT_MAX_CW_TOUCHES such events per socket, so an app spinning on a dead
  *       socket cannot flood the ring buffer.
  * connect (CLOSE->SYN_SENT) and close (CLOSE_WAIT->LAST_ACK) are transitions
  * lifecycle.bpf.c already sees in process context.
  *
- * Map use: only `socks` (common.bpf.h). A touch never inserts an entry: an
- * skaddr lifecycle has not seen born (or seen at all) is skipped, so a freed
- * and reused address cannot be given an old socket's owner from here.
- * lifecycle resets an entry when its socket is born (CLOSE->*,
+ * Map use: `socks` (sock.bpf.h), whose owners it updates. A touch never
+ * inserts an entry: an skaddr lifecycle has not seen born (or seen at all) is
+ * skipped, so a freed and reused address cannot be given an old socket's owner
+ * from here. lifecycle resets an entry when its socket is born (CLOSE->*,
  * LISTEN->SYN_RECV), which also zeroes cw_touches.
  */
-#include "common.bpf.h"
+#include "sock.bpf.h"
 
 #ifndef TT_MAX_CW_TOUCHES
 #define TT_MAX_CW_TOUCHES 8
@@ -29,8 +29,9 @@
 
 #if defined(TT_TOUCH_STACKS) && defined(TT_WITH_STACKS)
 /* The last send/recv of each socket before it entered CLOSE_WAIT, with its
- * stacks (`closewait --touch-stacks`: ~2 us per send/recv of every socket that
- * passes the filters). Written on every such touch; never deleted here (LRU):
+ * stacks (`closewait --touch-stacks`: two stack walks on every send/recv of
+ * every socket that passes the filters; docs/closewait.md has the cost).
+ * Written on every such touch; never deleted here (LRU):
  * the user side reads it for sockets in CLOSE_WAIT and keeps an entry only
  * when it is older than the socket's CLOSE_WAIT entry and newer than its birth,
  * so an entry left by a freed socket at the same address is never used. */
@@ -52,9 +53,8 @@ static __always_inline void tt_touch_fill(struct tt_event *e, __u64 sk, struct t
     e->skaddr = sk;
     e->op = op;
     e->ret = ret;
-    e->owner_tgid = s->owner_tgid;
-    __builtin_memcpy(e->owner_comm, s->owner_comm, TT_COMM_LEN);
-    e->owner_cgroup = s->owner_cgroup;
+    tt_event_owner(e, &s->owner);
+    /* the table keeps the ports and family, not the addresses */
     e->family = s->family;
     e->sport = s->sport;
     e->dport = s->dport;
@@ -72,10 +72,8 @@ static __always_inline int tt_on_accept(void *ctx, long ret)
     struct tt_sock *s = socks.lookup(&sk);
     if (!s)
         return 0; /* born before tracing started: /proc tells its owner */
-    s->owner_tgid = bpf_get_current_pid_tgid() >> 32;
-    bpf_get_current_comm(&s->owner_comm, sizeof(s->owner_comm));
-    s->owner_cgroup = bpf_get_current_cgroup_id();
-    if (!tt_keep(s->family, s->sport, s->dport, s->owner_tgid, s->owner_comm))
+    tt_owner_current(&s->owner);
+    if (!tt_keep(s->family, s->sport, s->dport, s->owner.tgid, s->owner.comm))
         return 0;
     struct tt_event *e = tt_reserve(ctx, TT_KIND_TOUCH, 1);
     if (!e)
@@ -102,18 +100,18 @@ static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
         return 0;
     if (s->state != TT_TCP_CLOSE_WAIT) {
 #if defined(TT_TOUCH_STACKS) && defined(TT_WITH_STACKS)
-        if (tt_keep(s->family, s->sport, s->dport, s->owner_tgid, s->owner_comm)) {
+        if (tt_keep(s->family, s->sport, s->dport, s->owner.tgid, s->owner.comm)) {
             struct tt_last_touch t = {};
             t.ts_ns = bpf_ktime_get_ns();
             t.kstack = stacks.get_stackid(ctx, 0);
             t.ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
             if (t.kstack < 0 || t.ustack < 0)
-                tt_stat(TT_STAT_STACK_FAIL);
+                stats.increment(TT_STAT_STACK_FAIL);
             t.ret = ret;
             t.tgid = bpf_get_current_pid_tgid() >> 32;
             t.op = op;
             if (last_touch.update(&sk, &t))
-                tt_stat(TT_STAT_SOCK_UPDATE_FAIL);
+                stats.increment(TT_STAT_SOCK_UPDATE_FAIL);
         }
 #endif
         return 0;
@@ -122,16 +120,12 @@ static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
      * should close it: the owner from now on. This also learns the owner of a
      * socket established before tracing started, and follows a socket handed
      * to another process (accept then fork, SCM_RIGHTS). */
-    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (s->owner_tgid != tgid) {
-        s->owner_tgid = tgid;
-        bpf_get_current_comm(&s->owner_comm, sizeof(s->owner_comm));
-        s->owner_cgroup = bpf_get_current_cgroup_id();
-    }
+    if (s->owner.tgid != bpf_get_current_pid_tgid() >> 32)
+        tt_owner_current(&s->owner);
     if (s->cw_touches >= TT_MAX_CW_TOUCHES)
         return 0;
     s->cw_touches++;
-    if (!tt_keep(s->family, s->sport, s->dport, s->owner_tgid, s->owner_comm))
+    if (!tt_keep(s->family, s->sport, s->dport, s->owner.tgid, s->owner.comm))
         return 0;
     struct tt_event *e = tt_reserve(ctx, TT_KIND_TOUCH, 1);
     if (!e)
@@ -150,9 +144,7 @@ static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
 static __always_inline int tt_on_io_raw(struct bpf_raw_tracepoint_args *ctx, __u8 op)
 {
     const char *sk = (const char *)ctx->args[0];
-    __u16 protocol = 0;
-    bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + TT_SK_PROTOCOL_OFF);
-    if (protocol != TT_IPPROTO_TCP)
+    if (!tt_sk_is_tcp(sk))
         return 0;
     return tt_on_io(ctx, (__u64)sk, op, (int)ctx->args[1]);
 }

@@ -2,7 +2,9 @@
  *
  * Every program in bpf/ includes this file. The user side never restates these
  * layouts: kernel/stream.py takes them from bcc (table.event()), and
- * model/events.py names the raw numbers (kinds, states, ops).
+ * model/events.py names the raw numbers (kinds, states, ops); the kernel/
+ * modules name the counters. tests/unit/test_constants.py checks every Python
+ * copy of these #defines.
  *
  * Only tracepoint fields and BTF-derived offsets (passed as -D cflags by
  * kernel/loader.py) are read from the kernel: the installed headers may be of
@@ -91,6 +93,17 @@
 #define TT_STAT_STACK_FAIL 4    /* bpf_get_stackid failures (map full, fault) */
 #define TT_STAT_MAX 16
 
+/* Indexes of closelat.bpf.c's per-CPU array `cl_stats`. */
+#define TT_CL_STAT_CALLS 0      /* calls on TCP sockets that passed the filters */
+#define TT_CL_STAT_CALL_FAIL 1  /* cl_calls full: a call not timed */
+#define TT_CL_STAT_HIST_FAIL 2  /* cl_hists full: a call timed but not counted */
+#define TT_CL_STAT_FLAGGED 3    /* calls that set a TT_CLOSE_* flag */
+#define TT_CL_STAT_MAX 4
+
+/* Slots of closelat's log2 histograms (cl_hists): slot 0 counts 0 ns, slot k
+ * [2^(k-1), 2^k) ns (model/histogram.py reads the same). */
+#define TT_CL_SLOTS 65
+
 /* One record for every kind, so that a single ring buffer keeps the global
  * order of events (a socket's owner is always learned before it is used).
  * Fields a kind does not use are zero. */
@@ -121,22 +134,6 @@ struct tt_event {
     __u32 flags;        /* CLOSE: TT_CLOSE_* bits */
     __u32 pad2;
     __u64 owner_cgroup; /* the owner's cgroup v2 id when learned with it, 0 unknown */
-};
-
-/* Per-socket state kept in the kernel (map `socks`, keyed by skaddr). */
-struct tt_sock {
-    __u64 since_ns;     /* when the socket entered its current state */
-    __u32 owner_tgid;   /* 0: not yet learned */
-    __u8 state;
-    __u8 pad[3];
-    char owner_comm[TT_COMM_LEN];
-    /* Set by lifecycle at every transition, so process-context hooks that only
-     * know skaddr (owner.bpf.c) can apply the port/family filters. */
-    __u16 family;
-    __u16 sport;        /* host order */
-    __u16 dport;        /* host order */
-    __u16 cw_touches;   /* owner.bpf.c: touches emitted while in CLOSE_WAIT */
-    __u64 owner_cgroup; /* bpf_get_current_cgroup_id() where the owner was learned */
 };
 
 /* Sizes; every one can be overridden with -D by the loader. */

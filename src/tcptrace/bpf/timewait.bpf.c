@@ -29,28 +29,29 @@
  * timer's next cancel or expiry. A parked tw that dies in FIN_WAIT2 is counted
  * as such, never as TIME_WAIT.
  *
- * Attribution: this part keeps its own owner table (`tw_owners`), learned
- * like lifecycle.bpf.c's where the process itself acts (connect, listen,
- * close/shutdown; accepted children inherit the listener's). At X->CLOSE of
- * a full socket it finds the tw announced by timer_start (`tw_pending`, by
- * 4-tuple, confirmed by snd_nxt) and gives it the owner: for a tw, the
- * process that made ESTABLISHED->FIN_WAIT1 (its close()/shutdown()).
+ * Attribution: the owner comes from the socket table (sock.bpf.h), learned where
+ * the process itself acts (connect, listen, close/shutdown; accepted children
+ * inherit the listener's). At X->CLOSE of a full socket this part finds the tw
+ * announced by timer_start (`tw_pending`, by 4-tuple, confirmed by snd_nxt) and
+ * gives it the socket's owner: for a tw, the process that made
+ * ESTABLISHED->FIN_WAIT1 (its close()/shutdown()). It needs `closed_owners`
+ * (TT_CLOSED_OWNERS, set by the loader): lifecycle may have ended the socket's
+ * entry in `socks` before this part's programs run on the same CLOSE.
  *
  * Raw tracepoints only: a classic (perf) tracepoint program is skipped by the
  * kernel whenever any other BPF program is running on that CPU (the global
- * bpf_prog_active guard), e.g. when a softirq delivering a FIN interrupts one;
- * on a busy host that lost ~0.2% of creations (bpftool: recursion_misses). A
- * raw tracepoint program is only skipped when it would nest in itself: the timer
- * hooks cannot (the timer code runs them with interrupts off, or in softirq for
- * the expiry), and inet_sock_set_state's work is split so that no transition
- * depends on one program alone (see below). Raw programs also leave the classic
+ * bpf_prog_active guard), e.g. when a softirq delivering a FIN interrupts one:
+ * creations were lost that way. A raw tracepoint program is only skipped when it
+ * would nest in itself: the timer hooks cannot (the timer code runs them with
+ * interrupts off, or in softirq for the expiry), and inet_sock_set_state's work
+ * runs in two copies (see below). Raw programs also leave the classic
  * tracepoints to other parts.
  *
  * Offsets (TT_SKC_*, TT_TW_*, TT_TIMER_FUNCTION_OFF, TT_TCP_SND_NXT_OFF,
  * TT_INET_SPORT_OFF, TT_SK_PROTOCOL_OFF) come from BTF and TT_TW_TIMER_FN from
  * /proc/kallsyms, all via the loader (kernel/loader.py timewait_defines).
  */
-#include "common.bpf.h"
+#include "sock.bpf.h"
 
 #ifndef TT_MAX_TW
 #define TT_MAX_TW 262144
@@ -58,16 +59,6 @@
 #define TT_MAX_TW_PENDING 16384
 #define TT_MAX_TW_PROCS 16384
 #define TT_MAX_TW_DESTS 65536
-#define TT_MAX_TW_CLOSED 16384
-
-struct tt_tw_tuple {
-    __u8 saddr[16]; /* local; IPv4 in the first 4 bytes */
-    __u8 daddr[16]; /* remote */
-    __u16 sport;    /* local, host order */
-    __u16 dport;    /* remote, host order */
-    __u16 family;
-    __u16 pad;
-};
 
 /* A tw announced by timer_start, waiting for its full socket's X->CLOSE. */
 struct tt_tw_pending {
@@ -82,11 +73,10 @@ struct tt_tw {
     __u64 created_ns;
     __u64 counted;      /* counted as a TIME_WAIT creation; set by compare-and-swap only */
     __u32 snd_nxt;      /* identity: a re-armed tw keeps it, a new tw at this address has another */
-    __u32 owner_tgid;
     __u8 substate;      /* at creation */
-    __u8 pad[7];
-    char owner_comm[TT_COMM_LEN];
-    struct tt_tw_tuple t;
+    __u8 pad[3];
+    struct tt_owner owner;
+    struct tt_tuple t;
 };
 
 /* The TIME_WAIT tw whose timer was cancelled last on this CPU, until the next tw
@@ -96,7 +86,9 @@ struct tt_tw {
  * It holds a copy of the tw's record: a killed tw is freed at once, and under
  * tcp_tw_reuse its memory often holds the next tw of the same port (a new entry
  * in `tws` at the same address) within a millisecond, before the kill is
- * settled; the copy still says whose it was and how old. */
+ * settled; the copy still says whose it was and how old. One slot per CPU: set
+ * at a counted tw's timer_cancel, cleared (valid = 0) by the next tw timer event
+ * on that CPU (tt_tw_settle), read by the user side for kills still unsettled. */
 struct tt_tw_cancel {
     __u64 tw;
     __u64 ts_ns;
@@ -123,27 +115,14 @@ struct tt_tw_proc {
     char comm[TT_COMM_LEN];
 };
 
-struct tt_tw_owner {
-    __u32 tgid;
-    char comm[TT_COMM_LEN];
-};
-
-/* Owners of full TCP sockets, by skaddr: set at connect (CLOSE->SYN_SENT),
- * listen, close()/shutdown() (ESTABLISHED->FIN_WAIT1, CLOSE_WAIT->LAST_ACK),
- * inherited from the listener at LISTEN->SYN_RECV; deleted at X->CLOSE. LRU. */
-BPF_TABLE("lru_hash", __u64, struct tt_tw_owner, tw_owners, TT_MAX_SOCKS);
-
-/* Listeners' owners by (family << 16 | port): inserted at CLOSE->LISTEN,
- * deleted at LISTEN->CLOSE. */
-BPF_HASH(tw_listeners, __u32, struct tt_tw_owner, TT_MAX_LISTENERS);
-
-/* Exact per-CPU counters (TT_TW_STAT_*), summed by the user side. */
+/* Exact per-CPU counters (TT_TW_STAT_*), a fixed array: incremented here,
+ * summed over CPUs and never reset by the user side. */
 BPF_PERCPU_ARRAY(tw_stats, __u64, TT_TW_STAT_MAX);
 
 /* Announced tws by 4-tuple: inserted at timer_start of a new tw, deleted at the
  * X->CLOSE of its full socket (microseconds later). LRU: an announcement whose
  * CLOSE we never see cannot pin an entry. */
-BPF_TABLE("lru_hash", struct tt_tw_tuple, struct tt_tw_pending, tw_pending, TT_MAX_TW_PENDING);
+BPF_TABLE("lru_hash", struct tt_tuple, struct tt_tw_pending, tw_pending, TT_MAX_TW_PENDING);
 
 /* Our tws by address: inserted when a creation is confirmed at X->CLOSE,
  * deleted at the timer's expiry, or at its cancel when it died in FIN_WAIT2; a
@@ -151,43 +130,13 @@ BPF_TABLE("lru_hash", struct tt_tw_tuple, struct tt_tw_pending, tw_pending, TT_M
  * also be a re-arm). LRU, sized above tcp_max_tw_buckets' default. */
 BPF_TABLE("lru_hash", __u64, struct tt_tw, tws, TT_MAX_TW);
 
-/* Per owner (tgid) counts; entries live for the run. */
+/* Per owner (tgid) counts: inserted at an owner's first count
+ * (lookup_or_try_init), never deleted (cumulative for the run). */
 BPF_HASH(tw_procs, __u32, struct tt_tw_proc, TT_MAX_TW_PROCS);
 
-/* TIME_WAIT creations per (local ip, remote ip, remote port); for the run. */
+/* TIME_WAIT creations per (local ip, remote ip, remote port): inserted at a
+ * destination's first creation, never deleted (cumulative for the run). */
 BPF_HASH(tw_dests, struct tt_tw_dest, __u64, TT_MAX_TW_DESTS);
-
-/* Owners of sockets that just reached CLOSE, by skaddr: an abortive close()
- * (SO_LINGER 0, unread data) sends its RST after the CLOSE transition, when
- * tw_owners has forgotten the socket. Inserted at every X->CLOSE; LRU. */
-BPF_TABLE("lru_hash", __u64, struct tt_tw_owner, tw_closed, TT_MAX_TW_CLOSED);
-
-static __always_inline void tt_tw_stat(__u32 idx)
-{
-    __u64 *v = tw_stats.lookup(&idx);
-    if (v)
-        (*v)++;
-}
-
-/* The 4-tuple of a full (`full`) or timewait socket: both begin with struct
- * sock_common. A full socket's skc_num is already 0 at its CLOSE transition
- * (inet_put_port), so its local port is read from inet_sport instead. */
-static __always_inline void tt_tw_read_tuple(const char *skc, struct tt_tw_tuple *t, int full)
-{
-    __u16 family = 0, num = 0, dport = 0;
-    bpf_probe_read_kernel(&family, sizeof(family), skc + TT_SKC_FAMILY_OFF);
-    bpf_probe_read_kernel(&num, sizeof(num), skc + TT_SKC_NUM_OFF);
-    bpf_probe_read_kernel(&dport, sizeof(dport), skc + TT_SKC_DPORT_OFF);
-    t->family = family;
-    t->sport = num;
-    t->dport = __builtin_bswap16(dport);
-    if (full) {
-        __u16 sport = 0;
-        bpf_probe_read_kernel(&sport, sizeof(sport), skc + TT_INET_SPORT_OFF);
-        t->sport = __builtin_bswap16(sport);
-    }
-    tt_read_addrs(skc, family, t->saddr, t->daddr);
-}
 
 static __always_inline __u8 tt_tw_substate(const char *tw)
 {
@@ -203,18 +152,15 @@ static __always_inline __u32 tt_tw_snd_nxt(const char *tw)
     return v;
 }
 
-static __always_inline struct tt_tw_proc *tt_tw_proc_of(__u32 tgid, const char *comm)
+static __always_inline struct tt_tw_proc *tt_tw_proc_of(const struct tt_owner *owner)
 {
-    struct tt_tw_proc *p = tw_procs.lookup(&tgid);
-    if (p)
-        return p;
     struct tt_tw_proc fresh = {};
-    __builtin_memcpy(fresh.comm, comm, TT_COMM_LEN);
-    if (tw_procs.insert(&tgid, &fresh) && !tw_procs.lookup(&tgid)) {
-        tt_tw_stat(TT_TW_STAT_MAP_FAIL);
-        return 0;
-    }
-    return tw_procs.lookup(&tgid);
+    __builtin_memcpy(fresh.comm, owner->comm, TT_COMM_LEN);
+    __u32 tgid = owner->tgid;
+    struct tt_tw_proc *p = tw_procs.lookup_or_try_init(&tgid, &fresh);
+    if (!p)
+        tw_stats.increment(TT_TW_STAT_MAP_FAIL);
+    return p;
 }
 
 static __always_inline void tt_tw_emit(void *ctx, __u8 op, __u64 tw, const struct tt_tw *w,
@@ -229,22 +175,19 @@ static __always_inline void tt_tw_emit(void *ctx, __u8 op, __u64 tw, const struc
     e->oldstate = w->substate;
     e->value_ns = value_ns;
     e->ret = how;
-    e->owner_tgid = w->owner_tgid;
-    __builtin_memcpy(e->owner_comm, w->owner_comm, TT_COMM_LEN);
-    e->family = w->t.family;
-    e->sport = w->t.sport;
-    e->dport = w->t.dport;
-    __builtin_memcpy(e->saddr, w->t.saddr, 16);
-    __builtin_memcpy(e->daddr, w->t.daddr, 16);
+    /* the owner without its cgroup: timewait events have never carried one */
+    e->owner_tgid = w->owner.tgid;
+    __builtin_memcpy(e->owner_comm, w->owner.comm, TT_COMM_LEN);
+    tt_event_endpoint(e, &w->t);
     tt_submit(e);
 }
 
 /* Count one TIME_WAIT creation of tw `w`: globally, for its owner, for its destination. */
 static __always_inline void tt_tw_count(const struct tt_tw *w)
 {
-    tt_tw_stat(TT_TW_STAT_CREATED);
-    if (w->owner_tgid) {
-        struct tt_tw_proc *p = tt_tw_proc_of(w->owner_tgid, w->owner_comm);
+    tw_stats.increment(TT_TW_STAT_CREATED);
+    if (w->owner.tgid) {
+        struct tt_tw_proc *p = tt_tw_proc_of(&w->owner);
         if (p)
             __sync_fetch_and_add(&p->created, 1);
     }
@@ -253,47 +196,33 @@ static __always_inline void tt_tw_count(const struct tt_tw *w)
     __builtin_memcpy(d.raddr, w->t.daddr, 16);
     d.rport = w->t.dport;
     d.family = w->t.family;
-    __u64 *c = tw_dests.lookup(&d);
-    if (!c) {
-        __u64 zero = 0;
-        tw_dests.insert(&d, &zero);
-        c = tw_dests.lookup(&d);
-    }
+    __u64 zero = 0;
+    __u64 *c = tw_dests.lookup_or_try_init(&d, &zero);
     if (c)
         __sync_fetch_and_add(c, 1);
     else
-        tt_tw_stat(TT_TW_STAT_MAP_FAIL);
+        tw_stats.increment(TT_TW_STAT_MAP_FAIL);
 }
 
 /* A parked tw is seen in TIME_WAIT: count it once. `how`: TT_TW_HOW_*. Two CPUs can
  * see it at once (the FIN's kfree_skb on one, the check after the insert in
- * tt_tw_confirm on the other: seen, 1 in ~10,000 under churn), so the first to
- * swap `counted` from 0 counts it. */
+ * tt_tw_confirm on the other), so the first to swap `counted` from 0 counts it. */
 static __always_inline void tt_tw_converted(void *ctx, __u64 tw, struct tt_tw *w, __s32 how)
 {
     if (w->counted || __sync_val_compare_and_swap(&w->counted, 0, 1) != 0)
         return;
-    tt_tw_stat(how == TT_TW_HOW_FIN ? TT_TW_STAT_CONVERTED_FIN : TT_TW_STAT_CONVERTED_TIMER);
+    tw_stats.increment(how == TT_TW_HOW_FIN ? TT_TW_STAT_CONVERTED_FIN : TT_TW_STAT_CONVERTED_TIMER);
     tt_tw_count(w);
     __u64 now = bpf_ktime_get_ns();
     tt_tw_emit(ctx, TT_TW_CONVERTED, tw, w, TT_TCP_TIME_WAIT, now - w->created_ns, how);
 }
 
-/* Transitions the kernel makes in the calling process's context (as lifecycle.bpf.c). */
-static __always_inline int tt_tw_process_transition(int o, int n)
-{
-    return (o == TT_TCP_CLOSE && n == TT_TCP_SYN_SENT)        /* connect() */
-        || (o == TT_TCP_CLOSE && n == TT_TCP_LISTEN)          /* listen() */
-        || (o == TT_TCP_ESTABLISHED && n == TT_TCP_FIN_WAIT1) /* close()/shutdown() */
-        || (o == TT_TCP_CLOSE_WAIT && n == TT_TCP_LAST_ACK);  /* close()/shutdown() */
-}
-
 /* A full socket reaches CLOSE: if timer_start announced a tw for its 4-tuple and
  * snd_nxt, that tw replaced it (tcp_time_wait calls tcp_done right after). */
-static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_tw_owner *owner)
+static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_owner *owner)
 {
-    struct tt_tw_tuple t = {};
-    tt_tw_read_tuple((const char *)sk, &t, 1);
+    struct tt_tuple t = {};
+    tt_read_tuple((const char *)sk, &t, TT_SPORT_INET);
     struct tt_tw_pending *p = tw_pending.lookup(&t);
     if (!p)
         return;
@@ -303,37 +232,36 @@ static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_t
         return; /* a stale announcement for an older socket of this 4-tuple */
     struct tt_tw_pending ann = *p;
     tw_pending.delete(&t);
-    tt_tw_stat(TT_TW_STAT_CONFIRMED);
+    tw_stats.increment(TT_TW_STAT_CONFIRMED);
 
     if (!tt_keep(t.family, t.sport, t.dport, owner->tgid, owner->comm))
         return;
     if (!owner->tgid)
-        tt_tw_stat(TT_TW_STAT_NO_OWNER);
+        tw_stats.increment(TT_TW_STAT_NO_OWNER);
     struct tt_tw w = {};
     w.created_ns = bpf_ktime_get_ns();
     w.snd_nxt = ann.snd_nxt;
-    w.owner_tgid = owner->tgid;
-    __builtin_memcpy(w.owner_comm, owner->comm, TT_COMM_LEN);
+    w.owner = *owner;
     w.substate = ann.substate;
     w.t = t;
     if (ann.substate == TT_TCP_TIME_WAIT) {
         w.counted = 1;
-        tt_tw_stat(TT_TW_STAT_IMMEDIATE);
+        tw_stats.increment(TT_TW_STAT_IMMEDIATE);
         tt_tw_count(&w);
     } else {
-        tt_tw_stat(TT_TW_STAT_PARKED);
-        if (w.owner_tgid) {
-            struct tt_tw_proc *pp = tt_tw_proc_of(w.owner_tgid, w.owner_comm);
+        tw_stats.increment(TT_TW_STAT_PARKED);
+        if (w.owner.tgid) {
+            struct tt_tw_proc *pp = tt_tw_proc_of(&w.owner);
             if (pp)
                 __sync_fetch_and_add(&pp->parked, 1);
         }
     }
     if (tws.update(&ann.tw, &w))
-        tt_tw_stat(TT_TW_STAT_MAP_FAIL);
+        tw_stats.increment(TT_TW_STAT_MAP_FAIL);
     tt_tw_emit(ctx, TT_TW_CREATED, ann.tw, &w, ann.substate, 0, 0);
 
     /* The tw is in the hash since before its timer_start: the peer's FIN may have
-     * reached it on another CPU before it was in `tws` (seen: 2 in 2,500). */
+     * reached it on another CPU before it was in `tws`. */
     if (ann.substate != TT_TCP_TIME_WAIT
         && tt_tw_substate((const char *)ann.tw) == TT_TCP_TIME_WAIT
         && tt_tw_snd_nxt((const char *)ann.tw) == ann.snd_nxt) {
@@ -343,109 +271,37 @@ static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_t
     }
 }
 
-/* A socket's key in tw_listeners: (family << 16 | local port). A child in SYN_RECV
- * has its listener's local port. */
-static __always_inline __u32 tt_tw_listener_key(const char *skp)
+/* X -> CLOSE of a full socket, in two copies attached by the loader
+ * (tt_tw_other_main, tt_tw_other_backup; Part.backups): a tw announced for it is
+ * confirmed, with the socket's owner. Each copy runs for every state change of the
+ * host (returning at once for all but a TCP socket's CLOSE), so one running in
+ * process context (close(), connect()) can be interrupted by the softirq that
+ * replaces a socket by a tw, and that run of it is skipped: then the other copy
+ * handles it. When both run, the second finds the announcement consumed by the
+ * first. The loader reports min(skips of the two) as the bound on what was lost.
+ * Owners are learned by lifecycle.bpf.c (the socket table's one writer), never
+ * here. */
+static __always_inline int tt_tw_other(struct bpf_raw_tracepoint_args *ctx)
 {
-    __u16 family = 0, sport = 0;
-    bpf_probe_read_kernel(&family, sizeof(family), skp + TT_SKC_FAMILY_OFF);
-    bpf_probe_read_kernel(&sport, sizeof(sport), skp + TT_INET_SPORT_OFF);
-    return ((__u32)family << 16) | __builtin_bswap16(sport);
-}
-
-/* inet_sock_set_state(sk, oldstate, newstate), in three programs. A raw
- * tracepoint program is skipped when it would nest in itself on a CPU, and each
- * program here runs (returning at once if it has nothing to do) for every state
- * change of the host: an interrupt arriving while one runs in process context
- * (close(), connect()), whose softirq then replaces a socket by a tw, finds it
- * busy. Seen under scripts/soak: 2 to 128 skipped runs a minute of a single
- * X->CLOSE program, and each skipped CLOSE of a replaced socket was a creation
- * never counted (up to 5 a minute).
- *  - raw_tracepoint__inet_sock_set_state: the transitions a process makes itself
- *    (owners, listeners). It misses none: those never nest in one another.
- *  - tt_tw_other_main and tt_tw_other_backup, two copies of tt_tw_other()
- *    attached by the loader: what happens in softirq too (a child inherits its
- *    listener's owner; X->CLOSE confirms a tw). A change arriving while one copy
- *    is busy is handled by the other. When both run, the backup finds the work
- *    done (the first confirm consumed the announcement) and never overwrites what
- *    the first wrote. The loader reports min(skips of the two) as the bound on
- *    what was lost. */
-
-/* Owners: learned where the process acts; a listener's dropped when it closes. */
-RAW_TRACEPOINT_PROBE(inet_sock_set_state)
-{
-    int o = (int)ctx->args[1], n = (int)ctx->args[2];
-    int proc = tt_tw_process_transition(o, n);
-    if (!proc && !(o == TT_TCP_LISTEN && n == TT_TCP_CLOSE))
+    if ((int)ctx->args[2] != TT_TCP_CLOSE)
         return 0;
     const char *skp = (const char *)ctx->args[0];
-    __u16 protocol = 0;
-    bpf_probe_read_kernel(&protocol, sizeof(protocol), skp + TT_SK_PROTOCOL_OFF);
-    if (protocol != TT_IPPROTO_TCP)
+    if (!tt_sk_is_tcp(skp))
         return 0;
-    __u64 sk = (__u64)skp;
-    __u32 lkey = tt_tw_listener_key(skp);
-
-    if (!proc) {
-        tw_listeners.delete(&lkey); /* LISTEN -> CLOSE */
-        return 0;
-    }
-    struct tt_tw_owner me = {.tgid = bpf_get_current_pid_tgid() >> 32};
-    bpf_get_current_comm(&me.comm, sizeof(me.comm));
-    if (tw_owners.update(&sk, &me))
-        tt_tw_stat(TT_TW_STAT_MAP_FAIL);
-    if (n == TT_TCP_LISTEN && tw_listeners.update(&lkey, &me))
-        tt_tw_stat(TT_TW_STAT_MAP_FAIL);
-    return 0;
-}
-
-/* LISTEN -> SYN_RECV: the child inherits the listener's owner. X -> CLOSE: the
- * socket's owner moves to tw_closed (an abortive close() sends its RST after
- * this), and a tw announced for it is confirmed. `backup`: the second copy, which
- * only reads what the first one may have written. */
-static __always_inline int tt_tw_other(struct bpf_raw_tracepoint_args *ctx, int backup)
-{
-    int n = (int)ctx->args[2];
-    if (n != TT_TCP_CLOSE && n != TT_TCP_SYN_RECV)
-        return 0;
-    const char *skp = (const char *)ctx->args[0];
-    __u16 protocol = 0;
-    bpf_probe_read_kernel(&protocol, sizeof(protocol), skp + TT_SK_PROTOCOL_OFF);
-    if (protocol != TT_IPPROTO_TCP)
-        return 0;
-    __u64 sk = (__u64)skp;
-    if (n == TT_TCP_SYN_RECV) {
-        __u32 lkey = tt_tw_listener_key(skp);
-        struct tt_tw_owner *l = tw_listeners.lookup(&lkey);
-        if (l && tw_owners.update(&sk, l))
-            tt_tw_stat(TT_TW_STAT_MAP_FAIL);
-        return 0;
-    }
-    struct tt_tw_owner owner = {};
-    struct tt_tw_owner *known = tw_owners.lookup(&sk);
-    if (known) {
-        owner = *known;
-        tw_owners.delete(&sk);
-        tw_closed.update(&sk, &owner);
-    } else if (!backup) {
-        tw_closed.update(&sk, &owner); /* no owner: not an older socket's at this address */
-    } else {
-        struct tt_tw_owner *moved = tw_closed.lookup(&sk); /* by the first copy */
-        if (moved)
-            owner = *moved;
-    }
-    tt_tw_confirm(ctx, sk, &owner);
+    struct tt_owner owner = {};
+    tt_owner_of((__u64)skp, &owner);
+    tt_tw_confirm(ctx, (__u64)skp, &owner);
     return 0;
 }
 
 int tt_tw_other_main(struct bpf_raw_tracepoint_args *ctx)
 {
-    return tt_tw_other(ctx, 0);
+    return tt_tw_other(ctx);
 }
 
 int tt_tw_other_backup(struct bpf_raw_tracepoint_args *ctx)
 {
-    return tt_tw_other(ctx, 1);
+    return tt_tw_other(ctx);
 }
 
 /* A tw timer event on this CPU: settles the cancel before it (see tw_cancelled). */
@@ -459,7 +315,7 @@ static __always_inline void tt_tw_settle(void *ctx, __u64 twaddr, __u32 snd_nxt)
     if (c->tw == twaddr && c->w.snd_nxt == snd_nxt)
         return; /* its re-arm or expiry */
     __u64 prev = c->tw;
-    tt_tw_stat(TT_TW_STAT_KILLED);
+    tw_stats.increment(TT_TW_STAT_KILLED);
     tt_tw_emit(ctx, TT_TW_KILLED, prev, &c->w, TT_TCP_TIME_WAIT, c->ts_ns - c->w.created_ns, 0);
     /* Unless a new tw at that address has replaced it there already. */
     struct tt_tw *w = tws.lookup(&prev);
@@ -489,7 +345,7 @@ RAW_TRACEPOINT_PROBE(timer_start)
     const char *tw = tt_tw_timer_event(ctx, (const char *)ctx->args[0], &snd_nxt);
     if (!tw)
         return 0;
-    tt_tw_stat(TT_TW_STAT_TIMER_STARTS);
+    tw_stats.increment(TT_TW_STAT_TIMER_STARTS);
     __u64 twaddr = (__u64)tw;
     __u8 sub = tt_tw_substate(tw);
 
@@ -501,11 +357,11 @@ RAW_TRACEPOINT_PROBE(timer_start)
         return 0;
     }
     /* A new tw: announce it to its full socket's X->CLOSE, which follows. */
-    struct tt_tw_tuple t = {};
-    tt_tw_read_tuple(tw, &t, 0);
+    struct tt_tuple t = {};
+    tt_read_tuple(tw, &t, TT_SPORT_NUM);
     struct tt_tw_pending ann = {.tw = twaddr, .snd_nxt = snd_nxt, .substate = sub};
     tw_pending.update(&t, &ann);
-    tt_tw_stat(TT_TW_STAT_ANNOUNCED);
+    tw_stats.increment(TT_TW_STAT_ANNOUNCED);
     return 0;
 }
 
@@ -536,7 +392,7 @@ RAW_TRACEPOINT_PROBE(timer_cancel)
     }
     /* Still FIN_WAIT2: a parked tw dies (timeout or kill), never TIME_WAIT (a
      * re-arm only follows the change to TIME_WAIT). */
-    tt_tw_stat(TT_TW_STAT_PARKED_ENDED);
+    tw_stats.increment(TT_TW_STAT_PARKED_ENDED);
     tt_tw_emit(ctx, TT_TW_PARKED_ENDED, twaddr, w, sub, bpf_ktime_get_ns() - w->created_ns, 0);
     tws.delete(&twaddr);
     return 0;
@@ -554,7 +410,7 @@ RAW_TRACEPOINT_PROBE(timer_expire_entry)
     if (!w || w->snd_nxt != snd_nxt)
         return 0;
     if (w->counted)
-        tt_tw_stat(TT_TW_STAT_EXPIRED);
+        tw_stats.increment(TT_TW_STAT_EXPIRED);
     tws.delete(&twaddr);
     return 0;
 }
@@ -579,40 +435,32 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
     return 0;
 }
 
-/* Who owns the socket an RST is sent or received on: our owner table, else the
- * socket that just reached CLOSE (an abortive close() sends its RST after the
- * transition), else a tw of ours. */
-static __always_inline void tt_tw_reset_owner(__u64 sk, int state, struct tt_tw_owner *out)
+/* Who owns the socket an RST is sent or received on: the socket table (with the
+ * owners of sockets that just reached CLOSE: an abortive close() sends its RST
+ * after the transition), else a tw of ours. */
+static __always_inline void tt_tw_reset_owner(__u64 sk, int state, struct tt_owner *out)
 {
-    struct tt_tw_owner *o = tw_owners.lookup(&sk);
-    if (!o)
-        o = tw_closed.lookup(&sk);
-    if (o) {
-        *out = *o;
+    if (tt_owner_of(sk, out) || state != TT_TCP_TIME_WAIT)
         return;
-    }
-    if (state == TT_TCP_TIME_WAIT) {
-        struct tt_tw *w = tws.lookup(&sk);
-        if (w) {
-            out->tgid = w->owner_tgid;
-            __builtin_memcpy(out->comm, w->owner_comm, TT_COMM_LEN);
-        }
-    }
+    struct tt_tw *w = tws.lookup(&sk);
+    if (w)
+        *out = w->owner;
 }
 
 static __always_inline void tt_tw_reset(void *ctx, __u64 sk, __u8 op, __u32 stat)
 {
     __u8 state = 0;
     bpf_probe_read_kernel(&state, sizeof(state), (const char *)sk + TT_SKC_STATE_OFF);
-    struct tt_tw_owner owner = {};
+    struct tt_owner owner = {};
     tt_tw_reset_owner(sk, state, &owner);
     struct tt_tw w = {};
-    tt_tw_read_tuple((const char *)sk, &w.t, state != TT_TCP_TIME_WAIT && state != TT_TCP_NEW_SYN_RECV);
+    tt_read_tuple((const char *)sk, &w.t,
+                  state != TT_TCP_TIME_WAIT && state != TT_TCP_NEW_SYN_RECV ? TT_SPORT_INET : TT_SPORT_NUM);
     if (!tt_keep(w.t.family, w.t.sport, w.t.dport, owner.tgid, owner.comm))
         return;
-    tt_tw_stat(stat);
+    tw_stats.increment(stat);
     if (owner.tgid) {
-        struct tt_tw_proc *p = tt_tw_proc_of(owner.tgid, owner.comm);
+        struct tt_tw_proc *p = tt_tw_proc_of(&owner);
         if (p) {
             if (op == TT_TW_RESET_SENT)
                 __sync_fetch_and_add(&p->resets_sent, 1);
@@ -620,8 +468,7 @@ static __always_inline void tt_tw_reset(void *ctx, __u64 sk, __u8 op, __u32 stat
                 __sync_fetch_and_add(&p->resets_received, 1);
         }
     }
-    w.owner_tgid = owner.tgid;
-    __builtin_memcpy(w.owner_comm, owner.comm, TT_COMM_LEN);
+    w.owner = owner;
     w.substate = state;
     tt_tw_emit(ctx, op, sk, &w, state, 0, 0);
 }

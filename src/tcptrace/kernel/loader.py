@@ -164,6 +164,9 @@ class Part:
     ``nest_safe``: programs whose skipped runs lose nothing: they act only on what a
     process does itself (in process context, which never nests in itself), so what a
     nested run would have seen is an interrupt's, which they ignore.
+    ``table``: what the part reads of the socket table (bpf/sock.bpf.h), which
+    lifecycle.bpf.c writes: ``"owners"`` (lifecycle's owners-only mode, SOCKET_OWNERS,
+    is added when lifecycle is not loaded) or ``"states"`` (lifecycle must be loaded).
     """
 
     file: str
@@ -174,11 +177,12 @@ class Part:
     raw_attach: tuple[tuple[str, str], ...] = ()
     backups: tuple[tuple[str, str], ...] = ()
     nest_safe: tuple[str, ...] = ()
+    table: str = ""
 
 
 def sock_defines(btf: Btf) -> dict[str, int]:
     """Where sock:inet_sock_set_state's fields live in a socket (its TP_fast_assign):
-    family, protocol, ports and addresses, for programs on the raw tracepoint."""
+    family, protocol, ports and addresses, for bpf/sock.bpf.h (every program reads them)."""
     return {
         "TT_SKC_FAMILY_OFF": btf.member_offset("sock_common", "skc_family"),
         "TT_SKC_STATE_OFF": btf.member_offset("sock_common", "skc_state"),
@@ -198,8 +202,24 @@ LIFECYCLE = Part(
     "lifecycle.bpf.c",
     (("sock", "inet_sock_set_state"),),
     "TCP state transitions",
-    defines=sock_defines,
     raw_attach=(("inet_sock_set_state", "tt_lc_process"), ("inet_sock_set_state", "tt_lc_other")),
+    nest_safe=("tt_lc_process",),
+)
+
+# lifecycle.bpf.c keeping only the socket table's owners, for parts that read owners when
+# lifecycle itself is not loaded (timewait): owners are learned by the same code either
+# way. Its softirq-side program runs in two copies, as timewait's does.
+SOCKET_OWNERS = Part(
+    "lifecycle.bpf.c",
+    (("sock", "inet_sock_set_state"),),
+    "socket owners",
+    defines=lambda btf: {"TT_LC_OWNERS_ONLY": 1},
+    raw_attach=(
+        ("inet_sock_set_state", "tt_lc_process"),
+        ("inet_sock_set_state", "tt_lc_other"),
+        ("inet_sock_set_state", "tt_lc_other_backup"),
+    ),
+    backups=(("tt_lc_other", "tt_lc_other_backup"),),
     nest_safe=("tt_lc_process",),
 )
 
@@ -213,6 +233,7 @@ OWNER = Part(
     ),
     "socket owners and code paths (closewait)",
     fd_walk=True,
+    table="states",
 )
 
 CLOSELAT = Part(
@@ -228,15 +249,17 @@ CLOSELAT = Part(
     ),
     "close() latency (closelat)",
     fd_walk=True,
+    table="states",
 )
 
 
 def timewait_defines(btf: Btf) -> dict[str, int]:
     """What timewait.bpf.c reads of timewait sockets, their timer and tcp_sock (see that file).
 
-    Its programs are raw tracepoints (the list in TIMEWAIT is checked all the same)."""
+    Its programs are raw tracepoints (the list in TIMEWAIT is checked all the same). It
+    reads the owners of sockets past their CLOSE (TT_CLOSED_OWNERS, bpf/sock.bpf.h)."""
     return {
-        **sock_defines(btf),
+        "TT_CLOSED_OWNERS": 1,
         "TT_TW_SND_NXT_OFF": btf.member_offset("sock_common", "skc_tw_snd_nxt"),
         "TT_TW_SUBSTATE_OFF": btf.member_offset("inet_timewait_sock", "tw_substate"),
         "TT_TW_TIMER_OFF": btf.member_offset("inet_timewait_sock", "tw_timer"),
@@ -263,7 +286,7 @@ TIMEWAIT = Part(
         ("inet_sock_set_state", "tt_tw_other_backup"),
     ),
     backups=(("tt_tw_other_main", "tt_tw_other_backup"),),
-    nest_safe=("raw_tracepoint__inet_sock_set_state",),
+    table="owners",
 )
 
 # Program parts by the name commands ask for them with (see sources.open_source).
@@ -306,8 +329,6 @@ def fd_walk_defines(btf: Btf) -> dict[str, int]:
         "TT_FILE_PRIVATE_DATA_OFF": btf.member_offset("file", "private_data"),
         "TT_SOCKET_SK_OFF": btf.member_offset("socket", "sk"),
         "TT_SK_TYPE_OFF": btf.member_offset("sock", "sk_type"),
-        # and what a program may then read of the socket it found (closelat.bpf.c)
-        **sock_defines(btf),
     }
 
 
@@ -339,14 +360,29 @@ def filter_cflags(flt: EventFilter) -> list[str]:
     return flags
 
 
+def with_socket_table(parts: Sequence[Part]) -> tuple[Part, ...]:
+    """``parts`` and the writer of the socket table they read (Part.table): lifecycle when
+    it is one of them, else its owners-only mode (SOCKET_OWNERS) in front."""
+    parts = tuple(parts)
+    if any(p.file == LIFECYCLE.file for p in parts):
+        return parts
+    needs = {p.table for p in parts}
+    if "states" in needs:
+        raise ValueError("parts that read socket states need the lifecycle part")
+    return (SOCKET_OWNERS, *parts) if "owners" in needs else parts
+
+
+HEADERS = ("common.bpf.h", "sock.bpf.h")
+
+
 def program_text(parts: Sequence[Part], directory: Path) -> str:
-    """One translation unit: common.bpf.h, then each part, with #line so errors name bpf/ files.
+    """One translation unit: the headers, then each part, with #line so errors name bpf/ files.
 
     bcc rewrites map calls and generates tracepoint argument structs only in the main
-    file, so the parts are inlined rather than #included.
+    file, so the headers and parts are inlined rather than #included.
     """
     chunks = []
-    for name in ["common.bpf.h", *(p.file for p in parts)]:
+    for name in [*HEADERS, *(p.file for p in parts)]:
         lines = (directory / name).read_text().splitlines()
         out = [f'#line 1 "bpf/{name}"']
         for number, line in enumerate(lines, 1):
@@ -499,6 +535,7 @@ def load(
 ) -> LoadedProgram:
     """Check the environment, compile ``parts`` with filters and BTF offsets, attach them."""
     flt = flt or EventFilter()
+    parts = with_socket_table(parts)
     require_privileges()
     ensure_tracefs()
     for part in parts:
@@ -511,7 +548,7 @@ def load(
     kernel_headers = headers.find()
     cflags = [*filter_cflags(flt), "-Wno-macro-redefined"]
     btf = btf or Btf.load()
-    all_defines = dict(BtfOffsets.read(btf).defines)
+    all_defines = {**BtfOffsets.read(btf).defines, **sock_defines(btf)}
     if any(p.fd_walk for p in parts):
         all_defines.update(fd_walk_defines(btf))
         cflags.append("-DTT_FD_WALK")

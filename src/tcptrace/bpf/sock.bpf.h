@@ -1,0 +1,199 @@
+/* sock.bpf.h: a TCP socket as every program reads it, and the one table of
+ * sockets and their owners.
+ *
+ * Reading a socket: tt_sk_is_tcp(), tt_read_tuple() (the 4-tuple), and
+ * tt_event_endpoint() / tt_event_owner() to copy what was read into an event.
+ *
+ * Owners: a socket's owner is the process that acts on it, learned only in that
+ * process's context (tt_owner_current()): in softirq, where most transitions
+ * run, the current task is whoever was on the CPU. The table `socks` holds the
+ * owner of every socket seen, plus what lifecycle.bpf.c keeps per socket.
+ * lifecycle.bpf.c is its one writer on sock:inet_sock_set_state (births,
+ * process-context transitions, inheritance from a listener, CLOSE); owner.bpf.c
+ * updates the owner where a process accepts or touches a socket. Every other
+ * part reads it (tt_owner_of()). A command that needs owners but not
+ * transitions (timewait) gets lifecycle.bpf.c in its owners-only mode, added by
+ * the loader (kernel/loader.py SOCKET_OWNERS), so owners are learned the same
+ * way, once, whatever the parts loaded.
+ *
+ * Knobs (-D cflags set by the loader):
+ *   TT_CLOSED_OWNERS   keep a socket's owner for a while after its CLOSE
+ *                      (`closed_owners`: an abortive close() sends its RST after
+ *                      the transition; timewait attributes it)
+ */
+#ifndef TT_SOCK_BPF_H
+#define TT_SOCK_BPF_H
+
+#include "common.bpf.h"
+
+#ifndef TT_MAX_CLOSED
+#define TT_MAX_CLOSED 16384
+#endif
+
+/* ---- reading a socket -------------------------------------------------- */
+
+/* A socket's addresses and ports as sock:inet_sock_set_state reports them.
+ * Zero it before reading (its padding is part of a map key in timewait). */
+struct tt_tuple {
+    __u8 saddr[16]; /* local; IPv4 in the first 4 bytes */
+    __u8 daddr[16]; /* remote */
+    __u16 sport;    /* local, host order */
+    __u16 dport;    /* remote, host order */
+    __u16 family;
+    __u16 pad;
+};
+
+/* Where tt_read_tuple() takes the local port from. */
+#define TT_SPORT_INET 0 /* inet_sock.inet_sport, as the tracepoint does: full sockets
+                         * only, and still set after CLOSE */
+#define TT_SPORT_NUM 1  /* sock_common.skc_num: any socket (timewait and request
+                         * sockets too), but 0 once a full socket is unhashed at CLOSE */
+
+/* Whether a struct sock is TCP (sk_protocol; BTF offset). */
+static __always_inline int tt_sk_is_tcp(const char *sk)
+{
+    __u16 protocol = 0;
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + TT_SK_PROTOCOL_OFF);
+    return protocol == TT_IPPROTO_TCP;
+}
+
+/* The 4-tuple of a socket: full, timewait or request socket (all begin with
+ * struct sock_common, whose offsets the loader passes: sock_defines). */
+static __always_inline void tt_read_tuple(const char *sk, struct tt_tuple *t, int sport_from)
+{
+    __u16 sport = 0, dport = 0;
+    bpf_probe_read_kernel(&t->family, sizeof(t->family), sk + TT_SKC_FAMILY_OFF);
+    bpf_probe_read_kernel(&dport, sizeof(dport), sk + TT_SKC_DPORT_OFF);
+    t->dport = __builtin_bswap16(dport);
+    if (sport_from == TT_SPORT_NUM) {
+        bpf_probe_read_kernel(&t->sport, sizeof(t->sport), sk + TT_SKC_NUM_OFF);
+    } else {
+        bpf_probe_read_kernel(&sport, sizeof(sport), sk + TT_INET_SPORT_OFF);
+        t->sport = __builtin_bswap16(sport);
+    }
+    if (t->family == TT_AF_INET6) {
+        bpf_probe_read_kernel(t->saddr, 16, sk + TT_SKC_V6_RCV_SADDR_OFF);
+        bpf_probe_read_kernel(t->daddr, 16, sk + TT_SKC_V6_DADDR_OFF);
+    } else {
+        bpf_probe_read_kernel(t->saddr, 4, sk + TT_SKC_RCV_SADDR_OFF);
+        bpf_probe_read_kernel(t->daddr, 4, sk + TT_SKC_DADDR_OFF);
+    }
+}
+
+/* An event's endpoint fields from a tuple. */
+static __always_inline void tt_event_endpoint(struct tt_event *e, const struct tt_tuple *t)
+{
+    e->family = t->family;
+    e->sport = t->sport;
+    e->dport = t->dport;
+    __builtin_memcpy(e->saddr, t->saddr, 16);
+    __builtin_memcpy(e->daddr, t->daddr, 16);
+}
+
+/* ---- owners ------------------------------------------------------------ */
+
+/* Who owns a socket. Fields added here (the process's start time, ...) travel
+ * with the owner through every table that keeps one. */
+struct tt_owner {
+    __u32 tgid;             /* 0: not learned */
+    __u32 pad;
+    __u64 cgroup;           /* cgroup v2 id where it was learned */
+    char comm[TT_COMM_LEN];
+};
+
+/* The calling process as an owner: only meaningful in process context. */
+static __always_inline void tt_owner_current(struct tt_owner *o)
+{
+    o->tgid = bpf_get_current_pid_tgid() >> 32;
+    bpf_get_current_comm(&o->comm, sizeof(o->comm));
+    o->cgroup = bpf_get_current_cgroup_id();
+}
+
+static __always_inline void tt_event_owner(struct tt_event *e, const struct tt_owner *o)
+{
+    e->owner_tgid = o->tgid;
+    __builtin_memcpy(e->owner_comm, o->comm, TT_COMM_LEN);
+    e->owner_cgroup = o->cgroup;
+}
+
+/* Transitions the kernel always makes in the context of the process acting on
+ * the socket, so they name its owner: connect(), listen(), and close() or
+ * shutdown() of a listener or a connection. A listener's close is one of them:
+ * it runs in the closing process (tcp_close), so its event names who closed it,
+ * and leaving it to the softirq-side program would keep that program busy in
+ * process context, where a softirq transition arriving meanwhile is skipped.
+ * Transitions that are only sometimes made by the process (ESTABLISHED -> CLOSE
+ * is an abortive close() or a received RST) are not: they cannot name an owner. */
+static __always_inline int tt_process_transition(int o, int n)
+{
+    return (o == TT_TCP_CLOSE && n == TT_TCP_SYN_SENT)        /* connect() */
+        || (o == TT_TCP_CLOSE && n == TT_TCP_LISTEN)          /* listen() */
+        || (o == TT_TCP_LISTEN && n == TT_TCP_CLOSE)          /* close() of a listener */
+        || (o == TT_TCP_ESTABLISHED && n == TT_TCP_FIN_WAIT1) /* close()/shutdown() */
+        || (o == TT_TCP_CLOSE_WAIT && n == TT_TCP_LAST_ACK);  /* close()/shutdown() */
+}
+
+/* ---- the socket table -------------------------------------------------- */
+
+/* One socket. Nothing outside the kernel reads this layout: add fields at
+ * will (zero means unknown), they are kept across transitions. */
+struct tt_sock {
+    struct tt_owner owner;
+    __u64 since_ns;     /* when it entered `state` (lifecycle's full mode only) */
+    __u16 family;       /* set at every transition, so process-context hooks */
+    __u16 sport;        /* that only know skaddr (owner.bpf.c) can apply the */
+    __u16 dport;        /* port and family filters (host order) */
+    __u16 cw_touches;   /* owner.bpf.c: touches emitted while in CLOSE_WAIT */
+    __u8 state;         /* lifecycle's full mode only */
+    __u8 pad[7];
+};
+
+/* Sockets by skaddr. Inserted when a socket is born (CLOSE -> *, LISTEN ->
+ * SYN_RECV: a fresh entry, even over a stale one at a reused address) or first
+ * seen by lifecycle; updated at its transitions (lifecycle) and where a process
+ * accepts or touches it (owner.bpf.c); deleted at its CLOSE. LRU, so a socket
+ * whose CLOSE is never seen cannot pin an entry. */
+BPF_TABLE("lru_hash", __u64, struct tt_sock, socks, TT_MAX_SOCKS);
+
+/* Listeners' owners by tt_listener_key(): a passively opened child is born in
+ * softirq (LISTEN -> SYN_RECV) and inherits its listener's owner from here.
+ * Inserted at CLOSE -> LISTEN, deleted at LISTEN -> CLOSE (lifecycle). */
+BPF_HASH(listeners, __u32, struct tt_owner, TT_MAX_LISTENERS);
+
+#ifdef TT_CLOSED_OWNERS
+/* Owners of sockets that reached CLOSE, by skaddr. Inserted (or overwritten,
+ * with an unknown owner too, so an older socket's never shows) at every X ->
+ * CLOSE by lifecycle; never deleted: LRU. */
+BPF_TABLE("lru_hash", __u64, struct tt_owner, closed_owners, TT_MAX_CLOSED);
+#endif
+
+/* Key of `listeners`: a listener's family and local port (host order); a child
+ * in SYN_RECV has its listener's. */
+static __always_inline __u32 tt_listener_key(__u16 family, __u16 sport)
+{
+    return ((__u32)family << 16) | sport;
+}
+
+/* The owner of socket `sk` into `out`: from `socks`, else, once the socket has
+ * reached CLOSE, from `closed_owners` (whichever program runs first on the
+ * CLOSE transition, the owner is in one of the two). 0 when neither has an
+ * entry for it (`out` left as it is), 1 when one has, even with an unknown
+ * owner. */
+static __always_inline int tt_owner_of(__u64 sk, struct tt_owner *out)
+{
+    struct tt_sock *s = socks.lookup(&sk);
+    if (s) {
+        *out = s->owner;
+        return 1;
+    }
+#ifdef TT_CLOSED_OWNERS
+    struct tt_owner *o = closed_owners.lookup(&sk);
+    if (o) {
+        *out = *o;
+        return 1;
+    }
+#endif
+    return 0;
+}
+
+#endif /* TT_SOCK_BPF_H */
