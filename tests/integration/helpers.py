@@ -3,17 +3,20 @@ and collecting events from a loaded program."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tcptrace.kernel.loader import PARTS, LoadedProgram, load
 from tcptrace.kernel.stream import KernelStream
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
+from tests.integration import workloads as w
 
 
 def free_port(family: int = socket.AF_INET) -> int:
@@ -121,3 +124,25 @@ def bpf_prog_ids(name_prefix: str = "tt_lc_") -> set[int]:
     return {
         int(p["id"]) for p in _json.loads(out or "[]") if str(p.get("name", "")).startswith(name_prefix[:15])
     }
+
+
+def states_json_of_one_connection(
+    cmd: Sequence[str], port: int, duration: str = "3", **popen: Any
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]], w.Conn]:
+    """Run ``CMD states --json --port PORT --duration DURATION``, make one client-closed
+    connection on the port once it is attached (its header is written then), and return the
+    finished run, its JSON objects and the connection."""
+    proc = subprocess.Popen(
+        [*cmd, "states", "--json", "--port", str(port), "--duration", duration],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    assert proc.stdout is not None
+    header = json.loads(proc.stdout.readline())
+    assert header["type"] == "header"
+    conn = w.client_closes_first(port)
+    out, err = proc.communicate(timeout=60)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done, [header, *(json.loads(line) for line in out.splitlines())], conn

@@ -3,7 +3,6 @@ checkout, and kernel headers are found per process, with nothing linked into /li
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration import workloads as w
+from tests.integration.helpers import states_json_of_one_connection
 
 ROOT = Path(__file__).resolve().parents[2]
 # What would make a run use anything but the installed package and its own choices.
@@ -101,21 +100,10 @@ def test_doctor_from_the_wheel_compiles_every_program(wheel_venv: Path) -> None:
 
 
 def test_states_from_the_wheel_traces_for_two_seconds(wheel_venv: Path, port: int) -> None:
-    proc = subprocess.Popen(
-        [str(wheel_venv / "bin/tcptrace"), "states", "--json", "--port", str(port), "--duration", "2"],
-        cwd=wheel_venv.parent,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    done, objs, conn = states_json_of_one_connection(
+        [str(wheel_venv / "bin/tcptrace")], port, "2", cwd=wheel_venv.parent, env=clean_env()
     )
-    assert proc.stdout is not None
-    header = json.loads(proc.stdout.readline())  # written once attached
-    assert header["type"] == "header"
-    conn = w.client_closes_first(port)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    objs = [json.loads(line) for line in out.splitlines()]
+    assert done.returncode == 0, done.stderr
     assert objs[-1]["type"] == "summary" and objs[-1]["stopped"] == "duration" and objs[-1]["lost"] == 0
     events = [o for o in objs if o["type"] == "transition"]
     assert any(o["sport"] == conn.client_port and o["new"] == "FIN_WAIT1" for o in events), events

@@ -19,7 +19,14 @@ from tcptrace.kernel.stream import KernelStream
 from tcptrace.model.events import SocketEvent, Transition
 from tcptrace.model.filters import EventFilter
 from tests.integration import workloads as w
-from tests.integration.helpers import SS, FixtureBuilder, collect, load_parts, wait_for
+from tests.integration.helpers import (
+    SS,
+    FixtureBuilder,
+    collect,
+    load_parts,
+    states_json_of_one_connection,
+    wait_for,
+)
 
 
 def pairs(events: list[SocketEvent], local_port: int) -> list[tuple[str, str]]:
@@ -186,19 +193,8 @@ def test_compile_errors_name_the_bpf_file_and_line(tmp_path: Path) -> None:
 
 
 def test_cli_states_json_smoke(port: int, tcptrace_cmd: list[str]) -> None:
-    proc = subprocess.Popen(
-        [*tcptrace_cmd, "states", "--json", "--port", str(port), "--duration", "3"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    header = json.loads(proc.stdout.readline())  # written once attached
-    assert header["type"] == "header"
-    conn = w.client_closes_first(port)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    objs = [json.loads(line) for line in out.splitlines()]
+    done, objs, conn = states_json_of_one_connection(tcptrace_cmd, port)
+    assert done.returncode == 0, done.stderr
     assert objs[-1]["type"] == "summary" and objs[-1]["lost"] == 0 and objs[-1]["stopped"] == "duration"
     events = [o for o in objs if o["type"] == "transition"]
     assert len(events) == objs[-1]["events"] == 12

@@ -111,17 +111,6 @@ def test_without_root_a_missing_tree_is_a_one_line_error(tmp_path: Path) -> None
         headers._from_usr_src("6.18.1-test", False, trees, usr_src)
 
 
-def test_an_inherited_bcc_kernel_source_must_be_trusted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    planted = tmp_path / "k"
-    planted.mkdir()
-    os.chmod(planted, 0o777)
-    monkeypatch.setenv(headers.ENV, str(planted))
-    with pytest.raises(EnvironmentProblem, match=r"^BCC_KERNEL_SOURCE refused: "):
-        headers.find("6.18.1-test", build=False, trees=tmp_path / "trees", usr_src=tmp_path)
-
-
 def test_common_of_reads_the_flavour_makefile(tmp_path: Path) -> None:
     flav, common = debian_split(tmp_path, "6.1.0-57")
     assert headers.common_of(flav) == common

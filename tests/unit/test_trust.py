@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -86,19 +87,33 @@ def test_a_symlink_to_the_directory_is_judged_by_where_it_leads(tmp_path: Path) 
     assert untrusted_reason(tmp_path / "alias") == f"{real} is writable by its group"
 
 
-def test_the_loader_refuses_an_untrusted_bpf_dir_in_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tcptrace.errors import EnvironmentProblem
+def compile_with_bpf_dir() -> None:
     from tcptrace.kernel.loader import bpf_sources
 
-    planted = tmp_path / "bpf"
+    with bpf_sources():
+        pass
+
+
+def find_headers() -> None:
+    from tcptrace.kernel import headers
+
+    headers.find("6.18.1-test", build=False)
+
+
+@pytest.mark.parametrize(
+    ("variable", "use"), [("TCPTRACE_BPF_DIR", compile_with_bpf_dir), ("BCC_KERNEL_SOURCE", find_headers)]
+)
+def test_a_variable_naming_an_untrusted_directory_is_refused_in_one_line(
+    variable: str, use: Callable[[], None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tcptrace.errors import EnvironmentProblem
+
+    planted = tmp_path / "planted"
     planted.mkdir()
     os.chmod(planted, 0o777)
-    monkeypatch.setenv("TCPTRACE_BPF_DIR", str(planted))
-    with pytest.raises(EnvironmentProblem, match=r"^TCPTRACE_BPF_DIR refused: .*") as info:
-        with bpf_sources():
-            pass
+    monkeypatch.setenv(variable, str(planted))
+    with pytest.raises(EnvironmentProblem, match=rf"^{variable} refused: ") as info:
+        use()
     assert "\n" not in str(info.value)
 
 
