@@ -37,7 +37,7 @@ from tcptrace.views import timewait as view
 from tcptrace.views.common import make_console, start_live
 
 NS = 1_000_000_000
-# timewait.bpf.c keeps its own owner table: no lifecycle part needed.
+# Owners come from the socket table: the loader adds its writer (SOCKET_OWNERS) by itself.
 PARTS = ("timewait",)
 TOP_N = 5  # destinations forecast
 
