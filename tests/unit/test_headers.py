@@ -116,3 +116,11 @@ def test_common_of_reads_the_flavour_makefile(tmp_path: Path) -> None:
     assert headers.common_of(flav) == common
     (flav / "Makefile").write_text("obj-m += x.o\n")
     assert headers.common_of(flav) is None
+
+
+def test_a_tree_that_cannot_be_made_is_a_one_line_error(tmp_path: Path) -> None:
+    usr_src = tmp_path / "src"
+    flav, common = debian_split(usr_src, "6.1.0-57")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(EnvironmentProblem, match=r"^cannot make .*/file/trees: "):
+        headers.build_tree(flav, common, tmp_path / "file" / "trees")

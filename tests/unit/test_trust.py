@@ -38,13 +38,13 @@ def test_mode_rules(mode: int, uid: int, above: bool, problem: str | None) -> No
 
 
 def test_only_root_may_compile_from_an_override(tmp_path: Path) -> None:
-    assert untrusted_reason(tmp_path, uid=1000) == "the caller (uid 1000) is not root, the owner required"
+    assert untrusted_reason(tmp_path, caller=1000) == "the caller (uid 1000) is not root, the owner required"
 
 
 def test_missing_and_non_directories_are_refused(tmp_path: Path) -> None:
-    assert untrusted_reason(tmp_path / "nope", uid=0) == f"{tmp_path / 'nope'} does not exist"
+    assert untrusted_reason(tmp_path / "nope", caller=0) == f"{tmp_path / 'nope'} does not exist"
     (tmp_path / "f").write_text("")
-    assert untrusted_reason(tmp_path / "f", uid=0) == f"{tmp_path / 'f'} is not a directory"
+    assert untrusted_reason(tmp_path / "f", caller=0) == f"{tmp_path / 'f'} is not a directory"
 
 
 @needs_root
@@ -56,6 +56,7 @@ def test_a_root_owned_tree_is_trusted_and_any_loose_entry_refuses_it(tmp_path: P
     for p in (tmp_path, tree, tree / "sub"):
         os.chmod(p, 0o755)
     assert untrusted_reason(tree) is None
+    assert untrusted_reason(tree, caller=0) is None
 
     os.chmod(tree / "sub" / "b.h", 0o666)
     assert untrusted_reason(tree) == f"{tree / 'sub' / 'b.h'} is writable by others"

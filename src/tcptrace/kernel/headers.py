@@ -172,7 +172,10 @@ def build_tree(flavour: Path, common: Path, trees: Path = TREES) -> Path:
     layers = [str(common), str(flavour)]
     if has_headers(dest) and _layers_of(dest) == layers:
         return dest
-    trees.mkdir(parents=True, exist_ok=True)
+    try:
+        trees.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot make {trees}: {exc.strerror}", hint=HINT) from None
     problem = untrusted_reason(trees, walk=False)
     if problem:
         raise EnvironmentProblem(f"cannot keep kernel headers in {trees}: {problem}", hint=HINT)
@@ -226,7 +229,7 @@ def find(
     build = os.geteuid() == 0 if build is None else build
     inherited = os.environ.get(ENV)
     if inherited:
-        problem = untrusted_reason(inherited, walk=False)
+        problem = untrusted_reason(inherited, walk=False, caller=os.getuid())
         if problem:
             raise EnvironmentProblem(f"{ENV} refused: {problem}", hint=f"unset {ENV} (sudo -E keeps it)")
         if not (Path(inherited) / "include/linux/kconfig.h").is_file():

@@ -46,7 +46,7 @@ def bpf_sources() -> Iterator[Path]:
     file system), or ``TCPTRACE_BPF_DIR`` when root may compile from it (kernel/trust.py)."""
     override = os.environ.get(BPF_DIR_ENV)
     if override:
-        problem = untrusted_reason(override)
+        problem = untrusted_reason(override, caller=os.getuid())
         if problem:
             raise EnvironmentProblem(
                 f"{BPF_DIR_ENV} refused: {problem}",

@@ -1,15 +1,17 @@
 """Which directories tcptrace may compile C from, as root.
 
-What bcc compiles runs in the kernel, so a directory named by an environment variable
-(``TCPTRACE_BPF_DIR``, ``BCC_KERNEL_SOURCE``) is used only when nobody but root could have
-put or changed what is in it: ``sudo -E`` keeps the invoking user's environment, and that
-user must not be able to hand root a program. The rule: the caller is root, and the
-directory, everything in it, and every directory above it is owned by root and not
-writable by group or others (a sticky directory such as /tmp is accepted above it: others
-cannot rename or replace root's entries there).
+What bcc compiles runs in the kernel, so a directory is used only when nobody but root
+could have put or changed what is in it: the directory, everything in it, and every
+directory above it is owned by root and not writable by group or others (a sticky directory
+such as /tmp is accepted above it: others cannot rename or replace root's entries there).
+A directory named by an environment variable (``TCPTRACE_BPF_DIR``, ``BCC_KERNEL_SOURCE``)
+must also be the caller's own, so the caller must be root: ``sudo -E`` keeps the invoking
+user's environment, and that user must not be able to hand root a program.
 
->>> untrusted_reason("/nonexistent/tcptrace", uid=0)
+>>> untrusted_reason("/nonexistent/tcptrace")
 '/nonexistent/tcptrace does not exist'
+>>> untrusted_reason("/", caller=1000)
+'the caller (uid 1000) is not root, the owner required'
 """
 
 from __future__ import annotations
@@ -31,17 +33,18 @@ def _mode_problem(path: str, st: os.stat_result, *, above: bool) -> str | None:
     return None
 
 
-def untrusted_reason(directory: str | Path, *, walk: bool = True, uid: int | None = None) -> str | None:
+def untrusted_reason(directory: str | Path, *, walk: bool = True, caller: int | None = None) -> str | None:
     """Why root must not compile from ``directory``, or None when it may.
 
     ``walk``: check every entry below the directory too (a small directory of programs);
     without it only the directory and the ones above it are checked (a tree of kernel
     headers, tens of thousands of files, which only root could have put in a root-owned,
-    non-writable directory). ``uid``: the caller (default: the real uid of this process).
+    non-writable directory). ``caller``: the uid of who named the directory (an
+    environment variable's: ``os.getuid()``), which must be root; None when tcptrace
+    chose the directory itself.
     """
-    uid = os.getuid() if uid is None else uid
-    if uid != 0:
-        return f"the caller (uid {uid}) is not root, the owner required"
+    if caller is not None and caller != 0:
+        return f"the caller (uid {caller}) is not root, the owner required"
     raw = os.path.abspath(directory)
     if not os.path.lexists(raw):
         return f"{raw} does not exist"
