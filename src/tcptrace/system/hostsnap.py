@@ -1,17 +1,30 @@
-"""A snapshot of the host's TCP sockets: /proc/net/tcp{,6}, each with the process holding it.
+"""A snapshot of the host's TCP sockets, each with the processes holding it.
 
-What `tcptrace diagnose` takes at the start and at the end of its window (sockets present
-in both are stuck) and `tcptrace top` seeds its state counts from.
+``take`` is what `tcptrace diagnose` takes at the start and at the end of its window
+(sockets present in both are stuck) and `tcptrace top` seeds its state counts from: the
+sockets of tcptrace's own network namespace, in the model's HostSnapshot.
+
+``collect`` is the same for every network namespace on the host, with who holds each
+socket: pid, start time, name, cgroup (hence container and pod) and pid inside its own
+pid namespace. What seeds the kernel's owner tables at start, and each command's view of
+sockets that existed before it.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
+from tcptrace.errors import TcptraceError
 from tcptrace.model.diagnosis import HostSnapshot, HostSocket
+from tcptrace.model.events import TcpState
 from tcptrace.model.filters import EventFilter
-from tcptrace.system.procfd import holders, matching_holder
-from tcptrace.system.procnet import read_sockets
+from tcptrace.system import process, sockdiag, sockets
+from tcptrace.system.containers import CgroupIdentity, identify
+from tcptrace.system.netns import NetNamespace
+from tcptrace.system.process import ProcessInfo
+from tcptrace.system.procfd import Holder, holders, matching_holder
+from tcptrace.system.tcpsock import TcpSocket
 
 
 def take(flt: EventFilter | None = None, owners: bool = True) -> HostSnapshot:
@@ -19,17 +32,84 @@ def take(flt: EventFilter | None = None, owners: bool = True) -> HostSnapshot:
 
     ``owners``: find the process holding each socket's fd (a walk of /proc/*/fd); sockets
     no file refers to (timewait sockets, orphans) have none, so an owner filter (--pid,
-    --comm) leaves them out. ``at_ns`` is CLOCK_MONOTONIC right after /proc/net/tcp{,6}
-    were read (the walk of /proc/*/fd after it changes no state).
+    --comm) leaves them out. ``at_ns`` is CLOCK_MONOTONIC right after the sockets were
+    listed (the walk of /proc/*/fd after it changes no state).
     """
     flt = flt or EventFilter()
-    socks = read_sockets()
-    at_ns = time.monotonic_ns()  # the sockets' states are of now; owners do not change them
-    held = holders(s.inode for s in socks if s.inode) if owners else {}
+    families = (flt.family,) if flt.family is not None else (4, 6)
+    snap = sockets.own_namespace(families=families)
+    if not snap.complete:
+        raise TcptraceError(f"cannot list the host's TCP sockets: {snap.namespaces[0].error}")
+    held = holders(s.inode for s in snap.sockets if s.inode) if owners else {}
     out = []
-    for s in socks:
+    for s in snap.sockets:
         chosen = matching_holder(s, held.get(s.inode, []) if s.inode else [], flt)
         if chosen is None:
             continue
         out.append(HostSocket(s.family, s.saddr, s.sport, s.daddr, s.dport, s.state, s.inode, *chosen))
-    return HostSnapshot(at_ns, tuple(out))
+    return HostSnapshot(snap.at_ns, tuple(out))
+
+
+@dataclass(frozen=True)
+class HostSockets:
+    """TCP sockets of the host's network namespaces, with their holders and those processes."""
+
+    snapshot: sockets.SocketSnapshot
+    holders: Mapping[int, tuple[Holder, ...]]
+    """Socket inode -> the processes holding it, lowest pid first (several after fork or
+    fd passing; none for TIME_WAIT, orphans and connections not accepted yet)."""
+    processes: Mapping[int, ProcessInfo]
+    """pid -> every holder's process."""
+
+    @property
+    def sockets(self) -> tuple[TcpSocket, ...]:
+        return self.snapshot.sockets
+
+    def owners(self, sock: TcpSocket) -> tuple[ProcessInfo, ...]:
+        """Every process holding ``sock``, lowest pid first."""
+        found = (self.processes.get(h.pid) for h in self.holders.get(sock.inode, ()))
+        return tuple(p for p in found if p is not None)
+
+    def owner(self, sock: TcpSocket, flt: EventFilter | None = None) -> ProcessInfo | None:
+        """The process ``sock`` is reported with: the first holder that passes ``flt`` (as
+        ``procfd.matching_holder`` chooses); None for a socket no process holds, or whose
+        holders all fail ``flt``."""
+        chosen = matching_holder(sock, list(self.holders.get(sock.inode, ())), flt or EventFilter())
+        if chosen is None or chosen[0] is None:
+            return None
+        return self.processes.get(chosen[0])
+
+    def passes(self, sock: TcpSocket, flt: EventFilter) -> bool:
+        """Whether ``flt`` keeps ``sock`` (a socket no process holds passes a filter without
+        an owner condition), as the kernel's filters keep its events."""
+        return matching_holder(sock, list(self.holders.get(sock.inode, ())), flt) is not None
+
+    def identity(self, pid: int) -> CgroupIdentity | None:
+        """Container, pod and unit of a holder, from its cgroup; None without cgroup v2."""
+        info = self.processes.get(pid)
+        if info is None or info.cgroup is None:
+            return None
+        return identify(info.cgroup)
+
+
+def collect(
+    states: Iterable[TcpState] = sockdiag.ALL_STATES,
+    namespaces: Iterable[NetNamespace] | None = None,
+    families: Iterable[int] = (4, 6),
+    owners: bool = True,
+    proc: str = "/proc",
+) -> HostSockets:
+    """Sockets in ``states`` of every network namespace (or of ``namespaces``), with holders.
+
+    One walk of /proc/*/fd finds the holders of every namespace's sockets (socket inodes
+    are unique on the host); then each holder's process is read once.
+    """
+    snap = sockets.snapshot(states, namespaces, families, proc=proc)
+    if not owners:
+        return HostSockets(snap, {}, {})
+    held = holders((s.inode for s in snap.sockets if s.inode), proc)
+    procs = process.read_many((h.pid for hs in held.values() for h in hs), proc)
+    return HostSockets(snap, {inode: tuple(hs) for inode, hs in held.items()}, procs)
+
+
+__all__ = ["HostSockets", "collect", "take"]

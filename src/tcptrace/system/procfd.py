@@ -12,10 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tcptrace.model.closewait import Preexisting
-from tcptrace.model.events import SocketEvent, TcpState
+from tcptrace.model.events import SocketEvent, TcpState, decode_comm
 from tcptrace.model.filters import EventFilter
 from tcptrace.system import cgroups
-from tcptrace.system.procnet import ProcSocket, in_state
+from tcptrace.system.procnet import in_state
+from tcptrace.system.tcpsock import Endpoints
 
 _SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
 
@@ -40,45 +41,70 @@ def socket_inode(link: str) -> int | None:
 
 
 def read_comm(pid: int, proc: str = "/proc") -> str:
+    """The name of process ``pid`` as text, decoded as kernel events' names are (so the two
+    compare equal); "" when it has exited."""
     try:
-        with open(f"{proc}/{pid}/comm", encoding="utf-8", errors="backslashreplace") as fh:
-            return fh.read().rstrip("\n")
+        with open(f"{proc}/{pid}/comm", "rb", buffering=0) as fh:
+            raw = fh.read()
     except OSError:
         return ""
+    return decode_comm(raw[:-1] if raw.endswith(b"\n") else raw)
 
 
-def holders(inodes: Iterable[int], proc: str = "/proc") -> dict[int, list[Holder]]:
-    """For each wanted inode, the processes (pid, comm, fd) that hold it.
+def socket_fds(pid: int, proc: str = "/proc") -> list[tuple[int, int]]:
+    """(fd, socket inode) of every socket process ``pid`` holds, by fd; [] when it is gone.
 
-    Processes that exit while being read, or whose fds we may not read, are skipped:
-    their sockets then have no holder (reported as unknown owner).
+    Reads the links relative to an fd on the process's fd directory: one path lookup per
+    process instead of one per fd.
     """
-    wanted = set(inodes)
+    try:
+        dir_fd = os.open(f"{proc}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    out: list[tuple[int, int]] = []
+    readlink = os.readlink
+    try:
+        names = os.listdir(dir_fd)
+        for name in names:
+            try:
+                link = readlink(name, dir_fd=dir_fd)
+            except OSError:  # closed since the listing
+                continue
+            if link.startswith("socket:[") and link.endswith("]"):
+                out.append((int(name), int(link[8:-1])))
+    except OSError:
+        return []
+    finally:
+        os.close(dir_fd)
+    out.sort()
+    return out
+
+
+def holders(inodes: Iterable[int] | None, proc: str = "/proc") -> dict[int, list[Holder]]:
+    """For each wanted socket inode, the processes (pid, comm, fd) that hold it, lowest pid
+    first; with ``inodes`` None, every socket any process holds.
+
+    Socket inodes are unique on the host, whatever network namespace the socket is in, so one
+    walk of /proc/*/fd answers for every namespace (a process may also hold sockets of a
+    namespace it is not in). Processes that exit while being read, or whose fds we may
+    not read, are skipped: their sockets then have no holder (reported as unknown owner).
+    """
+    wanted = None if inodes is None else set(inodes)
     found: dict[int, list[Holder]] = {}
-    if not wanted:
+    if wanted is not None and not wanted:
         return found
     try:
-        pids = [int(name) for name in os.listdir(proc) if name.isdigit()]
+        pids = sorted(int(name) for name in os.listdir(proc) if name.isdigit())
     except OSError:
         return found
-    for pid in sorted(pids):
-        fd_dir = f"{proc}/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
+    for pid in pids:
         comm: str | None = None
-        for fd in fds:
-            try:
-                link = os.readlink(f"{fd_dir}/{fd}")
-            except OSError:
-                continue
-            inode = socket_inode(link)
-            if inode is None or inode not in wanted:
+        for fd, inode in socket_fds(pid, proc):
+            if wanted is not None and inode not in wanted:
                 continue
             if comm is None:
                 comm = read_comm(pid, proc)
-            found.setdefault(inode, []).append(Holder(pid=pid, comm=comm, fd=int(fd)))
+            found.setdefault(inode, []).append(Holder(pid=pid, comm=comm, fd=fd))
     return found
 
 
@@ -132,7 +158,7 @@ def closewait_snapshot(
 
 
 def matching_holder(
-    s: ProcSocket, candidates: list[Holder], flt: EventFilter
+    s: Endpoints, candidates: list[Holder], flt: EventFilter
 ) -> tuple[int | None, str | None] | None:
     """(pid, comm) of the first process holding ``s`` that passes ``flt`` (several hold a
     socket after fork or fd passing); (None, None) for a socket no process holds, when the
@@ -146,7 +172,7 @@ def matching_holder(
     return None
 
 
-def _as_event(s: ProcSocket, pid: int | None, comm: str | None, flt: EventFilter) -> SocketEvent | None:
+def _as_event(s: Endpoints, pid: int | None, comm: str | None, flt: EventFilter) -> SocketEvent | None:
     event = SocketEvent(
         ts_ns=0,
         skaddr=0,
