@@ -29,6 +29,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -51,13 +52,18 @@ ALL_STATES = frozenset(TcpState)
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _REQ_V2 = struct.Struct("=BBBBI48x")  # the sockid stays zero: no single-socket lookup
-_MSG = struct.Struct("=BB2x4x16s16s4xIIxxxxIIII")  # family, state; src, dst; cookie; rqueue..inode
-_PORTS = struct.Struct(">HH")
+# nlmsghdr + inet_diag_msg in one call: family, state; ports (network order, swapped below);
+# src, dst; cookie; rqueue, wqueue, uid, inode (timer, retrans, ifindex, expires skipped)
+_NLMSG_DIAG = struct.Struct("=IHHIIBB2xHH16s16s4xII4xIIII")
+_SWAP_PORTS = sys.byteorder == "little"
 _RTATTR = struct.Struct("=HH")
 _U64 = struct.Struct("=Q")
+_CGROUP_RTA = struct.Struct("=HHQ")
+_CGROUP_ATTR = (12, INET_DIAG_CGROUP_ID)
 _HDR_LEN = _NLMSGHDR.size
-_MSG_LEN = 72
-_FAMILY_VERSION = {socket.AF_INET: 4, socket.AF_INET6: 6}
+_DIAG_LEN = _NLMSG_DIAG.size  # 16 + 72
+_AF_INET = socket.AF_INET
+_AF_INET6 = socket.AF_INET6
 _BY_VALUE = {int(s): s for s in TcpState}
 _STATES: tuple[TcpState | None, ...] = tuple(_BY_VALUE.get(i) for i in range(256))
 _RECV_SIZE = 1 << 16  # the kernel fills at most ~32 KiB per dump message batch
@@ -150,83 +156,91 @@ def parse_batch(buf: bytes | bytearray | memoryview, out: list[TcpSocket], netns
     view = memoryview(buf)
     end = len(view)
     off = 0
-    hdr_unpack = _NLMSGHDR.unpack_from
-    msg_unpack = _MSG.unpack_from
-    ports_unpack = _PORTS.unpack_from
-    rta_unpack = _RTATTR.unpack_from
-    u64_unpack = _U64.unpack_from
+    full_unpack = _NLMSG_DIAG.unpack_from
+    cg_unpack = _CGROUP_RTA.unpack_from
+    v4, v6 = _V4, _V6
     states = _STATES
-    versions = _FAMILY_VERSION
-    ip = _ADDRESSES
-    if len(ip) > _ADDRESSES_MAX:
-        ip.clear()
+    swap = _SWAP_PORTS
+    new = tuple.__new__
+    cls = TcpSocket
+    if len(_V4) + len(_V6) > _ADDRESSES_MAX:
+        _V4.clear()
+        _V6.clear()
     append = out.append
     while off + _HDR_LEN <= end:
-        length, kind, flags, _seq, _pid = hdr_unpack(view, off)
-        if length < _HDR_LEN or off + length > end:
-            raise SockDiagError(f"sock_diag: truncated message ({length} bytes at offset {off} of {end})")
-        if kind == NLMSG_DONE:
-            return BatchEnd.INTERRUPTED if flags & NLM_F_DUMP_INTR else BatchEnd.DONE
-        if kind == NLMSG_ERROR:
-            code = -struct.unpack_from("=i", view, off + _HDR_LEN)[0] if length >= _HDR_LEN + 4 else 0
-            if code == 0:  # an acknowledgement, not an error
-                off += (length + 3) & ~3
-                continue
-            raise SockDiagError(f"sock_diag: the kernel refused the dump: {os.strerror(code)}", _hint(code))
-        if kind != SOCK_DIAG_BY_FAMILY or length < _HDR_LEN + _MSG_LEN:
-            raise SockDiagError(f"sock_diag: unexpected message type {kind} ({length} bytes)")
-        body = off + _HDR_LEN
-        fam, st, src, dst, c0, c1, rq, wq, uid, inode = msg_unpack(view, body)
-        version = versions.get(fam)
-        state = states[st]
-        if version is None or state is None:
-            raise SockDiagError(f"sock_diag: a socket of family {fam} in state {st}")
-        sport, dport = ports_unpack(view, body + 4)
-        cgroup_id = None
-        a = body + _MSG_LEN
-        stop = off + length
-        while a + 4 <= stop:
-            alen, atype = rta_unpack(view, a)
-            if alen < 4:
-                break
-            if atype == INET_DIAG_CGROUP_ID and alen >= 12:
-                cgroup_id = u64_unpack(view, a + 4)[0]
-                break
-            a += (alen + 3) & ~3
-        cookie = None if c0 == INET_DIAG_NOCOOKIE and c1 == INET_DIAG_NOCOOKIE else c0 | (c1 << 32)
-        append(
-            TcpSocket(
-                version,
-                ip(src, version),
-                sport,
-                ip(dst, version),
-                dport,
-                state,
-                uid,
-                inode,
-                netns,
-                cookie,
-                rq,
-                wq,
-                cgroup_id,
-            )
+        if off + _DIAG_LEN > end:
+            return _control(view, off, end)
+        length, kind, _fl, _sq, _pd, fam, st, sp, dp, src, dst, c0, c1, rq, wq, uid, inode = full_unpack(
+            view, off
         )
+        if kind != SOCK_DIAG_BY_FAMILY or length < _DIAG_LEN or off + length > end:
+            return _control(view, off, end)
+        state = states[st]
+        if fam == _AF_INET:
+            version, cache = 4, v4
+        elif fam == _AF_INET6:
+            version, cache = 6, v6
+        else:
+            raise SockDiagError(f"sock_diag: a socket of address family {fam}")
+        if state is None:
+            raise SockDiagError(f"sock_diag: a socket in state {st}")
+        saddr = cache.get(src) or _remember(cache, src, version)
+        daddr = cache.get(dst) or _remember(cache, dst, version)
+        if swap:
+            sp = ((sp & 0xFF) << 8) | (sp >> 8)
+            dp = ((dp & 0xFF) << 8) | (dp >> 8)
+        # A full socket's attributes come as SHUTDOWN, MARK (with CAP_NET_ADMIN), CGROUP_ID,
+        # SOCKOPT: look where CGROUP_ID usually is, then walk; a timewait socket has none.
+        cgroup_id = None
+        if length >= _DIAG_LEN + 12:
+            a = off + _DIAG_LEN + 16
+            if a + 12 <= off + length and (at := cg_unpack(view, a))[:2] == _CGROUP_ATTR:
+                cgroup_id = at[2]
+            else:
+                cgroup_id = _find_cgroup(view, off + _DIAG_LEN, off + length)
+        cookie = None if c0 == INET_DIAG_NOCOOKIE and c1 == INET_DIAG_NOCOOKIE else c0 | (c1 << 32)
+        # tuple.__new__ skips the NamedTuple's Python-level __new__: a third of the cost
+        append(new(cls, (version, saddr, sp, daddr, dp, state, uid, inode, netns, cookie, rq, wq, cgroup_id)))
         off += (length + 3) & ~3
     return BatchEnd.MORE
 
 
-class _AddressCache(dict[tuple[bytes, int], str]):
-    """Addresses formatted once each: local addresses repeat on every socket."""
-
-    def __call__(self, raw: bytes, version: int) -> str:
-        key = (raw, version)
-        text = self.get(key)
-        if text is None:
-            text = self[key] = format_ip(raw, version)
-        return text
+def _remember(cache: dict[bytes, str], raw: bytes, version: int) -> str:
+    text = cache[raw] = format_ip(raw, version)
+    return text
 
 
-_ADDRESSES = _AddressCache()
+def _find_cgroup(view: memoryview, a: int, stop: int) -> int | None:
+    """The INET_DIAG_CGROUP_ID value among the attributes from ``a`` to ``stop``."""
+    while a + 4 <= stop:
+        alen, atype = _RTATTR.unpack_from(view, a)
+        if atype == INET_DIAG_CGROUP_ID:
+            return int(_U64.unpack_from(view, a + 4)[0]) if alen >= 12 and a + 12 <= stop else None
+        if alen < 4:
+            return None
+        a += (alen + 3) & ~3
+    return None
+
+
+def _control(view: memoryview, off: int, end: int) -> BatchEnd:
+    """The message at ``off`` that is not a socket: the end of the dump, or an error."""
+    length, kind, flags, _seq, _pid = _NLMSGHDR.unpack_from(view, off)
+    if length < _HDR_LEN or off + length > end:
+        raise SockDiagError(f"sock_diag: truncated message ({length} bytes at offset {off} of {end})")
+    if kind == NLMSG_DONE:
+        return BatchEnd.INTERRUPTED if flags & NLM_F_DUMP_INTR else BatchEnd.DONE
+    if kind == NLMSG_ERROR:
+        code = -struct.unpack_from("=i", view, off + _HDR_LEN)[0] if length >= _HDR_LEN + 4 else 0
+        if code == 0:
+            raise SockDiagError("sock_diag: the kernel acknowledged the request instead of dumping")
+        raise SockDiagError(f"sock_diag: the kernel refused the dump: {os.strerror(code)}", _hint(code))
+    raise SockDiagError(f"sock_diag: unexpected message type {kind} ({length} bytes)")
+
+
+# Addresses formatted once each: local addresses repeat on every socket. One cache per
+# family: the 16 raw bytes of 128.0.0.1 (zero-padded) are also those of 8000:1::.
+_V4: dict[bytes, str] = {}
+_V6: dict[bytes, str] = {}
 _ADDRESSES_MAX = 1 << 16
 
 
@@ -270,7 +284,6 @@ def dump_on(
     out: list[TcpSocket] = []
     total_bytes = 0
     retries = 0
-    buf = bytearray(_RECV_SIZE)
     for seq, version in enumerate(families, 1):
         family = socket.AF_INET6 if version == 6 else socket.AF_INET
         for attempt in range(3):
@@ -280,7 +293,7 @@ def dump_on(
             except OSError as exc:
                 raise SockDiagError(f"sock_diag: cannot send the dump request: {exc.strerror}") from None
             end = BatchEnd.MORE
-            for batch in _batches(sk, buf):
+            for batch in _batches(sk):
                 total_bytes += len(batch)
                 end = parse_batch(batch, out, netns)
                 if end != BatchEnd.MORE:
@@ -296,7 +309,8 @@ def dump_on(
     return out
 
 
-def _batches(sk: socket.socket, buf: bytearray) -> Iterator[memoryview]:
+def _batches(sk: socket.socket) -> Iterator[memoryview]:
+    buf = bytearray(_RECV_SIZE)
     view = memoryview(buf)
     while True:
         try:
