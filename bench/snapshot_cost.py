@@ -1,8 +1,7 @@
 """What a snapshot of a host with many TCP sockets costs: sock_diag against /proc/net/tcp and ss.
 
-Makes a network namespace of its own (``ip netns add``) and a process in it that holds
-``--sockets`` TCP sockets, IPv4 and IPv6: listeners, established pairs, CLOSE_WAIT
-(with their FIN_WAIT2 peers) and TIME_WAIT. Then times, in that namespace only (so other
+Makes a network namespace of its own with ``--sockets`` TCP sockets in it, IPv4 and IPv6, in
+mixed states (bench/netns_sockets.py). Then times, in that namespace only (so other
 load on the host does not count): a sock_diag dump of every state, of CLOSE_WAIT only and
 of LISTEN only; parsing /proc/PID/net/tcp{,6}; ``ss -tan``; the walk of /proc/*/fd that
 finds holders; and the whole ``hostsnap.collect`` (sockets, holders, their processes).
@@ -22,94 +21,13 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
-LISTEN_PORTS = 8  # per family: ~28k ephemeral ports per (client address, server port)
-PER_PROCESS = 15_000  # sockets per holding process: fds are capped (RLIMIT_NOFILE, 20000 here)
-
-
-def _accept_all(listener: socket.socket, n: int) -> list[socket.socket]:
-    return [listener.accept()[0] for _ in range(n)]
-
-
-def hold(total: int) -> None:
-    """A process in the namespace: make ~``total`` sockets, say so, wait for stdin to close."""
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    kept: list[socket.socket] = []
-    listeners: list[tuple[socket.socket, str]] = []
-    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        for _ in range(LISTEN_PORTS):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            s.listen(4096)
-            listeners.append((s, host))
-    # per 10 sockets: 3 established pairs (6), 1 CLOSE_WAIT + FIN_WAIT2 pair (2), 2 TIME_WAIT
-    rounds = max(1, (total - len(listeners)) // 10)
-    batch = 64
-    for start in range(0, rounds, batch):
-        for r in range(start, min(rounds, start + batch)):
-            listener, host = listeners[r % len(listeners)]
-            port = listener.getsockname()[1]
-            clients = [socket.create_connection((host, port)) for _ in range(6)]
-            servers = _accept_all(listener, 6)
-            kept += clients[:3] + servers[:3]  # established
-            clients[3].close()  # CLOSE_WAIT on the server side, FIN_WAIT2 on the client's
-            kept.append(servers[3])
-            for c, s in zip(clients[4:], servers[4:], strict=True):
-                c.close()  # the client closes first and ends in TIME_WAIT
-                s.close()
-    print(json.dumps({"ready": True, "fds": len(kept) + len(listeners)}), flush=True)
-    sys.stdin.read()
-
-
-@contextmanager
-def namespace_with_sockets(total: int) -> Iterator[tuple[str, list[int]]]:
-    """(namespace name, pids of the processes holding the sockets); all removed on exit."""
-    name = f"tcptrace-bench-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    procs: list[subprocess.Popen[str]] = []
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        left = total
-        while left > 0:
-            share = min(left, PER_PROCESS)
-            left -= share
-            proc = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    name,
-                    sys.executable,
-                    "-m",
-                    "bench.snapshot_cost",
-                    "--hold",
-                    str(share),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            procs.append(proc)
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if not line or not json.loads(line).get("ready"):
-                raise SystemExit("snapshot_cost: a socket holder did not start")
-        time.sleep(0.5)  # let the last FINs settle
-        yield name, [p.pid for p in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(timeout=30)
-        subprocess.run(["ip", "netns", "del", name], check=False)
+from bench.netns_sockets import namespace_with_sockets
 
 
 def _cpu_s() -> float:
@@ -145,7 +63,7 @@ def measure(total: int, repeats: int) -> dict[str, Any]:
     from tcptrace.model.events import TcpState
     from tcptrace.system import hostsnap, netns, procfd, procnet, sockdiag, sockets
 
-    with namespace_with_sockets(total) as (name, pids):
+    with namespace_with_sockets(total) as (name, holders):
         ns = next(n for n in netns.namespaces() if name in n.names)
         out: dict[str, Any] = {"sockets_asked": total, "netns": ns.inode, "loadavg": os.getloadavg()[0]}
 
@@ -156,7 +74,8 @@ def measure(total: int, repeats: int) -> dict[str, Any]:
 
             return run
 
-        paths = [f"/proc/{pids[0]}/net/tcp", f"/proc/{pids[0]}/net/tcp6"]
+        pid = holders[0].popen_pid
+        paths = [f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"]
         cases: dict[str, Callable[[], int]] = {
             "sock_diag_all": diag(sockdiag.ALL_STATES),
             "sock_diag_close_wait": diag(frozenset({TcpState.CLOSE_WAIT})),
@@ -190,11 +109,7 @@ def main() -> None:
     parser.add_argument("--sockets", type=int, default=50_000, help="sockets to make (default 50000)")
     parser.add_argument("--repeats", type=int, default=7, help="runs of each case (default 7)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--hold", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.hold is not None:
-        hold(args.hold)
-        return
     if os.geteuid() != 0:
         raise SystemExit("snapshot_cost: run as root (it makes a network namespace)")
     result = measure(args.sockets, args.repeats)
