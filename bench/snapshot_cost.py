@@ -1,12 +1,16 @@
 """What a snapshot of a host with many TCP sockets costs: sock_diag against /proc/net/tcp and ss.
 
-Makes a network namespace of its own with ``--sockets`` TCP sockets in it, IPv4 and IPv6, in
-mixed states (bench/netns_sockets.py). Then times, in that namespace only (so other
-load on the host does not count): a sock_diag dump of every state, of CLOSE_WAIT only and
-of LISTEN only; parsing /proc/PID/net/tcp{,6}; ``ss -tan``; the walk of /proc/*/fd that
-finds holders; and the whole ``hostsnap.collect`` (sockets, holders, their processes).
-Prints the median and best of ``--repeats`` runs in milliseconds, and removes the
-namespace and the process however it ends.
+Makes a network namespace of its own with ``--sockets`` TCP sockets in it, IPv4 and IPv6,
+in mixed states (bench/netns_sockets.py). Then times, in that namespace (other sockets on
+the host do not count, except where said): a sock_diag dump of every state, of
+CLOSE_WAIT only and of LISTEN only, and one that only counts sockets by state; parsing
+/proc/PID/net/tcp{,6}; ``ss -tan`` (a process of its own, started with nsenter); listing
+the host's namespaces, and a snapshot of every one of them (the host's sockets too); the
+walk of every process's /proc/PID/fd that finds holders; and the whole
+``hostsnap.collect`` of this namespace (sockets, holders, their processes). Prints the
+median and best wall time of ``--repeats`` runs and their median CPU time (the kernel's
+work for us included) in milliseconds, and removes the namespace and its processes
+however it ends.
 
 Needs root. Run it on a quiet machine::
 
@@ -75,22 +79,33 @@ def measure(total: int, repeats: int) -> dict[str, Any]:
             return run
 
         pid = holders[0].popen_pid
+
+        def count_states() -> int:
+            with netns.call_in(ns, sockdiag.open_socket) as sk:
+                return sum(sockdiag.count_states_on(sk).values())
+
         paths = [f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"]
         cases: dict[str, Callable[[], int]] = {
             "sock_diag_all": diag(sockdiag.ALL_STATES),
             "sock_diag_close_wait": diag(frozenset({TcpState.CLOSE_WAIT})),
             "sock_diag_listen": diag(frozenset({TcpState.LISTEN})),
+            "sock_diag_count_states": count_states,
             "proc_net_tcp_parse": lambda: len(procnet.read_sockets(paths)),
             "proc_close_wait": lambda: len(
                 sockets.dump_namespace(ns, [TcpState.CLOSE_WAIT], sources=[sockets.PROC])[0]
             ),
+            "namespaces_list": lambda: len(netns.namespaces()),
+            "snapshot_every_namespace": lambda: len(sockets.snapshot().sockets),
             "holders_walk": lambda: sum(len(h) for h in procfd.holders(None).values()),
             "collect_all_with_owners": lambda: len(hostsnap.collect(namespaces=[ns]).sockets),
         }
         if shutil.which("ss"):
             cases["ss_tan_subprocess"] = lambda: len(
                 subprocess.run(
-                    ["ip", "netns", "exec", name, "ss", "-tanH"], capture_output=True, text=True, check=True
+                    ["nsenter", f"--net=/run/netns/{name}", "ss", "-tanH"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 ).stdout.splitlines()
             )
         for case, fn in cases.items():

@@ -21,7 +21,7 @@ import pytest
 from bench.netns_sockets import namespace_with_sockets
 
 from tcptrace.model.events import TcpState
-from tcptrace.system import cgroups, hostsnap, netns, sockets
+from tcptrace.system import cgroups, hostsnap, netns, sockdiag, sockets
 from tcptrace.system.containers import identify
 from tcptrace.system.netns import NetNamespace
 from tcptrace.system.tcpsock import TcpSocket
@@ -79,6 +79,8 @@ def test_sock_diag_equals_proc_with_thousands_of_sockets_in_mixed_states() -> No
         assert len(mapped) >= 100, "IPv4-mapped sockets"
         assert all(s.netns == ns.inode for s in diag + proc)
         assert len({s.cookie for s in diag}) == len(diag), "a cookie is one socket's"
+        with netns.call_in(ns, sockdiag.open_socket) as sk:
+            assert sockdiag.count_states_on(sk) == counts
 
         # the kernel's state filter: asking for some states returns exactly those
         for states in ([S.CLOSE_WAIT], [S.LISTEN], [S.TIME_WAIT, S.FIN_WAIT2], [S.SYN_SENT]):

@@ -233,3 +233,27 @@ def test_state_mask_covers_every_state_proc_lists() -> None:
     mask = sockdiag.state_mask(sockdiag.ALL_STATES)
     assert all(mask & (1 << s) for s in TcpState)
     assert sockdiag.state_mask([TcpState.SYN_RECV]) & (1 << TcpState.NEW_SYN_RECV)
+
+
+@little_endian
+def test_state_counts_of_a_recorded_dump_equal_the_parsed_sockets(data_dir: Path) -> None:
+    counts = [0] * 256
+    for name in ("sockdiag_v4.bin", "sockdiag_v6.bin"):
+        assert sockdiag.count_batch((data_dir / name).read_bytes(), counts) == sockdiag.BatchEnd.DONE
+    parsed: dict[int, int] = {}
+    for s in recorded(data_dir):
+        parsed[s.state] = parsed.get(s.state, 0) + 1
+    assert {i: n for i, n in enumerate(counts) if n} == parsed
+
+
+def test_state_counts_drop_an_interrupted_attempt() -> None:
+    interrupted = message(sockdiag.NLMSG_DONE, struct.pack("=i", 0), flags=2 | sockdiag.NLM_F_DUMP_INTR)
+    fake = FakeNetlink(
+        [
+            [diag_message(1) * 3, interrupted],
+            [diag_message(1) + diag_message(8), DONE],
+            [diag_message(8), DONE],
+        ]
+    )
+    counts = sockdiag.count_states_on(fake)  # type: ignore[arg-type]
+    assert counts == {TcpState.ESTABLISHED: 1, TcpState.CLOSE_WAIT: 2}

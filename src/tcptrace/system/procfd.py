@@ -11,12 +11,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tcptrace.errors import TcptraceError
 from tcptrace.model.closewait import Preexisting
 from tcptrace.model.events import SocketEvent, TcpState, decode_comm
 from tcptrace.model.filters import EventFilter
-from tcptrace.system import cgroups
-from tcptrace.system.procnet import in_state
-from tcptrace.system.tcpsock import Endpoints
+from tcptrace.system import cgroups, sockets
+from tcptrace.system.tcpsock import Endpoints, TcpSocket
 
 _SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
 
@@ -108,22 +108,29 @@ def holders(inodes: Iterable[int] | None, proc: str = "/proc") -> dict[int, list
     return found
 
 
+def _closewait_now(flt: EventFilter) -> list[TcpSocket]:
+    """Sockets in CLOSE_WAIT now in this network namespace (sock_diag, else /proc)."""
+    families = (flt.family,) if flt.family is not None else (4, 6)
+    snap = sockets.own_namespace([TcpState.CLOSE_WAIT], families)
+    if not snap.complete:
+        raise TcptraceError(f"cannot list the host's TCP sockets: {snap.namespaces[0].error}")
+    return list(snap.sockets)
+
+
 def closewait_ports(flt: EventFilter | None = None) -> set[tuple[int, int]]:
     """(local port, remote port) of the sockets in CLOSE_WAIT now that pass the port and
     family filters (owners are not looked up: that needs a walk of every /proc/PID/fd)."""
     flt = flt or EventFilter()
     owner_free = EventFilter(ports=flt.ports, family=flt.family)
     return {
-        (s.sport, s.dport)
-        for s in in_state(TcpState.CLOSE_WAIT)
-        if _as_event(s, None, None, owner_free) is not None
+        (s.sport, s.dport) for s in _closewait_now(flt) if _as_event(s, None, None, owner_free) is not None
     }
 
 
 def closewait_snapshot(
     flt: EventFilter | None = None, only: set[tuple[int, int]] | None = None
 ) -> list[Preexisting]:
-    """Sockets in CLOSE_WAIT now (/proc/net/tcp{,6}) with the process holding each one.
+    """Sockets in CLOSE_WAIT now (of this network namespace) with the process holding each one.
 
     A socket several processes hold (fork, fd passing) is reported with the first holder
     that passes ``flt``, else the lowest pid; one no process holds has an unknown owner.
@@ -131,7 +138,7 @@ def closewait_snapshot(
     just the sockets with those (local port, remote port).
     """
     flt = flt or EventFilter()
-    socks = in_state(TcpState.CLOSE_WAIT)
+    socks = _closewait_now(flt)
     if only is not None:
         socks = [s for s in socks if (s.sport, s.dport) in only]
     owners = holders(s.inode for s in socks if s.inode)

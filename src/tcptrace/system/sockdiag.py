@@ -30,8 +30,9 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tcptrace.errors import TcptraceError
 from tcptrace.model.events import TcpState
@@ -67,6 +68,9 @@ _AF_INET6 = socket.AF_INET6
 _BY_VALUE = {int(s): s for s in TcpState}
 _STATES: tuple[TcpState | None, ...] = tuple(_BY_VALUE.get(i) for i in range(256))
 _RECV_SIZE = 1 << 16  # the kernel fills at most ~32 KiB per dump message batch
+
+
+P = TypeVar("P")
 
 
 class SockDiagError(TcptraceError):
@@ -280,33 +284,81 @@ def dump_on(
     A dump the kernel marks as interrupted (its tables changed under it) is retried, at most
     twice; ``stats``, when given, receives one DumpStats.
     """
-    wanted = frozenset(states)
-    out: list[TcpSocket] = []
+    parts: list[list[TcpSocket]]
+    parts, total_bytes, retries = _dump(
+        sk, frozenset(states), families, list, lambda batch, part: parse_batch(batch, part, netns)
+    )
+    out = [s for part in parts for s in part] if len(parts) != 1 else parts[0]
+    if stats is not None:
+        stats.append(DumpStats(len(out), total_bytes, retries))
+    return out
+
+
+def count_states_on(
+    sk: socket.socket, states: Iterable[TcpState] = ALL_STATES, families: Iterable[int] = (4, 6)
+) -> dict[TcpState, int]:
+    """How many sockets of ``sk``'s namespace are in each of ``states`` (those with none left
+    out): the same dump as ``dump_on`` with nothing read but each socket's state, for a
+    per-state gauge at a fraction of the cost."""
+    parts, _, _ = _dump(sk, frozenset(states), families, lambda: [0] * 256, count_batch)
+    return {s: n for s in TcpState if (n := sum(part[int(s)] for part in parts))}
+
+
+def count_batch(buf: bytes | bytearray | memoryview, counts: list[int]) -> BatchEnd:
+    """Add the states of one batch of dump messages to ``counts`` (indexed by state number).
+
+    >>> counts = [0] * 256
+    >>> count_batch(bytes.fromhex("64000000140002000100000000000000" "020a") + bytes(82), counts).name
+    'MORE'
+    >>> counts[10]
+    1
+    """
+    view = memoryview(buf)
+    end = len(view)
+    off = 0
+    hdr_unpack = _NLMSGHDR.unpack_from
+    while off + _HDR_LEN <= end:
+        length, kind = hdr_unpack(view, off)[:2]
+        if kind != SOCK_DIAG_BY_FAMILY or length < _DIAG_LEN or off + length > end:
+            return _control(view, off, end)
+        counts[view[off + _HDR_LEN + 1]] += 1
+        off += (length + 3) & ~3
+    return BatchEnd.MORE
+
+
+def _dump(
+    sk: socket.socket,
+    states: frozenset[TcpState],
+    families: Iterable[int],
+    new_part: Callable[[], P],
+    consume: Callable[[memoryview, P], BatchEnd],
+) -> tuple[list[P], int, int]:
+    """One dump per family, each batch handed to ``consume`` with the family's part (a fresh
+    one when an interrupted dump is retried): (parts, bytes read, retries)."""
+    parts: list[P] = []
     total_bytes = 0
     retries = 0
     for seq, version in enumerate(families, 1):
         family = socket.AF_INET6 if version == 6 else socket.AF_INET
         for attempt in range(3):
-            start = len(out)
+            part = new_part()
             try:
-                sk.send(build_request(family, wanted, seq))
+                sk.send(build_request(family, states, seq))
             except OSError as exc:
                 raise SockDiagError(f"sock_diag: cannot send the dump request: {exc.strerror}") from None
             end = BatchEnd.MORE
             for batch in _batches(sk):
                 total_bytes += len(batch)
-                end = parse_batch(batch, out, netns)
+                end = consume(batch, part)
                 if end != BatchEnd.MORE:
                     break
             if end == BatchEnd.MORE:
                 raise SockDiagError("sock_diag: the dump ended without NLMSG_DONE")
             if end == BatchEnd.DONE or attempt == 2:
+                parts.append(part)
                 break
-            del out[start:]
             retries += 1
-    if stats is not None:
-        stats.append(DumpStats(len(out), total_bytes, retries))
-    return out
+    return parts, total_bytes, retries
 
 
 def _batches(sk: socket.socket) -> Iterator[memoryview]:
@@ -344,6 +396,8 @@ __all__ = [
     "DumpStats",
     "SockDiagError",
     "build_request",
+    "count_batch",
+    "count_states_on",
     "dump",
     "dump_on",
     "open_socket",
