@@ -88,7 +88,7 @@ def format_ip(raw: bytes, family: int) -> str:
 
     ``inet_ntop`` is ~5x faster than ``ipaddress`` and writes the same text, except that
     glibc writes IPv4-mapped and IPv4-compatible addresses dotted (``::ffff:127.0.0.1``)
-    where Python before 3.13 does not (``::ffff:7f00:1``): those go through ``ipaddress``.
+    where ``ipaddress`` may not (3.11 writes ``::ffff:7f00:1``): those go through ``ipaddress``.
     """
     if family == 4:
         return _ntop(_AF_INET, raw[:4])
