@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import NamedTuple
 
 from tcptrace.model.events import TcpState
+from tcptrace.system.tcpsock import TcpSocket
 
 SS_STATES = {
     "ESTAB": TcpState.ESTABLISHED,
@@ -20,19 +20,6 @@ SS_STATES = {
     "LISTEN": TcpState.LISTEN,
     "CLOSING": TcpState.CLOSING,
 }
-
-
-class SsSocket(NamedTuple):
-    family: int
-    saddr: str
-    sport: int
-    daddr: str
-    dport: int
-    state: TcpState
-    inode: int
-    cookie: int
-    rqueue: int
-    wqueue: int
 
 
 def parse_endpoint(text: str) -> tuple[int, str, int]:
@@ -53,8 +40,9 @@ def parse_endpoint(text: str) -> tuple[int, str, int]:
     return 4, str(ipaddress.IPv4Address(host)), number
 
 
-def parse_ss(text: str) -> list[SsSocket]:
-    """The sockets of ``ss -tanHe`` output (state, queues, local, peer, then key:value fields)."""
+def parse_ss(text: str) -> list[TcpSocket]:
+    """The sockets of ``ss -tanHe`` output (state, queues, local, peer, then key:value fields),
+    with what ss does not print as a TcpSocket's defaults (``netns`` 0, no cgroup id)."""
     out = []
     for line in text.splitlines():
         fields = line.split()
@@ -64,6 +52,9 @@ def parse_ss(text: str) -> list[SsSocket]:
         _, daddr, dport = parse_endpoint(fields[4])
         extra = dict(f.split(":", 1) for f in fields[5:] if ":" in f and not f.startswith("timer:"))
         state, inode, cookie = SS_STATES[fields[0]], int(extra["ino"]), int(extra["sk"], 16)
+        uid = int(extra.get("uid", 0))  # printed only when not root's
         rqueue, wqueue = int(fields[1]), int(fields[2])
-        out.append(SsSocket(family, saddr, sport, daddr, dport, state, inode, cookie, rqueue, wqueue))
+        out.append(
+            TcpSocket(family, saddr, sport, daddr, dport, state, uid, inode, 0, cookie, rqueue, wqueue)
+        )
     return out

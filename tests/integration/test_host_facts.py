@@ -40,22 +40,12 @@ def key(s: TcpSocket) -> tuple[object, ...]:
     return (s.netns, s.family, s.saddr, s.sport, s.daddr, s.dport, s.state, s.uid, s.inode)
 
 
-def as_ss(s: TcpSocket) -> sstext.SsSocket:
-    return sstext.SsSocket(
-        s.family,
-        s.saddr,
-        s.sport,
-        s.daddr,
-        s.dport,
-        s.state,
-        s.inode,
-        s.cookie or 0,
-        s.rqueue or 0,
-        s.wqueue or 0,
-    )
+def as_ss(s: TcpSocket) -> TcpSocket:
+    """What ss prints of a socket."""
+    return s._replace(netns=0, cgroup_id=None)
 
 
-def ss_in(name: str) -> list[sstext.SsSocket]:
+def ss_in(name: str) -> list[TcpSocket]:
     out = subprocess.run(
         ["ip", "netns", "exec", name, "ss", "-tanHe"], capture_output=True, text=True, check=True
     )
