@@ -54,6 +54,9 @@ raw_events = st.builds(
     op=u8,
     task_comm=st.binary(min_size=16, max_size=16),
     owner_comm=st.binary(min_size=16, max_size=16),
+    aux_ns=u64,
+    flags=u32,
+    owner_cgroup=u64,
 )
 
 
