@@ -46,7 +46,7 @@ def row_line(row: CallStats) -> Text:
     if h.count and not h.max_exact:
         top = "<" + top
     text = Text(
-        f"{row.key.pid:>7} {safe(row.key.comm)[:15]:<15} {row.key.call:<11} {h.count:>7} "
+        f"{row.key.pid:>7} {safe(row.key.comm)[:15]:<15} {safe(row.key.call):<11} {h.count:>7} "
         f"{duration(p[50]):>8} {duration(p[90]):>8} {duration(p[99]):>8} {top:>8}  "
     )
     flags = flagged_text(row)
@@ -141,8 +141,10 @@ def print_summary(
     print_report(console, totals, offset_ns, bars=True, max_rows=2 * MAX_ROWS)
     flagged = model.summary_json()["flagged"]
     console.print(
-        f"flagged calls: {flagged['reset']} reset, {flagged['lingered']} lingered, "
-        f"{flagged['late_close_wait']} late CLOSE_WAIT"
+        Text(
+            f"flagged calls: {flagged['reset']} reset, {flagged['lingered']} lingered, "
+            f"{flagged['late_close_wait']} late CLOSE_WAIT"
+        )
     )
     lost = int(counters.get("lost", 0))
     failed = int(counters.get("call_failed", 0)) + int(counters.get("hist_failed", 0))

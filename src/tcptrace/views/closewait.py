@@ -17,7 +17,7 @@ from tcptrace.model.closewait import (
     percentile,
 )
 from tcptrace.model.lifecycle import CodePath
-from tcptrace.views.common import duration, endpoint, safe
+from tcptrace.views.common import duration, endpoint, host_text, safe
 
 MAX_GROUPS = 8
 MAX_USER_FRAMES = 8
@@ -64,7 +64,7 @@ def _histogram_table(rows: list[tuple[str, int]], title: str) -> Table:
     table.add_column()
     most = max((n for _, n in rows), default=0)
     for label, n in rows:
-        table.add_row(label, str(n), Text(_bar(n, most), style="red"))
+        table.add_row(Text(label), Text(str(n)), Text(_bar(n, most), style="red"))
     return table
 
 
@@ -164,15 +164,15 @@ def sockets_table(tracker: CloseWaitTracker, now_ns: int) -> Table:
     for s in socks[:MAX_SOCKETS]:
         age = duration(s.age_ns(now_ns))
         table.add_row(
-            "-" if s.pid is None else str(s.pid),
-            safe(s.comm)[:15],
-            endpoint(s.saddr, s.sport, s.family),
-            endpoint(s.daddr, s.dport, s.family),
-            (">= " if s.preexisting else "") + age,
-            "yes" if s.eof_ns is not None else "",
+            Text("-" if s.pid is None else str(s.pid)),
+            host_text(s.comm, width=15),
+            Text(endpoint(s.saddr, s.sport, s.family)),
+            Text(endpoint(s.daddr, s.dport, s.family)),
+            Text((">= " if s.preexisting else "") + age),
+            Text("yes" if s.eof_ns is not None else ""),
         )
     if len(socks) > MAX_SOCKETS:
-        table.add_row("", f"… {len(socks) - MAX_SOCKETS} more", "", "", "", "")
+        table.add_row(Text(""), Text(f"… {len(socks) - MAX_SOCKETS} more"), *[Text("")] * 4)
     return table
 
 

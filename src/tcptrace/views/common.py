@@ -1,4 +1,11 @@
-"""Formatting shared by every view. Text from the kernel or a recording is never markup."""
+"""Formatting shared by every view.
+
+Text from the kernel, /proc or a recording (process names, paths, cgroup names, symbols,
+addresses) is hostile: it reaches rich only as ``Text`` (``host_text``, or ``safe`` appended
+to a ``Text``), never as a ``str`` that rich would read as markup or emoji codes, and its
+non-printable characters are shown escaped (tcptrace.printable). A ``str`` handed to
+``Console.print``, a table cell or a ``Group`` is markup to rich: views build ``Text``.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +13,37 @@ import time
 
 from rich.console import Console
 from rich.live import Live
+from rich.style import StyleType
 from rich.text import Text
+
+from tcptrace.printable import printable
 
 NS = 1_000_000_000
 
 
 def safe(text: str | None) -> str:
-    """Control characters (terminal escapes, newlines) shown as \\xNN, never interpreted."""
+    """Non-printable characters (terminal escapes, newlines, bidi overrides) shown escaped;
+    ``-`` for None. Append the result to a ``Text``; never hand it to rich as a ``str``."""
     if text is None:
         return "-"
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+    return printable(text)
+
+
+def host_text(text: str | None, style: StyleType = "", width: int | None = None) -> Text:
+    """Host-supplied text as a rich ``Text``: never markup, non-printables escaped, cut to
+    ``width`` characters (of the escaped form) when given.
+
+    >>> host_text("[bold red]x\\x1b").plain
+    '[bold red]x\\\\x1b'
+    """
+    shown = safe(text)
+    return Text(shown if width is None else shown[:width], style=style)
 
 
 def endpoint(addr: str, port: int, family: int) -> str:
-    """``127.0.0.1:80`` or ``[::1]:80``."""
-    return f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
+    """``127.0.0.1:80`` or ``[::1]:80`` (the address escaped: a recording's is any string).
+    A ``str``: append it to a ``Text`` (``[fd00::1]:80`` read as markup would vanish)."""
+    return f"[{safe(addr)}]:{port}" if family == 6 else f"{safe(addr)}:{port}"
 
 
 def clock(ts_ns: int, offset_ns: int) -> str:
@@ -59,4 +82,6 @@ def start_live(console: Console, renderable: object, *, transient: bool = False)
 
 
 def make_console(stderr: bool = False, **kwargs: object) -> Console:
-    return Console(stderr=stderr, highlight=False, **kwargs)  # type: ignore[arg-type]
+    """A console for tcptrace's output: no highlighting (numbers in names stay plain), no
+    markup or emoji codes in strings (views build ``Text`` anyway; this is a second lock)."""
+    return Console(stderr=stderr, highlight=False, markup=False, emoji=False, **kwargs)  # type: ignore[arg-type]

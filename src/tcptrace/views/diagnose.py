@@ -35,7 +35,7 @@ def states_table(d: Diagnosis) -> Table:
         b = (d.end or {}).get(s, 0)
         if a or b:
             style = "bold red" if s == TcpState.CLOSE_WAIT and b > a else ""
-            table.add_row(s.name, str(a), Text(str(b), style=style))
+            table.add_row(Text(s.name), Text(str(a)), Text(str(b), style=style))
     return table
 
 
@@ -51,47 +51,52 @@ def print_diagnosis(console: Console, d: Diagnosis, reason: str = "duration") ->
         console.print(Text("owners of CLOSE_WAIT sockets at the end:", style="bold"))
         for o in d.close_wait_owners[:8]:
             who = "unknown owner" if o.pid is None else f"{o.pid} {safe(o.comm)}"
-            console.print(f"  {o.count:>6}  {who}   remotes: {safe(o.remotes.text())}")
+            console.print(Text(f"  {o.count:>6}  {who}   remotes: {safe(o.remotes.text())}"))
     if d.stuck:
         console.print(
             Text(f"stuck: {len(d.stuck)} sockets in CLOSE_WAIT at the start and at the end", style="bold")
         )
         for s in d.stuck[:5]:
             sk = s.sock
-            console.print(
-                f"  {endpoint(sk.saddr, sk.sport, sk.family)} <- {endpoint(sk.daddr, sk.dport, sk.family)}"
-                f"  pid {sk.pid if sk.pid is not None else '-'}  >= {s.at_least_s:.0f} s"
-            )
+            local, remote = endpoint(sk.saddr, sk.sport, sk.family), endpoint(sk.daddr, sk.dport, sk.family)
+            pid = sk.pid if sk.pid is not None else "-"
+            console.print(Text(f"  {local} <- {remote}  pid {pid}  >= {s.at_least_s:.0f} s"))
     if d.close_wait_entered:
         times = d.time_to_close
         ttc = f", time to close p50 {duration(times[len(times) // 2])}" if times else ""
         console.print(
-            f"CLOSE_WAIT during the window: {d.close_wait_entered} entered, "
-            f"{d.close_wait_closed} closed by their app{ttc}"
+            Text(
+                f"CLOSE_WAIT during the window: {d.close_wait_entered} entered, "
+                f"{d.close_wait_closed} closed by their app{ttc}"
+            )
         )
     tw = f"TIME_WAIT: {d.tw_created} created ({d.tw_rate:.1f}/s)"
     if d.tw_now is not None:
         tw += f", {d.tw_now} timewait sockets now (sockstat)"
     if d.ports is not None:
         tw += f", {d.ports} ephemeral ports per destination"
-    console.print(tw)
+    console.print(Text(tw))
     for f in d.forecasts[:3]:
         eta = (
             f"exhausted in ~{f.seconds_to_exhaustion:.0f} s"
             if f.seconds_to_exhaustion is not None
             else f"{f.utilization:.0%} of the range at steady state"
         )
-        console.print(f"  -> {safe(f.dest.remote)}: {f.rate_per_s:.1f}/s, holds ~{f.held_steady:.0f}: {eta}")
+        console.print(
+            Text(f"  -> {safe(f.dest.remote)}: {f.rate_per_s:.1f}/s, holds ~{f.held_steady:.0f}: {eta}")
+        )
     if d.closes:
         console.print(
-            f"close(): {d.closes} calls, p50 {duration(d.close_p50_ns)}, p99 {duration(d.close_p99_ns)}, "
-            f"max {duration(d.close_max_ns)}"
+            Text(
+                f"close(): {d.closes} calls, p50 {duration(d.close_p50_ns)}, p99 {duration(d.close_p99_ns)}, "
+                f"max {duration(d.close_max_ns)}"
+            )
         )
     if d.settings:
         console.print(Text("settings:", style="bold"))
         for a in d.settings:
             console.print(
-                Text(f"  {a.setting} = {a.value}: {a.meaning}", style="yellow" if a.warn else ""),
+                Text(f"  {safe(a.setting)} = {safe(a.value)}: {a.meaning}", style="yellow" if a.warn else ""),
             )
     lost = Text(f"events lost: {d.lost}", style="bold red" if d.lost else "dim")
     console.print(lost)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.text import Text
 
+from tcptrace.views.common import safe
+
 
 @dataclass(frozen=True)
 class Check:
@@ -23,14 +25,15 @@ def check_line(check: Check, width: int = 38) -> Text:
     mark = ("ok", "green") if check.ok else (("FAIL", "bold red") if check.required else ("warn", "yellow"))
     text = Text()
     text.append(f"{mark[0]:<5}", style=mark[1])
-    text.append(f"{check.name:<{width}} {check.detail}")
+    # Details name paths and carry error messages of bcc and the kernel: escaped.
+    text.append(f"{safe(check.name):<{width}} {safe(check.detail)}")
     if not check.ok and check.fix:
-        text.append(f"\n     fix: {check.fix}", style="bold")
+        text.append(f"\n     fix: {safe(check.fix)}", style="bold")
     return text
 
 
 def print_checks(console: Console, checks: list[Check]) -> None:
-    width = max((len(c.name) for c in checks), default=0)
+    width = max((len(safe(c.name)) for c in checks), default=0)
     for check in checks:
         console.print(check_line(check, width), soft_wrap=True)
     failed = [c for c in checks if c.required and not c.ok]

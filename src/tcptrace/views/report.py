@@ -15,6 +15,7 @@ from typing import Any
 from tcptrace.model.closewait import log2_histogram
 from tcptrace.model.diagnosis import Diagnosis
 from tcptrace.model.overview import STATE_ORDER, Overview
+from tcptrace.printable import printable
 from tcptrace.views.common import duration
 
 CSS = """
@@ -31,7 +32,8 @@ code{font-size:.95em}.dim{color:#777}
 
 
 def esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    """HTML-escaped, with non-printables (a bidi override, a control) shown as escapes."""
+    return html.escape(printable(str(value)), quote=True)
 
 
 def bar_chart(rows: Sequence[tuple[str, float]], title: str, width: int = 560, color: str = "#4a7") -> str:

@@ -81,5 +81,5 @@ def print_summary(console: Console, summary: StatesSummary, counters: dict[str, 
     table.add_column("transition")
     table.add_column("count", justify="right")
     for (old, new), count in summary.transitions.most_common():
-        table.add_row(f"{old.name} -> {new.name}", str(count))
+        table.add_row(Text(f"{old.name} -> {new.name}"), Text(str(count)))
     console.print(table)

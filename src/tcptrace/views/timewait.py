@@ -21,7 +21,7 @@ from tcptrace.model.timewait import (
     sparkline,
     top,
 )
-from tcptrace.views.common import safe
+from tcptrace.views.common import host_text
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,14 @@ def process_table(interval: Interval | None, totals: TwCounts, n: int = 8) -> Ta
         if interval is not None:
             d = interval.delta.by_process.get((pid, comm))
             now = d.created / interval.seconds if d is not None else 0.0
-        now_cell = [f"{now:,.1f}"] if interval is not None else []
+        now_cell = [Text(f"{now:,.1f}")] if interval is not None else []
         table.add_row(
-            str(pid), safe(comm)[:15], *now_cell, str(c.created), str(c.resets_sent), str(c.resets_received)
+            Text(str(pid)),
+            host_text(comm, width=15),
+            *now_cell,
+            Text(str(c.created)),
+            Text(str(c.resets_sent)),
+            Text(str(c.resets_received)),
         )
     return table
 
@@ -82,9 +87,10 @@ def remote_table(interval: Interval | None, totals: TwCounts, n: int = 8) -> Tab
     now = by_remote(interval.delta.by_dest) if interval is not None else {}
     for remote, count in top(by_remote(totals.by_dest), n):
         if interval is not None:
-            table.add_row(safe(remote), f"{now.get(remote, 0) / interval.seconds:,.1f}", str(count))
+            rate = now.get(remote, 0) / interval.seconds
+            table.add_row(host_text(remote), Text(f"{rate:,.1f}"), Text(str(count)))
         else:
-            table.add_row(safe(remote), str(count))
+            table.add_row(host_text(remote), Text(str(count)))
     return table
 
 
@@ -111,11 +117,11 @@ def forecast_table(forecasts: Sequence[DestForecast]) -> Table:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for f in forecasts:
         table.add_row(
-            safe(f.dest.laddr),
-            safe(f.dest.remote),
-            f"{f.rate_per_s:,.1f}",
-            f"{f.held_steady:,.0f}",
-            f"{f.ports:,}",
+            host_text(f.dest.laddr),
+            host_text(f.dest.remote),
+            Text(f"{f.rate_per_s:,.1f}"),
+            Text(f"{f.held_steady:,.0f}"),
+            Text(f"{f.ports:,}"),
             exhaustion_text(f),
         )
     return table
@@ -128,7 +134,9 @@ def settings_table(advice: Sequence[Advice]) -> Table:
     table.add_column("value", justify="right")
     table.add_column("meaning")
     for a in advice:
-        table.add_row(a.setting, a.value, Text(a.meaning, style="yellow" if a.warn else ""))
+        table.add_row(
+            host_text(a.setting), host_text(a.value), Text(a.meaning, style="yellow" if a.warn else "")
+        )
     return table
 
 
@@ -167,26 +175,32 @@ def print_summary(
     head.append(f", stopped: {reason}")
     console.print(head)
     console.print(
-        f"  {t.immediate} entered TIME_WAIT directly; {t.parked} orphaned FIN_WAIT2 sockets were parked: "
-        f"{t.converted_fin} got the peer's FIN (TIME_WAIT, counted then), {t.converted_timer} seen "
-        f"TIME_WAIT only at their timer, {t.parked_ended} died in FIN_WAIT2 (not TIME_WAIT), "
-        f"{t.pending_fin_wait2} still pending",
+        Text(
+            f"  {t.immediate} entered TIME_WAIT directly; {t.parked} orphaned FIN_WAIT2 sockets were parked: "
+            f"{t.converted_fin} got the peer's FIN (TIME_WAIT, counted then), {t.converted_timer} seen "
+            f"TIME_WAIT only at their timer, {t.parked_ended} died in FIN_WAIT2 (not TIME_WAIT), "
+            f"{t.pending_fin_wait2} still pending"
+        ),
         soft_wrap=True,
     )
-    console.print(f"  resets: {t.resets_sent} sent, {t.resets_received} received (abortive closes)")
+    console.print(Text(f"  resets: {t.resets_sent} sent, {t.resets_received} received (abortive closes)"))
     if t.killed:
         console.print(
-            f"  {t.killed} TIME_WAIT sockets ended before their 60 s "
-            "(a port reused by tcp_tw_reuse, a SYN or an RST on the same 4-tuple)"
+            Text(
+                f"  {t.killed} TIME_WAIT sockets ended before their 60 s "
+                "(a port reused by tcp_tw_reuse, a SYN or an RST on the same 4-tuple)"
+            )
         )
     if model.overflow_total:
         console.print(
-            f"  TCPTimeWaitOverflow +{model.overflow_total}: TIME_WAIT skipped (tcp_max_tw_buckets)",
-            style="bold red",
+            Text(
+                f"  TCPTimeWaitOverflow +{model.overflow_total}: TIME_WAIT skipped (tcp_max_tw_buckets)",
+                style="bold red",
+            )
         )
     lost = int(counters.get("lost", 0))
     if lost:
-        console.print(f"  {lost} events lost (counts above are the kernel's, exact)", style="bold red")
+        console.print(Text(f"  {lost} events lost (counts above are the kernel's, exact)", style="bold red"))
     if t.by_process:
         console.print(process_table(None, t, n=20))
     if t.by_dest:
@@ -197,4 +211,4 @@ def print_summary(
         console.print(settings_table(ctx.advice))
     console.print(Text("remedies, in order:", style="bold"))
     for i, remedy in enumerate(REMEDIES, 1):
-        console.print(f"  {i}. {remedy}", soft_wrap=True)
+        console.print(Text(f"  {i}. {remedy}"), soft_wrap=True)

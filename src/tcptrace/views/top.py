@@ -28,7 +28,7 @@ from rich.text import Text
 
 from tcptrace.model.events import TcpState
 from tcptrace.model.overview import SORT_KEYS, Overview, sort_rows
-from tcptrace.views.common import duration, safe
+from tcptrace.views.common import duration, host_text, safe
 
 SORT_TITLES = {"c": "CLOSE_WAIT", "t": "TIME_WAIT/s", "l": "close() p99"}
 MAX_PROCESSES = 15
@@ -80,6 +80,10 @@ def _rate(x: float) -> str:
     return f"{x:,.1f}" if x else "0"
 
 
+def _cells(*values: str) -> list[Text]:
+    return [Text(v) for v in values]
+
+
 def states_table(overview: Overview) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
     table.title = "sockets by state"
@@ -97,8 +101,8 @@ def states_table(overview: Overview) -> Table:
         table.add_row(
             Text(state.name, style=style),
             Text(f"{count:,}", style=style),
-            _rate(rate),
-            overview.states.how(state),
+            Text(_rate(rate)),
+            Text(overview.states.how(state)),
         )
     return table
 
@@ -158,20 +162,22 @@ def processes_table(overview: Overview, state: TopState) -> Table:
     rows = sort_rows(overview.processes(state.pid), state.sort)
     for r in rows[:MAX_PROCESSES]:
         table.add_row(
-            str(r.pid),
-            safe(r.comm)[:15],
+            Text(str(r.pid)),
+            host_text(r.comm, width=15),
             Text(str(r.close_wait), style="bold red" if r.close_wait else ""),
-            duration(r.close_wait_oldest_ns) if r.close_wait else "-",
-            _rate(r.tw_rate),
-            str(r.tw_total),
-            str(r.closes),
-            duration(r.close_p99_ns),
-            duration(r.close_max_ns),
+            *_cells(
+                duration(r.close_wait_oldest_ns) if r.close_wait else "-",
+                _rate(r.tw_rate),
+                str(r.tw_total),
+                str(r.closes),
+                duration(r.close_p99_ns),
+                duration(r.close_max_ns),
+            ),
         )
     if len(rows) > MAX_PROCESSES:
-        table.add_row("", f"… {len(rows) - MAX_PROCESSES} more", *[""] * 7)
+        table.add_row(*_cells("", f"… {len(rows) - MAX_PROCESSES} more", *[""] * 7))
     if not rows:
-        table.add_row("", "(none yet)", *[""] * 7)
+        table.add_row(*_cells("", "(none yet)", *[""] * 7))
     return table
 
 
