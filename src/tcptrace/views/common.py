@@ -81,7 +81,15 @@ def start_live(console: Console, renderable: object, *, transient: bool = False)
     return live
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich's default exits with status 1; the reader going away (`tcptrace states |
+        # head -1`) is not a failure: the CLI turns BrokenPipeError into exit 0.
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def make_console(stderr: bool = False, **kwargs: object) -> Console:
     """A console for tcptrace's output: no highlighting (numbers in names stay plain), no
     markup or emoji codes in strings (views build ``Text`` anyway; this is a second lock)."""
-    return Console(stderr=stderr, highlight=False, markup=False, emoji=False, **kwargs)  # type: ignore[arg-type]
+    return _Console(stderr=stderr, highlight=False, markup=False, emoji=False, **kwargs)  # type: ignore[arg-type]
