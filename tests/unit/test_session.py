@@ -3,6 +3,9 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
+from tcptrace.commands import session
 from tcptrace.commands.session import NS, StopFlag, run, stop_on_signals
 from tcptrace.model.events import SocketEvent, TcpState, Transition
 
@@ -150,3 +153,30 @@ def test_keyboard_interrupt_is_a_stop() -> None:
 
     src.poll = poll  # type: ignore[method-assign]
     assert run(src, lambda e: None) == "SIGINT"
+
+
+def test_replay_ticks_are_bounded_by_events_not_by_the_span_of_time() -> None:
+    """Two events 10^18 ns apart: a bounded number of ticks, not 10^9 (each empty interval
+    up to a budget, then a jump to the interval of the next event, on the same grid)."""
+    ticks: list[int] = []
+    far = 10**18
+    events = [ev(1.0), ev(1.5), ev(far / NS), ev(far / NS + 1.5)]
+    run(FakeReplay(events), lambda e: None, interval_s=1.0, on_tick=ticks.append)
+    assert len(ticks) <= session.FREE_EMPTY_TICKS + 2 * len(events)
+    assert ticks == sorted(ticks) and all(t % NS == 0 for t in ticks)
+    assert ticks[-1] - NS <= far < ticks[-1]  # the interval holding the far event was closed
+
+
+def test_replay_ticks_every_empty_interval_of_a_real_gap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session, "FREE_EMPTY_TICKS", 3)
+    ticks: list[float] = []
+    run(
+        FakeReplay([ev(0.0), ev(5.5), ev(100.2), ev(101.5)], batch=1),
+        lambda e: None,
+        interval_s=1.0,
+        on_tick=lambda t: ticks.append(t / NS),
+    )
+    # Up to 5.5: every tick (4 empty ones: within 3 + 1 event). Up to 100.2: the tick closing
+    # the interval of 5.5, one empty (the budget is 3 + 2 events), then a jump: the interval
+    # [8, 101) closes at 101.
+    assert ticks == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 101.0]

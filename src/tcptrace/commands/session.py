@@ -22,6 +22,12 @@ from tcptrace.model.events import SocketEvent
 
 NS = 1_000_000_000
 PID_EXIT_GRACE_S = 1.0
+FREE_EMPTY_TICKS = 10_000
+"""A replay ticks every empty interval up to this many, plus one per event; past that it
+jumps over empty intervals (the next tick closes one long interval). Replay time is so
+bounded by the number of events, not by the span of their timestamps: two events 10^18 ns
+apart would otherwise be 10^9 ticks of 1 s. (10,000 s of quiet at 1 s intervals: a real
+recording is never jumped over.)"""
 
 
 @dataclass
@@ -65,7 +71,7 @@ def run(
     like any other.
     """
     flag = flag or StopFlag()
-    clock = Clock(max(1, int(interval_s * NS)), duration_s, on_tick)
+    clock = Clock(max(1, int(interval_s * NS)), duration_s, on_tick, replay=not source.live)
     if source.live:
         clock.start(source.now_ns())
     pid = PidWatch(watch_pid)
@@ -86,13 +92,18 @@ def run(
 @dataclass
 class Clock:
     """When the next tick is due and when --duration ends, in the source's clock (model
-    time). Live it starts with the run; in a replay at the first event."""
+    time). Live it starts with the run; in a replay at the first event, and empty
+    intervals beyond a budget are jumped over (FREE_EMPTY_TICKS)."""
 
     interval_ns: int
     duration_s: float | None
     on_tick: Callable[[int], None] | None
     next_tick: int | None = None
     deadline: int | None = None
+    replay: bool = False
+    events: int = 0  # replay: events handled, and whether one came since the last tick
+    fresh: bool = False
+    empty_ticks: int = 0
 
     @property
     def started(self) -> bool:
@@ -104,11 +115,23 @@ class Clock:
             self.deadline = start_ns + int(self.duration_s * NS)
 
     def tick_until(self, now: int) -> None:
-        """Every tick due at ``now``, in order."""
+        """Every tick due at ``now``, in order (in a replay, within the budget of empty ones)."""
         while self.next_tick is not None and now >= self.next_tick:
+            if self.replay and not self.fresh:
+                if self.empty_ticks >= FREE_EMPTY_TICKS + self.events:
+                    # To the first tick after ``now``, on the same grid.
+                    self.next_tick += ((now - self.next_tick) // self.interval_ns + 1) * self.interval_ns
+                    return
+                self.empty_ticks += 1
+            self.fresh = False
             if self.on_tick is not None:
                 self.on_tick(self.next_tick)
             self.next_tick += self.interval_ns
+
+    def event(self) -> None:
+        """A replayed event, in the interval after the ticks due before it."""
+        self.events += 1
+        self.fresh = True
 
 
 @dataclass
@@ -140,6 +163,7 @@ def _handle_poll(
             break
         if not source.live:
             clock.tick_until(event.ts_ns)
+            clock.event()
         on_event(event)
 
 
