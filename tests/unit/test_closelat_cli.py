@@ -98,6 +98,7 @@ def test_recording_without_reports_is_an_error(tmp_path: Path) -> None:
     rec.write_text(
         '{"type":"header","format":"tcptrace","version":1}\n'
         '{"type":"transition","ts_ns":1,"skaddr":"0x1","old":"CLOSE","new":"LISTEN"}\n'
+        '{"type":"summary","lost":0}\n'
     )
     code, _, err = invoke("closelat", "--from", str(rec))
     assert code == 1

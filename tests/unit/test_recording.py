@@ -68,7 +68,7 @@ def test_invalid_event_names_the_line(tmp_path: Path, data_dir: Path) -> None:
     obj = json.loads(lines[3])
     obj["new"] = "HALF_CLOSED"
     lines[3] = json.dumps(obj) + "\n"
-    with pytest.raises(RecordingError, match=r":4: not a valid transition event"):
+    with pytest.raises(RecordingError, match=r":4: new: not a TCP state, got 'HALF_CLOSED'"):
         list(open_recording(write(tmp_path, "".join(lines))).events())
 
 

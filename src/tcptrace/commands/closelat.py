@@ -22,7 +22,7 @@ from tcptrace.kernel.closelat import CloseLatencyReader, closelat_defines
 from tcptrace.kernel.stream import Symbolizer
 from tcptrace.model.closelat import REPORT_TYPE, CloseLatency, Report
 from tcptrace.model.events import SocketEvent
-from tcptrace.recording import JsonLinesWriter, make_header
+from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
 from tcptrace.views.closelat import print_flag, print_report, print_summary
 from tcptrace.views.common import make_console
 
@@ -113,7 +113,7 @@ def run(
     if from_file is not None:
         require_reports(model, from_file)
     if writer is not None:
-        writer.write(summary_json(model, counters, reason))
+        writer.write({**summary_json(model, counters, reason), **summary_flags(source)})
     else:
         print_summary(make_console(stderr=True), model, counters, reason, source.clock_offset_ns)
 

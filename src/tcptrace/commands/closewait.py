@@ -19,7 +19,7 @@ from tcptrace.commands.sources import KernelSource, Source, drain_into, open_sou
 from tcptrace.kernel.touches import LastTouches
 from tcptrace.model.closewait import CloseWaitTracker, Interval
 from tcptrace.model.filters import EventFilter
-from tcptrace.recording import JsonLinesWriter, make_header
+from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
 from tcptrace.system.cgroups import path_of_id
 from tcptrace.system.procfd import closewait_ports, closewait_snapshot
 from tcptrace.views import closewait as view
@@ -102,7 +102,8 @@ def run(
         counters = dict(source.counters())
         now_ns = source.now_ns()
     if writer is not None:
-        writer.write(summary_json(tracker, now_ns, counters, reason, cgroup_name))
+        summary = summary_json(tracker, now_ns, counters, reason, cgroup_name)
+        writer.write({**summary, **summary_flags(source)})
     else:
         view.print_summary(console, tracker, now_ns, counters, reason, cgroup_name)
 

@@ -21,7 +21,7 @@ from tcptrace.errors import TcptraceError, UsageError
 from tcptrace.model.diagnosis import diagnose
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.overview import Overview
-from tcptrace.recording import JsonLinesWriter, make_header
+from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
 from tcptrace.system import hostsnap
 from tcptrace.system.sysctl import TcpSettings, read_settings
 from tcptrace.views.common import make_console
@@ -121,7 +121,8 @@ def run_diagnose(
     lost = int(counters.get("lost", 0))
     result = diagnose(overview, start=start, end=end, settings=settings, lost=lost)
     if writer is not None:
-        writer.write({"type": "summary", "command": "diagnose", "stopped": reason, **result.to_json()})
+        summary = {"type": "summary", "command": "diagnose", "stopped": reason, **result.to_json()}
+        writer.write({**summary, **summary_flags(source)})
     else:
         print_diagnosis(console, result, reason)
     if report is not None:

@@ -85,8 +85,7 @@ class RecordingSource:
         return self._now
 
     def counters(self) -> dict[str, int]:
-        recorded = self.recording.summary or {}
-        return {"decoded": self.decoded, "lost": int(recorded.get("lost", 0))}
+        return {"decoded": self.decoded, "lost": self.recording.lost}
 
     def close(self) -> None:
         pass

@@ -16,7 +16,7 @@ from tcptrace.commands.sources import open_source
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.states import StatesSummary
-from tcptrace.recording import JsonLinesWriter, make_header
+from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
 from tcptrace.views.common import make_console
 from tcptrace.views.states import HEADER, print_event, print_lost, print_summary
 
@@ -104,6 +104,7 @@ def stream_events(
                 "kernel_transitions": counters.get("transitions"),
                 "skipped_transitions": counters.get("skipped_transitions"),
                 **summary.to_json(),
+                **summary_flags(source),
             }
         )
     else:

@@ -30,7 +30,7 @@ from tcptrace.model.timewait import (
     interval_json,
     totals_json,
 )
-from tcptrace.recording import JsonLinesWriter, make_header
+from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
 from tcptrace.system.netstat import ProcNetError, sockstat_tw, tcpext
 from tcptrace.system.sysctl import TcpSettings, read_settings
 from tcptrace.views import timewait as view
@@ -153,7 +153,8 @@ def run(
     seconds = (model.last_ns - model.start_ns) / NS if model.start_ns and model.last_ns else 0.0
     ctx = counting.context()
     if writer is not None:
-        writer.write(summary_json(model, ctx, counters, reason, seconds, kernel_stats, skipped))
+        summary = summary_json(model, ctx, counters, reason, seconds, kernel_stats, skipped)
+        writer.write({**summary, **summary_flags(source)})
     else:
         view.print_summary(console, model, ctx, counters, reason, seconds)
         note = skipped_runs_note(skipped)
