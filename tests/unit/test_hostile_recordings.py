@@ -330,3 +330,29 @@ def test_error_messages_escape_what_the_recording_holds(tmp_path: Path, mixed: l
     mixed[i]["new"] = "\x1b[2J\x1b]8;;http://e\x07"
     code, _, err = invoke("states", "--from", str(write(tmp_path / "esc.jsonl", mixed)))
     assert code == 1 and "\x1b" not in err and "\\x1b[2J" in err
+
+
+def test_memory_stays_bounded_under_a_resource_limit(tmp_path: Path, data_dir: Path) -> None:
+    """64 GiB of zeros after a header (a sparse file), replayed with 1 GiB of address space:
+    a clean error, where reading a whole line would need 64 GiB."""
+    import resource
+    import subprocess
+    import sys
+
+    path = tmp_path / "zeros.jsonl"
+    with open(path, "wb") as fh:
+        fh.write((data_dir / "lifecycle_basic.jsonl").read_bytes().split(b"\n")[0] + b"\n")
+        fh.truncate(64 << 30)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tcptrace", "states", "--from", str(path)],
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == f"tcptrace: error: {path}:2: a line longer than 4 MiB\n"
