@@ -100,10 +100,11 @@ def test_families_parse_back_with_the_values_given() -> None:
     assert sample_value(text, "tcptrace_timewait_created_by_remote_port_total", {"remote_port": "8080"}) == 95
     assert sample_value(text, "tcptrace_events_lost_total") == 5
     assert sample_value(text, "tcptrace_close_wait_closed_total") == 6
-    # A hostile comm survives escaping, and the histogram is a real histogram.
+    # A hostile comm survives escaping (its newline shown as \x0a: label values are
+    # escaped), and the histogram is a real histogram.
     fam = fams["tcptrace_close_duration_seconds"]
     assert fam.type == "histogram"
-    hostile = {"comm": 'cli"ent\n', "call": "close"}
+    hostile = {"comm": 'cli"ent\\x0a', "call": "close"}
     assert sample_value(text, "tcptrace_close_duration_seconds_count", hostile) == 2
     assert sample_value(text, "tcptrace_close_duration_seconds_bucket", {**hostile, "le": "1.023e-06"}) == 0
     assert sample_value(text, "tcptrace_close_duration_seconds_bucket", {**hostile, "le": "2.047e-06"}) == 1
@@ -183,3 +184,29 @@ def test_kernel_skipped_runs_are_exported_per_program() -> None:
     text = parsed(ExportState(threshold_s=1, recursion_misses={"timer_start": 3, "tt_lc_process": 0}))
     assert sample_value(text, "tcptrace_bpf_recursion_misses_total", {"program": "timer_start"}) == 3
     assert sample_value(text, "tcptrace_bpf_recursion_misses_total", {"program": "tt_lc_process"}) == 0
+
+
+HOSTILE_COMMS = ["a\rb", "c\nd", 'q"uo\\te', "\x1b[2Jx", "e\x85f", "g\u2028h", "i\u202ej", "[/x]{}"]
+
+
+def test_hostile_comms_keep_the_exposition_one_sample_a_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A carriage return (or any line break) in a process name must not split a sample's
+    line, whoever reads the scrape: read back in text mode (universal newlines, as Python
+    and many line-based tools read it) and parsed by prometheus_client's own parser."""
+    from tcptrace.printable import printable
+
+    procs = {(100 + i, comm): [NS] for i, comm in enumerate(HOSTILE_COMMS)}
+    collector = AgentCollector()
+    collector.publish(families(ExportState(threshold_s=1.0, close_wait_ages=procs)))
+    text = text_of(make_registry(collector, process_metrics=False))
+    path = tmp_path / "scrape.txt"
+    path.write_bytes(text.encode())
+    read_back = path.read_text()  # universal newlines
+    assert read_back.splitlines() == text.split("\n")[:-1]  # no line split anywhere
+    comms = {
+        s.labels["pid"]: s.labels["comm"]
+        for fam in text_string_to_metric_families(read_back)
+        for s in fam.samples
+        if s.name == "tcptrace_close_wait_sockets"
+    }
+    assert comms == {str(pid): printable(comm) for pid, comm in procs}

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from tcptrace.errors import UsageError
 from tcptrace.model.agent import ExportState, Proc
 from tcptrace.model.histogram import Log2Histogram
+from tcptrace.printable import printable
 
 NS = 1_000_000_000
 PREFIX = "tcptrace"
@@ -106,9 +107,17 @@ def age_buckets(
 
 
 def proc_labels(proc: Proc) -> list[str]:
-    """[pid, comm] label values; the aggregate (and an unknown owner) has an empty pid."""
+    r"""[pid, comm] label values; the aggregate (and an unknown owner) has an empty pid.
+
+    The comm is whatever the process named itself: its non-printable characters are
+    escaped (prometheus_client escapes only backslash, quote and newline, so a carriage
+    return would reach the exposition raw and split the line for a reader in text mode).
+
+    >>> proc_labels((42, "a\rb\x1b"))
+    ['42', 'a\\x0db\\x1b']
+    """
     pid, comm = proc
-    return ["" if pid == 0 else str(pid), comm]
+    return ["" if pid == 0 else str(pid), printable(comm)]
 
 
 def families(state: ExportState) -> list[Metric]:
