@@ -41,6 +41,7 @@ from tcptrace.model.events import SocketEvent, TcpState
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.lifecycle import CodePath
 from tcptrace.system.procfd import closewait_snapshot
+from tcptrace.system.safefile import open_append
 
 NS = 1_000_000_000
 PARTS = ("lifecycle", "owner", "closelat", "timewait")
@@ -349,11 +350,7 @@ def run(
     if log_file is None:
         run_agent(options)
         return
-    try:
-        log = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise TcptraceError(f"cannot write {log_file}: {exc.strerror}") from None
-    with log:
+    with open_append(log_file) as log:
         run_agent(options, log)
 
 

@@ -7,7 +7,6 @@ commands/top.py), seeded from /proc at the start and compared with /proc at the 
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Mapping
 from typing import IO, Any
@@ -17,12 +16,12 @@ from tcptrace.commands.options import FilterOptions, threshold_ns
 from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import RecordingSource
 from tcptrace.commands.top import open_feeds, seed_from_host
-from tcptrace.errors import TcptraceError, UsageError
 from tcptrace.model.diagnosis import diagnose
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.overview import Overview
 from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
 from tcptrace.system import hostsnap
+from tcptrace.system.safefile import check_output, write_atomic
 from tcptrace.system.sysctl import TcpSettings, read_settings
 from tcptrace.views.common import make_console
 from tcptrace.views.diagnose import print_diagnosis
@@ -74,11 +73,7 @@ def run_diagnose(
     did its job); failures raise.
     """
     if report is not None:
-        if os.path.exists(report) and not force:
-            raise UsageError(f"{report} exists; pass --force to overwrite it")
-        parent = os.path.dirname(os.path.abspath(report))
-        if not os.path.isdir(parent):
-            raise UsageError(f"--report: no directory {parent}")
+        check_output(report, force)  # now, not after --duration
     console = make_console(file=out) if not as_json else make_console(stderr=True)
     overview = Overview(threshold_ns=threshold_ns)
     overview.closelat.filter = flt
@@ -132,7 +127,7 @@ def run_diagnose(
             overview,
             {"host": header["host"], "kernel": header["kernel"], "filter": filter_json},
         )
-        _write_report(report, text, force)
+        write_atomic(report, text, force)
         make_console(stderr=True).print(f"report written to {report}")
     return 0
 
@@ -157,16 +152,3 @@ def recorded_settings(header: Mapping[str, Any]) -> TcpSettings | None:
     if not all(v is None or isinstance(v, int) for v in values.values()):
         return None
     return TcpSettings(port_range=(pr[0], pr[1]) if pr else None, **values)
-
-
-def _write_report(path: str, text: str, force: bool) -> None:
-    """Write ``path``; without ``force`` never replace a file (one may have appeared since)."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o644)
-    except FileExistsError:
-        raise UsageError(f"{path} exists; pass --force to overwrite it") from None
-    except OSError as exc:
-        raise TcptraceError(f"cannot write {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)

@@ -6,13 +6,12 @@ and the header carries the host's TCP settings.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from tcptrace.commands.options import FilterOptions
 from tcptrace.commands.states import stream_events
 from tcptrace.commands.timewait import settings_to_json
-from tcptrace.errors import TcptraceError, UsageError
+from tcptrace.system.safefile import create_output
 from tcptrace.system.sysctl import read_settings
 
 PARTS = ("lifecycle", "owner", "timewait")
@@ -28,13 +27,7 @@ def run(
     ringbuf_pages: int | None,
 ) -> None:
     flt = filters.event_filter(live=True)
-    if os.path.exists(output) and not force:
-        raise UsageError(f"{output} exists; pass --force to overwrite it")
-    try:
-        out = open(output, "w", encoding="utf-8")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise TcptraceError(f"cannot write {output}: {exc.strerror}") from None
-    with out:
+    with create_output(output, force) as out:
         stream_events(
             "record",
             flt,
