@@ -17,6 +17,7 @@ import click
 from tcptrace import __version__
 from tcptrace.commands.options import FilterOptions
 from tcptrace.errors import TcptraceError
+from tcptrace.model.filters import MAX_PORTS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -100,7 +101,7 @@ def filter_options(fn: F) -> F:
             "ports",
             multiple=True,
             type=click.IntRange(1, 65535),
-            help="Sockets with this local or remote port (repeatable).",
+            help=f"Sockets with this local or remote port (repeatable, up to {MAX_PORTS}).",
         ),
         click.option("-4", "ipv4", is_flag=True, help="IPv4 sockets only."),
         click.option("-6", "ipv6", is_flag=True, help="IPv6 sockets only."),

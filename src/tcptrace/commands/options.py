@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from tcptrace.errors import UsageError
 from tcptrace.model.closewait import parse_duration
-from tcptrace.model.filters import EventFilter
+from tcptrace.model.filters import MAX_PORTS, EventFilter
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class FilterOptions:
             raise UsageError(f"no process with pid {self.pid}")
         if self.comm is not None and not self.comm:
             raise UsageError("--comm needs a name")
+        if len(set(self.ports)) > MAX_PORTS:
+            n = len(set(self.ports))
+            raise UsageError(f"--port: at most {MAX_PORTS} ports (the kernel's filter table), not {n}")
         family = 4 if self.ipv4 else 6 if self.ipv6 else None
         return EventFilter(pid=self.pid, comm=self.comm, ports=frozenset(self.ports), family=family)
 

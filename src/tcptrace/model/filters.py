@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from tcptrace.model.events import SocketEvent
 
 COMM_LEN = 15  # TASK_COMM_LEN - 1: the kernel keeps this many characters of a name
+MAX_PORTS = 64  # TT_MAX_PORT_FILTERS in bpf/tcptrace.h: entries of the kernel's port table
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class EventFilter:
     def __post_init__(self) -> None:
         if self.pid is not None and self.pid <= 0:
             raise ValueError(f"pid must be positive, not {self.pid}")
+        if len(self.ports) > MAX_PORTS:
+            raise ValueError(f"at most {MAX_PORTS} ports (the kernel's filter table), not {len(self.ports)}")
         for port in self.ports:
             if not 0 < port < 65536:
                 raise ValueError(f"port must be 1-65535, not {port}")
