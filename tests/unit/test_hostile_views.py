@@ -302,3 +302,32 @@ def test_host_text_and_endpoint() -> None:
     assert safe("tab\there") == "tab\\x09here"
     assert endpoint("fd00::1", 80, 6) == "[fd00::1]:80"
     assert endpoint("[/x]\x1b", 80, 4) == "[/x]\\x1b:80"
+
+
+@pytest.mark.parametrize("name", HOSTILE, ids=[repr(h) for h in HOSTILE])
+def test_every_replaying_command_survives_hostile_names(tmp_path: Path, data_dir: Path, name: str) -> None:
+    """Through the CLI: what crashed with rich's MarkupError (`[/x]`) exits 0, shows the
+    name escaped, and `diagnose --report` writes its report."""
+    from click.testing import CliRunner
+
+    from tcptrace.cli import cli
+
+    recs = {}
+    for rec in ("closewait_leaky", "timewait_mix", "closelat_linger_reset"):
+        recs[rec] = tmp_path / f"{rec}.jsonl"
+        hostile_recording(data_dir / f"{rec}.jsonl", recs[rec], name)
+    report = tmp_path / "report.html"
+    runs = [
+        ("states", "closewait_leaky", []),
+        ("closewait", "closewait_leaky", ["--threshold", "1ms"]),
+        ("timewait", "timewait_mix", []),
+        ("top", "closewait_leaky", ["--threshold", "1ms"]),
+        ("diagnose", "closewait_leaky", ["--report", str(report)]),
+        ("closelat", "closelat_linger_reset", []),
+    ]
+    for command, rec, extra in runs:
+        result = CliRunner().invoke(cli, [command, "--from", str(recs[rec]), *extra])
+        assert result.exit_code == 0, f"{command}: {result.stderr}"
+        assert printable(name) in result.stdout + result.stderr, command
+        assert "\x1b" not in result.stdout + result.stderr, command
+    assert html.escape(printable(name)) in report.read_text()

@@ -115,3 +115,25 @@ def test_json_output_escapes_hostile_comm(tmp_path: Path, data_dir: Path) -> Non
     assert buf.getvalue().count("\n") == 1
     assert json.loads(buf.getvalue())["comm"] == hostile.comm
     assert to_json(hostile)["comm"] == hostile.comm
+
+
+def test_comm_bytes_round_trip_losslessly_through_a_recording(tmp_path: Path, data_dir: Path) -> None:
+    """JSON stays lossless: a comm with bytes that are not UTF-8 (kept as \\xNN text by
+    decode_comm), a terminal escape and a carriage return comes back exactly from a
+    recording, one line each; only views escape it."""
+    import dataclasses
+
+    from tcptrace.model.events import decode_comm
+    from tcptrace.views.common import safe
+
+    comm = decode_comm(b"a\xff\xfeb\x1b[2J\r\0junk")
+    assert comm == "a\\xff\\xfeb\x1b[2J\r"
+    ev = dataclasses.replace(next(open_recording(str(data_dir / SAMPLE)).events()), comm=comm, task_comm=comm)
+    buf = io.StringIO()
+    writer = JsonLinesWriter(buf)
+    writer.write(make_header("test"))
+    writer.event(ev)
+    assert buf.getvalue().count("\n") == 2
+    back = list(open_recording(write(tmp_path, buf.getvalue())).events())
+    assert back == [ev] and back[0].comm == comm
+    assert safe(back[0].comm) == "a\\xff\\xfeb\\x1b[2J\\x0d"
