@@ -23,6 +23,7 @@ FLOOR = {
     "recording": 3,
     "model": 2,
     "errors": 1,
+    "printable": 1,
 }
 # Parts of one floor that stay apart: the kernel layer knows nothing of how results are shown
 # (prometheus_client and rich stay out of it).
