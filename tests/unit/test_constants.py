@@ -48,6 +48,7 @@ SCALARS = {
     "TT_COMM_LEN": filters.COMM_LEN + 1,  # TASK_COMM_LEN: 15 characters and a NUL
     "TT_CL_SLOTS": histogram.SLOTS,
     "TT_MAX_SOCKS": lifecycle.DEFAULT_CAPACITY,
+    "TT_MAX_PORT_FILTERS": filters.MAX_PORTS,  # --port is checked against it
 }
 # #defines with no Python copy: values only the kernel side uses.
 KERNEL_ONLY = {
@@ -55,7 +56,6 @@ KERNEL_ONLY = {
     "TT_MAX_LISTENERS",
     "TT_RINGBUF_PAGES",
     "TT_STACK_ENTRIES",
-    "TT_MAX_PORT_FILTERS",
 }
 
 
