@@ -332,38 +332,41 @@ def _address(value: Any) -> str | None:
     return _address_problem(value, None) if len(value) <= 45 else "not an IP address"
 
 
+_HEX = re.compile(r"0[xX][0-9a-fA-F]{1,16}")
+
+
 def _skaddr(value: Any) -> str | None:
     if type(value) is int:
         return None if U64[0] <= value <= U64[1] else "out of range (64 bits)"
-    if isinstance(value, str) and re.fullmatch(r"0[xX][0-9a-fA-F]{1,16}", value):
+    if type(value) is str and _HEX.fullmatch(value):
         return None
     return "expected a socket address as hex text (0x...)"
 
 
 def _frames(value: Any) -> str | None:
-    if not isinstance(value, list):
+    if type(value) is not list:
         return "expected a list of frames"
     if len(value) > MAX_FRAMES:
         return f"more than {MAX_FRAMES} frames"
-    if not all(isinstance(f, str) and not _SURROGATE.search(f) for f in value):
+    if not all(type(f) is str for f in value) or any(_SURROGATE.search(f) for f in value):
         return "expected a list of text frames"
     return None
 
 
+_FLAG_NAMES = frozenset(f.name for f in CloseFlag if f.name)
+
+
 def _flags(value: Any) -> str | None:
-    names = {f.name for f in CloseFlag}
-    if not isinstance(value, list) or not all(isinstance(x, str) and x in names for x in value):
-        return f"expected a list of flags ({', '.join(sorted(n for n in names if n))})"
+    if type(value) is not list or not all(type(x) is str and x in _FLAG_NAMES for x in value):
+        return f"expected a list of flags ({', '.join(sorted(_FLAG_NAMES))})"
     return None
 
 
-def _one_of(*allowed: Any) -> Check:
+def _one_of(*allowed: int | str | None) -> Check:
     def check(value: Any) -> str | None:
-        return (
-            None
-            if any(value is a or (type(value) is type(a) and value == a) for a in allowed)
-            else ("expected one of " + ", ".join(json.dumps(a) for a in allowed))
-        )
+        if (value is None or type(value) is str or type(value) is int) and value in allowed:
+            return None
+        return "expected one of " + ", ".join(json.dumps(a) for a in allowed)
 
     return check
 
@@ -456,9 +459,9 @@ def _check_event(path: str, lineno: int, kind: str, obj: dict[str, Any], line: s
             problem = _address_problem(value, family)
             if problem is not None:
                 raise RecordingError(f"{path}:{lineno}: {key}: {problem}, got {_shown(value)}")
-    unknown = [v for k, v in obj.items() if k not in checks and k != "type"]
+    unknown = obj.keys() - checks.keys() - {"type"}
     if unknown:  # ignored by from_json, but bounded like everything else
-        _check_plain(path, lineno, unknown, line)
+        _check_plain(path, lineno, [obj[k] for k in unknown], line)
 
 
 def open_recording(path: str) -> Recording:
