@@ -1,12 +1,15 @@
-"""Log2 histograms of durations, and percentiles estimated from them.
+"""Histograms of durations: log2 buckets, nearest-rank percentiles, and ages in human buckets.
 
-The kernel counts each duration (in ns) into the slot of its number of significant bits
-(``tt_cl_slot()`` in bpf/closelat.bpf.c; ``slot_of()`` here is the same function):
+The one log2 bucketing of the project: the kernel counts each duration (in ns) into the
+slot of its number of significant bits (``tt_cl_slot()`` in bpf/closelat.bpf.c;
+``slot_of()`` here is the same function):
 
     slot 0: 0 ns            slot k (1..64): [2**(k-1), 2**k) ns
 
 so a histogram is 65 exact counts, plus the count, sum and maximum. This module is pure
-(no I/O) and is meant for any command or exporter that keeps such histograms.
+(no I/O) and is meant for any command or exporter that keeps such histograms. The same
+slots counted in microseconds (``log2_buckets(values, unit_ns=US)``) give CLOSE_WAIT's
+coarser times to close.
 
 Percentiles use the nearest-rank definition (the p-th percentile of n samples is the
 sample of rank ceil(p/100 * n) in sorted order). From a histogram, the slot that holds
@@ -30,6 +33,7 @@ each other (and equal for slot 0 and for p100 when the maximum is exact).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +42,8 @@ SLOTS = 65
 """Slot 0 holds 0 ns; slot k holds [2**(k-1), 2**k) ns; 2**64 - 1 ns is in slot 64."""
 
 MAX_VALUE = (1 << 64) - 1
+NS = 1_000_000_000
+US = 1_000
 
 
 def slot_of(value_ns: int) -> int:
@@ -71,6 +77,55 @@ class Bucket:
     low_ns: int
     high_ns: int
     count: int
+
+
+def buckets_of(slot_counts: Iterable[tuple[int, int]], unit_ns: int = 1) -> list[Bucket]:
+    """The non-empty ones of (slot, count) pairs given lowest first, for values that were
+    counted in units of ``unit_ns``; bounds in ns.
+
+    >>> buckets_of([(0, 2), (3, 0), (11, 1)], unit_ns=US)
+    [Bucket(low_ns=0, high_ns=1000, count=2), Bucket(low_ns=1024000, high_ns=2048000, count=1)]
+    """
+    out = []
+    for slot, count in slot_counts:
+        if count:
+            low, high = slot_bounds(slot)
+            out.append(Bucket(low * unit_ns, high * unit_ns, count))
+    return out
+
+
+def log2_buckets(values_ns: Iterable[int], unit_ns: int = 1) -> list[Bucket]:
+    """The non-empty log2 buckets of these durations counted in units of ``unit_ns``
+    (negative durations count as 0).
+
+    >>> [(b.low_ns, b.high_ns, b.count) for b in log2_buckets([500, 1_500, 3_000, 3_500], unit_ns=US)]
+    [(0, 1000, 1), (1000, 2000, 1), (2000, 4000, 2)]
+    """
+    counts = Counter(slot_of(max(0, v) // unit_ns) for v in values_ns)
+    return buckets_of(sorted(counts.items()), unit_ns)
+
+
+def nearest_rank(count: int, p: float) -> int:
+    """The rank (1-based) of the nearest-rank ``p``-th percentile (0 < p <= 100) of ``count``
+    sorted samples: ceil(p/100 * count), at least 1.
+
+    >>> [nearest_rank(4, p) for p in (25, 50, 99, 100)], nearest_rank(1000, 99)
+    ([1, 2, 4, 4], 990)
+    """
+    if not 0 < p <= 100:
+        raise ValueError(f"percentile must be in (0, 100], not {p}")
+    return max(1, math.ceil(p / 100 * count - 1e-9))
+
+
+def percentile(sorted_values: Sequence[int], p: float) -> int | None:
+    """The nearest-rank ``p``-th percentile (0 < p <= 100) of sorted values; None when empty.
+
+    >>> percentile([1, 2, 3, 4], 50), percentile([1, 2, 3, 4], 100), percentile([], 50)
+    (2, 4, None)
+    """
+    if not sorted_values:
+        return None
+    return sorted_values[min(nearest_rank(len(sorted_values), p), len(sorted_values)) - 1]
 
 
 @dataclass(frozen=True)
@@ -157,7 +212,7 @@ class Log2Histogram:
 
     def buckets(self) -> list[Bucket]:
         """The non-empty slots, lowest first."""
-        return [Bucket(*slot_bounds(s), c) for s, c in enumerate(self.counts) if c]
+        return buckets_of(enumerate(self.counts))
 
     def cumulative(self) -> list[tuple[int, int]]:
         """``(le_ns, count of values <= le_ns)`` for every slot: the inclusive top of the slot
@@ -179,12 +234,10 @@ class Log2Histogram:
 
         Within a factor of 2 of the exact one (see the module docstring).
         """
-        if not 0 < p <= 100:
-            raise ValueError(f"percentile must be in (0, 100], not {p}")
         n = self.count
+        rank = nearest_rank(n, p)
         if n == 0:
             return None
-        rank = max(1, math.ceil(p / 100 * n - 1e-9))
         below = 0
         for slot, c in enumerate(self.counts):
             if c and below + c >= rank:
@@ -295,3 +348,43 @@ class Log2Histogram:
 
 
 EMPTY = Log2Histogram()
+
+
+# ---- ages -----------------------------------------------------------------------------
+
+AGE_EDGES_S = (0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0)
+"""Upper edges (seconds) of the age histogram of open CLOSE_WAIT sockets."""
+
+
+def age_histogram(ages_ns: Iterable[int], edges_s: Sequence[float] = AGE_EDGES_S) -> list[tuple[str, int]]:
+    """Counts of ages per human bucket (``<100ms``, ``1s-5s``, ``>30m``), all buckets kept;
+    an age equal to an edge counts in the bucket above it.
+
+    >>> age_histogram([int(0.5e9), int(2e9), int(3e9)], (1.0, 5.0))
+    [('<1s', 1), ('1s-5s', 2), ('>5s', 0)]
+    """
+    edges = list(edges_s)
+    counts = [0] * (len(edges) + 1)
+    for age in ages_ns:
+        secs = age / NS
+        i = 0
+        while i < len(edges) and secs >= edges[i]:
+            i += 1
+        counts[i] += 1
+    labels = []
+    for i in range(len(edges) + 1):
+        if i == 0:
+            labels.append(f"<{_fmt_s(edges[0])}")
+        elif i == len(edges):
+            labels.append(f">{_fmt_s(edges[-1])}")
+        else:
+            labels.append(f"{_fmt_s(edges[i - 1])}-{_fmt_s(edges[i])}")
+    return list(zip(labels, counts, strict=True))
+
+
+def _fmt_s(secs: float) -> str:
+    if secs < 1:
+        return f"{secs * 1000:g}ms"
+    if secs < 60:
+        return f"{secs:g}s"
+    return f"{secs / 60:g}m"
