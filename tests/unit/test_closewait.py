@@ -19,7 +19,8 @@ import tcptrace.system.procnet
 from tcptrace.cli import cli
 from tcptrace.commands.sources import RecordingSource
 from tcptrace.errors import TcptraceError
-from tcptrace.model.closewait import CloseWaitTracker, Preexisting, parse_duration
+from tcptrace.model.closewait import CloseWaitTracker, Preexisting, SkaddrKey, parse_duration
+from tcptrace.model.endpoint import Endpoint, Owner
 from tcptrace.model.events import Op, TcpState, from_json, to_json
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.lifecycle import CodePath
@@ -117,8 +118,8 @@ def test_reused_skaddr_forgets_the_old_socket_and_its_owner() -> None:
 
 def test_preexisting_sockets_age_from_start_and_match_their_close_by_address() -> None:
     t = CloseWaitTracker(threshold_ns=NS)
-    pre = Preexisting(family=4, saddr="10.0.0.1", sport=80, daddr="10.0.0.9", dport=40000, pid=7, comm="srv")
-    dup = Preexisting(family=4, saddr="10.0.0.1", sport=80, daddr="10.0.0.9", dport=40001, pid=7, comm="srv")
+    pre = Preexisting(Endpoint(4, "10.0.0.1", 80, "10.0.0.9", 40000), Owner(7, "srv"))
+    dup = Preexisting(Endpoint(4, "10.0.0.1", 80, "10.0.0.9", 40001), Owner(7, "srv"))
     t.feed(tr(50, 77, S.ESTABLISHED, S.CLOSE_WAIT, pid=7, comm="srv", dport=40001))  # seen live
     assert t.add_preexisting([pre, dup], now_ns=100) == 1
     (group,) = t.suspects(100 + 2 * NS)
@@ -230,9 +231,7 @@ def test_bad_threshold_is_a_usage_error(bad: str, leaky: Path) -> None:
 
 def test_summary_view_renders_hostile_names_literally() -> None:
     t = CloseWaitTracker(threshold_ns=NS)
-    t.add_preexisting(
-        [Preexisting(family=6, saddr="::1", sport=80, daddr="::1", dport=5, pid=3, comm="\x1b[2J[red]x")], 0
-    )
+    t.add_preexisting([Preexisting(Endpoint(6, "::1", 80, "::1", 5), Owner(3, "\x1b[2J[red]x"))], 0)
     out = io.StringIO()
     print_summary(Console(file=out, width=120, color_system=None), t, 2 * NS, {"lost": 4}, "SIGINT")
     text = out.getvalue()
@@ -269,7 +268,7 @@ def test_last_touch_before_the_fin_is_kept_only_when_it_is_this_sockets() -> Non
     assert t.pending_pre_fin() == [5]
     assert not t.add_pre_fin_touch(5, path(Op.SEND, 900, "older_socket"))  # before its birth
     assert t.pending_pre_fin() == []
-    sock = t.open[("sk", 5)]
+    sock = t.open[SkaddrKey(5)]
     assert sock.last_touch is not None and sock.last_touch.op == Op.ACCEPT
     sock.pre_fin_checked = False
     assert not t.add_pre_fin_touch(5, path(Op.SEND, 1020, "after_fin"))  # a later socket's
@@ -285,7 +284,7 @@ def test_a_touch_after_the_fin_beats_the_one_before() -> None:
     t = CloseWaitTracker(threshold_ns=NS)
     leaked(t, 6, 7, 1000)  # EOF read at 1011
     assert not t.add_pre_fin_touch(6, path(Op.SEND, 1005, "reply"))
-    sock = t.open[("sk", 6)]
+    sock = t.open[SkaddrKey(6)]
     assert sock.last_touch is not None and sock.last_touch.op == Op.RECV
 
 
@@ -302,7 +301,7 @@ def test_recheck_drops_sockets_whose_exit_was_missed_and_adds_missed_entries() -
     assert {s.dport for s in t.open.values()} == {1002, 1005} and t.missed_exits == 1
     # 1004 was never seen entering; 1003 left after the snapshot, so it is explained.
     assert t.unexplained(snapshot, 4 * NS) == {(80, 1004)}
-    found = Preexisting(family=4, saddr="10.0.0.1", sport=80, daddr="10.0.0.9", dport=1004, pid=7, comm="p7")
+    found = Preexisting(Endpoint(4, "10.0.0.1", 80, "10.0.0.9", 1004), Owner(7, "p7"))
     assert t.add_found([found], 4 * NS) == 1 and t.missed_entries == 1
     sock = next(s for s in t.open.values() if s.dport == 1004)
     assert sock.preexisting and sock.age_ns(6 * NS) == 2 * NS
@@ -314,12 +313,13 @@ def test_a_socket_found_at_start_and_then_seen_entering_is_counted_once() -> Non
     """The /proc snapshot is read after attaching, but events from before it may still sit in
     the ring buffer: the socket is then both "found at start" and seen entering live."""
     from tcptrace.model.closewait import CloseWaitTracker, Preexisting
+    from tcptrace.model.endpoint import Endpoint, Owner
     from tcptrace.model.events import TcpState, Transition
 
     tracker = CloseWaitTracker()
     common = dict(family=4, saddr="127.0.0.1", sport=8080, daddr="127.0.0.1", dport=50000)
     snapshot_ns = 5_000
-    tracker.add_preexisting([Preexisting(**common, pid=7, comm="srv")], snapshot_ns)  # type: ignore[arg-type]
+    tracker.add_preexisting([Preexisting(Endpoint(**common), Owner(7, "srv"))], snapshot_ns)  # type: ignore[arg-type]
     born = Transition(
         ts_ns=1_000, skaddr=0xA, pid=7, comm="srv", old=TcpState.LISTEN, new=TcpState.SYN_RECV, **common
     )
@@ -342,7 +342,7 @@ def test_a_socket_found_at_start_and_then_seen_entering_is_counted_once() -> Non
     # A socket entering after the snapshot is another socket with the same ports (reuse):
     # both are kept.
     tracker2 = CloseWaitTracker()
-    tracker2.add_preexisting([Preexisting(**common, pid=7, comm="srv")], snapshot_ns)  # type: ignore[arg-type]
+    tracker2.add_preexisting([Preexisting(Endpoint(**common), Owner(7, "srv"))], snapshot_ns)  # type: ignore[arg-type]
     later = [Transition(**{**e.__dict__, "ts_ns": e.ts_ns + 10_000}) for e in (born, up, fin)]  # type: ignore[arg-type]
     for ev in later:
         tracker2.feed(ev)
@@ -358,7 +358,7 @@ def test_rewrite_code_paths_touches_only_sockets_old_enough() -> None:
         return dataclasses.replace(path, ustack=tuple(f.upper() for f in path.ustack))
 
     t.rewrite_code_paths(upper, now_ns=int(3.5 * NS), min_age_ns=NS)
-    old, young = t.open[("sk", 1)], t.open[("sk", 2)]
+    old, young = t.open[SkaddrKey(1)], t.open[SkaddrKey(2)]
     assert old.origin is not None and old.origin.ustack == ("ACCEPT", "MAIN")
     assert old.last_touch is not None and old.last_touch.ustack == ("RECV", "LEAK_FN")
     assert young.origin is not None and young.origin.ustack == ("accept", "main")

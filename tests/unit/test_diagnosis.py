@@ -12,7 +12,9 @@ from click.testing import CliRunner
 import tcptrace.model.diagnosis
 import tcptrace.views.report
 from tcptrace.cli import cli
+from tcptrace.model.closewait import SkaddrKey
 from tcptrace.model.diagnosis import HostSnapshot, HostSocket, Verdict, app_frame, diagnose
+from tcptrace.model.endpoint import Endpoint, Owner, owner_of
 from tcptrace.model.events import Op, TcpState, TimeWaitEvent, TwWhat
 from tcptrace.model.overview import Overview, StateCounts
 from tcptrace.system.sysctl import TcpSettings
@@ -110,7 +112,9 @@ def test_healthy_when_every_socket_is_closed() -> None:
 
 
 def cw(sport: int, dport: int, daddr: str, pid: int | None = 42, inode: int = 0) -> HostSocket:
-    return HostSocket(4, "10.0.0.1", sport, daddr, dport, S.CLOSE_WAIT, inode or dport, pid, "srv")
+    return HostSocket(
+        Endpoint(4, "10.0.0.1", sport, daddr, dport), S.CLOSE_WAIT, inode or dport, owner_of(pid, "srv")
+    )
 
 
 def test_stuck_across_the_window_and_remote_grouping() -> None:
@@ -120,7 +124,7 @@ def test_stuck_across_the_window_and_remote_grouping() -> None:
             cw(80, 1000, "192.0.2.7"),
             cw(80, 1001, "192.0.2.7"),
             cw(80, 1002, "192.0.2.8"),  # gone by the end
-            HostSocket(4, "10.0.0.1", 80, "0.0.0.0", 0, S.LISTEN, 5, 42, "srv"),
+            HostSocket(Endpoint(4, "10.0.0.1", 80, "0.0.0.0", 0), S.LISTEN, 5, Owner(42, "srv")),
         ),
     )
     end = HostSnapshot(
@@ -130,7 +134,7 @@ def test_stuck_across_the_window_and_remote_grouping() -> None:
             cw(80, 1001, "192.0.2.7"),
             cw(80, 1003, "192.0.2.7"),  # new
             cw(80, 1001, "192.0.2.7", inode=99),  # same tuple, another socket: not stuck
-            HostSocket(4, "10.0.0.1", 80, "0.0.0.0", 0, S.LISTEN, 5, 42, "srv"),
+            HostSocket(Endpoint(4, "10.0.0.1", 80, "0.0.0.0", 0), S.LISTEN, 5, Owner(42, "srv")),
         ),
     )
     ov = Overview()
@@ -339,7 +343,9 @@ def test_a_socket_both_in_the_snapshot_and_seen_entering_is_counted_once() -> No
     # The stream's events up to the snapshot are polled after it was read.
     ov.states.seed([S.CLOSE_WAIT], at_ns=100)
     ov.start(100)
-    ov.closewait.add_preexisting([Preexisting(4, "10.0.0.1", 80, "10.0.0.5", 40000, 7, "p7")], 100)
+    ov.closewait.add_preexisting(
+        [Preexisting(Endpoint(4, "10.0.0.1", 80, "10.0.0.5", 40000), Owner(7, "p7"))], 100
+    )
     ov.feed(tr(1, 5, S.LISTEN, S.SYN_RECV, pid=7, daddr="10.0.0.5"))
     ov.feed(tr(2, 5, S.SYN_RECV, S.ESTABLISHED, pid=7, daddr="10.0.0.5"))
     ov.feed(tr(50, 5, S.ESTABLISHED, S.CLOSE_WAIT, pid=7, daddr="10.0.0.5"))
@@ -359,7 +365,7 @@ def test_stacks_without_an_application_frame_still_say_what_happened() -> None:
     ov2 = Overview(threshold_ns=NS)
     ov2.start(0)
     leak(ov2, 1, 5, 0, last=libc_only)
-    ov2.closewait.open[("sk", 1)].origin = None  # no origin seen either
+    ov2.closewait.open[SkaddrKey(1)].origin = None  # no origin seen either
     ov2.tick(20 * NS)
     (v2,) = [v for v in diagnose(ov2).verdicts if v.topic == "close_wait_leak"]
     assert "the app read EOF without closing" in v2.text

@@ -23,10 +23,10 @@ from tcptrace.errors import TcptraceError
 from tcptrace.kernel.closelat import CloseLatencyReader, closelat_defines
 from tcptrace.kernel.timewait import TimewaitReader
 from tcptrace.model.closewait import Preexisting
-from tcptrace.model.diagnosis import HostSnapshot
 from tcptrace.model.events import TcpState
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.overview import Overview
+from tcptrace.model.snapshot import HostSnapshot
 from tcptrace.system import hostsnap
 from tcptrace.system.netstat import sockstat_tw
 from tcptrace.views import top as view
@@ -95,11 +95,7 @@ def seed_from_host(overview: Overview, flt: EventFilter) -> HostSnapshot:
     overview.states.seed((s.state for s in snap.sockets), snap.at_ns)
     overview.start(snap.at_ns)
     overview.closewait.add_preexisting(
-        (
-            Preexisting(s.family, s.saddr, s.sport, s.daddr, s.dport, s.pid, s.comm, s.inode)
-            for s in snap.sockets
-            if s.state == TcpState.CLOSE_WAIT
-        ),
+        (Preexisting(s.endpoint, s.owner, s.inode) for s in snap.sockets if s.state == TcpState.CLOSE_WAIT),
         snap.at_ns,
     )
     return snap

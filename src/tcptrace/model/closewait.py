@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import re
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+from tcptrace.model.endpoint import Endpoint, EndpointFields, Owner, OwnerFields
 from tcptrace.model.events import SocketEvent, TcpState, Touch, Transition
+from tcptrace.model.histogram import US, Bucket, age_histogram, buckets_of, percentile, slot_of
 from tcptrace.model.lifecycle import CodePath, SocketRecord, SocketTable
 
 NS = 1_000_000_000
 
-# Upper edges (seconds) of the age histogram of open CLOSE_WAIT sockets.
-AGE_EDGES_S = (0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0)
 # Closed sockets' times-to-close kept exactly (for percentiles); beyond, the histogram only.
 MAX_CLOSE_SAMPLES = 100_000
 # Sockets that left CLOSE_WAIT remembered (by ports) to reconcile with a /proc snapshot.
@@ -31,36 +31,40 @@ MAX_RECENTLY_LEFT = 65_536
 Ports = tuple[int, int]
 
 
+class SkaddrKey(NamedTuple):
+    """Key of an open socket seen entering CLOSE_WAIT: the kernel's address of it."""
+
+    skaddr: int
+
+
+class FoundKey(NamedTuple):
+    """Key of an open socket found in CLOSE_WAIT by /proc (at start, or by a recheck),
+    which has no kernel address: its endpoint."""
+
+    endpoint: Endpoint
+
+
+OpenKey = SkaddrKey | FoundKey
+
+
 @dataclass(frozen=True)
-class Preexisting:
+class Preexisting(EndpointFields, OwnerFields):
     """A socket found in CLOSE_WAIT at start (from /proc), with the holder of its fd."""
 
-    family: int
-    saddr: str
-    sport: int
-    daddr: str
-    dport: int
-    pid: int | None
-    comm: str | None
+    endpoint: Endpoint
+    owner: Owner | None
     inode: int = 0
-    cgroup: int | None = None
 
 
 @dataclass
-class CloseWaitSocket:
+class CloseWaitSocket(EndpointFields, OwnerFields):
     """One socket in CLOSE_WAIT now."""
 
-    key: tuple[Any, ...]
-    family: int
-    saddr: str
-    sport: int
-    daddr: str
-    dport: int
-    pid: int | None
-    comm: str | None
+    key: OpenKey
+    endpoint: Endpoint
+    owner: Owner | None
     entered_ns: int
     preexisting: bool = False
-    cgroup: int | None = None
     origin: CodePath | None = None
     last_touch: CodePath | None = None
     eof_ns: int | None = None
@@ -69,10 +73,6 @@ class CloseWaitSocket:
 
     def age_ns(self, now_ns: int) -> int:
         return max(0, now_ns - self.entered_ns)
-
-    @property
-    def tuple4(self) -> tuple[str, int, str, int]:
-        return (self.saddr, self.sport, self.daddr, self.dport)
 
     def to_json(self, now_ns: int, threshold_ns: int) -> dict[str, Any]:
         age = self.age_ns(now_ns)
@@ -140,16 +140,19 @@ def summarize_remotes(addrs: Iterable[str], top: int = 3) -> RemoteSummary:
     return RemoteSummary(count=total, distinct=len(counts), top=counts.most_common(top))
 
 
-GroupKey = tuple[int | None, str | None, int | None, tuple[str, ...], tuple[str, ...]]
+class GroupKey(NamedTuple):
+    """What leak suspects of one group share: the owner, and the code paths as functions."""
+
+    owner: Owner | None
+    origin: tuple[str, ...]
+    last_touch: tuple[str, ...]
 
 
 @dataclass
-class SuspectGroup:
+class SuspectGroup(OwnerFields):
     """Leak suspects sharing an owner and code path (origin and last-touch stacks)."""
 
-    pid: int | None
-    comm: str | None
-    cgroup: int | None
+    owner: Owner | None
     origin: CodePath | None
     last_touch: CodePath | None
     sockets: list[CloseWaitSocket]
@@ -211,71 +214,8 @@ def code_path_key(path: CodePath | None) -> tuple[str, ...]:
     return (path.op.name, *(_OFFSET.sub("", frame) for frame in path.stack))
 
 
-def _group_key(sock: CloseWaitSocket) -> GroupKey:
-    return (sock.pid, sock.comm, sock.cgroup, code_path_key(sock.origin), code_path_key(sock.last_touch))
-
-
-def log2_histogram(values_ns: Iterable[int]) -> list[tuple[int, int, int]]:
-    """(low_ns, high_ns, count) buckets of powers of two of microseconds, empty ones left out.
-
-    >>> log2_histogram([500, 1_500, 3_000, 3_500])
-    [(0, 1000, 1), (1000, 2000, 1), (2000, 4000, 2)]
-    """
-    counts: Counter[int] = Counter()
-    for v in values_ns:
-        us = max(0, v) // 1000
-        counts[us.bit_length()] += 1
-    out = []
-    for slot in sorted(counts):
-        low = 0 if slot == 0 else (1 << (slot - 1)) * 1000
-        high = (1 << slot) * 1000
-        out.append((low, high, counts[slot]))
-    return out
-
-
-def age_histogram(ages_ns: Iterable[int], edges_s: Sequence[float] = AGE_EDGES_S) -> list[tuple[str, int]]:
-    """Counts of ages per human bucket (``<100ms``, ``1s-5s``, ``>30m``), all buckets kept.
-
-    >>> age_histogram([int(0.5e9), int(2e9), int(3e9)], (1.0, 5.0))
-    [('<1s', 1), ('1s-5s', 2), ('>5s', 0)]
-    """
-    edges = list(edges_s)
-    counts = [0] * (len(edges) + 1)
-    for age in ages_ns:
-        secs = age / NS
-        i = 0
-        while i < len(edges) and secs >= edges[i]:
-            i += 1
-        counts[i] += 1
-    labels = []
-    for i in range(len(edges) + 1):
-        if i == 0:
-            labels.append(f"<{_fmt_s(edges[0])}")
-        elif i == len(edges):
-            labels.append(f">{_fmt_s(edges[-1])}")
-        else:
-            labels.append(f"{_fmt_s(edges[i - 1])}-{_fmt_s(edges[i])}")
-    return list(zip(labels, counts, strict=True))
-
-
-def _fmt_s(secs: float) -> str:
-    if secs < 1:
-        return f"{secs * 1000:g}ms"
-    if secs < 60:
-        return f"{secs:g}s"
-    return f"{secs / 60:g}m"
-
-
-def percentile(sorted_values: Sequence[int], q: float) -> int | None:
-    """Nearest-rank percentile of sorted values.
-
-    >>> percentile([1, 2, 3, 4], 0.5), percentile([1, 2, 3, 4], 1.0), percentile([], 0.5)
-    (2, 4, None)
-    """
-    if not sorted_values:
-        return None
-    rank = max(1, -(-int(q * 1000) * len(sorted_values) // 1000))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
+def group_key(sock: CloseWaitSocket) -> GroupKey:
+    return GroupKey(sock.owner, code_path_key(sock.origin), code_path_key(sock.last_touch))
 
 
 @dataclass
@@ -295,7 +235,7 @@ class CloseWaitTracker:
 
     threshold_ns: int = 5 * NS
     table: SocketTable = field(default_factory=SocketTable)
-    open: dict[tuple[Any, ...], CloseWaitSocket] = field(default_factory=dict)
+    open: dict[OpenKey, CloseWaitSocket] = field(default_factory=dict)
     entered: int = 0
     closed: int = 0
     closed_preexisting: int = 0
@@ -304,6 +244,7 @@ class CloseWaitTracker:
     """Open sockets dropped because their skaddr was reborn (their end was not seen)."""
     close_times_ns: list[int] = field(default_factory=list)
     close_hist: Counter[int] = field(default_factory=Counter)
+    """Times to close counted by log2 slot of microseconds (model/histogram.py)."""
     start_ns: int | None = None
     interval: Interval | None = None
     missed_exits: int = 0
@@ -317,25 +258,14 @@ class CloseWaitTracker:
     def add_preexisting(self, sockets: Iterable[Preexisting], now_ns: int) -> int:
         """Sockets already in CLOSE_WAIT at ``now_ns`` (tracing start); returns how many."""
         added = 0
-        seen = {s.tuple4 for s in self.open.values()}
+        seen = {s.endpoint for s in self.open.values()}
         for p in sockets:
-            t = (p.saddr, p.sport, p.daddr, p.dport)
-            key = ("tuple", *t)
-            if t in seen:  # already seen entering CLOSE_WAIT live
+            if p.endpoint in seen:  # already seen entering CLOSE_WAIT live
                 continue
-            seen.add(t)
+            seen.add(p.endpoint)
+            key = FoundKey(p.endpoint)
             self.open[key] = CloseWaitSocket(
-                key=key,
-                family=p.family,
-                saddr=p.saddr,
-                sport=p.sport,
-                daddr=p.daddr,
-                dport=p.dport,
-                pid=p.pid,
-                comm=p.comm,
-                cgroup=p.cgroup,
-                entered_ns=now_ns,
-                preexisting=True,
+                key=key, endpoint=p.endpoint, owner=p.owner, entered_ns=now_ns, preexisting=True
             )
             added += 1
         return added
@@ -345,72 +275,67 @@ class CloseWaitTracker:
             self.start_ns = event.ts_ns
         record, replaced = self.table.feed(event)
         if replaced is not None and replaced.state == TcpState.CLOSE_WAIT:
-            if self.open.pop(("sk", replaced.skaddr), None) is not None:
+            if self.open.pop(SkaddrKey(replaced.skaddr), None) is not None:
                 self.forgotten += 1
         if record is None:
             return
         if isinstance(event, Transition):
-            self._transition(event, record)
+            if event.new == TcpState.CLOSE_WAIT:
+                self._entered(event, record)
+            elif event.old == TcpState.CLOSE_WAIT:
+                self._left(event, record)
         elif isinstance(event, Touch):
-            sock = self.open.get(("sk", event.skaddr))
+            sock = self.open.get(SkaddrKey(event.skaddr))
             if sock is not None:
                 self._refresh(sock, record)
 
-    def _transition(self, event: Transition, record: SocketRecord) -> None:
-        key = ("sk", event.skaddr)
-        if event.new == TcpState.CLOSE_WAIT:
-            found = self.open.get(("tuple", *record.tuple4))
-            if found is not None and found.entered_ns >= event.ts_ns:
-                # It entered before the /proc snapshot that found it was read (its event
-                # was still in the ring buffer): one socket, and the live copy knows more.
-                del self.open[("tuple", *record.tuple4)]
-            self.open[key] = CloseWaitSocket(
-                key=key,
-                family=record.family,
-                saddr=record.saddr,
-                sport=record.sport,
-                daddr=record.daddr,
-                dport=record.dport,
-                pid=record.pid,
-                comm=record.comm,
-                cgroup=record.cgroup,
-                entered_ns=event.ts_ns,
-                origin=record.origin,
-                last_touch=record.last_touch,
-                born_ns=record.born_ns,
-            )
-            self.entered += 1
-            if self.interval is not None:
-                self.interval.entered += 1
-            return
-        if event.old != TcpState.CLOSE_WAIT:
-            return
-        sock = self.open.pop(key, None)
-        if sock is None:  # found at start: known by its addresses only
-            sock = self.open.pop(("tuple", *record.tuple4), None)
-        self.recently_left[(record.sport, record.dport)] = event.ts_ns
-        self.recently_left.move_to_end((record.sport, record.dport))
+    def _entered(self, event: Transition, record: SocketRecord) -> None:
+        found = self.open.get(FoundKey(record.endpoint))
+        if found is not None and found.entered_ns >= event.ts_ns:
+            # It entered before the /proc snapshot that found it was read (its event
+            # was still in the ring buffer): one socket, and the live copy knows more.
+            del self.open[found.key]
+        key = SkaddrKey(event.skaddr)
+        self.open[key] = CloseWaitSocket(
+            key=key,
+            endpoint=record.endpoint,
+            owner=record.owner,
+            entered_ns=event.ts_ns,
+            origin=record.origin,
+            last_touch=record.last_touch,
+            born_ns=record.born_ns,
+        )
+        self.entered += 1
+        if self.interval is not None:
+            self.interval.entered += 1
+
+    def _left(self, event: Transition, record: SocketRecord) -> None:
+        sock = self.open.pop(SkaddrKey(event.skaddr), None)
+        if sock is None:  # found by /proc: known by its endpoint only
+            sock = self.open.pop(FoundKey(record.endpoint), None)
+        self.recently_left[record.endpoint.ports] = event.ts_ns
+        self.recently_left.move_to_end(record.endpoint.ports)
         if len(self.recently_left) > MAX_RECENTLY_LEFT:
             self.recently_left.popitem(last=False)
-        if event.new == TcpState.LAST_ACK:
-            self.closed += 1
-            if self.interval is not None:
-                self.interval.closed += 1
-            if sock is not None and not sock.preexisting:
-                took = event.ts_ns - sock.entered_ns
-                if len(self.close_times_ns) < MAX_CLOSE_SAMPLES:
-                    self.close_times_ns.append(took)
-                self.close_hist[max(0, took // 1000).bit_length()] += 1
-            elif sock is not None:
-                self.closed_preexisting += 1
-        else:
+        if event.new != TcpState.LAST_ACK:
             self.reset += 1
             if self.interval is not None:
                 self.interval.reset += 1
+            return
+        self.closed += 1
+        if self.interval is not None:
+            self.interval.closed += 1
+        if sock is not None and not sock.preexisting:
+            took = event.ts_ns - sock.entered_ns
+            if len(self.close_times_ns) < MAX_CLOSE_SAMPLES:
+                self.close_times_ns.append(took)
+            self.close_hist[slot_of(max(0, took // US))] += 1
+        elif sock is not None:
+            self.closed_preexisting += 1
 
     def _refresh(self, sock: CloseWaitSocket, record: SocketRecord) -> None:
-        if record.pid is not None:
-            sock.pid, sock.comm, sock.cgroup = record.pid, record.comm, record.cgroup
+        if record.owner is not None:
+            sock.owner = record.owner
         if record.origin is not None:
             sock.origin = record.origin
         sock.last_touch = record.last_touch
@@ -419,7 +344,9 @@ class CloseWaitTracker:
     def pending_pre_fin(self) -> list[int]:
         """skaddrs of sockets seen entering CLOSE_WAIT whose last touch before the FIN was
         not looked up yet (``closewait --touch-stacks``)."""
-        return [s.key[1] for s in self.open.values() if s.key[0] == "sk" and not s.pre_fin_checked]
+        return [
+            s.key.skaddr for s in self.open.values() if isinstance(s.key, SkaddrKey) and not s.pre_fin_checked
+        ]
 
     def add_pre_fin_touch(self, skaddr: int, path: CodePath | None) -> bool:
         """The last touch of ``skaddr`` before the FIN, as the kernel kept it; True if used.
@@ -427,7 +354,7 @@ class CloseWaitTracker:
         Kept only when it happened before the socket entered CLOSE_WAIT and after it was
         born: the kernel's entry may be a freed socket's at the same address.
         """
-        sock = self.open.get(("sk", skaddr))
+        sock = self.open.get(SkaddrKey(skaddr))
         if sock is None:
             return False
         sock.pre_fin_checked = True
@@ -503,12 +430,10 @@ class CloseWaitTracker:
         groups: dict[GroupKey, list[CloseWaitSocket]] = {}
         for sock in self.open.values():
             if sock.age_ns(now_ns) >= self.threshold_ns:
-                groups.setdefault(_group_key(sock), []).append(sock)
+                groups.setdefault(group_key(sock), []).append(sock)
         out = [
             SuspectGroup(
-                pid=socks[0].pid,
-                comm=socks[0].comm,
-                cgroup=socks[0].cgroup,
+                owner=socks[0].owner,
                 origin=socks[0].origin,
                 last_touch=socks[0].last_touch,
                 sockets=sorted(socks, key=lambda s: s.entered_ns),
@@ -525,12 +450,8 @@ class CloseWaitTracker:
     def close_times_sorted(self) -> list[int]:
         return sorted(self.close_times_ns)
 
-    def close_histogram(self) -> list[tuple[int, int, int]]:
-        out = []
-        for slot in sorted(self.close_hist):
-            low = 0 if slot == 0 else (1 << (slot - 1)) * 1000
-            out.append((low, (1 << slot) * 1000, self.close_hist[slot]))
-        return out
+    def close_histogram(self) -> list[Bucket]:
+        return buckets_of(sorted(self.close_hist.items()), US)
 
     def close_time_json(self) -> dict[str, Any]:
         times = self.close_times_sorted()
@@ -541,12 +462,13 @@ class CloseWaitTracker:
         return {
             "count": sum(self.close_hist.values()),
             "min_s": secs(times[0] if times else None),
-            "p50_s": secs(percentile(times, 0.5)),
-            "p90_s": secs(percentile(times, 0.9)),
-            "p99_s": secs(percentile(times, 0.99)),
+            "p50_s": secs(percentile(times, 50)),
+            "p90_s": secs(percentile(times, 90)),
+            "p99_s": secs(percentile(times, 99)),
             "max_s": secs(times[-1] if times else None),
             "histogram": [
-                {"low_s": lo / NS, "high_s": hi / NS, "count": n} for lo, hi, n in self.close_histogram()
+                {"low_s": b.low_ns / NS, "high_s": b.high_ns / NS, "count": b.count}
+                for b in self.close_histogram()
             ],
         }
 

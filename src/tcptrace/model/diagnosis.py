@@ -27,12 +27,13 @@ from tcptrace.model.closewait import (
     RemoteSummary,
     SuspectGroup,
     code_path_key,
-    percentile,
     summarize_remotes,
 )
+from tcptrace.model.endpoint import Owner, OwnerFields
 from tcptrace.model.events import Op, TcpState
 from tcptrace.model.lifecycle import CodePath
-from tcptrace.model.overview import STATE_ORDER, Overview
+from tcptrace.model.overview import Overview
+from tcptrace.model.snapshot import HostSnapshot, HostSocket
 from tcptrace.model.timewait import TIMEWAIT_LEN_S, Advice, DestForecast, explain_settings
 
 NS = 1_000_000_000
@@ -50,39 +51,6 @@ _PLUMBING = re.compile(
     r"\[(libc[.-][^\]]*|libpthread[^\]]*|ld-linux[^\]]*|ld-musl[^\]]*|\[?vdso\]?|kernel)\]$"
 )
 _UNKNOWN = re.compile(r"^(\[unknown\]|0x[0-9a-f]+)(\s|$)")
-
-
-@dataclass(frozen=True)
-class HostSocket:
-    """One socket of a host snapshot (/proc/net/tcp{,6}), with the process holding its fd."""
-
-    family: int
-    saddr: str
-    sport: int
-    daddr: str
-    dport: int
-    state: TcpState
-    inode: int = 0
-    pid: int | None = None
-    comm: str | None = None
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        """What identifies the same socket in two snapshots (the inode tells a reuse apart)."""
-        return (self.family, self.saddr, self.sport, self.daddr, self.dport, self.inode)
-
-
-@dataclass(frozen=True)
-class HostSnapshot:
-    at_ns: int
-    sockets: tuple[HostSocket, ...]
-
-    def distribution(self) -> dict[TcpState, int]:
-        counts = Counter(s.state for s in self.sockets)
-        return {s: counts[s] for s in STATE_ORDER if counts[s]}
-
-    def in_state(self, state: TcpState) -> list[HostSocket]:
-        return [s for s in self.sockets if s.state == state]
 
 
 @dataclass(frozen=True)
@@ -112,9 +80,10 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class Owner:
-    pid: int | None
-    comm: str | None
+class OwnerCount(OwnerFields):
+    """How many sockets in CLOSE_WAIT one owner holds, and where they point."""
+
+    owner: Owner | None
     count: int
     remotes: RemoteSummary
 
@@ -131,7 +100,7 @@ class Diagnosis:
     start: dict[TcpState, int] | None
     end: dict[TcpState, int] | None
     live_counts: dict[TcpState, int]
-    close_wait_owners: list[Owner]
+    close_wait_owners: list[OwnerCount]
     close_wait_remotes: RemoteSummary
     stuck: list[StuckSocket]
     tw_created: int
@@ -388,11 +357,11 @@ def _stuck(start: HostSnapshot, end: HostSnapshot) -> list[StuckSocket]:
     return [StuckSocket(s, secs) for s in end.in_state(TcpState.CLOSE_WAIT) if s.key in before]
 
 
-def _owners(socks: Iterable[HostSocket]) -> list[Owner]:
-    by: dict[tuple[int | None, str | None], list[HostSocket]] = {}
+def _owners(socks: Iterable[HostSocket]) -> list[OwnerCount]:
+    by: dict[Owner | None, list[HostSocket]] = {}
     for s in socks:
-        by.setdefault((s.pid, s.comm), []).append(s)
-    out = [Owner(p, c, len(v), summarize_remotes(x.daddr for x in v)) for (p, c), v in by.items()]
+        by.setdefault(s.owner, []).append(s)
+    out = [OwnerCount(o, len(v), summarize_remotes(x.daddr for x in v)) for o, v in by.items()]
     out.sort(key=lambda o: (-o.count, o.pid or 0))
     return out
 
@@ -438,10 +407,8 @@ def diagnose(
 
     # 2. Stuck across the window (present in both snapshots).
     stuck = _stuck(start, end) if start is not None and end is not None else []
-    attributed = {s.tuple4 for g in groups for s in g.sockets}
-    unexplained = [
-        st for st in stuck if (st.sock.saddr, st.sock.sport, st.sock.daddr, st.sock.dport) not in attributed
-    ]
+    attributed = {s.endpoint for g in groups for s in g.sockets}
+    unexplained = [st for st in stuck if st.sock.endpoint not in attributed]
     for owner in _owners(st.sock for st in unexplained):
         verdicts.append(
             Verdict(
@@ -654,9 +621,9 @@ __all__ = [
     "Diagnosis",
     "HostSnapshot",
     "HostSocket",
+    "OwnerCount",
     "Verdict",
     "app_frame",
     "diagnose",
     "function_name",
-    "percentile",
 ]

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tcptrace.model.endpoint import Endpoint, Owner, owner_of
+
 AF_INET = 2
 AF_INET6 = 10
 
@@ -47,6 +49,21 @@ class TcpState(enum.IntEnum):
             return cls[name]
         except KeyError:
             raise ValueError(f"unknown TCP state {value!r}") from None
+
+
+# The order states are shown in (the ones users ask about first).
+STATE_ORDER = (
+    TcpState.ESTABLISHED,
+    TcpState.CLOSE_WAIT,
+    TcpState.TIME_WAIT,
+    TcpState.LISTEN,
+    TcpState.SYN_SENT,
+    TcpState.SYN_RECV,
+    TcpState.FIN_WAIT1,
+    TcpState.FIN_WAIT2,
+    TcpState.CLOSING,
+    TcpState.LAST_ACK,
+)
 
 
 class Kind(enum.IntEnum):
@@ -103,9 +120,10 @@ def family_version(family: int) -> int:
 class SocketEvent:
     """What every event about one socket carries.
 
-    ``pid``/``comm`` are the socket's owner as learned in process context (None when not
-    learned); ``task_pid``/``task_comm`` are whatever task the kernel was running, which in
-    softirq is unrelated to the socket.
+    ``family``, the addresses and the ports are the socket's ``endpoint``, flat as the kernel
+    sends them. ``pid``/``comm``/``cgroup`` are its ``owner`` as learned in process context
+    (None when not learned); ``task_pid``/``task_comm`` are whatever task the kernel was
+    running, which in softirq is unrelated to the socket.
     """
 
     ts_ns: int
@@ -130,6 +148,14 @@ class SocketEvent:
     @property
     def ports(self) -> tuple[int, int]:
         return (self.sport, self.dport)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.family, self.saddr, self.sport, self.daddr, self.dport)
+
+    @property
+    def owner(self) -> Owner | None:
+        return owner_of(self.pid, self.comm, self.cgroup)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,8 +16,9 @@ Pure: no I/O, no bcc.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from tcptrace.model.endpoint import NO_ENDPOINT, Endpoint, EndpointFields, Owner, OwnerFields
 from tcptrace.model.events import Op, SocketEvent, TcpState, Touch, Transition
 
 DEFAULT_CAPACITY = 262_144  # as TT_MAX_SOCKS: the kernel table's bound
@@ -72,52 +73,63 @@ def process_op(event: Transition) -> Op | None:
     return None
 
 
+_ANY_ADDR = ("0.0.0.0", "::")
+
+
 @dataclass
-class SocketRecord:
+class SocketRecord(EndpointFields, OwnerFields):
     """What the model knows about one live socket."""
 
     skaddr: int
-    family: int = 4
-    saddr: str = ""
-    sport: int = 0
-    daddr: str = ""
-    dport: int = 0
+    endpoint: Endpoint = NO_ENDPOINT
     state: TcpState | None = None
     since_ns: int | None = None
     """When it entered ``state``; None when tcptrace did not see it enter."""
-    pid: int | None = None
-    comm: str | None = None
-    cgroup: int | None = None
+    owner: Owner | None = None
     origin: CodePath | None = None
     last_touch: CodePath | None = None
     eof_ns: int | None = None
     """When the app first read EOF (recv returned 0) in CLOSE_WAIT."""
     born_ns: int | None = None
     """When the socket was born; None when it was born before tcptrace saw it."""
-    extra: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def tuple4(self) -> tuple[str, int, str, int]:
-        return (self.saddr, self.sport, self.daddr, self.dport)
 
     def take_addresses(self, event: SocketEvent) -> None:
         # Touches carry ports but not addresses; never overwrite known ones with blanks.
-        if event.saddr and event.saddr not in ("0.0.0.0", "::") or not self.saddr:
-            self.saddr = event.saddr
-        if event.daddr and event.daddr not in ("0.0.0.0", "::") or not self.daddr:
-            self.daddr = event.daddr
-        self.family = event.family
-        if event.sport:
-            self.sport = event.sport
-        if event.dport:
-            self.dport = event.dport
+        # Runs per event: most carry the endpoint the record has, and build nothing.
+        ep = self.endpoint
+        if (
+            event.sport == ep.sport
+            and event.dport == ep.dport
+            and event.saddr == ep.saddr
+            and event.daddr == ep.daddr
+            and event.family == ep.family
+        ):
+            return
+        saddr = event.saddr if event.saddr and event.saddr not in _ANY_ADDR or not ep.saddr else ep.saddr
+        daddr = event.daddr if event.daddr and event.daddr not in _ANY_ADDR or not ep.daddr else ep.daddr
+        sport = event.sport or ep.sport
+        dport = event.dport or ep.dport
+        if (
+            sport != ep.sport
+            or dport != ep.dport
+            or saddr != ep.saddr
+            or daddr != ep.daddr
+            or event.family != ep.family
+        ):
+            self.endpoint = Endpoint(event.family, saddr, sport, daddr, dport)
 
     def take_owner(self, event: SocketEvent) -> None:
-        if event.pid is not None:
-            if event.pid != self.pid or event.cgroup is not None:
-                self.cgroup = event.cgroup  # events of some kinds do not carry it
-            self.pid = event.pid
-            self.comm = event.comm
+        pid = event.pid
+        if pid is None:
+            return
+        owner = self.owner
+        if owner is None or pid != owner.pid:
+            self.owner = Owner(pid, event.comm, event.cgroup)
+            return
+        # Events of some kinds do not carry the cgroup: the same owner keeps the one it had.
+        cgroup = owner.cgroup if event.cgroup is None else event.cgroup
+        if event.comm != owner.comm or cgroup != owner.cgroup:
+            self.owner = Owner(pid, event.comm, cgroup)
 
 
 class SocketTable:

@@ -25,7 +25,7 @@ from typing import Any
 
 from tcptrace.model.closelat import CloseLatency, by_process
 from tcptrace.model.closewait import CloseWaitTracker
-from tcptrace.model.events import SocketEvent, TcpState, TimeWaitEvent, Transition, TwWhat
+from tcptrace.model.events import STATE_ORDER, SocketEvent, TcpState, TimeWaitEvent, Transition, TwWhat
 from tcptrace.model.histogram import Log2Histogram
 from tcptrace.model.timewait import TimewaitModel, TwCounts
 
@@ -33,20 +33,6 @@ NS = 1_000_000_000
 TIMEWAIT_NS = 60 * NS  # TCP_TIMEWAIT_LEN
 TW_BUCKET_NS = 10_000_000
 MIN_RATE_S = 0.25  # intervals shorter than this do not replace the rates shown
-
-# The order states are shown in (the ones users ask about first).
-STATE_ORDER = (
-    TcpState.ESTABLISHED,
-    TcpState.CLOSE_WAIT,
-    TcpState.TIME_WAIT,
-    TcpState.LISTEN,
-    TcpState.SYN_SENT,
-    TcpState.SYN_RECV,
-    TcpState.FIN_WAIT1,
-    TcpState.FIN_WAIT2,
-    TcpState.CLOSING,
-    TcpState.LAST_ACK,
-)
 
 
 @dataclass

@@ -16,9 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tcptrace.errors import TcptraceError
-from tcptrace.model.diagnosis import HostSnapshot, HostSocket
+from tcptrace.model.endpoint import owner_of
 from tcptrace.model.events import TcpState
 from tcptrace.model.filters import EventFilter
+from tcptrace.model.snapshot import HostSnapshot, HostSocket
 from tcptrace.system import process, sockdiag, sockets
 from tcptrace.system.containers import CgroupIdentity, identify
 from tcptrace.system.netns import NetNamespace
@@ -46,7 +47,7 @@ def take(flt: EventFilter | None = None, owners: bool = True) -> HostSnapshot:
         chosen = matching_holder(s, held.get(s.inode, []) if s.inode else [], flt)
         if chosen is None:
             continue
-        out.append(HostSocket(s.family, s.saddr, s.sport, s.daddr, s.dport, s.state, s.inode, *chosen))
+        out.append(HostSocket(s.endpoint, s.state, s.inode, owner_of(*chosen)))
     return HostSnapshot(snap.at_ns, tuple(out))
 
 

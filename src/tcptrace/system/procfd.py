@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 from tcptrace.errors import TcptraceError
 from tcptrace.model.closewait import Preexisting
-from tcptrace.model.events import SocketEvent, TcpState, decode_comm
+from tcptrace.model.endpoint import EndpointLike, owner_of
+from tcptrace.model.events import TcpState, decode_comm
 from tcptrace.model.filters import EventFilter
 from tcptrace.system import cgroups, sockets
-from tcptrace.system.tcpsock import Endpoints, TcpSocket
+from tcptrace.system.tcpsock import TcpSocket
 
 _SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
 
@@ -121,10 +122,7 @@ def closewait_ports(flt: EventFilter | None = None) -> set[tuple[int, int]]:
     """(local port, remote port) of the sockets in CLOSE_WAIT now that pass the port and
     family filters (owners are not looked up: that needs a walk of every /proc/PID/fd)."""
     flt = flt or EventFilter()
-    owner_free = EventFilter(ports=flt.ports, family=flt.family)
-    return {
-        (s.sport, s.dport) for s in _closewait_now(flt) if _as_event(s, None, None, owner_free) is not None
-    }
+    return {(s.sport, s.dport) for s in _closewait_now(flt) if flt.accepts_endpoint(s)}
 
 
 def closewait_snapshot(
@@ -148,24 +146,13 @@ def closewait_snapshot(
         if chosen is None:
             continue
         pid, comm = chosen
-        out.append(
-            Preexisting(
-                family=s.family,
-                saddr=s.saddr,
-                sport=s.sport,
-                daddr=s.daddr,
-                dport=s.dport,
-                pid=pid,
-                comm=comm,
-                inode=s.inode,
-                cgroup=cgroups.id_of_pid(pid) if pid is not None else None,
-            )
-        )
+        cgroup = cgroups.id_of_pid(pid) if pid is not None else None
+        out.append(Preexisting(endpoint=s.endpoint, owner=owner_of(pid, comm, cgroup), inode=s.inode))
     return out
 
 
 def matching_holder(
-    s: Endpoints, candidates: list[Holder], flt: EventFilter
+    s: EndpointLike, candidates: list[Holder], flt: EventFilter
 ) -> tuple[int | None, str | None] | None:
     """(pid, comm) of the first process holding ``s`` that passes ``flt`` (several hold a
     socket after fork or fd passing); (None, None) for a socket no process holds, when the
@@ -174,21 +161,6 @@ def matching_holder(
         (None, None)
     ]
     for pid, comm in options:
-        if _as_event(s, pid, comm, flt) is not None:
+        if flt.accepts(s, owner_of(pid, comm)):
             return pid, comm
     return None
-
-
-def _as_event(s: Endpoints, pid: int | None, comm: str | None, flt: EventFilter) -> SocketEvent | None:
-    event = SocketEvent(
-        ts_ns=0,
-        skaddr=0,
-        family=s.family,
-        saddr=s.saddr,
-        sport=s.sport,
-        daddr=s.daddr,
-        dport=s.dport,
-        pid=pid,
-        comm=comm,
-    )
-    return event if flt.matches(event) else None

@@ -8,29 +8,15 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
+from tcptrace.model.endpoint import Endpoint
 from tcptrace.model.events import TcpState
 from tcptrace.system.procnet import ProcSocket
 
 _ntop = socket.inet_ntop
 _AF_INET = socket.AF_INET
 _AF_INET6 = socket.AF_INET6
-
-
-class Endpoints(Protocol):
-    """What every socket record has (TcpSocket, procnet.ProcSocket, model.diagnosis.HostSocket)."""
-
-    @property
-    def family(self) -> int: ...
-    @property
-    def saddr(self) -> str: ...
-    @property
-    def sport(self) -> int: ...
-    @property
-    def daddr(self) -> str: ...
-    @property
-    def dport(self) -> int: ...
 
 
 class TcpSocket(NamedTuple):
@@ -66,6 +52,12 @@ class TcpSocket(NamedTuple):
     cgroup_id: int | None = None
     """cgroup v2 id of the socket: the cgroup of the process that made it (an accepted
     socket inherits its listener's). From sock_diag on kernels >= 5.7."""
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The endpoint as the model's records keep it (the fields stay flat here: a tuple
+        is built per socket of a snapshot, an Endpoint only for the sockets kept)."""
+        return Endpoint(self.family, self.saddr, self.sport, self.daddr, self.dport)
 
     @property
     def key(self) -> tuple[int, int, str, int, str, int, int]:
@@ -111,4 +103,4 @@ def from_proc(s: ProcSocket, netns: int = 0) -> TcpSocket:
     return TcpSocket(s.family, s.saddr, s.sport, s.daddr, s.dport, s.state, s.uid, s.inode, netns)
 
 
-__all__ = ["Endpoints", "TcpSocket", "format_ip", "from_proc"]
+__all__ = ["TcpSocket", "format_ip", "from_proc"]

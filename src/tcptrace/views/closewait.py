@@ -9,13 +9,8 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from tcptrace.model.closewait import (
-    CloseWaitTracker,
-    Interval,
-    SuspectGroup,
-    age_histogram,
-    percentile,
-)
+from tcptrace.model.closewait import CloseWaitTracker, Interval, SuspectGroup
+from tcptrace.model.histogram import age_histogram, percentile
 from tcptrace.model.lifecycle import CodePath
 from tcptrace.views.common import duration, endpoint, host_text, safe
 
@@ -95,8 +90,8 @@ def close_time_text(tracker: CloseWaitTracker) -> Text:
         return Text("time to close: no socket closed by its app yet", style="dim")
     return Text(
         f"time to close ({len(times)} closed by the app):\n  "
-        f"p50 {duration(percentile(times, 0.5))}  p90 {duration(percentile(times, 0.9))}  "
-        f"p99 {duration(percentile(times, 0.99))}  max {duration(times[-1])}"
+        f"p50 {duration(percentile(times, 50))}  p90 {duration(percentile(times, 90))}  "
+        f"p99 {duration(percentile(times, 99))}  max {duration(times[-1])}"
     )
 
 
@@ -142,7 +137,9 @@ def render(
     hist = tracker.close_histogram()
     if hist:
         parts.append(
-            _histogram_table([(f"{duration(lo)}-{duration(hi)}", n) for lo, hi, n in hist], "time to close")
+            _histogram_table(
+                [(f"{duration(b.low_ns)}-{duration(b.high_ns)}", b.count) for b in hist], "time to close"
+            )
         )
     groups = tracker.suspects(now_ns)
     if groups:

@@ -7,8 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tcptrace.model.diagnosis import Diagnosis, Verdict
-from tcptrace.model.events import TcpState
-from tcptrace.model.overview import STATE_ORDER
+from tcptrace.model.events import STATE_ORDER, TcpState
 from tcptrace.views.common import duration, endpoint, safe
 
 STYLE = {"problem": "bold red", "warning": "yellow", "info": "cyan", "ok": "green"}

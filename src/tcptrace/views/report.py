@@ -12,9 +12,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tcptrace.model.closewait import log2_histogram
 from tcptrace.model.diagnosis import Diagnosis
-from tcptrace.model.overview import STATE_ORDER, Overview
+from tcptrace.model.events import STATE_ORDER
+from tcptrace.model.histogram import US, log2_buckets
+from tcptrace.model.overview import Overview
 from tcptrace.printable import printable
 from tcptrace.views.common import duration
 
@@ -156,7 +157,10 @@ def render_report(d: Diagnosis, overview: Overview, meta: dict[str, Any]) -> str
     if ages:
         parts.append(
             bar_chart(
-                [(f"{duration(lo)}–{duration(hi)}", float(n)) for lo, hi, n in log2_histogram(ages)],
+                [
+                    (f"{duration(b.low_ns)}–{duration(b.high_ns)}", float(b.count))
+                    for b in log2_buckets(ages, unit_ns=US)
+                ],
                 "age of the sockets in CLOSE_WAIT at the end",
                 color="#c33",
             )
@@ -165,8 +169,8 @@ def render_report(d: Diagnosis, overview: Overview, meta: dict[str, Any]) -> str
         parts.append(
             bar_chart(
                 [
-                    (f"{duration(lo)}–{duration(hi)}", float(n))
-                    for lo, hi, n in log2_histogram(d.time_to_close)
+                    (f"{duration(b.low_ns)}–{duration(b.high_ns)}", float(b.count))
+                    for b in log2_buckets(d.time_to_close, unit_ns=US)
                 ],
                 "time from the peer's FIN to the app's close()",
             )
