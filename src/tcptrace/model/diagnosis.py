@@ -20,10 +20,11 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tcptrace.model.closewait import (
     CloseWaitSocket,
+    CloseWaitTracker,
     RemoteSummary,
     SuspectGroup,
     code_path_key,
@@ -31,10 +32,11 @@ from tcptrace.model.closewait import (
 )
 from tcptrace.model.endpoint import Owner, OwnerFields
 from tcptrace.model.events import Op, TcpState
+from tcptrace.model.histogram import Log2Histogram
 from tcptrace.model.lifecycle import CodePath
 from tcptrace.model.overview import Overview
 from tcptrace.model.snapshot import HostSnapshot, HostSocket
-from tcptrace.model.timewait import TIMEWAIT_LEN_S, Advice, DestForecast, explain_settings
+from tcptrace.model.timewait import TIMEWAIT_LEN_S, Advice, DestForecast, TwCounts, explain_settings
 
 NS = 1_000_000_000
 
@@ -51,6 +53,23 @@ _PLUMBING = re.compile(
     r"\[(libc[.-][^\]]*|libpthread[^\]]*|ld-linux[^\]]*|ld-musl[^\]]*|\[?vdso\]?|kernel)\]$"
 )
 _UNKNOWN = re.compile(r"^(\[unknown\]|0x[0-9a-f]+)(\s|$)")
+
+
+class Settings(Protocol):
+    """The TCP settings a diagnosis explains (system/sysctl.py's TcpSettings)."""
+
+    @property
+    def port_range(self) -> tuple[int, int] | None: ...
+    @property
+    def ports(self) -> int | None: ...
+    @property
+    def tw_reuse(self) -> int | None: ...
+    @property
+    def max_tw_buckets(self) -> int | None: ...
+    @property
+    def fin_timeout(self) -> int | None: ...
+    @property
+    def rfc1337(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -259,7 +278,7 @@ def _owner_text(pid: int | None, comm: str | None) -> str:
     return "an unknown process" if pid is None else f"pid {pid} ({comm or '?'})"
 
 
-# ---- the verdicts ------------------------------------------------------------------------
+# ---- CLOSE_WAIT -----------------------------------------------------------------------------
 
 
 def _same_path(a: CloseWaitSocket, group: SuspectGroup) -> bool:
@@ -270,39 +289,27 @@ def _same_path(a: CloseWaitSocket, group: SuspectGroup) -> bool:
     )
 
 
-def _leak_verdict(
-    group: SuspectGroup, window_s: float, start_ns: int | None, open_now: Iterable[CloseWaitSocket]
-) -> Verdict:
-    # The rate counts every socket of this owner and code path that entered CLOSE_WAIT in
-    # the window and is still there, the young ones (below the threshold) too.
-    new = [
-        s
-        for s in open_now
-        if not s.preexisting and (start_ns is None or s.entered_ns >= start_ns) and _same_path(s, group)
-    ]
-    origin = _where(group.origin)
-    touch = _where(group.last_touch)
-    eof = group.eof_seen > 0 and group.last_touch is not None and group.last_touch.op == Op.RECV
+def _leak_head(group: SuspectGroup, new: int, window_s: float) -> str:
     who = _owner_text(group.pid, group.comm)
-    remotes = group.remotes
-    evidence = [
-        f"{group.count} sockets in CLOSE_WAIT longer than the threshold, oldest {_age(group.oldest_age_ns)}",
-        f"remotes: {remotes.text()}",
-    ]
     if new:
-        head = f"{who} leaks {_per_minute(len(new), window_s)} in CLOSE_WAIT"
-    elif all(s.preexisting for s in group.sockets):
-        head = (
+        return f"{who} leaks {_per_minute(new, window_s)} in CLOSE_WAIT"
+    if all(s.preexisting for s in group.sockets):
+        return (
             f"{who} holds {group.count} sockets in CLOSE_WAIT since before tracing started "
             f"(at least {_age(group.oldest_age_ns)})"
         )
-    else:
-        head = f"{who} holds {group.count} sockets in CLOSE_WAIT"
-    parts = [head]
+    return f"{who} holds {group.count} sockets in CLOSE_WAIT"
+
+
+def _leak_paths(group: SuspectGroup, origin: str | None, touch: str | None) -> tuple[list[str], list[str]]:
+    """What the code paths say (parts of the verdict's text) and show (its evidence)."""
+    parts: list[str] = []
+    evidence: list[str] = []
     if origin is not None:
         verb = "connected" if group.origin is not None and group.origin.op == Op.CONNECT else "accepted"
         parts.append(f"they were {verb} at {origin}")
         evidence.append(f"origin ({group.origin.op.name.lower() if group.origin else '?'}): {origin}")
+    eof = group.eof_seen > 0 and group.last_touch is not None and group.last_touch.op == Op.RECV
     if eof:
         where = f" at {touch}" if touch is not None else ""
         parts.append(f"the app read EOF{where} without closing: look for an error path that skips close()")
@@ -323,23 +330,43 @@ def _leak_verdict(
             "their user stacks name no function of the application (only libc or unsymbolized "
             "frames: a runtime without frame pointers, such as Python before 3.12)"
         )
-        if len(parts) == 1:
+        if not parts:
             parts.append("no function of the application could be named")
-    functions = tuple(function_name(f) for f in (origin, touch) if f is not None)
+    return parts, evidence
+
+
+def _leak_verdict(
+    group: SuspectGroup, window_s: float, start_ns: int | None, open_now: Iterable[CloseWaitSocket]
+) -> Verdict:
+    # The rate counts every socket of this owner and code path that entered CLOSE_WAIT in
+    # the window and is still there, the young ones (below the threshold) too.
+    new = [
+        s
+        for s in open_now
+        if not s.preexisting and (start_ns is None or s.entered_ns >= start_ns) and _same_path(s, group)
+    ]
+    origin = _where(group.origin)
+    touch = _where(group.last_touch)
+    remotes = group.remotes
+    parts, path_evidence = _leak_paths(group, origin, touch)
+    evidence = [
+        f"{group.count} sockets in CLOSE_WAIT longer than the threshold, oldest {_age(group.oldest_age_ns)}",
+        f"remotes: {remotes.text()}",
+        *path_evidence,
+    ]
     if remotes.dominant is not None and remotes.count > 1:
         evidence.append(
             f"one remote dominates ({remotes.dominant}): if it is one client or peer, it may be what "
             "triggers this path"
         )
-    text = parts[0] + "; " + " and ".join(parts[1:])
     return Verdict(
         "problem",
         "close_wait_leak",
-        text,
+        _leak_head(group, len(new), window_s) + "; " + " and ".join(parts),
         tuple(evidence),
         group.pid,
         group.comm,
-        functions,
+        tuple(function_name(f) for f in (origin, touch) if f is not None),
         {
             "count": group.count,
             "new_in_window": len(new),
@@ -349,6 +376,37 @@ def _leak_verdict(
             "eof_seen": group.eof_seen,
         },
     )
+
+
+def leak_verdicts(
+    groups: Sequence[SuspectGroup], tracker: CloseWaitTracker, window_s: float, start_ns: int | None
+) -> list[Verdict]:
+    """Leaks attributed to an owner and code path (entered CLOSE_WAIT while traced, or found
+    at start), one verdict per group of suspects."""
+    return [_leak_verdict(g, window_s, start_ns, tracker.open.values()) for g in groups]
+
+
+def young_verdicts(tracker: CloseWaitTracker, now_ns: int) -> list[Verdict]:
+    """Sockets open at the end but younger than the threshold: too early to call."""
+    young = [
+        s for s in tracker.open.values() if not s.preexisting and s.age_ns(now_ns) < tracker.threshold_ns
+    ]
+    if not young:
+        return []
+    eof = sum(1 for s in young if s.eof_ns is not None)
+    owners_young = Counter((s.pid, s.comm) for s in young)
+    return [
+        Verdict(
+            "warning" if eof else "info",
+            "close_wait_young",
+            f"{len(young)} sockets entered CLOSE_WAIT and were still there at the end, for less "
+            f"than the threshold ({_age(tracker.threshold_ns)})"
+            + (f"; the app had already read EOF on {eof} of them" if eof else "")
+            + ": observe longer (--duration) to tell a leak from slow processing",
+            tuple(f"{_owner_text(p, c)}: {n}" for (p, c), n in owners_young.most_common(5)),
+            data={"count": len(young), "eof_seen": eof},
+        )
+    ]
 
 
 def _stuck(start: HostSnapshot, end: HostSnapshot) -> list[StuckSocket]:
@@ -366,178 +424,187 @@ def _owners(socks: Iterable[HostSocket]) -> list[OwnerCount]:
     return out
 
 
-def diagnose(
-    overview: Overview,
-    *,
-    start: HostSnapshot | None = None,
-    end: HostSnapshot | None = None,
-    settings: Any = None,
-    lost: int = 0,
-) -> Diagnosis:
-    """The facts of the window and the verdicts they support. ``settings``: a TcpSettings."""
-    now = overview.now_ns
-    window_s = overview.elapsed_s
-    if start is not None and end is not None:
-        window_s = max(window_s, (end.at_ns - start.at_ns) / NS)
-    tracker = overview.closewait
-    verdicts: list[Verdict] = []
-
-    # 1. Leaks attributed to a code path (entered CLOSE_WAIT while traced), or found at start.
-    groups = tracker.suspects(now)
-    for g in groups:
-        verdicts.append(_leak_verdict(g, window_s, overview.start_ns, tracker.open.values()))
-
-    # Open at the end but younger than the threshold: too early to call.
-    young = [s for s in tracker.open.values() if not s.preexisting and s.age_ns(now) < tracker.threshold_ns]
-    if young:
-        eof = sum(1 for s in young if s.eof_ns is not None)
-        owners_young = Counter((s.pid, s.comm) for s in young)
-        verdicts.append(
-            Verdict(
-                "warning" if eof else "info",
-                "close_wait_young",
-                f"{len(young)} sockets entered CLOSE_WAIT and were still there at the end, for less "
-                f"than the threshold ({_age(tracker.threshold_ns)})"
-                + (f"; the app had already read EOF on {eof} of them" if eof else "")
-                + ": observe longer (--duration) to tell a leak from slow processing",
-                tuple(f"{_owner_text(p, c)}: {n}" for (p, c), n in owners_young.most_common(5)),
-                data={"count": len(young), "eof_seen": eof},
-            )
-        )
-
-    # 2. Stuck across the window (present in both snapshots).
-    stuck = _stuck(start, end) if start is not None and end is not None else []
+def stuck_verdicts(
+    stuck: Sequence[StuckSocket], groups: Sequence[SuspectGroup], window_s: float
+) -> list[Verdict]:
+    """Sockets in CLOSE_WAIT in both snapshots that no leak verdict explains, per owner."""
     attributed = {s.endpoint for g in groups for s in g.sockets}
     unexplained = [st for st in stuck if st.sock.endpoint not in attributed]
-    for owner in _owners(st.sock for st in unexplained):
-        verdicts.append(
-            Verdict(
-                "problem",
-                "close_wait_stuck",
-                f"{_owner_text(owner.pid, owner.comm)} holds {owner.count} sockets in CLOSE_WAIT that were "
-                f"there at the start and still are after {window_s:.0f} s: they are stuck, not being "
-                "processed; the process never closes them",
-                (
-                    f"present in both /proc snapshots, {window_s:.1f} s apart",
-                    f"remotes: {owner.remotes.text()}",
-                ),
-                owner.pid,
-                owner.comm,
-            )
+    return [
+        Verdict(
+            "problem",
+            "close_wait_stuck",
+            f"{_owner_text(owner.pid, owner.comm)} holds {owner.count} sockets in CLOSE_WAIT that were "
+            f"there at the start and still are after {window_s:.0f} s: they are stuck, not being "
+            "processed; the process never closes them",
+            (
+                f"present in both /proc snapshots, {window_s:.1f} s apart",
+                f"remotes: {owner.remotes.text()}",
+            ),
+            owner.pid,
+            owner.comm,
         )
+        for owner in _owners(st.sock for st in unexplained)
+    ]
 
-    # 3. CLOSE_WAIT as a whole: owners, remotes, rules of thumb.
-    cw_socks = end.in_state(TcpState.CLOSE_WAIT) if end is not None else []
-    owners = _owners(cw_socks)
-    remotes = summarize_remotes(s.daddr for s in cw_socks)
-    cw_start = len(start.in_state(TcpState.CLOSE_WAIT)) if start is not None else None
-    if cw_socks:
-        grow = f" (was {cw_start} at start)" if cw_start is not None else ""
-        sev = "warning" if len(cw_socks) > CLOSE_WAIT_ALARM else "info"
-        if remotes.dominant is not None and remotes.count > 1:
-            meaning = (
-                f"one remote dominates ({remotes.text()}): a misbehaving client or peer (or a proxy in "
-                "front) sends FINs the app does not follow up"
-            )
-        elif remotes.distinct > 1:
-            meaning = (
-                f"{remotes.text()}: not one peer's doing; the application's own error path leaves them open"
-            )
-        else:
-            meaning = remotes.text()
-        verdicts.append(
-            Verdict(
-                sev,
-                "close_wait_remotes",
-                f"{len(cw_socks)} sockets in CLOSE_WAIT at the end{grow}; {meaning}",
-                tuple(f"{_owner_text(o.pid, o.comm)}: {o.count}" for o in owners[:5]),
-                data={"count": len(cw_socks), "start": cw_start},
-            )
-        )
 
-    # 4. TIME_WAIT: who creates it, at what rate, against the port range.
-    tw = overview.timewait
-    totals = tw.totals
-    # Rates over the span the kernel counted (attach to the last read), as the forecasts.
-    tw_span_s = window_s
-    if tw.start_ns is not None and tw.last_ns is not None and tw.last_ns > tw.start_ns:
-        tw_span_s = (tw.last_ns - tw.start_ns) / NS
-    tw_rate = totals.created / tw_span_s if tw_span_s > 0 else 0.0
-    ports = settings.ports if settings is not None else None
-    tw_reuse = settings.tw_reuse if settings is not None else None
-    forecasts = tw.forecasts(ports or 0, tw_reuse) if ports else []
-    by_proc = sorted(
-        ((p, c, n.created) for (p, c), n in totals.by_process.items() if n.created),
-        key=lambda x: (-x[2], x[0]),
-    )
-    tw_now = overview.states.host_tw
-    advice: list[Advice] = []
-    if settings is not None:
-        advice = explain_settings(
-            settings.port_range,
-            settings.tw_reuse,
-            settings.max_tw_buckets,
-            settings.fin_timeout,
-            tw.steady_total(),
-            tw_now,
-            settings.rfc1337,
+@dataclass(frozen=True)
+class CloseWaitAtEnd:
+    """The sockets in CLOSE_WAIT of the last snapshot: who holds them, where they point."""
+
+    sockets: list[HostSocket]
+    owners: list[OwnerCount]
+    remotes: RemoteSummary
+    at_start: int | None
+
+    @classmethod
+    def of(cls, start: HostSnapshot | None, end: HostSnapshot | None) -> CloseWaitAtEnd:
+        socks = end.in_state(TcpState.CLOSE_WAIT) if end is not None else []
+        at_start = len(start.in_state(TcpState.CLOSE_WAIT)) if start is not None else None
+        return cls(socks, _owners(socks), summarize_remotes(s.daddr for s in socks), at_start)
+
+
+def close_wait_remote_verdicts(cw: CloseWaitAtEnd) -> list[Verdict]:
+    """CLOSE_WAIT as a whole at the end: how many, the rules of thumb, and what the
+    remotes say (one peer's doing, or the application's)."""
+    if not cw.sockets:
+        return []
+    remotes = cw.remotes
+    grow = f" (was {cw.at_start} at start)" if cw.at_start is not None else ""
+    if remotes.dominant is not None and remotes.count > 1:
+        meaning = (
+            f"one remote dominates ({remotes.text()}): a misbehaving client or peer (or a proxy in "
+            "front) sends FINs the app does not follow up"
         )
-    worst = max(forecasts, key=lambda f: f.utilization, default=None)
-    for pid, comm, n in by_proc[:3]:
-        rate = n / tw_span_s if tw_span_s > 0 else 0.0
-        dests = sorted(totals.by_dest.items(), key=lambda dc: (-dc[1], dc[0]))
-        towards = f", busiest destination {dests[0][0].remote}" if dests else ""
-        sev = "info"
-        tail = "that is protocol behaviour (it closes first), and the port range holds it"
-        if worst is not None and worst.seconds_to_exhaustion is not None:
-            sev = "problem"
-            tail = (
-                f"at this rate {worst.dest.remote} needs ~{worst.held_steady:.0f} ports of {worst.ports}: "
-                f"exhaustion ('Cannot assign requested address') in ~{worst.seconds_to_exhaustion:.0f} s; "
-                "reuse connections (keep-alive, a pool)"
+    elif remotes.distinct > 1:
+        meaning = f"{remotes.text()}: not one peer's doing; the application's own error path leaves them open"
+    else:
+        meaning = remotes.text()
+    return [
+        Verdict(
+            "warning" if len(cw.sockets) > CLOSE_WAIT_ALARM else "info",
+            "close_wait_remotes",
+            f"{len(cw.sockets)} sockets in CLOSE_WAIT at the end{grow}; {meaning}",
+            tuple(f"{_owner_text(o.pid, o.comm)}: {o.count}" for o in cw.owners[:5]),
+            data={"count": len(cw.sockets), "start": cw.at_start},
+        )
+    ]
+
+
+# ---- TIME_WAIT ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimeWaitFacts:
+    """TIME_WAIT over the window: creations, their rate, who made them, the port range."""
+
+    totals: TwCounts
+    span_s: float
+    """The span the kernel counted over (attach to the last read), as the forecasts."""
+    ports: int | None
+    forecasts: list[DestForecast]
+    by_process: list[tuple[int, str, int]]
+    """(pid, comm, created), most first."""
+    host_now: int | None
+    advice: list[Advice]
+
+    @property
+    def rate(self) -> float:
+        return self.totals.created / self.span_s if self.span_s > 0 else 0.0
+
+    @classmethod
+    def of(cls, overview: Overview, window_s: float, settings: Settings | None) -> TimeWaitFacts:
+        tw = overview.timewait
+        totals = tw.totals
+        span_s = window_s
+        if tw.start_ns is not None and tw.last_ns is not None and tw.last_ns > tw.start_ns:
+            span_s = (tw.last_ns - tw.start_ns) / NS
+        ports = settings.ports if settings is not None else None
+        tw_reuse = settings.tw_reuse if settings is not None else None
+        by_process = sorted(
+            ((p, c, n.created) for (p, c), n in totals.by_process.items() if n.created),
+            key=lambda x: (-x[2], x[0]),
+        )
+        host_now = overview.states.host_tw
+        advice: list[Advice] = []
+        if settings is not None:
+            advice = explain_settings(
+                settings.port_range,
+                settings.tw_reuse,
+                settings.max_tw_buckets,
+                settings.fin_timeout,
+                tw.steady_total(),
+                host_now,
+                settings.rfc1337,
             )
-        elif worst is not None and worst.utilization > HIGH_UTILIZATION:
-            sev = "warning"
-            tail = (
-                f"at this rate {worst.dest.remote} holds ~{worst.held_steady:.0f} of {worst.ports} ports "
-                f"({worst.utilization:.0%}); reuse connections before load grows"
-            )
-        verdicts.append(
+        forecasts = tw.forecasts(ports or 0, tw_reuse) if ports else []
+        return cls(totals, span_s, ports, forecasts, by_process, host_now, advice)
+
+
+def _time_wait_outlook(worst: DestForecast | None) -> tuple[str, str]:
+    """(severity, what it means) of the busiest destination's port forecast."""
+    if worst is not None and worst.seconds_to_exhaustion is not None:
+        return "problem", (
+            f"at this rate {worst.dest.remote} needs ~{worst.held_steady:.0f} ports of {worst.ports}: "
+            f"exhaustion ('Cannot assign requested address') in ~{worst.seconds_to_exhaustion:.0f} s; "
+            "reuse connections (keep-alive, a pool)"
+        )
+    if worst is not None and worst.utilization > HIGH_UTILIZATION:
+        return "warning", (
+            f"at this rate {worst.dest.remote} holds ~{worst.held_steady:.0f} of {worst.ports} ports "
+            f"({worst.utilization:.0%}); reuse connections before load grows"
+        )
+    return "info", "that is protocol behaviour (it closes first), and the port range holds it"
+
+
+def time_wait_verdicts(tw: TimeWaitFacts) -> list[Verdict]:
+    """Who creates TIME_WAIT, at what rate, against the port range (the three busiest
+    processes); and the host's count when it alone is alarming."""
+    sev, tail = _time_wait_outlook(max(tw.forecasts, key=lambda f: f.utilization, default=None))
+    dests = sorted(tw.totals.by_dest.items(), key=lambda dc: (-dc[1], dc[0]))
+    towards = f", busiest destination {dests[0][0].remote}" if dests else ""
+    warnings = tuple(f"{a.setting} = {a.value}: {a.meaning}" for a in tw.advice if a.warn)
+    out = []
+    for pid, comm, n in tw.by_process[:3]:
+        rate = n / tw.span_s if tw.span_s > 0 else 0.0
+        out.append(
             Verdict(
                 sev,
                 "time_wait",
                 f"{_owner_text(pid, comm)} creates about {rate:.1f} TIME_WAIT sockets a second "
-                f"({n} in {tw_span_s:.0f} s{towards}): {tail}",
-                (
-                    f"TIME_WAIT held ≈ rate × {TIMEWAIT_LEN_S} s = {rate * TIMEWAIT_LEN_S:.0f}",
-                    *(f"{a.setting} = {a.value}: {a.meaning}" for a in advice if a.warn),
-                ),
+                f"({n} in {tw.span_s:.0f} s{towards}): {tail}",
+                (f"TIME_WAIT held ≈ rate × {TIMEWAIT_LEN_S} s = {rate * TIMEWAIT_LEN_S:.0f}", *warnings),
                 pid,
                 comm,
                 data={"created": n, "rate_per_s": round(rate, 3)},
             )
         )
     if (
-        tw_now is not None
-        and tw_now > TIME_WAIT_ALARM
-        and not any(v.severity == "problem" for v in verdicts if v.topic == "time_wait")
+        tw.host_now is not None
+        and tw.host_now > TIME_WAIT_ALARM
+        and not any(v.severity == "problem" for v in out)
     ):
-        verdicts.append(
+        out.append(
             Verdict(
                 "warning",
                 "time_wait_host",
-                f"{tw_now} timewait sockets on the host: tens of thousands risk port exhaustion",
+                f"{tw.host_now} timewait sockets on the host: tens of thousands risk port exhaustion",
                 ("sockstat tw",),
             )
         )
+    return out
 
-    # 5. close() latency.
-    hist = overview.close_latency()
-    p50 = hist.percentile(50) if hist.count else None
+
+# ---- close() latency, losses, health ---------------------------------------------------------
+
+
+def close_verdicts(hist: Log2Histogram, flags: Counter[str]) -> list[Verdict]:
+    """Slow close() calls, and closes that sent a reset."""
+    out = []
     p99 = hist.percentile(99) if hist.count else None
-    flags = overview.closelat.flag_counts
     if hist.count and p99 is not None and p99 > SLOW_CLOSE_NS:
-        verdicts.append(
+        p50 = hist.percentile(50)
+        out.append(
             Verdict(
                 "warning",
                 "close_latency",
@@ -547,7 +614,7 @@ def diagnose(
             )
         )
     if flags.get("reset"):
-        verdicts.append(
+        out.append(
             Verdict(
                 "warning",
                 "close_reset",
@@ -556,10 +623,14 @@ def diagnose(
                 (),
             )
         )
+    return out
 
-    # 6. Losses: counts are lower bounds.
+
+def loss_verdicts(lost: int, skipped: int | None) -> list[Verdict]:
+    """Events the ring buffer lost and hook runs the kernel skipped: counts are lower bounds."""
+    out = []
     if lost:
-        verdicts.append(
+        out.append(
             Verdict(
                 "warning",
                 "lost_events",
@@ -567,53 +638,91 @@ def diagnose(
                 (),
             )
         )
-    if overview.skipped:
-        verdicts.append(
+    if skipped:
+        out.append(
             Verdict(
                 "warning",
                 "skipped_runs",
-                f"the kernel skipped {overview.skipped} runs of the state-transition hook (a softirq "
+                f"the kernel skipped {skipped} runs of the state-transition hook (a softirq "
                 "changed a socket's state while another BPF program ran on that CPU): counts of "
                 "transitions may be short by up to that many",
                 ("bpf_prog_info.recursion_misses, counted for every socket of the host",),
             )
         )
-    if not any(v.severity in ("problem", "warning") for v in verdicts):
-        verdicts.append(
-            Verdict(
-                "ok",
-                "healthy",
-                "no socket leak in CLOSE_WAIT, and TIME_WAIT fits the port range",
-                (f"{tracker.entered} sockets entered CLOSE_WAIT, {tracker.closed} were closed by their app",),
-            )
+    return out
+
+
+def healthy_verdicts(verdicts: Sequence[Verdict], tracker: CloseWaitTracker) -> list[Verdict]:
+    """ "Healthy", when no other verdict is a problem or a warning."""
+    if any(v.severity in ("problem", "warning") for v in verdicts):
+        return []
+    return [
+        Verdict(
+            "ok",
+            "healthy",
+            "no socket leak in CLOSE_WAIT, and TIME_WAIT fits the port range",
+            (f"{tracker.entered} sockets entered CLOSE_WAIT, {tracker.closed} were closed by their app",),
         )
+    ]
+
+
+# ---- the diagnosis ---------------------------------------------------------------------------
+
+
+def diagnose(
+    overview: Overview,
+    *,
+    start: HostSnapshot | None = None,
+    end: HostSnapshot | None = None,
+    settings: Settings | None = None,
+    lost: int = 0,
+) -> Diagnosis:
+    """The facts of the window and the verdicts they support, worst first."""
+    window_s = overview.elapsed_s
+    if start is not None and end is not None:
+        window_s = max(window_s, (end.at_ns - start.at_ns) / NS)
+    tracker = overview.closewait
+    groups = tracker.suspects(overview.now_ns)
+    stuck = _stuck(start, end) if start is not None and end is not None else []
+    cw = CloseWaitAtEnd.of(start, end)
+    tw = TimeWaitFacts.of(overview, window_s, settings)
+    hist = overview.close_latency()
+    verdicts = [
+        *leak_verdicts(groups, tracker, window_s, overview.start_ns),
+        *young_verdicts(tracker, overview.now_ns),
+        *stuck_verdicts(stuck, groups, window_s),
+        *close_wait_remote_verdicts(cw),
+        *time_wait_verdicts(tw),
+        *close_verdicts(hist, overview.closelat.flag_counts),
+        *loss_verdicts(lost, overview.skipped),
+    ]
+    verdicts += healthy_verdicts(verdicts, tracker)
     verdicts.sort(key=lambda v: SEVERITIES.index(v.severity))
-    times = tracker.close_times_sorted()
     return Diagnosis(
         window_s=window_s,
         start=start.distribution() if start is not None else None,
         end=end.distribution() if end is not None else None,
         live_counts={s: n for s, n in overview.states.rows() if n},
-        close_wait_owners=owners,
-        close_wait_remotes=remotes,
+        close_wait_owners=cw.owners,
+        close_wait_remotes=cw.remotes,
         stuck=stuck,
-        tw_created=totals.created,
-        tw_rate=tw_rate,
-        tw_by_process=by_proc,
-        tw_now=tw_now,
-        ports=ports,
-        forecasts=forecasts,
-        settings=advice,
+        tw_created=tw.totals.created,
+        tw_rate=tw.rate,
+        tw_by_process=tw.by_process,
+        tw_now=tw.host_now,
+        ports=tw.ports,
+        forecasts=tw.forecasts,
+        settings=tw.advice,
         closes=hist.count,
-        close_p50_ns=p50,
-        close_p99_ns=p99,
+        close_p50_ns=hist.percentile(50) if hist.count else None,
+        close_p99_ns=hist.percentile(99) if hist.count else None,
         close_max_ns=hist.max_ns if hist.count else None,
         lost=lost,
         verdicts=verdicts,
         skipped=overview.skipped,
         close_wait_entered=tracker.entered,
         close_wait_closed=tracker.closed,
-        time_to_close=times,
+        time_to_close=tracker.close_times_sorted(),
     )
 
 
@@ -622,6 +731,7 @@ __all__ = [
     "HostSnapshot",
     "HostSocket",
     "OwnerCount",
+    "Settings",
     "Verdict",
     "app_frame",
     "diagnose",
