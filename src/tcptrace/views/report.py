@@ -14,7 +14,7 @@ from typing import Any
 
 from tcptrace.model.diagnosis import Diagnosis
 from tcptrace.model.events import STATE_ORDER
-from tcptrace.model.histogram import US, log2_buckets
+from tcptrace.model.histogram import US, Bucket, log2_buckets
 from tcptrace.model.overview import Overview
 from tcptrace.printable import printable
 from tcptrace.views.common import duration
@@ -108,44 +108,31 @@ def _verdicts(d: Diagnosis) -> str:
     return "".join(out)
 
 
-def render_report(d: Diagnosis, overview: Overview, meta: dict[str, Any]) -> str:
-    """The whole report as one HTML document."""
-    when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    host = meta.get("host") or os.uname().nodename
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>tcptrace diagnose: {esc(host)}</title><style>{CSS}</style></head><body>",
-        f"<h1>tcptrace diagnose — {esc(host)}</h1>",
-        f"<p class='dim'>{esc(when)}; window {d.window_s:.1f} s; kernel {esc(meta.get('kernel', ''))}; "
-        f"filter {esc(filter_text(meta.get('filter')))}; events lost {d.lost}</p>",
-        "<h2>Verdicts</h2>",
-        _verdicts(d),
-        "<h2>Sockets by state</h2>",
-    ]
-    start, end = d.start or {}, d.end or {}
-    if start or end:
-        rows = "".join(
-            f"<tr><td>{s.name}</td><td>{start.get(s, 0)}</td><td>{end.get(s, 0)}</td></tr>"
-            for s in STATE_ORDER
-            if start.get(s, 0) or end.get(s, 0)
-        )
-        parts.append(f"<table><tr><th>state</th><th>start</th><th>end</th></tr>{rows}</table>")
-        parts.append(
-            bar_chart(
-                [(s.name, float(end.get(s, 0))) for s in STATE_ORDER if end.get(s, 0)],
-                "sockets by state at the end",
-            )
-        )
-    else:
-        parts.append(
-            bar_chart([(s.name, float(n)) for s, n in d.live_counts.items()], "sockets by state (traced)")
-        )
+def _bucket_rows(buckets: Sequence[Bucket]) -> list[tuple[str, float]]:
+    return [(f"{duration(b.low_ns)}–{duration(b.high_ns)}", float(b.count)) for b in buckets]
 
-    parts.append("<h2>CLOSE_WAIT</h2>")
-    parts.append(
-        f"<p>{d.close_wait_entered} entered during the window, {d.close_wait_closed} closed by their "
-        f"application; {len(d.stuck)} present at the start and still at the end (stuck).</p>"
+
+def _states(d: Diagnosis) -> str:
+    start, end = d.start or {}, d.end or {}
+    if not (start or end):
+        return bar_chart([(s.name, float(n)) for s, n in d.live_counts.items()], "sockets by state (traced)")
+    rows = "".join(
+        f"<tr><td>{s.name}</td><td>{start.get(s, 0)}</td><td>{end.get(s, 0)}</td></tr>"
+        for s in STATE_ORDER
+        if start.get(s, 0) or end.get(s, 0)
     )
+    return f"<table><tr><th>state</th><th>start</th><th>end</th></tr>{rows}</table>" + bar_chart(
+        [(s.name, float(end.get(s, 0))) for s in STATE_ORDER if end.get(s, 0)],
+        "sockets by state at the end",
+    )
+
+
+def _close_wait(d: Diagnosis, overview: Overview) -> str:
+    parts = [
+        "<h2>CLOSE_WAIT</h2>",
+        f"<p>{d.close_wait_entered} entered during the window, {d.close_wait_closed} closed by their "
+        f"application; {len(d.stuck)} present at the start and still at the end (stuck).</p>",
+    ]
     if d.close_wait_owners:
         rows = "".join(
             f"<tr><td>{esc(o.pid if o.pid is not None else '-')} {esc(o.comm or '')}</td><td>{o.count}</td>"
@@ -157,10 +144,7 @@ def render_report(d: Diagnosis, overview: Overview, meta: dict[str, Any]) -> str
     if ages:
         parts.append(
             bar_chart(
-                [
-                    (f"{duration(b.low_ns)}–{duration(b.high_ns)}", float(b.count))
-                    for b in log2_buckets(ages, unit_ns=US)
-                ],
+                _bucket_rows(log2_buckets(ages, unit_ns=US)),
                 "age of the sockets in CLOSE_WAIT at the end",
                 color="#c33",
             )
@@ -168,22 +152,22 @@ def render_report(d: Diagnosis, overview: Overview, meta: dict[str, Any]) -> str
     if d.time_to_close:
         parts.append(
             bar_chart(
-                [
-                    (f"{duration(b.low_ns)}–{duration(b.high_ns)}", float(b.count))
-                    for b in log2_buckets(d.time_to_close, unit_ns=US)
-                ],
+                _bucket_rows(log2_buckets(d.time_to_close, unit_ns=US)),
                 "time from the peer's FIN to the app's close()",
             )
         )
+    return "".join(parts)
 
-    parts.append("<h2>TIME_WAIT</h2>")
-    parts.append(
+
+def _time_wait(d: Diagnosis, overview: Overview) -> str:
+    parts = [
+        "<h2>TIME_WAIT</h2>",
         f"<p>{d.tw_created} created ({d.tw_rate:.1f}/s)"
         + (f"; {d.tw_now} timewait sockets on the host now" if d.tw_now is not None else "")
         + (f"; {d.ports} ephemeral ports per destination" if d.ports else "")
-        + ".</p>"
-    )
-    parts.append(line_plot(overview.timewait.rates(), "TIME_WAIT created per second, each interval", "per s"))
+        + ".</p>",
+        line_plot(overview.timewait.rates(), "TIME_WAIT created per second, each interval", "per s"),
+    ]
     if d.tw_by_process:
         parts.append(
             bar_chart(
@@ -203,35 +187,55 @@ def render_report(d: Diagnosis, overview: Overview, meta: dict[str, Any]) -> str
             "<table><tr><th>destination</th><th>per s</th><th>held (rate × 60 s)</th><th>ports</th>"
             f"<th>use</th><th>exhausted in</th></tr>{rows}</table>"
         )
-
-    parts.append("<h2>close() latency</h2>")
-    hist = overview.close_latency()
-    if hist.count:
-        parts.append(
-            f"<p>{hist.count} calls; p50 {esc(duration(d.close_p50_ns))}, "
-            f"p99 {esc(duration(d.close_p99_ns))}, max {esc(duration(d.close_max_ns))}</p>"
-        )
-        parts.append(
-            bar_chart(
-                [(f"{duration(b.low_ns)}–{duration(b.high_ns)}", float(b.count)) for b in hist.buckets()],
-                "close() duration",
-                color="#57c",
-            )
-        )
-    else:
-        parts.append("<p class='dim'>no close() of a TCP socket seen</p>")
-
-    if d.settings:
-        parts.append("<h2>Settings</h2><table><tr><th>setting</th><th>value</th><th>meaning</th></tr>")
-        for a in d.settings:
-            style = " style='color:#b60'" if a.warn else ""
-            parts.append(
-                f"<tr{style}><td><code>{esc(a.setting)}</code></td><td>{esc(a.value)}</td>"
-                f"<td style='text-align:left'>{esc(a.meaning)}</td></tr>"
-            )
-        parts.append("</table>")
-    parts.append(
-        "<p class='dim'>Generated by tcptrace diagnose. Self-contained: no script, no external asset.</p>"
-    )
-    parts.append("</body></html>\n")
     return "".join(parts)
+
+
+def _close_latency(d: Diagnosis, overview: Overview) -> str:
+    hist = overview.close_latency()
+    if not hist.count:
+        return "<h2>close() latency</h2><p class='dim'>no close() of a TCP socket seen</p>"
+    return (
+        "<h2>close() latency</h2>"
+        f"<p>{hist.count} calls; p50 {esc(duration(d.close_p50_ns))}, "
+        f"p99 {esc(duration(d.close_p99_ns))}, max {esc(duration(d.close_max_ns))}</p>"
+        + bar_chart(_bucket_rows(hist.buckets()), "close() duration", color="#57c")
+    )
+
+
+def _settings(d: Diagnosis) -> str:
+    if not d.settings:
+        return ""
+    parts = ["<h2>Settings</h2><table><tr><th>setting</th><th>value</th><th>meaning</th></tr>"]
+    for a in d.settings:
+        style = " style='color:#b60'" if a.warn else ""
+        parts.append(
+            f"<tr{style}><td><code>{esc(a.setting)}</code></td><td>{esc(a.value)}</td>"
+            f"<td style='text-align:left'>{esc(a.meaning)}</td></tr>"
+        )
+    parts.append("</table>")
+    return "".join(parts)
+
+
+def render_report(d: Diagnosis, overview: Overview, meta: dict[str, Any]) -> str:
+    """The whole report as one HTML document: the verdicts, then each section's facts."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    host = meta.get("host") or os.uname().nodename
+    return "".join(
+        [
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+            f"<title>tcptrace diagnose: {esc(host)}</title><style>{CSS}</style></head><body>",
+            f"<h1>tcptrace diagnose — {esc(host)}</h1>",
+            f"<p class='dim'>{esc(when)}; window {d.window_s:.1f} s; kernel {esc(meta.get('kernel', ''))}; "
+            f"filter {esc(filter_text(meta.get('filter')))}; events lost {d.lost}</p>",
+            "<h2>Verdicts</h2>",
+            _verdicts(d),
+            "<h2>Sockets by state</h2>",
+            _states(d),
+            _close_wait(d, overview),
+            _time_wait(d, overview),
+            _close_latency(d, overview),
+            _settings(d),
+            "<p class='dim'>Generated by tcptrace diagnose. Self-contained: no script, no external asset.</p>"
+            "</body></html>\n",
+        ]
+    )
