@@ -26,10 +26,10 @@ from tcptrace.model.timewait import (
     explain_settings,
     forecast_dest,
     interval_json,
-    sparkline,
 )
 from tcptrace.system.netstat import ProcNetError, parse_netstat, parse_sockstat_tw
 from tcptrace.system.sysctl import SysctlError, parse_port_range, read_settings
+from tcptrace.views.common import sparkline
 from tcptrace.views.timewait import headline
 
 NS = 1_000_000_000

@@ -275,20 +275,3 @@ class CloseLatency:
                 "late_close_wait": self.flag_counts.get("late_close_wait", 0),
             },
         }
-
-
-@dataclass
-class FlagText:
-    """What a flag means, for views and docs."""
-
-    short: str
-    meaning: str
-
-
-FLAG_TEXT: dict[CloseFlag, FlagText] = {
-    CloseFlag.RESET: FlagText("RESET", "sent a reset: unread data or linger 0, data in flight lost"),
-    CloseFlag.LINGERED: FlagText("LINGERED", "SO_LINGER on: close() blocked until sent or timed out"),
-    CloseFlag.LATE_CLOSE_WAIT: FlagText(
-        "LATE_CLOSE_WAIT", "closed after a long CLOSE_WAIT: the peer had hung up long before"
-    ),
-}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,6 @@ from tcptrace.model.events import SocketEvent, TcpState, TimeWaitEvent, TwWhat
 
 NS = 1_000_000_000
 TIMEWAIT_LEN_S = 60  # TCP_TIMEWAIT_LEN: fixed at 60 s in Linux
-SPARK = "▁▂▃▄▅▆▇█"
 
 
 @dataclass(frozen=True, order=True)
@@ -531,22 +530,3 @@ def forecast_json(f: DestForecast) -> dict[str, Any]:
         else round(f.seconds_to_exhaustion, 1),
         "tw_reuse_applies": f.reuse,
     }
-
-
-def sparkline(values: Iterable[float], width: int = 60) -> str:
-    """Recent values as block characters, scaled to the largest.
-
-    >>> sparkline([0, 1, 2, 4])
-    ' ▃▅█'
-    """
-    vals = list(values)[-width:]
-    peak = max(vals, default=0.0)
-    if peak <= 0:
-        return " " * len(vals)
-    out = []
-    for v in vals:
-        if v <= 0:
-            out.append(" ")
-        else:
-            out.append(SPARK[min(len(SPARK) - 1, max(0, round(v / peak * (len(SPARK) - 1))))])
-    return "".join(out)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.text import Text
 
-from tcptrace.model.closelat import FLAG_TEXT, CallStats, CloseLatency, Report
+from tcptrace.model.closelat import CallStats, CloseLatency, Report
 from tcptrace.model.events import CloseCall, CloseFlag
 from tcptrace.views.common import clock, duration, endpoint, safe
 
@@ -16,6 +17,23 @@ MAX_ROWS = 10  # rows shown per report in text; --json has them all
 HEADER = (
     f"{'PID':>7} {'COMM':<15} {'CALL':<11} {'COUNT':>7} {'P50':>8} {'P90':>8} {'P99':>8} {'MAX':>8}  FLAGGED"
 )
+
+
+@dataclass(frozen=True)
+class FlagText:
+    """What a flag means, in the words of the view."""
+
+    short: str
+    meaning: str
+
+
+FLAG_TEXT: dict[CloseFlag, FlagText] = {
+    CloseFlag.RESET: FlagText("RESET", "sent a reset: unread data or linger 0, data in flight lost"),
+    CloseFlag.LINGERED: FlagText("LINGERED", "SO_LINGER on: close() blocked until sent or timed out"),
+    CloseFlag.LATE_CLOSE_WAIT: FlagText(
+        "LATE_CLOSE_WAIT", "closed after a long CLOSE_WAIT: the peer had hung up long before"
+    ),
+}
 FLAG_STYLE = {
     CloseFlag.RESET: "bold red",
     CloseFlag.LINGERED: "bold yellow",

@@ -10,6 +10,7 @@ non-printable characters are shown escaped (tcptrace.printable). A ``str`` hande
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from rich.console import Console
 from rich.live import Live
@@ -19,6 +20,7 @@ from rich.text import Text
 from tcptrace.printable import printable
 
 NS = 1_000_000_000
+SPARK = "▁▂▃▄▅▆▇█"
 
 
 def safe(text: str | None) -> str:
@@ -67,6 +69,25 @@ def duration(ns: int | None) -> str:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def sparkline(values: Iterable[float], width: int = 60) -> str:
+    """Recent values as block characters, scaled to the largest.
+
+    >>> sparkline([0, 1, 2, 4])
+    ' ▃▅█'
+    """
+    vals = list(values)[-width:]
+    peak = max(vals, default=0.0)
+    if peak <= 0:
+        return " " * len(vals)
+    out = []
+    for v in vals:
+        if v <= 0:
+            out.append(" ")
+        else:
+            out.append(SPARK[min(len(SPARK) - 1, max(0, round(v / peak * (len(SPARK) - 1))))])
+    return "".join(out)
 
 
 def plain(text: Text | str) -> str:

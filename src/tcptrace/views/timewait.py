@@ -18,10 +18,9 @@ from tcptrace.model.timewait import (
     TimewaitModel,
     TwCounts,
     by_remote,
-    sparkline,
     top,
 )
-from tcptrace.views.common import host_text
+from tcptrace.views.common import host_text, sparkline
 
 
 @dataclass(frozen=True)
