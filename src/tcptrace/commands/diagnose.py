@@ -8,7 +8,6 @@ commands/top.py), seeded from /proc at the start and compared with /proc at the 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from typing import IO, Any
 
 from tcptrace.commands import session
@@ -22,7 +21,7 @@ from tcptrace.model.overview import Overview
 from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
 from tcptrace.system import hostsnap
 from tcptrace.system.safefile import check_output, write_atomic
-from tcptrace.system.sysctl import TcpSettings, read_settings
+from tcptrace.system.sysctl import TcpSettings, read_settings, settings_from_header
 from tcptrace.views.common import make_console
 from tcptrace.views.diagnose import print_diagnosis
 from tcptrace.views.report import render_report
@@ -86,7 +85,7 @@ def run_diagnose(
             start = seed_from_host(overview, flt)
             settings = read_settings()
         elif isinstance(source, RecordingSource):
-            settings = recorded_settings(source.recording.header)
+            settings = settings_from_header(source.recording.header)
         if writer is not None:
             # Written once attached (and seeded): a reader knows the window has begun.
             writer.write(make_header("diagnose", filter=filter_json, duration_s=duration_s))
@@ -130,25 +129,3 @@ def run_diagnose(
         write_atomic(report, text, force)
         make_console(stderr=True).print(f"report written to {report}")
     return 0
-
-
-def recorded_settings(header: Mapping[str, Any]) -> TcpSettings | None:
-    """The TCP settings a recording's header carries (`timewait --json` writes them), else None.
-
-    >>> recorded_settings({"settings": {"port_range": [32768, 60999], "tw_reuse": 2}}).ports
-    28232
-    >>> recorded_settings({"settings": {"port_range": "wide"}}) is None
-    True
-    """
-    raw = header.get("settings")
-    if not isinstance(raw, dict):
-        return None
-    pr = raw.get("port_range")
-    if pr is not None and not (
-        isinstance(pr, list) and len(pr) == 2 and all(isinstance(x, int) for x in pr) and 0 < pr[0] <= pr[1]
-    ):
-        return None
-    values = {k: raw.get(k) for k in ("tw_reuse", "max_tw_buckets", "fin_timeout", "timestamps")}
-    if not all(v is None or isinstance(v, int) for v in values.values()):
-        return None
-    return TcpSettings(port_range=(pr[0], pr[1]) if pr else None, **values)

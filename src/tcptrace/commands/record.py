@@ -10,7 +10,6 @@ import sys
 
 from tcptrace.commands.options import FilterOptions
 from tcptrace.commands.states import stream_events
-from tcptrace.commands.timewait import settings_to_json
 from tcptrace.system.safefile import create_output
 from tcptrace.system.sysctl import read_settings
 
@@ -40,6 +39,6 @@ def run(
             ringbuf_pages,
             parts=PARTS,
             defines=None if stacks else {"TT_PROC_STACKS_ONLY": 1},
-            header={"settings": settings_to_json(read_settings())},
+            header={"settings": read_settings().to_json()},
         )
     print(f"recorded to {output}", file=sys.stderr)

@@ -32,7 +32,7 @@ from tcptrace.model.timewait import (
 )
 from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
 from tcptrace.system.netstat import ProcNetError, sockstat_tw, tcpext
-from tcptrace.system.sysctl import TcpSettings, read_settings
+from tcptrace.system.sysctl import TcpSettings, read_settings, settings_from_header
 from tcptrace.views import timewait as view
 from tcptrace.views.common import make_console, start_live
 
@@ -53,31 +53,6 @@ def host_sample() -> HostSample:
     except ProcNetError:
         overflow = None
     return HostSample(tw, overflow)
-
-
-def settings_to_json(settings: TcpSettings) -> dict[str, Any]:
-    """The settings as a recording's header carries them (see settings_from_header)."""
-    return {
-        **dataclasses.asdict(settings),
-        "port_range": list(settings.port_range) if settings.port_range else None,
-    }
-
-
-def settings_from_header(header: dict[str, Any]) -> TcpSettings:
-    raw = header.get("settings")
-    if not isinstance(raw, dict):
-        return TcpSettings()
-    names = {f.name for f in dataclasses.fields(TcpSettings)}
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in names:
-            continue
-        if key == "port_range":
-            ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)
-            values[key] = (value[0], value[1]) if ok else None
-        else:
-            values[key] = value if isinstance(value, int) else None
-    return TcpSettings(**values)
 
 
 def run(
@@ -111,7 +86,7 @@ def run(
                     filter=flt.to_json(),
                     interval_s=interval,
                     events=events,
-                    settings=settings_to_json(counting.settings),
+                    settings=counting.settings.to_json(),
                 )
             )
         live_view = None

@@ -1,4 +1,5 @@
-"""TCP settings that govern TIME_WAIT and port exhaustion, read from /proc/sys.
+"""TCP settings that govern TIME_WAIT and port exhaustion: read from /proc/sys, and written
+to and read back from a recording's header (the one serializer and parser of them).
 
 >>> parse_port_range("32768\\t60999\\n")
 (32768, 60999)
@@ -6,8 +7,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from tcptrace.errors import TcptraceError
 
@@ -53,6 +57,56 @@ class TcpSettings:
         if self.port_range is None:
             return None
         return self.port_range[1] - self.port_range[0] + 1
+
+    def to_json(self) -> dict[str, Any]:
+        """As a recording's header carries them (``"settings"``); ``from_json`` reads them back.
+
+        >>> TcpSettings(port_range=(32768, 60999), rfc1337=0).to_json()["port_range"]
+        [32768, 60999]
+        """
+        return {
+            **dataclasses.asdict(self),
+            "port_range": list(self.port_range) if self.port_range else None,
+        }
+
+    @classmethod
+    def from_json(cls, raw: object) -> TcpSettings:
+        """The settings a recording carries. A recording is hostile input: a setting that
+        is missing or malformed is None (not readable), an unknown one is ignored, and
+        anything but an object gives no settings at all.
+
+        >>> s = TcpSettings.from_json({"port_range": [32768, 60999], "tw_reuse": 2, "rfc1337": 1})
+        >>> s.port_range, s.tw_reuse, s.rfc1337, s.fin_timeout
+        ((32768, 60999), 2, 1, None)
+        >>> TcpSettings.from_json({"port_range": "wide", "fin_timeout": "60"}) == TcpSettings()
+        True
+        """
+        if not isinstance(raw, Mapping):
+            return cls()
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            value = raw.get(f.name)
+            if f.name == "port_range":
+                values[f.name] = _port_range_of(value)
+            else:
+                values[f.name] = value if isinstance(value, int) and not isinstance(value, bool) else None
+        return cls(**values)
+
+
+def _port_range_of(value: object) -> tuple[int, int] | None:
+    """A recorded ``[low, high]``, when it is a range the kernel would accept."""
+    if not isinstance(value, list) or len(value) != 2:
+        return None
+    low, high = value
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
+        return None
+    return (low, high) if 0 < low <= high < 65536 else None
+
+
+def settings_from_header(header: Mapping[str, Any]) -> TcpSettings:
+    """The settings of a recording's header (``timewait --json`` writes them); all None
+    when it carries none."""
+    return TcpSettings.from_json(header.get("settings"))
 
 
 def _read(root: str, name: str) -> str | None:
