@@ -76,7 +76,7 @@ class StateCounts:
         if self.seeded_ns is not None and event.ts_ns <= self.seeded_ns:
             return
         self.advance(event.ts_ns)
-        if isinstance(event, Transition):
+        if isinstance(event, Transition):  # (inline: every transition of the host passes here)
             self.applied += 1
             old, new = event.old, event.new
             # A birth (CLOSE -> *, LISTEN -> SYN_RECV) takes nothing from the old state.
@@ -85,24 +85,27 @@ class StateCounts:
             if new != TcpState.CLOSE:
                 self.counts[new] += 1
         elif isinstance(event, TimeWaitEvent):
-            # A parked tw (an orphaned FIN_WAIT2 socket, the full one gone) is FIN_WAIT2
-            # still, as ss and /proc show it, until it gets the FIN or dies.
-            if event.what == TwWhat.CREATED and event.substate == TcpState.FIN_WAIT2:
-                self.counts[TcpState.FIN_WAIT2] += 1
-            elif event.what in (TwWhat.CONVERTED, TwWhat.PARKED_ENDED):
-                self.counts[TcpState.FIN_WAIT2] -= 1
-            if event.substate == TcpState.TIME_WAIT and event.what in (TwWhat.CREATED, TwWhat.CONVERTED):
-                self.tw_created += 1
-                if self.tw_recent and event.ts_ns - self.tw_recent[-1][0] < TW_BUCKET_NS:
-                    self.tw_recent[-1][1] += 1
-                else:
-                    self.tw_recent.append([event.ts_ns, 1])
-            elif event.what == TwWhat.KILLED:
-                created = event.ts_ns - (event.age_ns or 0)
-                if self.seeded_ns is not None and created <= self.seeded_ns:
-                    self.counts[TcpState.TIME_WAIT] -= 1  # one of the seed
-                elif created + TIMEWAIT_NS > self.now_ns:
-                    heapq.heappush(self.tw_killed, created + TIMEWAIT_NS)
+            self._timewait(event)
+
+    def _timewait(self, event: TimeWaitEvent) -> None:
+        # A parked tw (an orphaned FIN_WAIT2 socket, the full one gone) is FIN_WAIT2
+        # still, as ss and /proc show it, until it gets the FIN or dies.
+        if event.what == TwWhat.CREATED and event.substate == TcpState.FIN_WAIT2:
+            self.counts[TcpState.FIN_WAIT2] += 1
+        elif event.what in (TwWhat.CONVERTED, TwWhat.PARKED_ENDED):
+            self.counts[TcpState.FIN_WAIT2] -= 1
+        if event.substate == TcpState.TIME_WAIT and event.what in (TwWhat.CREATED, TwWhat.CONVERTED):
+            self.tw_created += 1
+            if self.tw_recent and event.ts_ns - self.tw_recent[-1][0] < TW_BUCKET_NS:
+                self.tw_recent[-1][1] += 1
+            else:
+                self.tw_recent.append([event.ts_ns, 1])
+        elif event.what == TwWhat.KILLED:
+            created = event.ts_ns - (event.age_ns or 0)
+            if self.seeded_ns is not None and created <= self.seeded_ns:
+                self.counts[TcpState.TIME_WAIT] -= 1  # one of the seed
+            elif created + TIMEWAIT_NS > self.now_ns:
+                heapq.heappush(self.tw_killed, created + TIMEWAIT_NS)
 
     def advance(self, now_ns: int) -> None:
         """Model time moves on: TIME_WAIT sockets older than 60 s have ended."""

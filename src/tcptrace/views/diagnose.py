@@ -38,14 +38,7 @@ def states_table(d: Diagnosis) -> Table:
     return table
 
 
-def print_diagnosis(console: Console, d: Diagnosis, reason: str = "duration") -> None:
-    console.print(Text(f"tcptrace diagnose: {d.window_s:.1f} s observed (stopped: {reason})", style="bold"))
-    console.print()
-    for v in d.verdicts:
-        console.print(verdict_text(v), soft_wrap=False)
-    console.print()
-    if d.start or d.end:
-        console.print(states_table(d))
+def _print_close_wait(console: Console, d: Diagnosis) -> None:
     if d.close_wait_owners:
         console.print(Text("owners of CLOSE_WAIT sockets at the end:", style="bold"))
         for o in d.close_wait_owners[:8]:
@@ -69,6 +62,9 @@ def print_diagnosis(console: Console, d: Diagnosis, reason: str = "duration") ->
                 f"{d.close_wait_closed} closed by their app{ttc}"
             )
         )
+
+
+def _print_time_wait(console: Console, d: Diagnosis) -> None:
     tw = f"TIME_WAIT: {d.tw_created} created ({d.tw_rate:.1f}/s)"
     if d.tw_now is not None:
         tw += f", {d.tw_now} timewait sockets now (sockstat)"
@@ -84,6 +80,19 @@ def print_diagnosis(console: Console, d: Diagnosis, reason: str = "duration") ->
         console.print(
             Text(f"  -> {safe(f.dest.remote)}: {f.rate_per_s:.1f}/s, holds ~{f.held_steady:.0f}: {eta}")
         )
+
+
+def print_diagnosis(console: Console, d: Diagnosis, reason: str = "duration") -> None:
+    """The verdicts, then the facts of each section, then what was lost."""
+    console.print(Text(f"tcptrace diagnose: {d.window_s:.1f} s observed (stopped: {reason})", style="bold"))
+    console.print()
+    for v in d.verdicts:
+        console.print(verdict_text(v), soft_wrap=False)
+    console.print()
+    if d.start or d.end:
+        console.print(states_table(d))
+    _print_close_wait(console, d)
+    _print_time_wait(console, d)
     if d.closes:
         console.print(
             Text(
