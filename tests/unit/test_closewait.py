@@ -19,11 +19,12 @@ import tcptrace.system.procnet
 from tcptrace.cli import cli
 from tcptrace.commands.sources import RecordingSource
 from tcptrace.errors import TcptraceError
-from tcptrace.model.closewait import CloseWaitTracker, Preexisting, SkaddrKey, parse_duration
+from tcptrace.model.closewait import CloseWaitTracker, SkaddrKey, parse_duration
 from tcptrace.model.endpoint import Endpoint, Owner
 from tcptrace.model.events import Op, TcpState, from_json, to_json
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.lifecycle import CodePath
+from tcptrace.model.snapshot import HostSocket
 from tcptrace.recording import JsonLinesWriter, make_header, open_recording
 from tcptrace.system.procnet import parse_table
 from tcptrace.views.closewait import print_summary, render
@@ -118,8 +119,8 @@ def test_reused_skaddr_forgets_the_old_socket_and_its_owner() -> None:
 
 def test_preexisting_sockets_age_from_start_and_match_their_close_by_address() -> None:
     t = CloseWaitTracker(threshold_ns=NS)
-    pre = Preexisting(Endpoint(4, "10.0.0.1", 80, "10.0.0.9", 40000), Owner(7, "srv"))
-    dup = Preexisting(Endpoint(4, "10.0.0.1", 80, "10.0.0.9", 40001), Owner(7, "srv"))
+    pre = HostSocket(Endpoint(4, "10.0.0.1", 80, "10.0.0.9", 40000), S.CLOSE_WAIT, owner=Owner(7, "srv"))
+    dup = HostSocket(Endpoint(4, "10.0.0.1", 80, "10.0.0.9", 40001), S.CLOSE_WAIT, owner=Owner(7, "srv"))
     t.feed(tr(50, 77, S.ESTABLISHED, S.CLOSE_WAIT, pid=7, comm="srv", dport=40001))  # seen live
     assert t.add_preexisting([pre, dup], now_ns=100) == 1
     (group,) = t.suspects(100 + 2 * NS)
@@ -231,7 +232,9 @@ def test_bad_threshold_is_a_usage_error(bad: str, leaky: Path) -> None:
 
 def test_summary_view_renders_hostile_names_literally() -> None:
     t = CloseWaitTracker(threshold_ns=NS)
-    t.add_preexisting([Preexisting(Endpoint(6, "::1", 80, "::1", 5), Owner(3, "\x1b[2J[red]x"))], 0)
+    t.add_preexisting(
+        [HostSocket(Endpoint(6, "::1", 80, "::1", 5), S.CLOSE_WAIT, owner=Owner(3, "\x1b[2J[red]x"))], 0
+    )
     out = io.StringIO()
     print_summary(Console(file=out, width=120, color_system=None), t, 2 * NS, {"lost": 4}, "SIGINT")
     text = out.getvalue()
@@ -301,7 +304,7 @@ def test_recheck_drops_sockets_whose_exit_was_missed_and_adds_missed_entries() -
     assert {s.dport for s in t.open.values()} == {1002, 1005} and t.missed_exits == 1
     # 1004 was never seen entering; 1003 left after the snapshot, so it is explained.
     assert t.unexplained(snapshot, 4 * NS) == {(80, 1004)}
-    found = Preexisting(Endpoint(4, "10.0.0.1", 80, "10.0.0.9", 1004), Owner(7, "p7"))
+    found = HostSocket(Endpoint(4, "10.0.0.1", 80, "10.0.0.9", 1004), S.CLOSE_WAIT, owner=Owner(7, "p7"))
     assert t.add_found([found], 4 * NS) == 1 and t.missed_entries == 1
     sock = next(s for s in t.open.values() if s.dport == 1004)
     assert sock.preexisting and sock.age_ns(6 * NS) == 2 * NS
@@ -312,14 +315,17 @@ def test_recheck_drops_sockets_whose_exit_was_missed_and_adds_missed_entries() -
 def test_a_socket_found_at_start_and_then_seen_entering_is_counted_once() -> None:
     """The /proc snapshot is read after attaching, but events from before it may still sit in
     the ring buffer: the socket is then both "found at start" and seen entering live."""
-    from tcptrace.model.closewait import CloseWaitTracker, Preexisting
+    from tcptrace.model.closewait import CloseWaitTracker
     from tcptrace.model.endpoint import Endpoint, Owner
     from tcptrace.model.events import TcpState, Transition
+    from tcptrace.model.snapshot import HostSocket
 
     tracker = CloseWaitTracker()
     common = dict(family=4, saddr="127.0.0.1", sport=8080, daddr="127.0.0.1", dport=50000)
     snapshot_ns = 5_000
-    tracker.add_preexisting([Preexisting(Endpoint(**common), Owner(7, "srv"))], snapshot_ns)  # type: ignore[arg-type]
+    tracker.add_preexisting(
+        [HostSocket(Endpoint(**common), TcpState.CLOSE_WAIT, owner=Owner(7, "srv"))], snapshot_ns
+    )  # type: ignore[arg-type]
     born = Transition(
         ts_ns=1_000, skaddr=0xA, pid=7, comm="srv", old=TcpState.LISTEN, new=TcpState.SYN_RECV, **common
     )
@@ -342,7 +348,9 @@ def test_a_socket_found_at_start_and_then_seen_entering_is_counted_once() -> Non
     # A socket entering after the snapshot is another socket with the same ports (reuse):
     # both are kept.
     tracker2 = CloseWaitTracker()
-    tracker2.add_preexisting([Preexisting(Endpoint(**common), Owner(7, "srv"))], snapshot_ns)  # type: ignore[arg-type]
+    tracker2.add_preexisting(
+        [HostSocket(Endpoint(**common), TcpState.CLOSE_WAIT, owner=Owner(7, "srv"))], snapshot_ns
+    )  # type: ignore[arg-type]
     later = [Transition(**{**e.__dict__, "ts_ns": e.ts_ns + 10_000}) for e in (born, up, fin)]  # type: ignore[arg-type]
     for ev in later:
         tracker2.feed(ev)

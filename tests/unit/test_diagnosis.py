@@ -337,14 +337,12 @@ def test_cli_bad_threshold_is_one_line() -> None:
 
 
 def test_a_socket_both_in_the_snapshot_and_seen_entering_is_counted_once() -> None:
-    from tcptrace.model.closewait import Preexisting
-
     ov = Overview(threshold_ns=NS)
     # The stream's events up to the snapshot are polled after it was read.
     ov.states.seed([S.CLOSE_WAIT], at_ns=100)
     ov.start(100)
     ov.closewait.add_preexisting(
-        [Preexisting(Endpoint(4, "10.0.0.1", 80, "10.0.0.5", 40000), Owner(7, "p7"))], 100
+        [HostSocket(Endpoint(4, "10.0.0.1", 80, "10.0.0.5", 40000), S.CLOSE_WAIT, owner=Owner(7, "p7"))], 100
     )
     ov.feed(tr(1, 5, S.LISTEN, S.SYN_RECV, pid=7, daddr="10.0.0.5"))
     ov.feed(tr(2, 5, S.SYN_RECV, S.ESTABLISHED, pid=7, daddr="10.0.0.5"))

@@ -22,7 +22,6 @@ from tcptrace.commands.sources import KernelSource, Source, open_source
 from tcptrace.errors import TcptraceError
 from tcptrace.kernel.closelat import CloseLatencyReader, closelat_defines
 from tcptrace.kernel.timewait import TimewaitReader
-from tcptrace.model.closewait import Preexisting
 from tcptrace.model.events import TcpState
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.overview import Overview
@@ -95,7 +94,7 @@ def seed_from_host(overview: Overview, flt: EventFilter) -> HostSnapshot:
     overview.states.seed((s.state for s in snap.sockets), snap.at_ns)
     overview.start(snap.at_ns)
     overview.closewait.add_preexisting(
-        (Preexisting(s.endpoint, s.owner, s.inode) for s in snap.sockets if s.state == TcpState.CLOSE_WAIT),
+        snap.in_state(TcpState.CLOSE_WAIT),
         snap.at_ns,
     )
     return snap

@@ -3,7 +3,8 @@
 A socket enters CLOSE_WAIT when the peer's FIN arrives and stays there until the
 application closes it (``CLOSE_WAIT -> LAST_ACK``) or the peer resets it
 (``CLOSE_WAIT -> CLOSE``). Sockets already in CLOSE_WAIT when tracing started come from a
-/proc snapshot: their age is a lower bound ("at least since start") and they have no stacks.
+/proc snapshot (HostSockets): their age is a lower bound ("at least since start") and they
+have no stacks.
 
 Pure: fed events (and the snapshot) by the caller, asked for reports at model times.
 """
@@ -20,6 +21,7 @@ from tcptrace.model.endpoint import Endpoint, EndpointFields, Owner, OwnerFields
 from tcptrace.model.events import SocketEvent, TcpState, Touch, Transition
 from tcptrace.model.histogram import US, Bucket, age_histogram, buckets_of, percentile, slot_of
 from tcptrace.model.lifecycle import CodePath, SocketRecord, SocketTable
+from tcptrace.model.snapshot import HostSocket
 
 NS = 1_000_000_000
 
@@ -45,15 +47,6 @@ class FoundKey(NamedTuple):
 
 
 OpenKey = SkaddrKey | FoundKey
-
-
-@dataclass(frozen=True)
-class Preexisting(EndpointFields, OwnerFields):
-    """A socket found in CLOSE_WAIT at start (from /proc), with the holder of its fd."""
-
-    endpoint: Endpoint
-    owner: Owner | None
-    inode: int = 0
 
 
 @dataclass
@@ -255,8 +248,9 @@ class CloseWaitTracker:
 
     # ---- input -------------------------------------------------------------------------
 
-    def add_preexisting(self, sockets: Iterable[Preexisting], now_ns: int) -> int:
-        """Sockets already in CLOSE_WAIT at ``now_ns`` (tracing start); returns how many."""
+    def add_preexisting(self, sockets: Iterable[HostSocket], now_ns: int) -> int:
+        """Sockets of a /proc snapshot in CLOSE_WAIT at ``now_ns`` (tracing start), with the
+        holders of their fds; returns how many were added."""
         added = 0
         seen = {s.endpoint for s in self.open.values()}
         for p in sockets:
@@ -409,7 +403,7 @@ class CloseWaitTracker:
             p for p in in_close_wait if p not in open_ports and self.recently_left.get(p, -1) < snapshot_ns
         }
 
-    def add_found(self, sockets: Iterable[Preexisting], snapshot_ns: int) -> int:
+    def add_found(self, sockets: Iterable[HostSocket], snapshot_ns: int) -> int:
         """Sockets whose entry was missed, in CLOSE_WAIT at least since ``snapshot_ns``."""
         added = self.add_preexisting(sockets, snapshot_ns)
         self.missed_entries += added

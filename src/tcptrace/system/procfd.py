@@ -12,10 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tcptrace.errors import TcptraceError
-from tcptrace.model.closewait import Preexisting
 from tcptrace.model.endpoint import EndpointLike, owner_of
 from tcptrace.model.events import TcpState, decode_comm
 from tcptrace.model.filters import EventFilter
+from tcptrace.model.snapshot import HostSocket
 from tcptrace.system import cgroups, sockets
 from tcptrace.system.tcpsock import TcpSocket
 
@@ -127,7 +127,7 @@ def closewait_ports(flt: EventFilter | None = None) -> set[tuple[int, int]]:
 
 def closewait_snapshot(
     flt: EventFilter | None = None, only: set[tuple[int, int]] | None = None
-) -> list[Preexisting]:
+) -> list[HostSocket]:
     """Sockets in CLOSE_WAIT now (of this network namespace) with the process holding each one.
 
     A socket several processes hold (fork, fd passing) is reported with the first holder
@@ -140,14 +140,14 @@ def closewait_snapshot(
     if only is not None:
         socks = [s for s in socks if (s.sport, s.dport) in only]
     owners = holders(s.inode for s in socks if s.inode)
-    out: list[Preexisting] = []
+    out: list[HostSocket] = []
     for s in socks:
         chosen = matching_holder(s, owners.get(s.inode, []) if s.inode else [], flt)
         if chosen is None:
             continue
         pid, comm = chosen
         cgroup = cgroups.id_of_pid(pid) if pid is not None else None
-        out.append(Preexisting(endpoint=s.endpoint, owner=owner_of(pid, comm, cgroup), inode=s.inode))
+        out.append(HostSocket(s.endpoint, s.state, s.inode, owner_of(pid, comm, cgroup)))
     return out
 
 
