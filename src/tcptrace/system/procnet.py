@@ -1,4 +1,5 @@
-"""/proc/net/tcp and /proc/net/tcp6: the kernel's table of TCP sockets, as text.
+"""/proc/net/tcp and /proc/net/tcp6: the kernel's table of TCP sockets, as text, read into
+the same TcpSockets (system/tcpsock.py) as a sock_diag dump.
 
 Parsers are small functions with worked examples; a line that does not parse names the
 file, its line number and the line.
@@ -9,30 +10,16 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from tcptrace.errors import TcptraceError
 from tcptrace.model.events import TcpState
+from tcptrace.system.tcpsock import TcpSocket
 
 PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
 
 
 class ProcParseError(TcptraceError):
     """A line of a /proc file that does not have the expected shape."""
-
-
-@dataclass(frozen=True)
-class ProcSocket:
-    """One row of /proc/net/tcp{,6}."""
-
-    family: int  # 4 or 6
-    saddr: str
-    sport: int
-    daddr: str
-    dport: int
-    state: TcpState
-    uid: int
-    inode: int  # 0 for sockets no file refers to (timewait, orphans)
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -59,32 +46,25 @@ def parse_addr(text: str) -> tuple[str, int]:
     return str(ipaddress.IPv6Address(packed)), int(port_hex, 16)
 
 
-def parse_line(line: str, family: int) -> ProcSocket:
-    """One socket line (not the header).
+def parse_line(line: str, family: int) -> TcpSocket:
+    """One socket line (not the header). The text does not say the network namespace
+    (``netns`` 0), and has no cookie, queues or cgroup (None).
 
     >>> s = parse_line("   1: 0100007F:1F90 0100007F:D2F0 08 00000000:00000000 00:00000000 "
     ...                "00000000  1000        0 34567 1 0000000000000000 20 4 30 10 -1", 4)
-    >>> (s.saddr, s.sport, s.daddr, s.dport, s.state.name, s.uid, s.inode)
-    ('127.0.0.1', 8080, '127.0.0.1', 54000, 'CLOSE_WAIT', 1000, 34567)
+    >>> (s.saddr, s.sport, s.daddr, s.dport, s.state.name, s.uid, s.inode, s.netns, s.cookie)
+    ('127.0.0.1', 8080, '127.0.0.1', 54000, 'CLOSE_WAIT', 1000, 34567, 0, None)
     """
     fields = line.split()
     if len(fields) < 10 or not fields[0].endswith(":"):
         raise ValueError("expected at least 10 fields")
     saddr, sport = parse_addr(fields[1])
     daddr, dport = parse_addr(fields[2])
-    return ProcSocket(
-        family=family,
-        saddr=saddr,
-        sport=sport,
-        daddr=daddr,
-        dport=dport,
-        state=TcpState(int(fields[3], 16)),
-        uid=int(fields[7]),
-        inode=int(fields[9]),
-    )
+    state, uid, inode = TcpState(int(fields[3], 16)), int(fields[7]), int(fields[9])
+    return TcpSocket(family, saddr, sport, daddr, dport, state, uid, inode)
 
 
-def parse_table(lines: Iterable[str], family: int, path: str = "/proc/net/tcp") -> Iterator[ProcSocket]:
+def parse_table(lines: Iterable[str], family: int, path: str = "/proc/net/tcp") -> Iterator[TcpSocket]:
     """Every socket of a /proc/net/tcp{,6} text (its first line is the header)."""
     for lineno, line in enumerate(lines, 1):
         if lineno == 1 or not line.strip():
@@ -95,9 +75,9 @@ def parse_table(lines: Iterable[str], family: int, path: str = "/proc/net/tcp") 
             raise ProcParseError(f"{path}:{lineno}: cannot parse {line.strip()!r}: {exc}") from None
 
 
-def read_sockets(paths: Iterable[str] = PROC_NET_TCP) -> list[ProcSocket]:
-    """Every TCP socket of this network namespace; a missing file (no IPv6) is skipped."""
-    out: list[ProcSocket] = []
+def read_sockets(paths: Iterable[str] = PROC_NET_TCP) -> list[TcpSocket]:
+    """Every TCP socket of the files' network namespace; a missing file (no IPv6) is skipped."""
+    out: list[TcpSocket] = []
     for path in paths:
         family = 6 if path.endswith("6") else 4
         try:
@@ -110,8 +90,8 @@ def read_sockets(paths: Iterable[str] = PROC_NET_TCP) -> list[ProcSocket]:
     return out
 
 
-def in_state(state: TcpState, paths: Iterable[str] = PROC_NET_TCP) -> list[ProcSocket]:
+def in_state(state: TcpState, paths: Iterable[str] = PROC_NET_TCP) -> list[TcpSocket]:
     return [s for s in read_sockets(paths) if s.state == state]
 
 
-__all__ = ["ProcParseError", "ProcSocket", "in_state", "parse_addr", "parse_line", "read_sockets"]
+__all__ = ["ProcParseError", "in_state", "parse_addr", "parse_line", "parse_table", "read_sockets"]

@@ -16,7 +16,7 @@ from tcptrace.errors import TcptraceError
 from tcptrace.model.events import TcpState
 from tcptrace.system import netns, procnet, sockdiag
 from tcptrace.system.netns import NetNamespace
-from tcptrace.system.tcpsock import TcpSocket, from_proc
+from tcptrace.system.tcpsock import TcpSocket
 
 SOCK_DIAG = "sock_diag"
 PROC = "proc"
@@ -81,7 +81,7 @@ def _from_proc(
         socks = procnet.read_sockets(_proc_paths(f"{proc}/{who}/net", families))
         # A process that exited meanwhile reads as no sockets: believe only one still there.
         if netns.of_pid(who, proc) == ns.inode:
-            return _filter((from_proc(s, ns.inode) for s in socks), wanted)
+            return _filter((s._replace(netns=ns.inode) for s in socks), wanted)
     raise TcptraceError(f"no process left in network namespace {ns.inode} to read /proc/PID/net/tcp from")
 
 

@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 from tcptrace.model.endpoint import Endpoint
 from tcptrace.model.events import TcpState
-from tcptrace.system.procnet import ProcSocket
 
 _ntop = socket.inet_ntop
 _AF_INET = socket.AF_INET
@@ -90,17 +89,4 @@ def format_ip(raw: bytes, family: int) -> str:
     return text
 
 
-def from_proc(s: ProcSocket, netns: int = 0) -> TcpSocket:
-    """A /proc/net/tcp{,6} row as a TcpSocket of namespace ``netns``.
-
-    >>> from tcptrace.system.procnet import parse_line
-    >>> row = parse_line("   1: 0100007F:1F90 0100007F:D2F0 08 00000000:00000000 00:00000000 "
-    ...                  "00000000  1000        0 34567 1 0000000000000000 20 4 30 10 -1", 4)
-    >>> t = from_proc(row, 4026531840)
-    >>> (t.saddr, t.sport, t.state.name, t.inode, t.netns, t.cookie)
-    ('127.0.0.1', 8080, 'CLOSE_WAIT', 34567, 4026531840, None)
-    """
-    return TcpSocket(s.family, s.saddr, s.sport, s.daddr, s.dport, s.state, s.uid, s.inode, netns)
-
-
-__all__ = ["TcpSocket", "format_ip", "from_proc"]
+__all__ = ["TcpSocket", "format_ip"]
