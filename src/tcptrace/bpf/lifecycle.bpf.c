@@ -83,6 +83,7 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
         cur.family = t.family;
         cur.sport = t.sport;
         cur.dport = t.dport;
+        cur.netns = t.netns;
         if (socks.update(&sk, &cur))
             stats.increment(TT_STAT_SOCK_UPDATE_FAIL);
         if (n == TT_TCP_LISTEN && listeners.update(&lkey, &cur.owner))

@@ -58,6 +58,7 @@ static __always_inline void tt_touch_fill(struct tt_event *e, __u64 sk, struct t
     e->family = s->family;
     e->sport = s->sport;
     e->dport = s->dport;
+    e->netns = s->netns;
     e->newstate = s->state; /* the state the socket was in when touched */
 }
 

@@ -41,6 +41,7 @@ struct tt_tuple {
     __u16 dport;    /* remote, host order */
     __u16 family;
     __u16 pad;
+    __u32 netns;    /* the socket's network namespace (inode of its net ns) */
 };
 
 /* Where tt_read_tuple() takes the local port from. */
@@ -57,6 +58,19 @@ static __always_inline int tt_sk_is_tcp(const char *sk)
     return protocol == TT_IPPROTO_TCP;
 }
 
+/* The inode number of a socket's network namespace (what /proc/PID/ns/net
+ * links to and `ip netns identify` names): sock_common.skc_net.net->ns.inum.
+ * Full, timewait and request sockets alike; 0 when it cannot be read. */
+static __always_inline __u32 tt_sk_netns(const char *sk)
+{
+    const char *net = 0;
+    __u32 inum = 0;
+    bpf_probe_read_kernel(&net, sizeof(net), sk + TT_SKC_NET_OFF);
+    if (net)
+        bpf_probe_read_kernel(&inum, sizeof(inum), net + TT_NET_NS_INUM_OFF);
+    return inum;
+}
+
 /* The 4-tuple of a socket: full, timewait or request socket (all begin with
  * struct sock_common, whose offsets the loader passes: sock_defines). */
 static __always_inline void tt_read_tuple(const char *sk, struct tt_tuple *t, int sport_from)
@@ -71,6 +85,7 @@ static __always_inline void tt_read_tuple(const char *sk, struct tt_tuple *t, in
         bpf_probe_read_kernel(&sport, sizeof(sport), sk + TT_INET_SPORT_OFF);
         t->sport = __builtin_bswap16(sport);
     }
+    t->netns = tt_sk_netns(sk);
     if (t->family == TT_AF_INET6) {
         bpf_probe_read_kernel(t->saddr, 16, sk + TT_SKC_V6_RCV_SADDR_OFF);
         bpf_probe_read_kernel(t->daddr, 16, sk + TT_SKC_V6_DADDR_OFF);
@@ -84,6 +99,7 @@ static __always_inline void tt_read_tuple(const char *sk, struct tt_tuple *t, in
 static __always_inline void tt_event_endpoint(struct tt_event *e, const struct tt_tuple *t)
 {
     e->family = t->family;
+    e->netns = t->netns;
     e->sport = t->sport;
     e->dport = t->dport;
     __builtin_memcpy(e->saddr, t->saddr, 16);
@@ -98,6 +114,8 @@ struct tt_owner {
     __u32 tgid;             /* 0: not learned */
     __u32 pad;
     __u64 cgroup;           /* cgroup v2 id where it was learned */
+    __u64 start_ns;         /* the process's start (its leader's start_boottime): a
+                             * pid is reused, (tgid, start_ns) is not */
     char comm[TT_COMM_LEN];
 };
 
@@ -107,6 +125,12 @@ static __always_inline void tt_owner_current(struct tt_owner *o)
     o->tgid = bpf_get_current_pid_tgid() >> 32;
     bpf_get_current_comm(&o->comm, sizeof(o->comm));
     o->cgroup = bpf_get_current_cgroup_id();
+    const char *task = (const char *)bpf_get_current_task();
+    const char *leader = 0;
+    o->start_ns = 0;
+    bpf_probe_read_kernel(&leader, sizeof(leader), task + TT_TASK_GROUP_LEADER_OFF);
+    if (leader)
+        bpf_probe_read_kernel(&o->start_ns, sizeof(o->start_ns), leader + TT_TASK_START_BOOTTIME_OFF);
 }
 
 static __always_inline void tt_event_owner(struct tt_event *e, const struct tt_owner *o)
@@ -114,6 +138,7 @@ static __always_inline void tt_event_owner(struct tt_event *e, const struct tt_o
     e->owner_tgid = o->tgid;
     __builtin_memcpy(e->owner_comm, o->comm, TT_COMM_LEN);
     e->owner_cgroup = o->cgroup;
+    e->owner_start_ns = o->start_ns;
 }
 
 /* Transitions the kernel always makes in the context of the process acting on
@@ -145,7 +170,8 @@ struct tt_sock {
     __u16 dport;        /* port and family filters (host order) */
     __u16 cw_touches;   /* owner.bpf.c: touches emitted while in CLOSE_WAIT */
     __u8 state;         /* lifecycle's full mode only */
-    __u8 pad[7];
+    __u8 pad[3];
+    __u32 netns;        /* its network namespace inode, set with the ports */
 };
 
 /* Sockets by skaddr. Inserted when a socket is born (CLOSE -> *, LISTEN ->

@@ -132,8 +132,9 @@ struct tt_event {
     char owner_comm[TT_COMM_LEN];
     __u64 aux_ns;       /* CLOSE: ns the socket had been in oldstate when the call began, 0 unknown */
     __u32 flags;        /* CLOSE: TT_CLOSE_* bits */
-    __u32 pad2;
+    __u32 netns;        /* the socket's network namespace inode, 0 unknown */
     __u64 owner_cgroup; /* the owner's cgroup v2 id when learned with it, 0 unknown */
+    __u64 owner_start_ns; /* the owner's start time (boot-based ns), 0 unknown */
 };
 
 /* Sizes; every one can be overridden with -D by the loader. */

@@ -178,6 +178,7 @@ static __always_inline void tt_tw_emit(void *ctx, __u8 op, __u64 tw, const struc
     /* the owner without its cgroup: timewait events have never carried one */
     e->owner_tgid = w->owner.tgid;
     __builtin_memcpy(e->owner_comm, w->owner.comm, TT_COMM_LEN);
+    e->owner_start_ns = w->owner.start_ns;
     tt_event_endpoint(e, &w->t);
     tt_submit(e);
 }

@@ -194,6 +194,12 @@ def sock_defines(btf: Btf) -> dict[str, int]:
         "TT_SKC_DADDR_OFF": btf.member_offset("sock_common", "skc_daddr"),
         "TT_SKC_V6_RCV_SADDR_OFF": btf.member_offset("sock_common", "skc_v6_rcv_saddr"),
         "TT_SKC_V6_DADDR_OFF": btf.member_offset("sock_common", "skc_v6_daddr"),
+        # the socket's network namespace: skc_net.net -> ns.inum
+        "TT_SKC_NET_OFF": btf.member_offset("sock_common", "skc_net"),
+        "TT_NET_NS_INUM_OFF": btf.member_offset("net", "ns.inum"),
+        # an owner's identity across pid reuse: current->group_leader->start_boottime
+        "TT_TASK_GROUP_LEADER_OFF": btf.member_offset("task_struct", "group_leader"),
+        "TT_TASK_START_BOOTTIME_OFF": btf.member_offset("task_struct", "start_boottime"),
     }
 
 
