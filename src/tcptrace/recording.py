@@ -392,6 +392,8 @@ _COMMON: dict[str, Check] = {
     "task_tid": _int(*U32),
     "task_comm": _text(MAX_COMM),
     "cgroup": _int(*U64, null=True),
+    "netns": _int(*U32, null=True),
+    "pid_start_ns": _int(*U64, null=True),
     "kstack": _frames,
     "ustack": _frames,
     "kstack_id": _int(-(1 << 31), (1 << 31) - 1),

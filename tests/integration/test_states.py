@@ -84,6 +84,19 @@ def test_client_closes_first(port: int, family: int, ss: SS) -> None:
     assert any(f":{conn.client_port}" in line.split()[-2] for line in tw), tw
 
 
+def test_events_name_the_network_namespace_and_the_owners_start(port: int) -> None:
+    """A socket is (netns, 4-tuple) and an owner (pid, start time): both as /proc says."""
+    _conn, events = trace(port, w.client_closes_first)
+    netns = os.stat("/proc/self/ns/net").st_ino
+    assert {e.netns for e in events} == {netns}
+    with open("/proc/self/stat") as fh:
+        start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+    hz = os.sysconf("SC_CLK_TCK")
+    starts = {e.pid_start_ns for e in events if e.pid is not None}
+    assert len(starts) == 1, starts
+    assert starts.pop() * hz // 1_000_000_000 == start_ticks
+
+
 def test_server_closes_first(port: int, ss: SS) -> None:
     conn, events = trace(port, w.server_closes_first)
     assert client_pairs(events, conn) == w.SERVER_CLOSES_FIRST_CLIENT

@@ -140,6 +140,11 @@ class SocketEvent:
     task_comm: str = ""
     cgroup: int | None = None
     """The owner's cgroup v2 id where it was learned (None when not learned with it)."""
+    netns: int | None = None
+    """The socket's network namespace: the inode /proc/PID/ns/net names (None: unknown)."""
+    pid_start_ns: int | None = None
+    """When the owner process started (ns since boot, as /proc/PID/stat's starttime in
+    ticks): with ``pid``, who the owner is even after the pid is reused."""
     kstack: tuple[str, ...] = ()
     ustack: tuple[str, ...] = ()
     kstack_id: int = field(default=-1, compare=False, repr=False)
@@ -268,6 +273,8 @@ def _common_from_raw(raw: Any) -> dict[str, Any]:
         "task_tid": int(raw.task_pid),
         "task_comm": decode_comm(bytes(raw.task_comm)),
         "cgroup": int(getattr(raw, "owner_cgroup", 0)) or None,
+        "netns": int(getattr(raw, "netns", 0)) or None,
+        "pid_start_ns": (int(getattr(raw, "owner_start_ns", 0)) or None) if owner else None,
         "kstack_id": int(raw.kstack),
         "ustack_id": int(raw.ustack),
     }
@@ -339,6 +346,7 @@ def from_raw(raw: Any) -> SocketEvent:
 
 
 _JSON_FIELDS: dict[type, tuple[str, ...]] = {}
+_OPTIONAL = frozenset({"cgroup", "netns", "pid_start_ns"})  # left out of JSON when unknown
 _PLAIN = (int, str, type(None))  # exact types: enums (int subclasses) are named below
 
 
@@ -356,8 +364,8 @@ def to_json(event: SocketEvent) -> dict[str, Any]:
     out: dict[str, Any] = {"type": _TYPE_NAMES[cls]}
     for name in names:
         value = getattr(event, name)
-        if name == "cgroup" and value is None:
-            continue  # recordings made before cgroup ids stay byte-identical
+        if value is None and name in _OPTIONAL:
+            continue  # recordings made before these fields existed stay byte-identical
         if name == "skaddr":
             value = f"0x{value:x}"
         elif type(value) in _PLAIN:
@@ -408,7 +416,7 @@ def _check_types(event: SocketEvent) -> None:
     for name in ("ts_ns", "skaddr", "sport", "dport", "family", "task_pid"):
         if not isinstance(getattr(event, name), int):
             raise TypeError(f"{name} must be an integer")
-    for name in ("pid", "cgroup"):
+    for name in ("pid", "cgroup", "netns", "pid_start_ns"):
         value = getattr(event, name)
         if value is not None and not isinstance(value, int):
             raise TypeError(f"{name} must be an integer or null")
