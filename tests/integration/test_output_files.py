@@ -46,8 +46,13 @@ def test_record_on_a_full_disk(port: int, tcptrace_cmd: list[str], tmp_path: Pat
         # Churn on the traced port until the recording fills the 1 MiB (~1 KiB a line).
         while rec.poll() is None:
             for _ in range(20):
-                with socket.create_connection(("127.0.0.1", port)) as client:
-                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+                # A reset-closed client may reuse a 4-tuple whose server side the acceptor
+                # has not closed yet: that connect is refused with a reset. Churn on.
+                try:
+                    with socket.create_connection(("127.0.0.1", port)) as client:
+                        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+                except ConnectionError:
+                    continue
         assert rec.wait(timeout=120) == 0
     finally:
         stop.set()
