@@ -11,14 +11,14 @@ Pure: fed events (and the snapshot) by the caller, asked for reports at model ti
 
 from __future__ import annotations
 
-import re
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from tcptrace.model.endpoint import Endpoint, EndpointFields, Owner, OwnerFields
-from tcptrace.model.events import SocketEvent, TcpState, Touch, Transition
+from tcptrace.model.events import Op, SocketEvent, TcpState, Touch, Transition
+from tcptrace.model.frames import function_key
 from tcptrace.model.histogram import US, Bucket, age_histogram, buckets_of, percentile, slot_of
 from tcptrace.model.lifecycle import CodePath, SocketRecord, SocketTable
 from tcptrace.model.snapshot import HostSocket
@@ -63,6 +63,9 @@ class CloseWaitSocket(EndpointFields, OwnerFields):
     eof_ns: int | None = None
     born_ns: int | None = None
     pre_fin_checked: bool = False
+    pre_fin_touch: CodePath | None = None
+    """The last send/recv before the peer's FIN (``--touch-stacks``), kept even when a
+    later touch (the EOF read) became ``last_touch``."""
 
     def age_ns(self, now_ns: int) -> int:
         return max(0, now_ns - self.entered_ns)
@@ -139,6 +142,7 @@ class GroupKey(NamedTuple):
     owner: Owner | None
     origin: tuple[str, ...]
     last_touch: tuple[str, ...]
+    pre_fin_touch: tuple[str, ...] = ()
 
 
 @dataclass
@@ -173,6 +177,29 @@ class SuspectGroup(OwnerFields):
     def eof_seen(self) -> int:
         return sum(1 for s in self.sockets if s.eof_ns is not None)
 
+    @property
+    def pre_fin_touch(self) -> CodePath | None:
+        """The last send/recv before the peer's FIN: kept apart with ``--touch-stacks``,
+        else the last touch when it came before the FIN (and was not the origin)."""
+        first = self.sockets[0] if self.sockets else None
+        if first is None:
+            return None
+        if first.pre_fin_touch is not None:
+            return first.pre_fin_touch
+        touch = self.last_touch
+        if touch is not None and touch.ts_ns <= first.entered_ns and touch.op in (Op.SEND, Op.RECV):
+            return touch
+        return None
+
+    @property
+    def post_fin_touch(self) -> CodePath | None:
+        """The app's touch after the peer's FIN (the EOF read), when there was one."""
+        first = self.sockets[0] if self.sockets else None
+        touch = self.last_touch
+        if first is None or first.preexisting or touch is None or touch.ts_ns <= first.entered_ns:
+            return None
+        return touch
+
     def to_json(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
@@ -191,12 +218,10 @@ class SuspectGroup(OwnerFields):
         }
 
 
-_OFFSET = re.compile(r"\+0x[0-9a-fA-F]+")
-
-
 def code_path_key(path: CodePath | None) -> tuple[str, ...]:
-    """A code path as functions, offsets left out: one function is one path, whichever
-    instruction the stack was taken at (libc's fast and slow paths of one call differ).
+    """A code path as functions, offsets and source lines left out: one function is one
+    path, whichever instruction the stack was taken at (libc's fast and slow paths of one
+    call differ), and whether its lines were looked up yet.
 
     >>> from tcptrace.model.events import Op
     >>> code_path_key(CodePath(op=Op.RECV, ts_ns=0, task_pid=1, ustack=("recv+0x19 [libc.so.6]",)))
@@ -204,11 +229,16 @@ def code_path_key(path: CodePath | None) -> tuple[str, ...]:
     """
     if path is None:
         return ()
-    return (path.op.name, *(_OFFSET.sub("", frame) for frame in path.stack))
+    return (path.op.name, *(function_key(frame) for frame in path.stack))
 
 
 def group_key(sock: CloseWaitSocket) -> GroupKey:
-    return GroupKey(sock.owner, code_path_key(sock.origin), code_path_key(sock.last_touch))
+    return GroupKey(
+        sock.owner,
+        code_path_key(sock.origin),
+        code_path_key(sock.last_touch),
+        code_path_key(sock.pre_fin_touch),
+    )
 
 
 @dataclass
@@ -356,6 +386,7 @@ class CloseWaitTracker:
             return False
         if sock.born_ns is not None and path.ts_ns < sock.born_ns:
             return False
+        sock.pre_fin_touch = path
         if sock.last_touch is None or path.ts_ns > sock.last_touch.ts_ns:
             sock.last_touch = path
             return True
@@ -364,7 +395,7 @@ class CloseWaitTracker:
     def rewrite_code_paths(
         self, rewrite: Callable[[CodePath], CodePath], now_ns: int = 0, min_age_ns: int | None = None
     ) -> None:
-        """Replace the origin and last-touch code paths of the sockets in CLOSE_WAIT (those
+        """Replace the origin, last-touch and pre-FIN code paths of the sockets in CLOSE_WAIT (those
         at least ``min_age_ns`` old at ``now_ns``, when given) with ``rewrite(path)``. The
         agent keeps stacks as ids until they are shown, and symbolizes them this way."""
         for sock in self.open.values():
@@ -374,6 +405,8 @@ class CloseWaitTracker:
                 sock.origin = rewrite(sock.origin)
             if sock.last_touch is not None:
                 sock.last_touch = rewrite(sock.last_touch)
+            if sock.pre_fin_touch is not None:
+                sock.pre_fin_touch = rewrite(sock.pre_fin_touch)
 
     # ---- healing from /proc -------------------------------------------------------------
     # The kernel may skip a run of the transition hook (bpf_prog_active recursion guard,

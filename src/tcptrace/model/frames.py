@@ -24,6 +24,7 @@ kept whole as a function name.
 from __future__ import annotations
 
 import enum
+import functools
 import posixpath
 import re
 from collections.abc import Iterable, Sequence
@@ -153,6 +154,20 @@ def with_source(frame: str, file: str, line: int) -> str:
     'leak_connection+0x15 [leaky_server] at /srv/leaky_server.c:85'
     """
     return f"{frame} at {file}:{line}"
+
+
+@functools.lru_cache(maxsize=65_536)
+def function_key(text: str) -> str:
+    """A frame as its function and module, offset and source line left out: what groups
+    stacks (one function is one code path, whichever instruction or line it was at).
+
+    >>> function_key("leak_connection+0x15 [leaky_server] at /srv/leaky_server.c:85")
+    'leak_connection [leaky_server]'
+    >>> function_key("recv+0x19 [libc.so.6]"), function_key("[unknown]")
+    ('recv [libc.so.6]', '[unknown]')
+    """
+    frame = parse_frame(text)
+    return f"{frame.function} [{frame.module}]" if frame.module is not None else frame.function
 
 
 # --- the built-in rules --------------------------------------------------------------------------
