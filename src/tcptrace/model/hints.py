@@ -69,8 +69,23 @@ class Hint:
     text: str
     evidence: tuple[str, ...] = ()
 
+    @property
+    def title(self) -> str:
+        """The hint in a few words, for a line that leads a group of leak suspects."""
+        return HINT_TITLES.get(self.code, self.code)
+
     def to_json(self) -> dict[str, object]:
-        return {"code": self.code, "text": self.text, "evidence": list(self.evidence)}
+        return {"code": self.code, "title": self.title, "text": self.text, "evidence": list(self.evidence)}
+
+
+HINT_TITLES = {
+    "go-http-body-not-closed": "Go HTTP client: a response Body never closed",
+    "node-end-not-called": "Node.js: socket.end() not called after the peer's 'end'",
+    "node-js-frames-hidden": "Node.js: JavaScript functions not named (run with --perf-basic-prof "
+    "--interpreted-frames-native-stack)",
+    "python-interpreter-only": "Python: only the interpreter is visible, not the Python functions",
+    "stack-ends-in-libc": "the stack walk stopped in libc (built without frame pointers)",
+}
 
 
 @dataclass(frozen=True)
