@@ -24,6 +24,7 @@ from tcptrace.views.common import make_console
 if TYPE_CHECKING:  # kernel/ is imported when a live session starts, not for a replay
     from tcptrace.kernel.loader import LoadedProgram
     from tcptrace.kernel.stream import KernelStream
+    from tcptrace.system.symbols import StackLines
 
 
 class Source(Protocol):
@@ -131,9 +132,11 @@ def live_session(
     defines: dict[str, int] | None = None,
     ringbuf_pages: int | None = None,
     quiet: bool = False,
+    lines: StackLines | None = None,
 ) -> Iterator[KernelSource]:
     """Load ``parts`` of bpf/ (a spinner on stderr while bcc compiles), attach them and
-    stream their events (``symbolize``: stacks as frames).
+    stream their events (``symbolize``: stacks as frames; ``lines``: their source lines
+    located as they are symbolized).
 
     Every program is detached when the block ends, however it ends: a failure while the
     caller sets up its readers, an exception, Ctrl-C. ``quiet``: no spinner.
@@ -151,7 +154,7 @@ def live_session(
             ringbuf_pages=ringbuf_pages,
         )
     try:
-        source = KernelSource(program, KernelStream(program, flt, symbolize=symbolize))
+        source = KernelSource(program, KernelStream(program, flt, symbolize=symbolize, lines=lines))
     except BaseException:
         program.close()
         raise
@@ -173,6 +176,7 @@ def open_source(
     quiet: bool = False,
     on_report: Callable[[dict[str, Any]], None] | None = None,
     batch: int = 4096,
+    lines: StackLines | None = None,
 ) -> Iterator[Source]:
     """A recording when --from is given (objects that are not events go to ``on_report``),
     else a live session running ``parts`` of bpf/ (see live_session)."""
@@ -185,6 +189,7 @@ def open_source(
             defines=defines,
             ringbuf_pages=ringbuf_pages,
             quiet=quiet,
+            lines=lines,
         ) as source:
             yield source
         return

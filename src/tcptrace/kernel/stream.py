@@ -5,11 +5,14 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 from tcptrace.kernel.loader import LoadedProgram
 from tcptrace.model.events import DecodeError, SocketEvent, from_raw
 from tcptrace.model.filters import EventFilter
+from tcptrace.model.frames import without_tracer_frames
+from tcptrace.system.symbols import StackLines
 
 MAX_FRAMES = 64
 
@@ -17,12 +20,16 @@ MAX_FRAMES = 64
 class Symbolizer:
     """Stack ids to frame strings, innermost first, with a bounded cache.
 
-    Kernel frames look like ``tcp_close+0x2a [kernel]``; user frames like
+    Kernel frames look like ``tcp_close+0x2a [kernel]``, without the tracer's own (its BPF
+    program and the tracepoint machinery that ran it); user frames like
     ``handle_conn+0x4f [server]``. bcc reads /tmp/perf-PID.map for JIT runtimes (Node.js
-    --perf-basic-prof, Python -X perf) when a process has one.
+    --perf-basic-prof, Python -X perf) when a process has one. With ``lines``, each user
+    stack's frames are also located for their source lines while the process lives
+    (``lines.annotate`` adds them when the stack is shown).
     """
 
-    def __init__(self, program: LoadedProgram, capacity: int = 4096) -> None:
+    def __init__(self, program: LoadedProgram, capacity: int = 4096, lines: StackLines | None = None) -> None:
+        self.lines = lines
         self._bpf = program.bpf
         self._stacks = program.bpf[b"stacks"] if program.stacks else None
         self._cache: OrderedDict[tuple[int, int], tuple[str, ...]] = OrderedDict()
@@ -47,9 +54,18 @@ class Symbolizer:
             frames = tuple(
                 self._name(self._bpf.sym(a, pid, show_module=True, show_offset=True)) for a in addrs
             )
+        frames = self._with_lines(addrs, frames, pid)
         self._cache[key] = frames
         if len(self._cache) > self._capacity:
             self._cache.popitem(last=False)
+        return frames
+
+    def _with_lines(self, addrs: Sequence[int], frames: tuple[str, ...], pid: int | None) -> tuple[str, ...]:
+        """A kernel stack without the tracer's frames; a user stack located for its lines."""
+        if pid is None:
+            return without_tracer_frames(frames)
+        if self.lines is not None:
+            self.lines.remember(pid, addrs, frames)
         return frames
 
     def clear(self) -> None:
@@ -69,11 +85,15 @@ class KernelStream:
     """
 
     def __init__(
-        self, program: LoadedProgram, flt: EventFilter | None = None, symbolize: bool = False
+        self,
+        program: LoadedProgram,
+        flt: EventFilter | None = None,
+        symbolize: bool = False,
+        lines: StackLines | None = None,
     ) -> None:
         self.program = program
         self._filter = flt or EventFilter()
-        self._symbolizer = Symbolizer(program) if symbolize and program.stacks else None
+        self._symbolizer = Symbolizer(program, lines=lines) if symbolize and program.stacks else None
         self._pending: list[SocketEvent] = []
         self.decoded = 0
         self.malformed = 0

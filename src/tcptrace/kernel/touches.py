@@ -17,9 +17,9 @@ from tcptrace.model.lifecycle import CodePath
 
 
 class LastTouches:
-    def __init__(self, program: LoadedProgram) -> None:
+    def __init__(self, program: LoadedProgram, symbolizer: Symbolizer | None = None) -> None:
         self._table: Any = program.bpf["last_touch"]
-        self._symbolizer = Symbolizer(program)
+        self._symbolizer = symbolizer if symbolizer is not None else Symbolizer(program)
 
     def get(self, skaddr: int) -> CodePath | None:
         try:

@@ -29,6 +29,7 @@ parse is remembered as having no lines (counted in ``LineResolver.stats.errors``
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import os
 import posixpath
@@ -45,8 +46,11 @@ from elftools.dwarf.dwarfinfo import DWARFInfo
 from elftools.dwarf.ranges import BaseAddressEntry
 from elftools.elf.elffile import ELFFile
 
+from tcptrace.model.attribution import ProcessFacts
 from tcptrace.model.framerules import Rules
 from tcptrace.model.frames import Category, parse_frame, user_category, with_source
+from tcptrace.model.lifecycle import CodePath
+from tcptrace.system.process import parse_nspid
 
 DEBUG_DIRS = ("/usr/lib/debug",)
 MAX_FILES = 32  # open ELF files (each holds an fd and its decoded units)
@@ -743,3 +747,97 @@ class LineResolver:
     def _fail(self, path: str, e: Exception) -> None:
         self.stats.errors += 1
         self.stats.last_error = f"{path}: {type(e).__name__}: {e}"[:300]
+
+
+class StackLines:
+    """Source lines for the user stacks a symbolizer names, in the two steps of ``LineResolver``.
+
+    ``remember(pid, addrs, frames)`` runs as a stack is symbolized, while the process lives:
+    it locates the addresses of the frames a report would show a line for (the
+    application's and libraries' native frames, by ``rules`` too), which reads the process's
+    maps and, once per file, opens it and finds its debug file. ``annotate`` runs when a stack
+    is shown: it reads the DWARF (once per file, the costly part) and appends `` at FILE:LINE``
+    to each located frame, even once the process has gone. Frames are told apart by (pid,
+    frame string): one string is one address of one module in a process. Bounded.
+    """
+
+    def __init__(
+        self, resolver: LineResolver | None = None, rules: Rules | None = None, capacity: int = MAX_RESULTS
+    ) -> None:
+        self.resolver = resolver if resolver is not None else LineResolver()
+        self.rules = rules
+        self.capacity = capacity
+        self._where: OrderedDict[tuple[int, str], Location] = OrderedDict()
+        self._shown: OrderedDict[tuple[int, tuple[str, ...]], tuple[str, ...]] = OrderedDict()
+
+    def remember(self, pid: int, addrs: Sequence[int], frames: Sequence[str]) -> None:
+        """Locate the frames of one user stack of ``pid`` (``frames[i]`` names ``addrs[i]``)."""
+        wanted = [
+            i
+            for i, frame in enumerate(frames[: len(addrs)])
+            if (pid, frame) not in self._where and _wants_source(frame, self.rules) and not _is_jit(frame)
+        ]
+        if not wanted:
+            return
+        for i, loc in zip(wanted, self.resolver.locate(pid, [addrs[i] for i in wanted]), strict=True):
+            if loc is not None:
+                self._where[(pid, frames[i])] = loc
+                if len(self._where) > self.capacity:
+                    self._where.popitem(last=False)
+
+    def annotate(self, pid: int, frames: Sequence[str]) -> tuple[str, ...]:
+        """``frames`` with `` at FILE:LINE`` appended where a located frame's line is known."""
+        key = (pid, tuple(frames))
+        hit = self._shown.get(key)
+        if hit is not None:
+            self._shown.move_to_end(key)
+            return hit
+        out = []
+        for frame in frames:
+            loc = self._where.get((pid, frame))
+            line = self.resolver.line(loc) if loc is not None else None
+            out.append(frame if line is None else with_source(frame, line.file, line.line))
+        shown = tuple(out)
+        self._shown[key] = shown
+        if len(self._shown) > self.capacity:
+            self._shown.popitem(last=False)
+        return shown
+
+    def annotate_path(self, path: CodePath) -> CodePath:
+        """A code path with its user frames' lines (the same object when none is known)."""
+        if not path.ustack:
+            return path
+        ustack = self.annotate(path.task_pid, path.ustack)
+        return path if ustack == path.ustack else dataclasses.replace(path, ustack=ustack)
+
+    def close(self) -> None:
+        self.resolver.close()
+        self._where.clear()
+        self._shown.clear()
+
+
+@functools.lru_cache(maxsize=MAX_RESULTS)
+def _is_jit(frame: str) -> bool:
+    """A JIT frame carries its own source (perf-map name): no DWARF line to look up."""
+    return parse_frame(frame).jit is not None
+
+
+def process_facts(pid: int, proc: str = "/proc") -> ProcessFacts:
+    """What attribution wants to know of a live process: its executable, and whether it
+    writes a perf map (``/tmp/perf-PID.map`` in its own root, PID as its namespace numbers it)."""
+    try:
+        exe: str | None = os.readlink(f"{proc}/{pid}/exe").removesuffix(" (deleted)")
+    except OSError:
+        exe = None
+    try:
+        with open(f"{proc}/{pid}/status", "rb") as f:
+            nspid = parse_nspid(f.read(64 * 1024))
+    except (OSError, ValueError):
+        return ProcessFacts(exe, None)
+    try:
+        perf_map = stat.S_ISREG(os.stat(f"{proc}/{pid}/root/tmp/perf-{nspid or pid}.map").st_mode)
+    except FileNotFoundError:
+        perf_map = False
+    except OSError:
+        return ProcessFacts(exe, None)
+    return ProcessFacts(exe, perf_map)
