@@ -13,7 +13,7 @@ import tcptrace.model.diagnosis
 import tcptrace.views.report
 from tcptrace.cli import cli
 from tcptrace.model.closewait import SkaddrKey
-from tcptrace.model.diagnosis import HostSnapshot, HostSocket, Verdict, app_frame, diagnose
+from tcptrace.model.diagnosis import HostSnapshot, HostSocket, Verdict, diagnose
 from tcptrace.model.endpoint import Endpoint, Owner, owner_of
 from tcptrace.model.events import Op, TcpState, TimeWaitEvent, TwWhat
 from tcptrace.model.overview import Overview, StateCounts
@@ -67,11 +67,13 @@ def test_leak_named_with_pid_rate_and_functions() -> None:
     (v,) = [v for v in d.verdicts if v.topic == "close_wait_leak"]
     assert v.severity == "problem" and v.pid == 1234 and v.comm == "p1234"
     assert v.text == (
-        "pid 1234 (p1234) leaks about 3 sockets a minute in CLOSE_WAIT; they were accepted at "
-        "handle_conn+0x4f and the app read EOF at read_request+0x22 without closing: look for an "
-        "error path that skips close()"
+        "pid 1234 (p1234) leaks about 3 sockets a minute in CLOSE_WAIT at read_request [myserver]: "
+        "the app read EOF there without closing: look for an error path that skips close()"
     )
-    assert v.functions == ("handle_conn", "read_request")
+    assert v.functions == ("read_request", "handle_conn")
+    assert v.data["app"] == "read_request [myserver]" and v.data["app_from"] == "post_fin_touch"
+    assert "origin (accept): handle_conn [myserver]" in v.evidence
+    assert "after the FIN (recv -> 0 (EOF)) on 6 of them: read_request [myserver]" in v.evidence
     assert v.data["count"] == 6 and v.data["eof_seen"] == 6
     assert any("6 distinct remotes" in e for e in v.evidence)
     assert d.close_wait_entered == 10 and d.close_wait_closed == 4
@@ -90,11 +92,12 @@ def test_two_code_paths_two_verdicts_and_young_sockets_counted_in_the_rate() -> 
     d = diagnose(ov)
     leaks = [v for v in d.verdicts if v.topic == "close_wait_leak"]
     assert len(leaks) == 2
-    by_touch = {v.data["last_touch"]: v for v in leaks}
-    assert by_touch["read_request+0x22"].data["new_in_window"] == 2
-    assert "about 2 sockets a minute" in by_touch["read_request+0x22"].text
-    never = by_touch["flush_reply+0x9"]
-    assert "never read the EOF" in never.text and "flush_reply+0x9 (send)" in never.text
+    by_touch = {v.data["app"]: v for v in leaks}
+    assert by_touch["read_request [myserver]"].data["new_in_window"] == 2
+    assert "about 2 sockets a minute" in by_touch["read_request [myserver]"].text
+    never = by_touch["flush_reply [myserver]"]
+    assert "at flush_reply [myserver]: the app last touched them there (send)" in never.text
+    assert "never read the EOF" in never.text
     young = [v for v in d.verdicts if v.topic == "close_wait_young"]
     assert young and young[0].data == {"count": 1, "eof_seen": 1}
 
@@ -206,12 +209,6 @@ def test_losses_make_a_warning() -> None:
     d = diagnose(ov, lost=12)
     assert "lost_events" in topics(d.verdicts)
     assert d.worst == "warning"
-
-
-def test_app_frame_skips_plumbing() -> None:
-    assert app_frame(["[unknown] [srv]", "accept+0x10 [libc.so.6]", "loop+0x1 [srv]"]) == "loop+0x1"
-    assert app_frame(["__libc_start_call_main+0x7a [libc.so.6]"]) is None
-    assert app_frame([]) is None
 
 
 def test_state_counts_seed_plus_transitions() -> None:
@@ -359,14 +356,18 @@ def test_stacks_without_an_application_frame_still_say_what_happened() -> None:
         leak(ov, 10 + i, 5, i * NS, last=libc_only)
     ov.tick(20 * NS)
     (v,) = [v for v in diagnose(ov).verdicts if v.topic == "close_wait_leak"]
-    assert "the app read EOF without closing" in v.text and "accepted at handle_conn+0x4f" in v.text
+    assert "at handle_conn [myserver]: they were accepted there" in v.text
+    assert "the app read the EOF without closing" in v.text
     ov2 = Overview(threshold_ns=NS)
     ov2.start(0)
     leak(ov2, 1, 5, 0, last=libc_only)
     ov2.closewait.open[SkaddrKey(1)].origin = None  # no origin seen either
     ov2.tick(20 * NS)
     (v2,) = [v for v in diagnose(ov2).verdicts if v.topic == "close_wait_leak"]
-    assert "the app read EOF without closing" in v2.text
+    assert (
+        "in CLOSE_WAIT (local port 80, remote all from 10.0.0.1): the app read EOF without closing" in v2.text
+    )
+    assert "The stack walk stopped inside libc (recv)" in v2.text
     assert any("frame pointers" in e for e in v2.evidence) and v2.functions == ()
 
 

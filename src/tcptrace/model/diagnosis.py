@@ -16,12 +16,12 @@ with the evidence it rests on. Pure: no I/O.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tcptrace.model.attribution import Attributor, LeakAttribution, RolePath
 from tcptrace.model.closewait import (
     CloseWaitSocket,
     CloseWaitTracker,
@@ -33,7 +33,6 @@ from tcptrace.model.closewait import (
 from tcptrace.model.endpoint import Owner, OwnerFields
 from tcptrace.model.events import Op, TcpState
 from tcptrace.model.histogram import Log2Histogram
-from tcptrace.model.lifecycle import CodePath
 from tcptrace.model.overview import Overview
 from tcptrace.model.snapshot import HostSnapshot, HostSocket
 from tcptrace.model.timewait import TIMEWAIT_LEN_S, Advice, DestForecast, TwCounts, explain_settings
@@ -47,12 +46,6 @@ SLOW_CLOSE_NS = 100_000_000  # a p99 close() above this blocks request handling 
 HIGH_UTILIZATION = 0.5
 
 SEVERITIES = ("problem", "warning", "info", "ok")
-
-# Frames that are plumbing, not the application's code path.
-_PLUMBING = re.compile(
-    r"\[(libc[.-][^\]]*|libpthread[^\]]*|ld-linux[^\]]*|ld-musl[^\]]*|\[?vdso\]?|kernel)\]$"
-)
-_UNKNOWN = re.compile(r"^(\[unknown\]|0x[0-9a-f]+)(\s|$)")
 
 
 class Settings(Protocol):
@@ -213,40 +206,6 @@ class Diagnosis:
         }
 
 
-# ---- code paths ---------------------------------------------------------------------------
-
-
-def app_frame(stack: Sequence[str]) -> str | None:
-    """The innermost frame of the application's own code: libc, the loader, the vdso,
-    kernel frames and unsymbolized addresses are skipped. Without one, None.
-
-    >>> app_frame(["recv+0x19 [libc.so.6]", "read_request+0x22 [myserver]", "main+0x10 [myserver]"])
-    'read_request+0x22'
-    >>> app_frame(["tcp_close+0x2a [kernel]"]) is None
-    True
-    """
-    for frame in stack:
-        text = frame.strip()
-        if not text or _UNKNOWN.match(text) or _PLUMBING.search(text):
-            continue
-        return text.rsplit(" [", 1)[0] if text.endswith("]") else text
-    return None
-
-
-def function_name(frame: str) -> str:
-    """
-    >>> function_name("handle_conn+0x4f")
-    'handle_conn'
-    """
-    return re.sub(r"\+0x[0-9a-fA-F]+$", "", frame)
-
-
-def _where(path: CodePath | None) -> str | None:
-    if path is None:
-        return None
-    return app_frame(path.ustack)
-
-
 def _per_minute(count: int, seconds: float) -> str:
     """How fast sockets leak, in words; a rate only from a window long enough to tell.
 
@@ -286,6 +245,7 @@ def _same_path(a: CloseWaitSocket, group: SuspectGroup) -> bool:
         a.pid == group.pid
         and code_path_key(a.origin) == code_path_key(group.origin)
         and code_path_key(a.last_touch) == code_path_key(group.last_touch)
+        and code_path_key(a.pre_fin_touch) == code_path_key(group.sockets[0].pre_fin_touch)
     )
 
 
@@ -301,42 +261,73 @@ def _leak_head(group: SuspectGroup, new: int, window_s: float) -> str:
     return f"{who} holds {group.count} sockets in CLOSE_WAIT"
 
 
-def _leak_paths(group: SuspectGroup, origin: str | None, touch: str | None) -> tuple[list[str], list[str]]:
-    """What the code paths say (parts of the verdict's text) and show (its evidence)."""
-    parts: list[str] = []
-    evidence: list[str] = []
-    if origin is not None:
-        verb = "connected" if group.origin is not None and group.origin.op == Op.CONNECT else "accepted"
-        parts.append(f"they were {verb} at {origin}")
-        evidence.append(f"origin ({group.origin.op.name.lower() if group.origin else '?'}): {origin}")
-    eof = group.eof_seen > 0 and group.last_touch is not None and group.last_touch.op == Op.RECV
-    if eof:
-        where = f" at {touch}" if touch is not None else ""
-        parts.append(f"the app read EOF{where} without closing: look for an error path that skips close()")
+# How a verdict names its code path: the frame of the application's code it is attributed
+# to (model/attribution.py), what the app did there, and the runtime's hints.
+
+_PARKED = (
+    "look for connections parked and forgotten (a pool, an idle connection never read again) "
+    "or an error path that skips close()"
+)
+
+
+def _meaning(source: RolePath, named: LeakAttribution) -> str:
+    """What the app did at the frame a verdict leads with, and where to look from there."""
+    op = source.path.op.name.lower()
+    if source.role == "post_fin_touch":
+        if source.eof:
+            return "the app read EOF there without closing: look for an error path that skips close()"
+        return (
+            f"the app last touched them there ({op}), after the peer's FIN, and never read the EOF: {_PARKED}"
+        )
+    if source.role == "pre_fin_touch":
+        did = "sent on" if source.path.op == Op.SEND else "read from"
+        then = "read the EOF later without closing" if named.eof else "never read the EOF"
+        return (
+            f"the app last {did} them there before the peer's FIN and {then}: look for a path after "
+            f"this {op} that returns without close() (an error reply, a connection parked in a pool)"
+        )
+    verb = "connected" if source.path.op == Op.CONNECT else "accepted"
+    eof = " (the app read the EOF without closing, where no stack names its code)" if named.eof else ""
+    return f"they were {verb} there and no later stack names the application's code{eof}: {_PARKED}"
+
+
+def _leak_paths(group: SuspectGroup, named: LeakAttribution) -> tuple[str, list[str]]:
+    """What the verdict says after its head (the application frame first, or the hints), and
+    the evidence its code paths show."""
+    source = named.source
+    hints = [h.text for h in named.hints]
+    if named.frame is not None and source is not None:
+        text = f" at {named.frame.label()}: {_meaning(source, named)}"
+    elif not named.paths:
+        text = ": no code path was seen (the sockets are older than tracing)"
+    else:
+        said = ["the app read EOF without closing"] if named.eof else []
+        said.append(hints.pop(0) if hints else "no function of the application could be named")
+        text = f" ({named.scope}): " + "; ".join(said)
+    if hints:
+        text += ". " + ". ".join(hints)
+    evidence = []
+    for p in named.paths:
+        where = p.where()
+        many = f" on {group.eof_seen} of them" if p.eof and group.eof_seen else ""
+        evidence.append(f"{p.title} ({p.op_text()}){many}: {where}")
+    for h in named.hints:
+        if h.evidence:
+            evidence.append(f"{h.title}: seen in {', '.join(h.evidence[:3])}")
+    if named.paths and named.frame is None and not named.hints:
         evidence.append(
-            f"EOF read (recv returned 0) on {group.eof_seen} of them" + (f", at {touch}" if touch else "")
+            "their user stacks name no function of the application (only libc, runtime or "
+            "unsymbolized frames: a runtime without frame pointers, such as Python before 3.12)"
         )
-    elif touch is not None and group.last_touch is not None:
-        parts.append(
-            f"the app last touched them at {touch} ({group.last_touch.op.name.lower()}) and never read "
-            "the EOF: look for connections parked and forgotten (a pool, an idle connection never "
-            "read again) or an error path that skips close()"
-        )
-        evidence.append(f"last touch: {group.last_touch.op.name.lower()} at {touch}")
-    if group.origin is None and group.last_touch is None:
-        parts.append("no code path was seen (the sockets are older than tracing)")
-    elif origin is None and touch is None:
-        evidence.append(
-            "their user stacks name no function of the application (only libc or unsymbolized "
-            "frames: a runtime without frame pointers, such as Python before 3.12)"
-        )
-        if not parts:
-            parts.append("no function of the application could be named")
-    return parts, evidence
+    return text, evidence
 
 
 def _leak_verdict(
-    group: SuspectGroup, window_s: float, start_ns: int | None, open_now: Iterable[CloseWaitSocket]
+    group: SuspectGroup,
+    window_s: float,
+    start_ns: int | None,
+    open_now: Iterable[CloseWaitSocket],
+    attributor: Attributor,
 ) -> Verdict:
     # The rate counts every socket of this owner and code path that entered CLOSE_WAIT in
     # the window and is still there, the young ones (below the threshold) too.
@@ -345,10 +336,9 @@ def _leak_verdict(
         for s in open_now
         if not s.preexisting and (start_ns is None or s.entered_ns >= start_ns) and _same_path(s, group)
     ]
-    origin = _where(group.origin)
-    touch = _where(group.last_touch)
+    named = attributor(group)
     remotes = group.remotes
-    parts, path_evidence = _leak_paths(group, origin, touch)
+    text, path_evidence = _leak_paths(group, named)
     evidence = [
         f"{group.count} sockets in CLOSE_WAIT longer than the threshold, oldest {_age(group.oldest_age_ns)}",
         f"remotes: {remotes.text()}",
@@ -359,31 +349,43 @@ def _leak_verdict(
             f"one remote dominates ({remotes.dominant}): if it is one client or peer, it may be what "
             "triggers this path"
         )
+    lead = named.frame
+    functions = [lead.name] if lead is not None else []
+    for p in named.paths:
+        app = p.stack.app_frame
+        if app is not None and app.name not in functions:
+            functions.append(app.name)
+    origin = named.path("origin")
     return Verdict(
         "problem",
         "close_wait_leak",
-        _leak_head(group, len(new), window_s) + "; " + " and ".join(parts),
+        _leak_head(group, len(new), window_s) + text,
         tuple(evidence),
         group.pid,
         group.comm,
-        tuple(function_name(f) for f in (origin, touch) if f is not None),
+        tuple(functions),
         {
             "count": group.count,
             "new_in_window": len(new),
             "per_minute": round(len(new) / window_s * 60, 2) if window_s > 0 else None,
-            "origin": origin,
-            "last_touch": touch,
             "eof_seen": group.eof_seen,
+            **named.to_json(),
+            "origin": origin.to_json() if origin is not None else None,
         },
     )
 
 
 def leak_verdicts(
-    groups: Sequence[SuspectGroup], tracker: CloseWaitTracker, window_s: float, start_ns: int | None
+    groups: Sequence[SuspectGroup],
+    tracker: CloseWaitTracker,
+    window_s: float,
+    start_ns: int | None,
+    attributor: Attributor | None = None,
 ) -> list[Verdict]:
     """Leaks attributed to an owner and code path (entered CLOSE_WAIT while traced, or found
-    at start), one verdict per group of suspects."""
-    return [_leak_verdict(g, window_s, start_ns, tracker.open.values()) for g in groups]
+    at start), one verdict per group of suspects, each led by its application frame."""
+    attribute = attributor or Attributor()
+    return [_leak_verdict(g, window_s, start_ns, tracker.open.values(), attribute) for g in groups]
 
 
 def young_verdicts(tracker: CloseWaitTracker, now_ns: int) -> list[Verdict]:
@@ -676,8 +678,10 @@ def diagnose(
     end: HostSnapshot | None = None,
     settings: Settings | None = None,
     lost: int = 0,
+    attributor: Attributor | None = None,
 ) -> Diagnosis:
-    """The facts of the window and the verdicts they support, worst first."""
+    """The facts of the window and the verdicts they support, worst first (``attributor``:
+    the frame rules and owner facts leak verdicts are attributed with)."""
     window_s = overview.elapsed_s
     if start is not None and end is not None:
         window_s = max(window_s, (end.at_ns - start.at_ns) / NS)
@@ -688,7 +692,7 @@ def diagnose(
     tw = TimeWaitFacts.of(overview, window_s, settings)
     hist = overview.close_latency()
     verdicts = [
-        *leak_verdicts(groups, tracker, window_s, overview.start_ns),
+        *leak_verdicts(groups, tracker, window_s, overview.start_ns, attributor),
         *young_verdicts(tracker, overview.now_ns),
         *stuck_verdicts(stuck, groups, window_s),
         *close_wait_remote_verdicts(cw),
@@ -733,7 +737,5 @@ __all__ = [
     "OwnerCount",
     "Settings",
     "Verdict",
-    "app_frame",
     "diagnose",
-    "function_name",
 ]
