@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar, cast
 import click
 
 from tcptrace import __version__
-from tcptrace.commands.options import FilterOptions
+from tcptrace.commands.options import DEFAULT_RULES_FILE, FilterOptions, FrameRuleOptions
 from tcptrace.errors import TcptraceError
 from tcptrace.model.filters import MAX_PORTS
 
@@ -106,6 +106,40 @@ def filter_options(fn: F) -> F:
         click.option("-4", "ipv4", is_flag=True, help="IPv4 sockets only."),
         click.option("-6", "ipv6", is_flag=True, help="IPv6 sockets only."),
     )(cast(F, with_filters))
+
+
+def frame_rule_options(fn: F) -> F:
+    """--library, --app, --rules: what counts as the application's code when a leak is
+    attributed, handed to the command as one ``frame_rules`` value."""
+
+    @functools.wraps(fn)
+    def with_rules(
+        *args: Any, library: tuple[str, ...], app: tuple[str, ...], rules_file: str | None, **kwargs: Any
+    ) -> Any:
+        return fn(*args, frame_rules=FrameRuleOptions(tuple(library), tuple(app), rules_file), **kwargs)
+
+    return options(
+        click.option(
+            "--library",
+            multiple=True,
+            metavar="PATTERN",
+            help="Frames matching PATTERN are library code, not the application's: a function glob, "
+            "re:REGEX, or FIELD=PATTERN with FIELD function, module or file (repeatable).",
+        ),
+        click.option(
+            "--app",
+            multiple=True,
+            metavar="PATTERN",
+            help="Frames matching PATTERN are the application's own code (as --library; repeatable).",
+        ),
+        click.option(
+            "--rules",
+            "rules_file",
+            type=click.Path(dir_okay=False),
+            help=f"Frame rules from FILE, one a line (docs/attribution.md); by default {DEFAULT_RULES_FILE} "
+            "when it exists.",
+        ),
+    )(cast(F, with_rules))
 
 
 def interval_option(
@@ -262,6 +296,8 @@ def doctor() -> None:
     help="Also keep the stack of each socket's last send/recv before the FIN "
     "(costs ~4 us per send/recv of every traced socket).",
 )
+@stacks_option("Show every frame of each code path (by default, those around the application's).")
+@frame_rule_options
 def closewait(**given: Any) -> None:
     """Time every socket in CLOSE_WAIT and find the code paths that leak them.
 
@@ -400,6 +436,7 @@ def timewait(**given: Any) -> None:
     help="Append leak-suspect JSON lines to this file instead of stderr.",
 )
 @click.option("--no-stacks", is_flag=True, help="No code paths in leak-suspect logs (saves ~1 us an accept).")
+@frame_rule_options
 @ringbuf_option
 def agent(**given: Any) -> None:
     """Run headless and export Prometheus metrics; log leak suspects as JSON lines.
@@ -435,6 +472,7 @@ def agent(**given: Any) -> None:
     show_default=True,
     help="Sort processes by CLOSE_WAIT (c), TIME_WAIT created/s (t) or close() p99 (l).",
 )
+@frame_rule_options
 def top(**given: Any) -> None:
     """One live screen: sockets per state, rates, the processes behind them, close() times.
 
@@ -468,6 +506,7 @@ def top(**given: Any) -> None:
 @force_option("Overwrite the --report file if it exists.")
 @from_option("Diagnose a recording (from `tcptrace record --stacks`) instead of the live kernel.")
 @threshold_option("2s")
+@frame_rule_options
 def diagnose(**given: Any) -> None:
     """Watch for a while, then say what is wrong, with the evidence.
 

@@ -11,6 +11,7 @@ import pytest
 from tcptrace.cli import cli
 
 FILTERS = {"pid", "comm", "ports", "ipv4", "ipv6"}
+FRAME_RULES = {"library", "app", "rules_file"}
 COMMANDS = (
     "states",
     "record",
@@ -34,6 +35,8 @@ def test_the_runner_takes_exactly_the_declared_options(name: str) -> None:
     declared = {p.name for p in cli.commands[name].params if p.name is not None}
     if FILTERS <= declared:
         declared = (declared - FILTERS) | {"filters"}
+    if FRAME_RULES <= declared:
+        declared = (declared - FRAME_RULES) | {"frame_rules"}
     module = importlib.import_module(f"tcptrace.commands.{name}")
     runner = inspect.signature(module.run)
     assert set(runner.parameters) == declared

@@ -19,10 +19,11 @@ import json
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from tcptrace.commands import session
-from tcptrace.commands.options import FilterOptions, threshold_ns
+from tcptrace.commands.attribution import SuspectNames
+from tcptrace.commands.options import FilterOptions, FrameRuleOptions, threshold_ns
 from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource, live_session
 from tcptrace.errors import TcptraceError
@@ -37,8 +38,11 @@ from tcptrace.model.agent import (
     stack_placeholder,
     states_count,
 )
+from tcptrace.model.attribution import group_json
+from tcptrace.model.closewait import SuspectGroup
 from tcptrace.model.events import SocketEvent, TcpState
 from tcptrace.model.filters import EventFilter
+from tcptrace.model.framerules import Rules
 from tcptrace.model.lifecycle import CodePath
 from tcptrace.system.procfd import closewait_snapshot
 from tcptrace.system.safefile import open_append
@@ -66,6 +70,8 @@ class AgentOptions:
     filter: EventFilter = EventFilter()
     states_interval_s: float = 30.0
     """How often sockets by state are read from /proc (0: never)."""
+    rules: Rules | None = None
+    """The user's frame rules (--library, --app, --rules) for naming leaks' application code."""
 
 
 PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
@@ -111,6 +117,7 @@ class Agent:
         self.log = log
         self.status = status
         self.model = AgentModel(options.model)
+        self.names = SuspectNames(options.rules, live=True)
         self.collector = AgentCollector()
         self.registry = make_registry(self.collector)
         self.server: MetricsServer | None = None
@@ -146,7 +153,7 @@ class Agent:
             )
             self.source = source
             self.program = source.program
-            self._symbolizer = Symbolizer(source.program)
+            self._symbolizer = Symbolizer(source.program, lines=self.names.lines)
             self.maps = AgentMaps(source.program)
             # After attaching, so that a socket entering CLOSE_WAIT meanwhile is seen one
             # way or the other (the tracker keeps one copy).
@@ -299,11 +306,19 @@ class Agent:
         state.recursion_misses = self.program.skipped_runs_by_program() or {}
         self.collector.publish(families(state))
         self._resolve_open_sockets(self.options.model.threshold_ns, now_ns)
-        for record in self.model.suspect_records(now_ns):
+        self.names.refresh(self.model.tracker, now_ns)
+        for record in self.model.suspect_records(now_ns, describe=self._describe):
             for key in ("origin_stack", "last_touch_stack"):
                 record[key] = self.resolve(record.get(key) or [])
+            for key in ("pre_fin_touch", "post_fin_touch"):
+                if record.get(key):
+                    record[key]["stack"] = self.resolve(record[key]["stack"])
             self.log.write(json.dumps(record, separators=(",", ":")) + "\n")
         self.log.flush()
+
+    def _describe(self, group: SuspectGroup) -> dict[str, Any]:
+        """A leak-suspect log line's fields: the application frame and hints first."""
+        return group_json(group, self.names.attributor(group))
 
 
 def endpoint(host: str, port: int) -> str:
@@ -328,6 +343,7 @@ def run(
     log_file: str | None,
     no_stacks: bool,
     ringbuf_pages: int | None,
+    frame_rules: FrameRuleOptions,
 ) -> None:
     flt = filters.event_filter(live=True)
     host, port = parse_listen(listen)
@@ -346,6 +362,7 @@ def run(
         stacks=not no_stacks,
         ringbuf_pages=ringbuf_pages,
         filter=flt,
+        rules=frame_rules.rules(),
     )
     if log_file is None:
         run_agent(options)

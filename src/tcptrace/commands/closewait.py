@@ -3,7 +3,8 @@
 The analysis is model/closewait.py. Live, sockets already in CLOSE_WAIT are read from /proc
 once the programs are attached, /proc is compared with the tracker every --recheck seconds
 (to repair a transition the kernel skipped), and with --touch-stacks each socket's last
-send/recv before the FIN is read from the kernel's map.
+send/recv before the FIN is read from the kernel's map. Leak suspects lead with the frame of
+the application's code they are attributed to (commands/attribution.py).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from tcptrace.commands import session
-from tcptrace.commands.options import FilterOptions, threshold_ns
+from tcptrace.commands.attribution import SuspectNames
+from tcptrace.commands.options import FilterOptions, FrameRuleOptions, threshold_ns
 from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource, Source, drain_into, open_source
+from tcptrace.kernel.stream import Symbolizer
 from tcptrace.kernel.touches import LastTouches
+from tcptrace.model.attribution import Attributor, group_json
 from tcptrace.model.closewait import CloseWaitTracker, Interval
 from tcptrace.model.filters import EventFilter
 from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
@@ -39,9 +43,12 @@ def run(
     threshold: str,
     recheck: float,
     touch_stacks: bool,
+    stacks: bool,
+    frame_rules: FrameRuleOptions,
 ) -> None:
     """Trace (or replay) until stopped, refreshing every --interval; then the summary."""
     flt = filters.event_filter(live=from_file is None)
+    names = SuspectNames(frame_rules.rules(), live=from_file is None)
     tracker = CloseWaitTracker(threshold_ns=threshold_ns(threshold))
     out = sys.stdout
     writer = JsonLinesWriter(out) if as_json else None
@@ -49,11 +56,11 @@ def run(
     # A recording's cgroup ids belong to the host it was made on.
     cgroup_name: CgroupNamer | None = path_of_id if from_file is None else None
     with open_source(
-        from_file, flt, parts=PARTS, stacks=True, defines=program_defines(touch_stacks)
+        from_file, flt, parts=PARTS, stacks=True, defines=program_defines(touch_stacks), lines=names.lines
     ) as source:
         last_touches = None
         if touch_stacks and isinstance(source, KernelSource):
-            last_touches = LastTouches(source.program)
+            last_touches = LastTouches(source.program, Symbolizer(source.program, lines=names.lines))
         preexisting = 0
         if source.live:
             # After attaching, so a socket entering CLOSE_WAIT meanwhile is seen one way or
@@ -79,7 +86,9 @@ def run(
             if writer is not None:
                 writer.write(tracker.periodic_json(now_ns, done))
             elif live_view is not None:
-                live_view.update(view.render(tracker, now_ns, done, cgroup_name), refresh=True)
+                names.refresh(tracker, now_ns)
+                shown = view.render(tracker, now_ns, done, cgroup_name, names.attributor, stacks)
+                live_view.update(shown, refresh=True)
             elif source.live:
                 console.print(view.headline(tracker, now_ns, done), soft_wrap=True)
 
@@ -101,11 +110,13 @@ def run(
         # socket of the host: an upper bound on transitions of ours not seen)
         counters = dict(source.counters())
         now_ns = source.now_ns()
+        names.refresh(tracker, now_ns)  # while the traced processes live
     if writer is not None:
-        summary = summary_json(tracker, now_ns, counters, reason, cgroup_name)
+        summary = summary_json(tracker, now_ns, counters, reason, cgroup_name, names.attributor)
         writer.write({**summary, **summary_flags(source)})
     else:
-        view.print_summary(console, tracker, now_ns, counters, reason, cgroup_name)
+        view.print_summary(console, tracker, now_ns, counters, reason, cgroup_name, names.attributor, stacks)
+    names.close()
 
 
 def program_defines(touch_stacks: bool) -> dict[str, int]:
@@ -169,8 +180,12 @@ def summary_json(
     counters: dict[str, int],
     reason: str,
     cgroup_name: CgroupNamer | None,
+    attributor: Attributor | None = None,
 ) -> dict[str, Any]:
+    """The final summary; each group of leak suspects leads with what it is attributed to."""
     summary = tracker.summary_json(now_ns)
+    attribute = attributor or Attributor()
+    summary["groups"] = [group_json(g, attribute(g)) for g in tracker.suspects(now_ns)]
     if cgroup_name is not None:
         for item in (*summary["groups"], *summary["sockets"]):
             if item["cgroup"] is not None:

@@ -398,7 +398,8 @@ def run_demo(duration_s: float | None, interval_s: float, threshold_ns: int) -> 
     if not holder:
         raise TcptraceError("the demo did not start")
     w = holder[0]
-    diagnosis = diagnose(result.overview, lost=result.overview.lost)
+    attributor = result.names.attributor if result.names is not None else None
+    diagnosis = diagnose(result.overview, lost=result.overview.lost, attributor=attributor)
     console.print()
     console.print(
         f"what tcptrace saw in {diagnosis.window_s:.0f} s (stopped: {result.reason}):", style="bold"

@@ -11,7 +11,8 @@ import sys
 from typing import IO, Any
 
 from tcptrace.commands import session
-from tcptrace.commands.options import FilterOptions, threshold_ns
+from tcptrace.commands.attribution import SuspectNames
+from tcptrace.commands.options import FilterOptions, FrameRuleOptions, threshold_ns
 from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import RecordingSource
 from tcptrace.commands.top import open_feeds, seed_from_host
@@ -37,8 +38,10 @@ def run(
     force: bool,
     from_file: str | None,
     threshold: str,
+    frame_rules: FrameRuleOptions,
 ) -> None:
     flt = filters.event_filter(live=from_file is None)
+    rules = frame_rules.rules()
     run_diagnose(
         flt,
         from_file=from_file,
@@ -50,6 +53,7 @@ def run(
         force=force,
         out=sys.stdout,
         filter_json=flt.to_json(),
+        names=SuspectNames(rules, live=from_file is None),
     )
 
 
@@ -65,21 +69,24 @@ def run_diagnose(
     force: bool,
     out: IO[str],
     filter_json: dict[str, Any],
+    names: SuspectNames | None = None,
 ) -> int:
-    """Observe for ``duration_s``, then print the verdicts (and write the report).
+    """Observe for ``duration_s``, then print the verdicts (and write the report); ``names``
+    attributes the leaks (by default: the built-in rules, source lines live).
 
     Returns the exit status: 0 whatever the verdicts (a diagnosis that found a problem
     did its job); failures raise.
     """
     if report is not None:
         check_output(report, force)  # now, not after --duration
+    names = names if names is not None else SuspectNames(live=from_file is None)
     console = make_console(file=out) if not as_json else make_console(stderr=True)
     overview = Overview(threshold_ns=threshold_ns)
     overview.closelat.filter = flt
     start = end = None
     settings: TcpSettings | None = None
     writer = JsonLinesWriter(out) if as_json else None
-    with open_feeds(from_file, flt, quiet=as_json) as feeds:
+    with open_feeds(from_file, flt, quiet=as_json, names=names) as feeds:
         source = feeds.source
         if source.live:
             start = seed_from_host(overview, flt)
@@ -112,8 +119,11 @@ def run_diagnose(
         if source.live:
             end = hostsnap.take(flt)
             overview.now_ns = max(overview.now_ns, end.at_ns)
+        names.refresh(overview.closewait, overview.now_ns)  # while the traced processes live
     lost = int(counters.get("lost", 0))
-    result = diagnose(overview, start=start, end=end, settings=settings, lost=lost)
+    result = diagnose(
+        overview, start=start, end=end, settings=settings, lost=lost, attributor=names.attributor
+    )
     if writer is not None:
         summary = {"type": "summary", "command": "diagnose", "stopped": reason, **result.to_json()}
         writer.write({**summary, **summary_flags(source)})
@@ -125,6 +135,7 @@ def run_diagnose(
             result,
             overview,
             {"host": header["host"], "kernel": header["kernel"], "filter": filter_json},
+            names.attributor,
         )
         write_atomic(report, text, force)
         make_console(stderr=True).print(f"report written to {report}")

@@ -1,4 +1,5 @@
-"""What the options several commands share mean: the filters and the leak threshold.
+"""What the options several commands share mean: the filters, the leak threshold, and the
+rules for what counts as the application's code.
 
 cli.py declares the options; the commands turn what was given into model values here, so
 that every command checks them alike and fails with the same one-line message.
@@ -12,6 +13,10 @@ from dataclasses import dataclass
 from tcptrace.errors import UsageError
 from tcptrace.model.closewait import parse_duration
 from tcptrace.model.filters import MAX_PORTS, EventFilter
+from tcptrace.model.framerules import Rules, load_rules, rules_from_options
+
+# Frame rules read when --rules is not given, if the file exists (docs/attribution.md).
+DEFAULT_RULES_FILE = "/etc/tcptrace/frames.rules"
 
 
 @dataclass(frozen=True)
@@ -59,3 +64,26 @@ def threshold_ns(text: str) -> int:
         return parse_duration(text)
     except ValueError as exc:
         raise UsageError(f"--threshold: {exc}") from None
+
+
+@dataclass(frozen=True)
+class FrameRuleOptions:
+    """--library and --app (repeatable) and --rules FILE: what counts as library code and
+    what as the application's, before the built-in rules."""
+
+    library: tuple[str, ...] = ()
+    app: tuple[str, ...] = ()
+    rules_file: str | None = None
+
+    def rules(self, default_file: str = DEFAULT_RULES_FILE) -> Rules:
+        """The options' rules, then the file's (--rules, else ``default_file`` when it
+        exists); a bad rule or an unreadable file is a UsageError naming it.
+
+        >>> len(FrameRuleOptions(library=("acme/*",), app=("module=libplugin.so",)).rules("/nonexistent"))
+        2
+        """
+        rules = rules_from_options(self.library, self.app)
+        path = self.rules_file
+        if path is None and os.path.exists(default_file):
+            path = default_file
+        return rules if path is None else rules + load_rules(path)

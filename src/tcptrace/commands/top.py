@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tcptrace.commands import session
-from tcptrace.commands.options import FilterOptions, threshold_ns
+from tcptrace.commands.attribution import SuspectNames
+from tcptrace.commands.options import FilterOptions, FrameRuleOptions, threshold_ns
 from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource, Source, open_source
 from tcptrace.errors import TcptraceError
@@ -72,10 +73,14 @@ def program_defines() -> dict[str, int]:
 
 
 @contextmanager
-def open_feeds(from_file: str | None, flt: EventFilter, quiet: bool = False) -> Iterator[Feeds]:
-    """The live kernel (all four parts, stacks where they attribute) or a recording."""
+def open_feeds(
+    from_file: str | None, flt: EventFilter, quiet: bool = False, names: SuspectNames | None = None
+) -> Iterator[Feeds]:
+    """The live kernel (all four parts, stacks where they attribute) or a recording; with
+    ``names``, the stacks' source lines are located as they are symbolized."""
+    lines = names.lines if names is not None else None
     with open_source(
-        from_file, flt, parts=PARTS, stacks=True, defines=program_defines(), quiet=quiet
+        from_file, flt, parts=PARTS, stacks=True, defines=program_defines(), quiet=quiet, lines=lines
     ) as source:
         feeds = Feeds(source)
         if isinstance(source, KernelSource):
@@ -105,6 +110,8 @@ class TopResult:
     reason: str
     overview: Overview
     start: HostSnapshot | None = None
+    names: SuspectNames | None = None
+    """How the leak suspects were attributed (refreshed at the end, while their owners lived)."""
 
 
 def _reseed(overview: Overview, flt: EventFilter) -> None:
@@ -122,6 +129,7 @@ def run(
     from_file: str | None,
     threshold: str,
     sort: str,
+    frame_rules: FrameRuleOptions,
 ) -> None:
     flt = filters.event_filter(live=from_file is None)
     run_top(
@@ -131,6 +139,7 @@ def run(
         duration_s=duration,
         threshold_ns=threshold_ns(threshold),
         sort=sort,
+        names=SuspectNames(frame_rules.rules(), live=from_file is None),
     )
 
 
@@ -144,18 +153,21 @@ def run_top(
     sort: str = "c",
     before_start: Callable[[], None] | None = None,
     flag: StopFlag | None = None,
+    names: SuspectNames | None = None,
 ) -> TopResult:
     """The live dashboard until q, Ctrl-C, SIGTERM or --duration; then the last screen.
 
     ``before_start`` runs once the program is attached, before the /proc seed (the demo
-    starts its workload there, so that every one of its sockets is seen born).
+    starts its workload there, so that every one of its sockets is seen born). ``names``
+    attributes the leak suspects shown (by default: the built-in rules, source lines live).
     """
+    names = names if names is not None else SuspectNames(live=from_file is None)
     console = make_console()
     overview = Overview(threshold_ns=threshold_ns)
     overview.closelat.filter = flt
     state = view.TopState(sort=sort, pid=flt.pid)
     flag = flag if flag is not None else StopFlag()
-    with open_feeds(from_file, flt) as feeds:
+    with open_feeds(from_file, flt, names=names) as feeds:
         source = feeds.source
         live = source.live
         start_snap = None
@@ -167,7 +179,9 @@ def run_top(
         with view.key_reader() as keys:
             live_view = None
             if show_live:
-                live_view = start_live(console, view.render(overview, state, keys=keys is not None))
+                live_view = start_live(
+                    console, view.render(overview, state, keys=keys is not None, attributor=names.attributor)
+                )
             last_tick = overview.start_ns or 0
 
             def on_tick(now_ns: int) -> None:
@@ -188,7 +202,9 @@ def run_top(
                     if not show_live and live:
                         console.print(view.headline(overview), soft_wrap=True)
                 if changed and live_view is not None:
-                    live_view.update(view.render(overview, state, keys=keys is not None), refresh=True)
+                    names.refresh(overview.closewait, now_ns)
+                    shown = view.render(overview, state, keys=keys is not None, attributor=names.attributor)
+                    live_view.update(shown, refresh=True)
 
             try:
                 reason = session.run(
@@ -203,6 +219,7 @@ def run_top(
                 if live_view is not None:
                     live_view.stop()
         feeds.tick(overview, source.now_ns())
+        names.refresh(overview.closewait, overview.now_ns)  # while the traced processes live
     if not show_live:
-        console.print(view.render(overview, state, keys=False))
-    return TopResult(reason, overview, start_snap)
+        console.print(view.render(overview, state, keys=False, attributor=names.attributor))
+    return TopResult(reason, overview, start_snap, names)

@@ -314,9 +314,16 @@ class AgentModel:
             user_sockets=len(t.table),
         )
 
-    def suspect_records(self, now_ns: int, wall_s: float | None = None) -> list[dict[str, Any]]:
+    def suspect_records(
+        self,
+        now_ns: int,
+        wall_s: float | None = None,
+        describe: Callable[[SuspectGroup], dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
         """Leak-suspect groups to log now: new ones, grown ones, and ones not logged for
-        ``relog_ns``. One JSON object each (owner, count, origin and last-touch stacks)."""
+        ``relog_ns``. One JSON object each: ``describe(group)`` (the agent's leads with the
+        application frame, model/attribution.py), else the group's own fields (owner,
+        count, origin and last-touch stacks)."""
         wall = time.time() if wall_s is None else wall_s
         out = []
         seen = set()
@@ -329,7 +336,8 @@ class AgentModel:
                 if group.count <= count and now_ns - at < self.config.relog_ns:
                     continue
             self._logged[key] = (group.count, now_ns)
-            out.append({"type": "leak_suspect", "time": round(wall, 3), **group.to_json()})
+            fields = describe(group) if describe is not None else group.to_json()
+            out.append({"type": "leak_suspect", "time": round(wall, 3), **fields})
         for key in [k for k in self._logged if k not in seen]:
             del self._logged[key]
         return out

@@ -9,14 +9,15 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from tcptrace.model.attribution import Attributor, LeakAttribution, RolePath
 from tcptrace.model.closewait import CloseWaitTracker, Interval, SuspectGroup
 from tcptrace.model.histogram import age_histogram, percentile
-from tcptrace.model.lifecycle import CodePath
 from tcptrace.views.common import duration, endpoint, host_text, safe
 
 MAX_GROUPS = 8
 MAX_USER_FRAMES = 8
 MAX_KERNEL_FRAMES = 3
+FRAMES_BEFORE_APP = 2  # user frames shown above the application's, when it is deep in a stack
 MAX_SOCKETS = 10
 BAR = 30
 
@@ -31,24 +32,64 @@ def _owner(pid: int | None, comm: str | None) -> str:
     return "unknown owner" if pid is None else f"{pid} {safe(comm)}"
 
 
-def stack_text(title: str, path: CodePath | None) -> Text:
-    """A code path: its operation, then user frames (innermost first), then a few kernel ones."""
+def user_window(count: int, app_index: int | None, full: bool = False) -> tuple[int, int]:
+    """Which user frames a stack shows, [start, end): all of them when ``full``; else up to
+    MAX_USER_FRAMES from the top, or around the application frame when it is deeper.
+
+    >>> user_window(40, None), user_window(40, 3), user_window(40, 16), user_window(40, 16, full=True)
+    ((0, 8), (0, 8), (14, 22), (0, 40))
+    """
+    if full:
+        return 0, count
+    start = 0
+    if app_index is not None and app_index >= MAX_USER_FRAMES:
+        start = app_index - FRAMES_BEFORE_APP
+    return start, min(count, start + MAX_USER_FRAMES)
+
+
+def stack_text(title: str, path: RolePath | None, full: bool = False, missing: str = "") -> Text:
+    """A code path: its operation, then its user frames (innermost first, the application's
+    in bold) or, without any, a few kernel ones. The tracer's own frames are never shown."""
     text = Text()
     text.append(f"    {title}: ", style="bold")
     if path is None:
-        text.append("not seen (socket older than tracing, or its owner acted before)", style="dim")
+        text.append(missing or "not seen (socket older than tracing, or its owner acted before)", style="dim")
         return text
-    text.append(path.op.name.lower())
-    if path.op.name == "RECV":
-        text.append(f" -> {path.ret}" + (" (EOF: should have closed)" if path.ret == 0 else ""))
-    if not path.ustack and not path.kstack:
+    text.append(path.op_text())
+    if path.eof:
+        text.append(": should have closed", style="yellow")
+    stack = path.stack
+    user = stack.user
+    if not stack.frames:
         text.append("  (no stack)", style="dim")
-    for frame in path.ustack[:MAX_USER_FRAMES]:
-        text.append(f"\n      {safe(frame)}", style="cyan")
-    if len(path.ustack) > MAX_USER_FRAMES:
-        text.append(f"\n      … {len(path.ustack) - MAX_USER_FRAMES} more", style="dim")
-    for frame in path.kstack[:MAX_KERNEL_FRAMES] if not path.ustack else ():
-        text.append(f"\n      {safe(frame)}", style="dim")
+    app = stack.app_frame
+    start, end = user_window(len(user), next((i for i, f in enumerate(user) if f.frame is app), None), full)
+    if start:
+        text.append(f"\n      … {start} frames", style="dim")
+    for f in user[start:end]:
+        text.append(f"\n      {safe(f.text)}", style="bold cyan" if f.frame is app and app else "cyan")
+    if len(user) > end:
+        text.append(f"\n      … {len(user) - end} more", style="dim")
+    kernel = [f for f in stack.frames if f.kernel]
+    for f in kernel[: len(kernel) if full else MAX_KERNEL_FRAMES] if full or not user else ():
+        text.append(f"\n      {safe(f.text)}", style="dim")
+    return text
+
+
+def lead_text(attributed: LeakAttribution) -> Text:
+    """The line a group leads with: the application frame (and the path it came from), or
+    the runtime's hint; then each hint in full."""
+    text = Text("    → ", style="bold")
+    source = attributed.source
+    if attributed.frame is not None and source is not None:
+        text.append(safe(attributed.headline()), style="bold green")
+        text.append(f"  ({source.title}: {source.op_text()})", style="dim")
+    else:
+        text.append(safe(attributed.headline()), style="bold yellow")
+        text.append(f"  ({safe(attributed.scope)})", style="dim")
+    for hint in attributed.hints:
+        text.append("\n      hint: ", style="bold yellow")
+        text.append(safe(hint.text))
     return text
 
 
@@ -98,7 +139,14 @@ def close_time_text(tracker: CloseWaitTracker) -> Text:
 CgroupNamer = Callable[[int], str | None]
 
 
-def group_lines(group: SuspectGroup, cgroup_name: CgroupNamer | None = None) -> list[RenderableType]:
+def group_lines(
+    group: SuspectGroup,
+    cgroup_name: CgroupNamer | None = None,
+    attributor: Attributor | None = None,
+    full: bool = False,
+) -> list[RenderableType]:
+    """A group of leak suspects: owner and counts, the frame it is attributed to (or the
+    runtime's hint), then its code paths: before the FIN, after it, and the origin."""
     head = Text()
     head.append(f"  {group.count} × ", style="bold red")
     head.append(_owner(group.pid, group.comm), style="bold")
@@ -115,8 +163,16 @@ def group_lines(group: SuspectGroup, cgroup_name: CgroupNamer | None = None) -> 
     if group.origin is None and group.last_touch is None and all(s.preexisting for s in group.sockets):
         out.append(Text("    in CLOSE_WAIT before tracing started: no code path known", style="dim"))
         return out
-    out.append(stack_text("origin", group.origin))
-    out.append(stack_text("last touch", group.last_touch))
+    attributed = (attributor or Attributor())(group)
+    out.append(lead_text(attributed))
+    pre = attributed.path("pre_fin_touch")
+    if pre is not None:
+        out.append(stack_text(pre.title, pre, full))
+    post = "post_fin_touch"
+    out.append(
+        stack_text("after the FIN", attributed.path(post), full, "no touch: the app never read the EOF")
+    )
+    out.append(stack_text("origin", attributed.path("origin"), full))
     return out
 
 
@@ -125,8 +181,10 @@ def render(
     now_ns: int,
     interval: Interval | None = None,
     cgroup_name: CgroupNamer | None = None,
+    attributor: Attributor | None = None,
+    full: bool = False,
 ) -> Group:
-    """The whole view at ``now_ns``."""
+    """The whole view at ``now_ns`` (``full``: every frame of each stack)."""
     parts: list[RenderableType] = [headline(tracker, now_ns, interval)]
     ages = [s.age_ns(now_ns) for s in tracker.open.values()]
     if ages:
@@ -145,7 +203,7 @@ def render(
     if groups:
         parts.append(Text("leak suspects by owner and code path:", style="bold"))
         for group in groups[:MAX_GROUPS]:
-            parts.extend(group_lines(group, cgroup_name))
+            parts.extend(group_lines(group, cgroup_name, attributor, full))
         if len(groups) > MAX_GROUPS:
             parts.append(Text(f"  … {len(groups) - MAX_GROUPS} more groups (--json has all)", style="dim"))
     return Group(*parts)
@@ -180,6 +238,8 @@ def print_summary(
     counters: dict[str, Any],
     reason: str,
     cgroup_name: CgroupNamer | None = None,
+    attributor: Attributor | None = None,
+    full: bool = False,
 ) -> None:
     lost = int(counters.get("lost", 0))
     head = Text("\nclosewait summary")
@@ -189,7 +249,7 @@ def print_summary(
     if skipped:
         head.append(f", {skipped} transitions of the host skipped by the kernel", style="yellow")
     console.print(head)
-    console.print(render(tracker, now_ns, cgroup_name=cgroup_name))
+    console.print(render(tracker, now_ns, cgroup_name=cgroup_name, attributor=attributor, full=full))
     if tracker.open:
         console.print(Text("oldest sockets in CLOSE_WAIT:", style="bold"))
         console.print(sockets_table(tracker, now_ns))

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from tcptrace.model.attribution import Attributor, RolePath
 from tcptrace.model.diagnosis import Diagnosis
 from tcptrace.model.events import STATE_ORDER
 from tcptrace.model.histogram import US, Bucket, log2_buckets
@@ -29,6 +30,7 @@ ul.ev{margin:.2em 0 0 1em;color:#555;font-size:.92em}
 table{border-collapse:collapse}td,th{padding:.15em .8em;text-align:right}th{border-bottom:1px solid #ccc}
 td:first-child,th:first-child{text-align:left}svg text{font:11px sans-serif}
 code{font-size:.95em}.dim{color:#777}
+pre.stack{font-size:.85em;margin:.2em 0 .6em 1em;white-space:pre-wrap}pre.stack b{color:#060}
 """
 
 
@@ -159,6 +161,41 @@ def _close_wait(d: Diagnosis, overview: Overview) -> str:
     return "".join(parts)
 
 
+def _stack(path: RolePath) -> str:
+    """A code path's frames, innermost first, the application's in bold (the tracer's left out)."""
+    app = path.stack.app_frame
+    lines = [
+        f"<b>{esc(f.text)}</b>" if app is not None and f.frame is app else esc(f.text)
+        for f in path.stack.frames
+    ]
+    return (
+        f"<p><b>{esc(path.title)}</b>: {esc(path.op_text())}</p><pre class='stack'>"
+        + ("\n".join(lines) or "<span class='dim'>(no stack)</span>")
+        + "</pre>"
+    )
+
+
+def _leaks(overview: Overview, attributor: Attributor | None) -> str:
+    """Each group of leak suspects: what it is attributed to, the hints, and its full stacks."""
+    groups = overview.closewait.suspects(overview.now_ns)
+    if not groups:
+        return ""
+    attribute = attributor or Attributor()
+    parts = ["<h2>Leak suspects</h2>"]
+    for group in groups[:20]:
+        named = attribute(group)
+        who = "unknown owner" if group.pid is None else f"{group.pid} {group.comm or ''}"
+        parts.append(
+            f"<h3>{group.count} × {esc(who)} → <code>{esc(named.headline())}</code></h3>"
+            f"<p class='dim'>{esc(named.scope)}; remotes: {esc(group.remotes.text())}</p>"
+        )
+        parts.extend(f"<p>hint: {esc(h.text)}</p>" for h in named.hints)
+        parts.extend(_stack(p) for p in named.paths)
+    if len(groups) > 20:
+        parts.append(f"<p class='dim'>… {len(groups) - 20} more groups</p>")
+    return "".join(parts)
+
+
 def _time_wait(d: Diagnosis, overview: Overview) -> str:
     parts = [
         "<h2>TIME_WAIT</h2>",
@@ -216,8 +253,11 @@ def _settings(d: Diagnosis) -> str:
     return "".join(parts)
 
 
-def render_report(d: Diagnosis, overview: Overview, meta: dict[str, Any]) -> str:
-    """The whole report as one HTML document: the verdicts, then each section's facts."""
+def render_report(
+    d: Diagnosis, overview: Overview, meta: dict[str, Any], attributor: Attributor | None = None
+) -> str:
+    """The whole report as one HTML document: the verdicts, then each section's facts
+    (``attributor``: how leak suspects are attributed, as the verdicts were)."""
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     host = meta.get("host") or os.uname().nodename
     return "".join(
@@ -232,6 +272,7 @@ def render_report(d: Diagnosis, overview: Overview, meta: dict[str, Any]) -> str
             "<h2>Sockets by state</h2>",
             _states(d),
             _close_wait(d, overview),
+            _leaks(overview, attributor),
             _time_wait(d, overview),
             _close_latency(d, overview),
             _settings(d),

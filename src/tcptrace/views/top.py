@@ -26,12 +26,14 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from tcptrace.model.attribution import Attributor
 from tcptrace.model.events import TcpState
 from tcptrace.model.overview import SORT_KEYS, Overview, sort_rows
 from tcptrace.views.common import duration, host_text, safe
 
 SORT_TITLES = {"c": "CLOSE_WAIT", "t": "TIME_WAIT/s", "l": "close() p99"}
 MAX_PROCESSES = 15
+MAX_LEAKS = 3
 
 
 @dataclass
@@ -181,10 +183,34 @@ def processes_table(overview: Overview, state: TopState) -> Table:
     return table
 
 
+def leaks_text(
+    overview: Overview, attributor: Attributor | None = None, pid: int | None = None
+) -> Text | None:
+    """The worst groups of leak suspects, each with the frame of the application's code (or
+    the runtime's hint) it is attributed to; None when there is none."""
+    groups = [g for g in overview.closewait.suspects(overview.now_ns) if pid is None or g.pid == pid]
+    if not groups:
+        return None
+    attribute = attributor or Attributor()
+    text = Text("leaking in CLOSE_WAIT:", style="bold")
+    for group in groups[:MAX_LEAKS]:
+        who = "unknown owner" if group.pid is None else f"{group.pid} {safe(group.comm)}"
+        text.append(f"\n  {group.count} × {who}  → ")
+        named = attribute(group)
+        text.append(safe(named.headline()), style="green" if named.frame is not None else "yellow")
+    if len(groups) > MAX_LEAKS:
+        text.append(
+            f"\n  … {len(groups) - MAX_LEAKS} more groups (tcptrace closewait shows them)", style="dim"
+        )
+    return text
+
+
 KEYS_HELP = "keys: c CLOSE_WAIT  t TIME_WAIT/s  l close() p99  p pid  q quit"
 
 
-def render(overview: Overview, state: TopState | None = None, keys: bool = True) -> Group:
+def render(
+    overview: Overview, state: TopState | None = None, keys: bool = True, attributor: Attributor | None = None
+) -> Group:
     """The whole screen."""
     state = state or TopState()
     parts: list[RenderableType] = [
@@ -193,6 +219,9 @@ def render(overview: Overview, state: TopState | None = None, keys: bool = True)
         latency_text(overview),
         processes_table(overview, state),
     ]
+    leaks = leaks_text(overview, attributor, state.pid)
+    if leaks is not None:
+        parts.append(leaks)
     if keys:
         parts.append(Text(KEYS_HELP, style="dim"))
     prompt = state.prompt()
