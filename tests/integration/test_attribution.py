@@ -1,20 +1,24 @@
-"""Attribution on real runtimes: the stacks `tcptrace closewait` prints today, classified by
-model/frames and model/hints, and a native frame's file:line from DWARF while the process lives.
+"""Attribution end to end, on real runtimes and the real kernel: what `tcptrace closewait` and
+`tcptrace diagnose` lead a leak with.
 
-Each test runs a program that leaks sockets in CLOSE_WAIT (a C server, a Go client that never
-closes response bodies, a Node.js server that never ends half-open sockets), traces it, and
-checks what a report would lead with against what the program is known to do.
+Each test runs a program that leaks sockets in CLOSE_WAIT on a known code path (a C server
+built with -g, a Node.js server leaking on one route, a Go client that never closes response
+bodies, a Go server leaking on an error path, a Python server), traces it with the CLI, and
+checks the application frame (with its file:line from DWARF or the perf map) or the runtime's
+hint against what the program is known to do, and that no stack shows the tracer's own frames.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -22,15 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from elftools.elf.elffile import ELFFile
 
-from tcptrace.model.frames import classify_flat, parse_frame, without_tracer_frames
-from tcptrace.model.hints import Attribution, Runtime, StackSample, attribute
-from tcptrace.system.symbols import LineResolver, read_maps
 from tests.gobuild import go_binary, needs_go
 from tests.integration import helpers
 
 FIXTURES = Path(__file__).parent / "fixtures"
+TRACER_FRAME = re.compile(r"^(bpf_prog_|bpf_trace_run|__traceiter_|call_trace_|perf_trace_)")
 
 
 @contextmanager
@@ -54,31 +55,30 @@ def started(cmd: list[str], cwd: Path | None = None) -> Iterator[subprocess.Pope
             os.unlink(f"/tmp/perf-{proc.pid}.map")
 
 
-class Closewait:
-    """`tcptrace closewait --json --touch-stacks --port PORT`, attached once entered;
-    ``stop()`` ends it and returns the summary's groups (call it while the traced program
-    lives: its sockets close with it)."""
+class Traced:
+    """`tcptrace COMMAND --json ... --port PORT`, attached once its header is out; ``stop()``
+    interrupts it and returns its summary (call it while the traced program lives: its
+    sockets close with it, and its lines and facts are read at the end)."""
 
-    def __init__(self, cmd: list[str], port: int) -> None:
-        args = ["closewait", "--json", "--touch-stacks", "--threshold", "1s", "--interval", "0.5"]
-        self.argv = [*cmd, *args, "--port", str(port)]
+    def __init__(self, cmd: list[str], args: list[str], port: int) -> None:
+        self.argv = [*cmd, *args, "--json", "--threshold", "1s", "--interval", "0.5", "--port", str(port)]
         self.proc: subprocess.Popen[str] | None = None
 
-    def __enter__(self) -> Closewait:
+    def __enter__(self) -> Traced:
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 120)
         assert ready and json.loads(self.proc.stdout.readline())["type"] == "header", "tcptrace did not start"
         return self
 
-    def stop(self) -> list[dict[str, Any]]:
+    def stop(self) -> dict[str, Any]:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGINT)
         out, err = self.proc.communicate(timeout=60)
         assert self.proc.returncode == 0, err
-        summary = json.loads(out.splitlines()[-1])
+        summary: dict[str, Any] = json.loads(out.splitlines()[-1])
         assert summary["type"] == "summary"
-        return list(summary["groups"])
+        return summary
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -86,49 +86,51 @@ class Closewait:
             self.proc.wait()
 
 
-def attribution(group: dict[str, Any], exe: str | None, perf_map: bool | None = None) -> Attribution:
-    """What a report would lead with: the last touch first, then the origin."""
-    samples = [
-        StackSample(
-            group["last_touch_op"] or "", classify_flat(group["last_touch_stack"]), eof=group["eof_seen"] > 0
-        ),
-        StackSample(group["origin_op"] or "", classify_flat(group["origin_stack"])),
-    ]
-    return attribute(group["comm"], exe, samples, perf_map=perf_map)
+def closewait(cmd: list[str], port: int, touch_stacks: bool = True) -> Traced:
+    return Traced(cmd, ["closewait", *(["--touch-stacks"] if touch_stacks else [])], port)
+
+
+def diagnose(cmd: list[str], port: int) -> Traced:
+    return Traced(cmd, ["diagnose", "--duration", "120"], port)
 
 
 def close_wait_count(port: int) -> int:
     return helpers.SS().count(port, "close-wait")
 
 
-def address_of(pid: int, frame: str) -> int:
-    """The address of a symbolized frame (``function+0xOFF [module]``) in a live process,
-    from the module's symbol table and the process's maps: what the symbolizer started from."""
-    f = parse_frame(frame)
-    assert f.offset is not None and f.module
-    for m in read_maps(pid):
-        if os.path.basename(m.path) != f.module or "x" not in m.perms:
-            continue
-        with open(m.path, "rb") as fh:
-            elf = ELFFile(fh)
-            symtab = elf.get_section_by_name(".symtab")
-            assert symtab is not None
-            value = next(int(s["st_value"]) for s in symtab.iter_symbols() if s.name == f.function)  # type: ignore[attr-defined]
-            seg = next(
-                s
-                for s in elf.iter_segments()
-                if s["p_type"] == "PT_LOAD" and s["p_vaddr"] <= value < s["p_vaddr"] + s["p_memsz"]
-            )
-        file_off = value + f.offset - seg["p_vaddr"] + seg["p_offset"]
-        return m.start + file_off - m.offset
-    raise AssertionError(f"{f.module} not mapped in {pid}")
+def stacks_of(group: dict[str, Any]) -> list[list[str]]:
+    """Every stack of a group in closewait's JSON."""
+    out = [group["origin_stack"], group["last_touch_stack"]]
+    out += [group[k]["stack"] for k in ("pre_fin_touch", "post_fin_touch") if group[k] is not None]
+    return out
 
 
-def test_c_leak_leads_with_its_function_and_line(
+def assert_no_tracer_frames(group: dict[str, Any]) -> None:
+    for stack in stacks_of(group):
+        assert stack, group
+        assert not [f for f in stack if TRACER_FRAME.match(f)], stack
+
+
+def leak_verdicts(summary: dict[str, Any], pid: int) -> list[dict[str, Any]]:
+    return [v for v in summary["verdicts"] if v["topic"] == "close_wait_leak" and v["pid"] == pid]
+
+
+def line_of(source: str, text: str, after: str | None = None) -> int:
+    """The number of the first line holding ``text`` (after the first holding ``after``)."""
+    lines = source.splitlines()
+    start = next(i for i, line in enumerate(lines) if after in line) if after is not None else 0
+    return next(i for i, line in enumerate(lines) if i >= start and text in line) + 1
+
+
+def test_c_leak_is_named_with_its_function_and_line(
     fixture_bin: helpers.FixtureBuilder, tcptrace_cmd: list[str], port: int
 ) -> None:
     exe = fixture_bin("leaky_server")
-    with Closewait(tcptrace_cmd, port) as tracer, started([str(exe), str(port), "10"]) as server:
+    with (
+        closewait(tcptrace_cmd, port) as cw,
+        diagnose(tcptrace_cmd, port) as dg,
+        started([str(exe), str(port), "10"]) as server,
+    ):
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         for c in clients:
             c.sendall(b"L")
@@ -137,36 +139,109 @@ def test_c_leak_leads_with_its_function_and_line(
             c.close()
         assert helpers.wait_for(lambda: close_wait_count(port) == 3, timeout=10)
         time.sleep(1.3)  # past the threshold
-        groups = tracer.stop()
-        # Tracing stopped; the server still lives: its frames' lines from the binary's DWARF.
-        assert groups and all(g["pid"] == server.pid and g["comm"] == "leaky_server" for g in groups)
-        touch = [f for f in groups[0]["last_touch_stack"] if f.startswith("leak_connection+")]
-        assert touch, groups[0]["last_touch_stack"]
-        resolver = LineResolver()
-        (annotated,) = resolver.annotate(server.pid, [address_of(server.pid, touch[0])], touch[:1])
+        summary, diagnosis = cw.stop(), dg.stop()
+        pid = server.pid
 
-    for g in groups:
-        raw = g["last_touch_stack"]
-        assert any(f.startswith("bpf_prog_") for f in raw), "today's stacks carry the tracer's frames"
-        assert not any(f.startswith(("bpf_prog_", "bpf_trace_run")) for f in without_tracer_frames(raw))
-        a = attribution(g, str(exe))
-        assert a.runtime is Runtime.NATIVE and a.hints == ()
-        assert a.frame is not None and a.frame.name == "leak_connection" and a.op == "RECV"
-    # leak_connection's frame is the return address of its call of read_until_eof().
-    source = (FIXTURES / "leaky_server.c").read_text().splitlines()
-    start = next(i for i, line in enumerate(source, 1) if "void leak_connection(int fd)" in line)
-    call = next(i for i, line in enumerate(source, 1) if i > start and "read_until_eof(fd);" in line)
-    assert parse_frame(annotated).label() == f"leak_connection (leaky_server.c:{call})"
-    assert parse_frame(annotated).file == str(FIXTURES / "leaky_server.c")
+    # leak_connection's frame is the return address of its call of read_until_eof(): the
+    # line of that call, from the binary's DWARF.
+    source = (FIXTURES / "leaky_server.c").read_text()
+    line = line_of(source, "read_until_eof(fd);", after="void leak_connection(int fd)")
+    (group,) = summary["groups"]
+    assert (group["pid"], group["comm"], group["count"]) == (pid, "leaky_server", 3)
+    assert group["app"] == f"leak_connection (leaky_server.c:{line})"
+    assert group["app_from"] == "post_fin_touch" and group["post_fin_touch"]["eof"]
+    assert group["app_frame"].endswith(f" at {FIXTURES / 'leaky_server.c'}:{line}")
+    assert group["runtime"] == "native" and group["hints"] == []
+    assert_no_tracer_frames(group)
+    (verdict,) = leak_verdicts(diagnosis, pid)
+    assert (
+        f"in CLOSE_WAIT at leak_connection (leaky_server.c:{line}): the app read EOF there" in verdict["text"]
+    )
+    assert verdict["functions"][0] == "leak_connection"
 
 
-GO_CLIENT = """\
+NODE_SERVER = """\
+const net = require('net');
+
+function rejectTooLarge(socket, size) {
+  socket.write(`HTTP/1.1 413 Payload Too Large\\r\\ncontent-length: ${size}\\r\\n\\r\\n`);
+  // the leak: no socket.end(); with allowHalfOpen the client's FIN leaves it open
+}
+
+function upload(socket, body) {
+  if (body.length > 16) {
+    rejectTooLarge(socket, body.length);
+    return;
+  }
+  socket.end('HTTP/1.1 201 Created\\r\\n\\r\\n');
+}
+
+function health(socket) {
+  socket.end('HTTP/1.1 200 OK\\r\\n\\r\\n');
+}
+
+const routes = { '/upload': upload, '/health': health };
+
+const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+  socket.on('data', (chunk) => {
+    const [head, body] = chunk.toString().split('\\r\\n\\r\\n');
+    const path = head.split(' ')[1];
+    (routes[path] || health)(socket, body || '');
+  });
+  socket.on('end', () => {});
+});
+server.listen(Number(process.argv[2]), '127.0.0.1', () => console.log('ready'));
+"""
+
+
+def request(port: int, path: str, body: bytes = b"") -> bytes:
+    """One request on its own connection; the reply read, then our side closed."""
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode() + body)
+        return c.recv(1000)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node (scripts/install --dev)")
+def test_node_server_leaking_on_one_route_is_named_by_that_routes_function(
+    tcptrace_cmd: list[str], port: int, tmp_path: Path
+) -> None:
+    script = tmp_path / "server.js"
+    script.write_text(NODE_SERVER)
+    node = ["node", "--perf-basic-prof", "--interpreted-frames-native-stack", str(script), str(port)]
+    # In tmp_path: --perf-basic-prof also writes V8's isolate-*-v8.log into the working directory.
+    with closewait(tcptrace_cmd, port) as cw, started(node, cwd=tmp_path) as server:
+        for _ in range(3):
+            assert request(port, "/health").startswith(b"HTTP/1.1 200")
+            assert request(port, "/upload", b"x" * 10).startswith(b"HTTP/1.1 201")
+        for _ in range(2):
+            assert request(port, "/upload", b"x" * 100).startswith(b"HTTP/1.1 413")
+        assert helpers.wait_for(lambda: close_wait_count(port) == 2, timeout=10)
+        time.sleep(1.3)  # past the threshold
+        summary = cw.stop()
+        pid = server.pid
+
+    mine = [g for g in summary["groups"] if g["pid"] == pid]
+    assert sum(g["count"] for g in mine) == 2, summary["groups"]
+    # V8 names a function by where it is defined: its line, and the column of its parameters.
+    line = line_of(NODE_SERVER, "function rejectTooLarge(")
+    for g in mine:
+        assert g["runtime"] == "node"
+        assert g["app"].startswith(f"rejectTooLarge (server.js:{line}:"), g["app"]
+        assert g["app_from"] == "pre_fin_touch" and g["pre_fin_touch"]["op"] == "SEND"
+        assert "node-end-not-called" in [h["code"] for h in g["hints"]]
+        assert_no_tracer_frames(g)
+
+
+GO_PROGRAM = """\
 package main
 
 import (
+	"bufio"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 )
 
@@ -182,97 +257,177 @@ func fetchStatus(url string) int {
 	return resp.StatusCode
 }
 
-func main() {
-	addr := "127.0.0.1:" + os.Args[1]
-	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Connection", "close")
-		fmt.Fprintln(w, "hello")
-	})
-	go http.ListenAndServe(addr, nil)
-	time.Sleep(200 * time.Millisecond)
-	for i := 0; i < 3; i++ {
-		fetchStatus("http://" + addr + "/")
+// handleConn answers one line; its error path forgets conn.Close().
+func handleConn(conn net.Conn) {
+	line, err := bufio.NewReader(conn).ReadString('\\n')
+	if err != nil || strings.TrimSpace(line) != "hello" {
+		fmt.Fprintf(conn, "ERR bad request\\n")
+		return
+	}
+	fmt.Fprintf(conn, "OK\\n")
+	conn.Close()
+}
+
+func serveRaw(addr string) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		panic(err)
 	}
 	fmt.Println("ready")
-	time.Sleep(time.Hour)
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			continue
+		}
+		go handleConn(conn)
+	}
+}
+
+func main() {
+	addr := "127.0.0.1:" + os.Args[2]
+	switch os.Args[1] {
+	case "http":
+		http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Connection", "close")
+			fmt.Fprintln(w, "hello")
+		})
+		go func() {
+			time.Sleep(200 * time.Millisecond)
+			fmt.Println("ready")
+		}()
+		http.ListenAndServe(addr, nil)
+	case "fetch":
+		for i := 0; i < 3; i++ {
+			fetchStatus("http://" + addr + "/")
+		}
+		fmt.Println("ready")
+		time.Sleep(time.Hour)
+	case "raw":
+		serveRaw(addr)
+	}
 }
 """
 
 
 @needs_go
-def test_go_client_that_never_closes_bodies_gets_the_hint(
+def test_go_client_that_never_closes_bodies_gets_the_hint_and_its_own_pid(
     tcptrace_cmd: list[str], port: int, tmp_path: Path
 ) -> None:
     with (
-        go_binary(tmp_path, GO_CLIENT) as exe,
-        Closewait(tcptrace_cmd, port) as tracer,
-        started([str(exe), str(port)]) as client,
+        go_binary(tmp_path, GO_PROGRAM) as exe,
+        closewait(tcptrace_cmd, port, touch_stacks=False) as cw,
+        diagnose(tcptrace_cmd, port) as dg,
+        started([str(exe), "http", str(port)]) as server,
+        started([str(exe), "fetch", str(port)]) as client,
     ):
         # The server closed each connection; the client never closed its side.
         assert helpers.wait_for(lambda: close_wait_count(port) == 3, timeout=10)
         time.sleep(1.3)  # past the threshold
-        groups = tracer.stop()
-        pid = client.pid
+        summary, diagnosis = cw.stop(), dg.stop()
+        pids = {"client": client.pid, "server": server.pid}
 
-    mine = [g for g in groups if g["pid"] == pid]
-    assert sum(g["count"] for g in mine) == 3, groups
+    assert {g["pid"] for g in summary["groups"]} == {pids["client"]}, summary["groups"]
+    assert sum(g["count"] for g in summary["groups"]) == 3
+    for g in summary["groups"]:
+        assert g["runtime"] == "go" and g["app"] is None  # dialled in a transport goroutine
+        assert [h["code"] for h in g["hints"]] == ["go-http-body-not-closed"]
+        assert any("net/http.(*Transport).dialConn" in e for e in g["hints"][0]["evidence"])
+        assert_no_tracer_frames(g)
+    assert leak_verdicts(diagnosis, pids["server"]) == []
+    verdicts = leak_verdicts(diagnosis, pids["client"])
+    assert verdicts and all("resp.Body.Close()" in v["text"] for v in verdicts)
+    assert all(v["text"].startswith(f"pid {pids['client']} (prog) leaks") for v in verdicts)
+
+
+@needs_go
+def test_go_server_leaking_on_an_error_path_is_named_by_its_handler_and_line(
+    tcptrace_cmd: list[str], port: int, tmp_path: Path
+) -> None:
+    with (
+        go_binary(tmp_path, GO_PROGRAM) as exe,
+        closewait(tcptrace_cmd, port) as cw,
+        started([str(exe), "raw", str(port)]) as server,
+    ):
+        for line in (b"hello\n", b"bad\n", b"hello\n", b"bad\n"):
+            with socket.create_connection(("127.0.0.1", port)) as c:
+                c.sendall(line)
+                assert c.recv(100) in (b"OK\n", b"ERR bad request\n")
+        assert helpers.wait_for(lambda: close_wait_count(port) == 2, timeout=10)
+        time.sleep(1.3)  # past the threshold
+        summary = cw.stop()
+        pid = server.pid
+
+    mine = [g for g in summary["groups"] if g["pid"] == pid]
+    assert sum(g["count"] for g in mine) == 2, summary["groups"]
+    # The error path's write, from the binary's DWARF (Go's line table, compressed).
+    line = line_of(GO_PROGRAM, 'fmt.Fprintf(conn, "ERR bad request')
     for g in mine:
-        assert g["origin_op"] == "CONNECT"
-        a = attribution(g, str(exe))
-        assert a.runtime is Runtime.GO
-        assert a.frame is None  # dialled in a transport goroutine: no stack reaches fetchStatus
-        assert [h.code for h in a.hints] == ["go-http-body-not-closed"]
-        assert any("net/http.(*Transport).dialConn" in e for e in a.hints[0].evidence)
+        assert g["runtime"] == "go"
+        assert g["app"] == f"main.handleConn (main.go:{line})", g
+        assert g["app_from"] == "pre_fin_touch" and g["pre_fin_touch"]["op"] == "SEND"
+        assert_no_tracer_frames(g)
 
 
-NODE_SERVER = """\
-const net = require('net');
+PY_SERVER = """\
+import socket, sys
 
-function rejectTooLarge(socket, size) {
-  socket.write(`ERR ${size} bytes is too large\\n`);
-  // the leak: no socket.end(); with allowHalfOpen the client's FIN leaves it open
-}
-
-function onData(socket, chunk) {
-  if (chunk.length > 16) {
-    rejectTooLarge(socket, chunk.length);
-    return;
-  }
-  socket.end('OK\\n');
-}
-
-const server = net.createServer({ allowHalfOpen: true }, (socket) => {
-  socket.on('data', (chunk) => onData(socket, chunk));
-});
-server.listen(Number(process.argv[2]), '127.0.0.1', () => console.log('ready'));
+kept = []
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    conn.recv(100)
+    conn.sendall(b"hello\\n")
+    kept.append(conn)  # the leak: never closed
 """
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="needs node")
-def test_node_server_that_never_ends_half_open_sockets_gets_the_hint(
-    tcptrace_cmd: list[str], port: int, tmp_path: Path
+def pythons() -> list[Any]:
+    """CPython 3.11 as Debian ships it, and 3.12 with -X perf where one runs."""
+    out = [pytest.param([sys.executable], id="python-running-the-tests")]
+    py312 = shutil.which("python3.12")
+    runs = py312 is not None and subprocess.run([py312, "-c", "pass"], capture_output=True).returncode == 0
+    marks = [] if runs else [pytest.mark.skip(reason="needs a python3.12")]
+    out.append(pytest.param([py312 or "python3.12", "-X", "perf"], id="python3.12-X-perf", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("python", pythons())
+def test_python_leak_names_its_functions_or_says_only_the_interpreter_is_visible(
+    python: list[str], tcptrace_cmd: list[str], port: int, tmp_path: Path
 ) -> None:
-    script = tmp_path / "server.js"
-    script.write_text(NODE_SERVER)
-    node = ["node", "--perf-basic-prof", "--interpreted-frames-native-stack", str(script), str(port)]
-    # In tmp_path: --perf-basic-prof also writes V8's isolate-*-v8.log into the working directory.
-    with Closewait(tcptrace_cmd, port) as tracer, started(node, cwd=tmp_path) as server:
+    script = tmp_path / "server.py"
+    script.write_text(PY_SERVER)
+    with (
+        closewait(tcptrace_cmd, port) as cw,
+        diagnose(tcptrace_cmd, port) as dg,
+        started([*python, str(script), str(port)]) as server,
+    ):
         for _ in range(2):
-            c = socket.create_connection(("127.0.0.1", port))
-            c.sendall(b"x" * 100)
-            assert c.recv(100).startswith(b"ERR 100 bytes")
-            c.close()
+            with socket.create_connection(("127.0.0.1", port)) as c:
+                c.sendall(b"hi")
+                assert c.recv(100) == b"hello\n"
         assert helpers.wait_for(lambda: close_wait_count(port) == 2, timeout=10)
         time.sleep(1.3)  # past the threshold
-        groups = tracer.stop()
+        summary, diagnosis = cw.stop(), dg.stop()
         pid = server.pid
         perf_map = os.path.exists(f"/tmp/perf-{pid}.map")
 
-    assert perf_map
-    mine = [g for g in groups if g["pid"] == pid]
-    assert sum(g["count"] for g in mine) == 2, groups
+    mine = [g for g in summary["groups"] if g["pid"] == pid]
+    assert sum(g["count"] for g in mine) == 2, summary["groups"]
+    assert perf_map == ("perf" in python)
     for g in mine:
-        a = attribution(g, shutil.which("node"), perf_map=perf_map)
-        assert a.runtime is Runtime.NODE
-        assert "node-end-not-called" in [h.code for h in a.hints]
-        assert any("uv__" in e for e in a.hints[0].evidence)
+        assert g["runtime"] == "python"
+        assert_no_tracer_frames(g)
+        if g["app"] is not None:  # an interpreter with frame pointers: the script's frames
+            assert g["app_frame"].startswith("py::") and f":{script}+0x" in g["app_frame"]
+            continue
+        (hint,) = [h for h in g["hints"] if h["code"] == "python-interpreter-only"]
+        assert ("its perf map names them" in hint["text"]) == perf_map
+        assert g["scope"] == f"accepted from its listener on port {port}"
+    (verdict,) = leak_verdicts(diagnosis, pid)
+    if mine[0]["app"] is None:
+        assert (
+            f"(accepted from its listener on port {port}): Only the CPython interpreter is visible"
+            in verdict["text"]
+        )
