@@ -15,9 +15,19 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 import tcptrace.system.symbols
+from tcptrace.model.attribution import ProcessFacts
+from tcptrace.model.events import Op
 from tcptrace.model.framerules import rules_from_options
 from tcptrace.model.frames import parse_frame
-from tcptrace.system.symbols import ElfLines, LineResolver, find_mapping, parse_maps
+from tcptrace.model.lifecycle import CodePath
+from tcptrace.system.symbols import (
+    ElfLines,
+    LineResolver,
+    StackLines,
+    find_mapping,
+    parse_maps,
+    process_facts,
+)
 from tests.gobuild import go_binary, needs_go
 
 PROGRAM = """\
@@ -378,3 +388,45 @@ def test_a_fifo_where_the_debug_file_should_be_is_refused(tmp_path: Path, run: t
     r = LineResolver(debug_dirs=[str(tmp_path / "debug")])
     assert r.resolve(proc.pid, [proc.return_address]) == [None]
     assert r.stats.files_opened == 1  # the binary was read; the FIFO was not taken for its debug file
+
+
+# --- StackLines: located as a stack is symbolized, annotated when shown ---------------------------
+
+
+@needs_cc
+def test_stack_lines_locate_while_the_process_lives_and_annotate_after(tmp_path: Path) -> None:
+    binary = build(tmp_path)
+    p = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    addr = int(p.stdout.readline().split()[1], 16)
+    lines = StackLines()
+    frames = ("send+0x9 [libc.so.6]", "leaky_handler+0x9 [leaky]", "[unknown]")
+    lines.remember(p.pid, [addr, addr, 1 << 47], frames)
+    # Only the application's frame was located (libc's and unknown ones never are), and no
+    # line table has been read yet: that waits until a stack is shown.
+    assert lines.resolver.stats.lookups == 1 and lines.resolver.stats.resolved == 0
+    p.kill()
+    p.wait()
+    at = f"leaky_handler+0x9 [leaky] at {tmp_path / 'leaky_server.c'}:{CALL_LINE}"
+    assert lines.annotate(p.pid, frames) == (frames[0], at, frames[2])
+    path = CodePath(Op.RECV, 0, p.pid, ustack=frames)
+    shown = lines.annotate_path(path)
+    assert shown.ustack == (frames[0], at, frames[2]) and shown.op is Op.RECV
+    # A stack with nothing located is handed back as it was.
+    other = CodePath(Op.RECV, 0, p.pid + 1, ustack=frames)
+    assert lines.annotate_path(other) is other
+    assert lines.annotate(p.pid, ["leaky_handler+0x9 [leaky]"]) == (at,)
+
+
+def test_process_facts(tmp_path: Path) -> None:
+    me = process_facts(os.getpid())
+    assert me.exe == os.path.realpath("/proc/self/exe") and me.perf_map is False
+    assert process_facts(1 << 30) == ProcessFacts(None, None)
+    # A process whose root holds /tmp/perf-NSPID.map (its pid in its own namespace).
+    proc = tmp_path / "proc"
+    (proc / "77" / "root" / "tmp").mkdir(parents=True)
+    (proc / "77" / "status").write_text("Name:\tnode\nNSpid:\t77\t12\n")
+    (proc / "77" / "exe").symlink_to("/usr/bin/node")
+    assert process_facts(77, str(proc)) == ProcessFacts("/usr/bin/node", False)
+    (proc / "77" / "root" / "tmp" / "perf-12.map").write_text("")
+    assert process_facts(77, str(proc)) == ProcessFacts("/usr/bin/node", True)
