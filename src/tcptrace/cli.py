@@ -304,15 +304,18 @@ def closewait(**given: Any) -> None:
     A socket sits in CLOSE_WAIT from the peer's FIN until its application closes it; one
     that stays is a leak. Shows the sockets in CLOSE_WAIT now, how many entered and were
     closed, how long the app took to close them, and the leak suspects (older than
-    --threshold) grouped by owning process and code path: the user and kernel stacks
-    where each socket was accepted or connected, and where the app last touched it (a
-    recv that returned 0 is the app seeing EOF). Sockets already in CLOSE_WAIT at start
-    are read from /proc and shown with ages "at least since start".
+    --threshold) grouped by owning process and code path. Each group leads with the
+    function of the application it is attributed to, with its file:line (DWARF, or a JIT's
+    perf map), or with the runtime's hint when no frame is the application's; then the
+    stacks where each socket was accepted or connected and where the app touched it before
+    and after the peer's FIN (a recv that returned 0 is the app seeing EOF). Sockets already
+    in CLOSE_WAIT at start are read from /proc and shown with ages "at least since start".
 
     \b
     Examples:
       sudo tcptrace closewait --pid 1234
-      sudo tcptrace closewait --port 8080 --threshold 30s
+      sudo tcptrace closewait --port 8080 --threshold 30s --touch-stacks
+      sudo tcptrace closewait --pid 1234 --library 'github.com/acme/kit/*' --stacks
       sudo tcptrace closewait --json --duration 60 > closewait.jsonl
       tcptrace closewait --from incident.jsonl
     """
@@ -512,8 +515,9 @@ def diagnose(**given: Any) -> None:
 
     Automates the usual workflow: the state distribution at the start and the end; the
     owners of CLOSE_WAIT sockets and their remotes (one remote dominating, or many
-    distinct); sockets stuck across the window; leaks attributed to a process and code
-    path (where the socket was accepted, where the app read EOF and did not close);
+    distinct); sockets stuck across the window; leaks attributed to a process and the
+    function of its code, with file:line (where the app read EOF and did not close, where
+    it accepted the socket), or to a runtime's known pattern;
     TIME_WAIT creation by process against the ephemeral port range; close() latency; the
     settings. See docs/diagnose.md.
 

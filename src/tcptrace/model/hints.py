@@ -284,8 +284,7 @@ def _python_interpreter_only(samples: Sequence[StackSample], perf_map: bool | No
     return [
         Hint(
             "python-interpreter-only",
-            f"Only the CPython interpreter is visible, not the Python functions: {how}; the owner "
-            "and its ports still say which process and listener leak",
+            f"Only the CPython interpreter is visible, not the Python functions: {how}",
             _dedup(interp[:3]),
         )
     ]
