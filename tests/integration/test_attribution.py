@@ -98,6 +98,21 @@ def close_wait_count(port: int) -> int:
     return helpers.SS().count(port, "close-wait")
 
 
+def summaries_once_leaked(port: int, count: int, *tracers: Traced) -> list[dict[str, Any]]:
+    """Each tracer's summary, once ``count`` sockets of ``port`` are in CLOSE_WAIT (ss) and
+    older than the threshold."""
+    assert helpers.wait_for(lambda: close_wait_count(port) == count, timeout=10)
+    time.sleep(1.3)  # past the threshold
+    return [t.stop() for t in tracers]
+
+
+def groups_of(summary: dict[str, Any], pid: int, count: int) -> list[dict[str, Any]]:
+    """The groups of ``pid`` in closewait's summary, which hold ``count`` sockets together."""
+    mine = [g for g in summary["groups"] if g["pid"] == pid]
+    assert sum(g["count"] for g in mine) == count, summary["groups"]
+    return mine
+
+
 def stacks_of(group: dict[str, Any]) -> list[list[str]]:
     """Every stack of a group in closewait's JSON."""
     out = [group["origin_stack"], group["last_touch_stack"]]
@@ -137,9 +152,7 @@ def test_c_leak_is_named_with_its_function_and_line(
         time.sleep(0.3)  # the server's threads are reading, waiting for EOF
         for c in clients:
             c.close()
-        assert helpers.wait_for(lambda: close_wait_count(port) == 3, timeout=10)
-        time.sleep(1.3)  # past the threshold
-        summary, diagnosis = cw.stop(), dg.stop()
+        summary, diagnosis = summaries_once_leaked(port, 3, cw, dg)
         pid = server.pid
 
     # leak_connection's frame is the return address of its call of read_until_eof(): the
@@ -215,13 +228,10 @@ def test_node_server_leaking_on_one_route_is_named_by_that_routes_function(
             assert request(port, "/upload", b"x" * 10).startswith(b"HTTP/1.1 201")
         for _ in range(2):
             assert request(port, "/upload", b"x" * 100).startswith(b"HTTP/1.1 413")
-        assert helpers.wait_for(lambda: close_wait_count(port) == 2, timeout=10)
-        time.sleep(1.3)  # past the threshold
-        summary = cw.stop()
+        (summary,) = summaries_once_leaked(port, 2, cw)
         pid = server.pid
 
-    mine = [g for g in summary["groups"] if g["pid"] == pid]
-    assert sum(g["count"] for g in mine) == 2, summary["groups"]
+    mine = groups_of(summary, pid, 2)
     # V8 names a function by where it is defined: its line, and the column of its parameters.
     line = line_of(NODE_SERVER, "function rejectTooLarge(")
     for g in mine:
@@ -321,9 +331,7 @@ def test_go_client_that_never_closes_bodies_gets_the_hint_and_its_own_pid(
         started([str(exe), "fetch", str(port)]) as client,
     ):
         # The server closed each connection; the client never closed its side.
-        assert helpers.wait_for(lambda: close_wait_count(port) == 3, timeout=10)
-        time.sleep(1.3)  # past the threshold
-        summary, diagnosis = cw.stop(), dg.stop()
+        summary, diagnosis = summaries_once_leaked(port, 3, cw, dg)
         pids = {"client": client.pid, "server": server.pid}
 
     assert {g["pid"] for g in summary["groups"]} == {pids["client"]}, summary["groups"]
@@ -352,13 +360,10 @@ def test_go_server_leaking_on_an_error_path_is_named_by_its_handler_and_line(
             with socket.create_connection(("127.0.0.1", port)) as c:
                 c.sendall(line)
                 assert c.recv(100) in (b"OK\n", b"ERR bad request\n")
-        assert helpers.wait_for(lambda: close_wait_count(port) == 2, timeout=10)
-        time.sleep(1.3)  # past the threshold
-        summary = cw.stop()
+        (summary,) = summaries_once_leaked(port, 2, cw)
         pid = server.pid
 
-    mine = [g for g in summary["groups"] if g["pid"] == pid]
-    assert sum(g["count"] for g in mine) == 2, summary["groups"]
+    mine = groups_of(summary, pid, 2)
     # The error path's write, from the binary's DWARF (Go's line table, compressed).
     line = line_of(GO_PROGRAM, 'fmt.Fprintf(conn, "ERR bad request')
     for g in mine:
@@ -407,14 +412,11 @@ def test_python_leak_names_its_functions_or_says_only_the_interpreter_is_visible
             with socket.create_connection(("127.0.0.1", port)) as c:
                 c.sendall(b"hi")
                 assert c.recv(100) == b"hello\n"
-        assert helpers.wait_for(lambda: close_wait_count(port) == 2, timeout=10)
-        time.sleep(1.3)  # past the threshold
-        summary, diagnosis = cw.stop(), dg.stop()
+        summary, diagnosis = summaries_once_leaked(port, 2, cw, dg)
         pid = server.pid
         perf_map = os.path.exists(f"/tmp/perf-{pid}.map")
 
-    mine = [g for g in summary["groups"] if g["pid"] == pid]
-    assert sum(g["count"] for g in mine) == 2, summary["groups"]
+    mine = groups_of(summary, pid, 2)
     assert perf_map == ("perf" in python)
     for g in mine:
         assert g["runtime"] == "python"

@@ -143,11 +143,7 @@ class LeakAttribution:
 
     def headline(self) -> str:
         """What leads the group: the application frame, else the first hint in a few words."""
-        if self.frame is not None:
-            return self.frame.label()
-        if self.hints:
-            return self.hints[0].title
-        return NO_APP_FRAME
+        return self.attribution.headline(short=True) or NO_APP_FRAME
 
     def to_json(self) -> dict[str, Any]:
         """The group's attribution for ``--json`` and the agent's log: the application frame

@@ -97,12 +97,13 @@ class Attribution:
     op: str | None  # the operation whose stack gave it
     hints: tuple[Hint, ...]
 
-    def headline(self) -> str | None:
-        """``leak_connection (leaky_server.c:85)``, or the first hint when no frame is the app's."""
+    def headline(self, short: bool = False) -> str | None:
+        """``leak_connection (leaky_server.c:85)``, or the first hint when no frame is the app's
+        (``short``: in a few words)."""
         if self.frame is not None:
             return self.frame.label()
         if self.hints:
-            return self.hints[0].text
+            return self.hints[0].title if short else self.hints[0].text
         return None
 
     def to_json(self) -> dict[str, object]:
