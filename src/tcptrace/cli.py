@@ -6,6 +6,7 @@ below, as decorators; what a command does with them is in its module.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import sys
@@ -15,8 +16,9 @@ from typing import Any, Protocol, TypeVar, cast
 import click
 
 from tcptrace import __version__
-from tcptrace.commands.options import DEFAULT_RULES_FILE, FilterOptions, FrameRuleOptions
+from tcptrace.commands.options import DEFAULT_RULES_FILE, DEFAULT_THRESHOLD, FilterOptions, FrameRuleOptions
 from tcptrace.errors import TcptraceError
+from tcptrace.model.closewait import parse_duration
 from tcptrace.model.filters import MAX_PORTS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -28,12 +30,36 @@ class Decorator(Protocol):
     def __call__(self, fn: F, /) -> F: ...
 
 
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as one line on stderr (click's own shows the usage first)."""
+
+    def __init__(self, exc: click.UsageError) -> None:
+        super().__init__(exc.format_message(), exc.ctx)
+
+    def show(self, file: Any = None) -> None:
+        where = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"tcptrace: error: {self.format_message().rstrip('.')}{where}", err=True)
+
+
 class TcptraceGroup(click.Group):
-    """Turns TcptraceError into one line on stderr and its exit code: never a traceback."""
+    """Turns TcptraceError into one line on stderr and its exit code, and a usage error into
+    one line with exit code 2: never a traceback."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise OneLineUsageError(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except OneLineUsageError:
+            raise
+        except click.UsageError as exc:  # a command's options did not parse
+            raise OneLineUsageError(exc) from None
         except TcptraceError as exc:
             hint = f" ({exc.hint})" if exc.hint else ""
             click.echo(f"tcptrace: error: {exc}{hint}", err=True)
@@ -63,6 +89,12 @@ def cli() -> None:
     """
 
 
+def run_isolated(run: Callable[..., None], given: dict[str, Any]) -> None:
+    """A command's ``run(**given)`` in a context of its own: what it sets for its output (the
+    time units of its tables) ends with it."""
+    contextvars.copy_context().run(functools.partial(run, **given))
+
+
 # ---- shared options ----------------------------------------------------------------------
 
 
@@ -77,34 +109,156 @@ def options(*decorators: Decorator) -> Decorator:
     return apply
 
 
+class IntList(click.ParamType[tuple[int, ...], Any]):
+    """Integers in ``[low, high]``, one or a comma list (``80,443``); a repeated option
+    gathers every list."""
+
+    name = "integer list"
+
+    def __init__(self, low: int, high: int, metavar: str) -> None:
+        self.low, self.high, self.metavar = low, high, metavar
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return self.metavar
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        out = []
+        for item in str(value).split(","):
+            text = item.strip()
+            if not text.isdigit():
+                self.fail(f"{text!r} is not a number" if text else f"{value!r} has an empty item", param, ctx)
+            number = int(text)
+            if not self.low <= number <= self.high:
+                self.fail(f"{number} is not in {self.low}-{self.high}", param, ctx)
+            out.append(number)
+        return tuple(out)
+
+
+class Seconds(click.ParamType[float, Any]):
+    """A time: ``30s``, ``500ms``, ``250us``, ``2m``, ``1h``, or a bare number of seconds; as
+    float seconds, at least ``minimum`` (above it when ``min_open``)."""
+
+    name = "time"
+
+    def __init__(self, minimum: float = 0.0, min_open: bool = False) -> None:
+        self.minimum, self.min_open = minimum, min_open
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            seconds = value
+        else:
+            try:
+                seconds = parse_duration(str(value)) / 1e9
+            except ValueError as exc:
+                self.fail(str(exc), param, ctx)
+        if seconds < self.minimum or (self.min_open and seconds == self.minimum):
+            bound = "above" if self.min_open else "at least"
+            self.fail(f"{value} is not {bound} {self.minimum:g}s", param, ctx)
+        return seconds
+
+
+def _flat(lists: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(n for items in lists for n in items))
+
+
 def filter_options(fn: F) -> F:
-    """--pid, --comm, --port, -4/-6 (applied in the kernel, and to recordings alike), handed
-    to the command as one ``filters`` value."""
+    """The filters (applied in the kernel, and to recordings alike), handed to the command
+    as one ``filters`` value. Short forms as bcc's tools have them: -p, -c, -L, -D, -4, -6."""
 
     @functools.wraps(fn)
     def with_filters(
         *args: Any,
-        pid: int | None,
+        pids: tuple[tuple[int, ...], ...],
         comm: str | None,
-        ports: tuple[int, ...],
+        ports: tuple[tuple[int, ...], ...],
+        local_ports: tuple[tuple[int, ...], ...],
+        remote_ports: tuple[tuple[int, ...], ...],
         ipv4: bool,
         ipv6: bool,
+        netns: tuple[str, ...],
+        cgroups: tuple[str, ...],
+        containers: tuple[str, ...],
         **kwargs: Any,
     ) -> Any:
-        return fn(*args, filters=FilterOptions(pid, comm, tuple(ports), ipv4, ipv6), **kwargs)
+        given = FilterOptions(
+            pids=_flat(pids),
+            comm=comm,
+            ports=_flat(ports),
+            ipv4=ipv4,
+            ipv6=ipv6,
+            local_ports=_flat(local_ports),
+            remote_ports=_flat(remote_ports),
+            netns=netns,
+            cgroups=cgroups,
+            containers=containers,
+        )
+        return fn(*args, filters=given, **kwargs)
 
+    ports = IntList(1, 65535, "PORT[,PORT...]")
     return options(
-        click.option("--pid", type=click.IntRange(min=1), help="Sockets owned by this process."),
-        click.option("--comm", help="Sockets owned by a process of this name (first 15 characters)."),
+        click.option(
+            "-p",
+            "--pid",
+            "pids",
+            multiple=True,
+            type=IntList(1, (1 << 32) - 1, "PID[,PID...]"),
+            help="Sockets owned by these processes (repeatable, or a comma list: -p 12,34).",
+        ),
+        click.option("-c", "--comm", help="Sockets owned by a process of this name (first 15 characters)."),
         click.option(
             "--port",
             "ports",
             multiple=True,
-            type=click.IntRange(1, 65535),
-            help=f"Sockets with this local or remote port (repeatable, up to {MAX_PORTS}).",
+            type=ports,
+            help=f"Sockets with one of these ports, local or remote (repeatable or a comma list; "
+            f"up to {MAX_PORTS} ports with -L and -D).",
+        ),
+        click.option(
+            "-L",
+            "--local-port",
+            "local_ports",
+            multiple=True,
+            type=ports,
+            help="Sockets with one of these local ports (bcc's -L).",
+        ),
+        click.option(
+            "-D",
+            "--remote-port",
+            "remote_ports",
+            multiple=True,
+            type=ports,
+            help="Sockets with one of these remote ports (bcc's -D).",
         ),
         click.option("-4", "ipv4", is_flag=True, help="IPv4 sockets only."),
         click.option("-6", "ipv6", is_flag=True, help="IPv6 sockets only."),
+        click.option(
+            "--netns",
+            multiple=True,
+            metavar="INODE|PID|NAME",
+            help="Sockets of this network namespace: its inode, a process in it, or its `ip netns` name.",
+        ),
+        click.option(
+            "--cgroup",
+            "cgroups",
+            multiple=True,
+            metavar="PATH",
+            help="Sockets owned by processes in this cgroup v2 (/system.slice/nginx.service) or under it.",
+        ),
+        click.option(
+            "--container",
+            "containers",
+            multiple=True,
+            metavar="ID",
+            help="Sockets owned by a container whose id starts with ID (docker, containerd, CRI-O, "
+            "podman; one started later too).",
+        ),
     )(cast(F, with_filters))
 
 
@@ -143,17 +297,20 @@ def frame_rule_options(fn: F) -> F:
 
 
 def interval_option(
-    help: str = "Refresh every S seconds.", *, default: float = 1.0, minimum: float = 0.1
+    help: str = "Refresh every TIME (1s, 500ms; a bare number is seconds).",
+    *,
+    default: str = "1s",
+    minimum: float = 0.1,
+) -> Decorator:
+    return click.option("--interval", type=Seconds(minimum), default=default, show_default=True, help=help)
+
+
+def duration_option(
+    help: str = "Stop after TIME (30s, 2m, 1h; a bare number is seconds).", *, default: str | None = None
 ) -> Decorator:
     return click.option(
-        "--interval", type=click.FloatRange(min=minimum), default=default, show_default=True, help=help
-    )
-
-
-def duration_option(help: str = "Stop after S seconds.", *, default: float | None = None) -> Decorator:
-    return click.option(
         "--duration",
-        type=click.FloatRange(min=0, min_open=True),
+        type=Seconds(0, min_open=True),
         default=default,
         show_default=default is not None,
         help=help,
@@ -161,7 +318,26 @@ def duration_option(help: str = "Stop after S seconds.", *, default: float | Non
 
 
 def json_option(help: str) -> Decorator:
-    return click.option("--json", "as_json", is_flag=True, help=help)
+    return click.option("-j", "--json", "as_json", is_flag=True, help=help)
+
+
+def units_option(fn: F) -> F:
+    """--units: how tables print times."""
+    return click.option(
+        "--units",
+        type=click.Choice(["auto", "ms", "us"]),
+        default="auto",
+        show_default=True,
+        help="Times in tables: auto-scaled text (1.2ms), or plain numbers of ms or us in a column "
+        "whose header names the unit (for scripts).",
+    )(fn)
+
+
+def timestamps_option(fn: F) -> F:
+    """-T: the time of day in front of each periodic line (as bcc's tools)."""
+    return click.option(
+        "-T", "--timestamps", is_flag=True, help="Print the time of day (HH:MM:SS) before each periodic line."
+    )(fn)
 
 
 def from_option(help: str) -> Decorator:
@@ -177,9 +353,11 @@ def stacks_option(help: str) -> Decorator:
 
 
 def threshold_option(
-    default: str, help: str = "A socket in CLOSE_WAIT longer than this is a leak suspect (5s, 500ms, 2m)."
+    help: str = "A socket in CLOSE_WAIT at least this long is a leak suspect (5s, 500ms, 2m).",
 ) -> Decorator:
-    return click.option("--threshold", default=default, show_default=True, help=help)
+    return click.option(
+        "--threshold", type=Seconds(0), default=DEFAULT_THRESHOLD, show_default=True, help=help
+    )
 
 
 def _power_of_two(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
@@ -199,7 +377,7 @@ ringbuf_option = click.option(
 # --interval, --duration, --json, --from: what the streaming and aggregating commands share.
 run_options = options(
     interval_option(minimum=0.05),
-    duration_option("Stop after S seconds and print the summary."),
+    duration_option("Stop after TIME (30s, 2m; a bare number is seconds) and print the summary."),
     json_option("One JSON object per line; the last is the summary."),
     from_option("Replay a recording (from `tcptrace record`) instead of tracing the kernel."),
 )
@@ -212,6 +390,7 @@ run_options = options(
 @filter_options
 @run_options
 @stacks_option("Show kernel and user stacks of each transition (costs ~2 us each).")
+@units_option
 @ringbuf_option
 def states(**given: Any) -> None:
     """Stream every TCP state transition, live.
@@ -230,7 +409,7 @@ def states(**given: Any) -> None:
     """
     from tcptrace.commands import states as command
 
-    command.run(**given)
+    run_isolated(command.run, given)
 
 
 @cli.command()
@@ -263,7 +442,7 @@ def record(**given: Any) -> None:
     """
     from tcptrace.commands import record as command
 
-    command.run(**given)
+    run_isolated(command.run, given)
 
 
 @cli.command()
@@ -282,13 +461,13 @@ def doctor() -> None:
 @cli.command()
 @filter_options
 @run_options
-@threshold_option("5s")
+@threshold_option()
 @click.option(
     "--recheck",
-    type=click.FloatRange(min=0),
-    default=10.0,
+    type=Seconds(0),
+    default="10s",
     show_default=True,
-    help="Compare with /proc every S seconds, to repair a transition the kernel skipped (0: never).",
+    help="Compare with /proc every TIME, to repair a transition the kernel skipped (0: never).",
 )
 @click.option(
     "--touch-stacks",
@@ -298,6 +477,8 @@ def doctor() -> None:
 )
 @stacks_option("Show every frame of each code path (by default, those around the application's).")
 @frame_rule_options
+@units_option
+@timestamps_option
 def closewait(**given: Any) -> None:
     """Time every socket in CLOSE_WAIT and find the code paths that leak them.
 
@@ -321,7 +502,7 @@ def closewait(**given: Any) -> None:
     """
     from tcptrace.commands import closewait as command
 
-    command.run(**given)
+    run_isolated(command.run, given)
 
 
 @cli.command()
@@ -331,11 +512,12 @@ def closewait(**given: Any) -> None:
 @stacks_option("One histogram per user code path of the call (costs ~1 us a call).")
 @click.option(
     "--close-wait-min",
-    type=click.FloatRange(min=0),
-    default=1.0,
+    type=Seconds(0),
+    default="1s",
     show_default=True,
-    help="Flag a close() of a socket that had sat in CLOSE_WAIT at least S seconds.",
+    help="Flag a close() of a socket that had sat in CLOSE_WAIT at least TIME.",
 )
+@units_option
 def closelat(**given: Any) -> None:
     """Histograms of how long close() takes on TCP sockets, per process.
 
@@ -356,7 +538,7 @@ def closelat(**given: Any) -> None:
     """
     from tcptrace.commands import closelat as command
 
-    command.run(**given)
+    run_isolated(command.run, given)
 
 
 @cli.command()
@@ -368,6 +550,7 @@ def closelat(**given: Any) -> None:
     help="With --json: also every timewait socket's creation, conversion and end, and each "
     "reset (makes the output replayable with --from).",
 )
+@timestamps_option
 def timewait(**given: Any) -> None:
     """Count TIME_WAIT creation exactly: rates, who, to where, and when the ports run out.
 
@@ -389,7 +572,7 @@ def timewait(**given: Any) -> None:
     """
     from tcptrace.commands import timewait as command
 
-    command.run(**given)
+    run_isolated(command.run, given)
 
 
 @cli.command()
@@ -401,14 +584,14 @@ def timewait(**given: Any) -> None:
     help="HOST:PORT of the /metrics endpoint. Loopback unless told otherwise: metrics name "
     "processes, pids and remote ports.",
 )
-@threshold_option("30s", "A socket in CLOSE_WAIT this long is a leak suspect (30s, 500ms, 2m).")
-@interval_option("Read the kernel's maps and /proc, and refresh the metrics, every S seconds.", default=5.0)
+@threshold_option()
+@interval_option("Read the kernel's maps and /proc, and refresh the metrics, every TIME.", default="5s")
 @click.option(
     "--states-interval",
-    type=click.FloatRange(min=0),
-    default=30.0,
+    type=Seconds(0),
+    default="30s",
     show_default=True,
-    help="Count sockets by state from /proc/net/tcp{,6} every S seconds (0: never; ~3 us a socket).",
+    help="Count sockets by state from /proc/net/tcp{,6} every TIME (0: never; ~3 us a socket).",
 )
 @duration_option()
 @click.option(
@@ -440,6 +623,12 @@ def timewait(**given: Any) -> None:
 )
 @click.option("--no-stacks", is_flag=True, help="No code paths in leak-suspect logs (saves ~1 us an accept).")
 @frame_rule_options
+@click.option(
+    "--no-pid-label",
+    is_flag=True,
+    help="Leave the pid label out of per-process metrics (comm, container, pod and namespace stay), "
+    "so that restarts do not start new series.",
+)
 @ringbuf_option
 def agent(**given: Any) -> None:
     """Run headless and export Prometheus metrics; log leak suspects as JSON lines.
@@ -459,7 +648,7 @@ def agent(**given: Any) -> None:
     """
     from tcptrace.commands import agent as command
 
-    command.run(**given)
+    run_isolated(command.run, given)
 
 
 @cli.command()
@@ -467,7 +656,7 @@ def agent(**given: Any) -> None:
 @interval_option()
 @duration_option()
 @from_option("Replay a recording (from `tcptrace record --stacks`) instead of tracing the kernel.")
-@threshold_option("5s")
+@threshold_option()
 @click.option(
     "--sort",
     type=click.Choice(["c", "t", "l"]),
@@ -476,6 +665,7 @@ def agent(**given: Any) -> None:
     help="Sort processes by CLOSE_WAIT (c), TIME_WAIT created/s (t) or close() p99 (l).",
 )
 @frame_rule_options
+@units_option
 def top(**given: Any) -> None:
     """One live screen: sockets per state, rates, the processes behind them, close() times.
 
@@ -493,13 +683,13 @@ def top(**given: Any) -> None:
     """
     from tcptrace.commands import top as command
 
-    command.run(**given)
+    run_isolated(command.run, given)
 
 
 @cli.command()
 @filter_options
-@duration_option("Observe for S seconds (Ctrl-C stops early and still diagnoses).", default=10.0)
-@interval_option("Sample every S seconds.")
+@duration_option("Observe for TIME (Ctrl-C stops early and still diagnoses).", default="10s")
+@interval_option("Sample every TIME.")
 @json_option("The diagnosis as JSON (a header line, then the summary).")
 @click.option(
     "--report",
@@ -508,8 +698,8 @@ def top(**given: Any) -> None:
 )
 @force_option("Overwrite the --report file if it exists.")
 @from_option("Diagnose a recording (from `tcptrace record --stacks`) instead of the live kernel.")
-@threshold_option("2s")
 @frame_rule_options
+@threshold_option()
 def diagnose(**given: Any) -> None:
     """Watch for a while, then say what is wrong, with the evidence.
 
@@ -530,13 +720,13 @@ def diagnose(**given: Any) -> None:
     """
     from tcptrace.commands import diagnose as command
 
-    command.run(**given)
+    run_isolated(command.run, given)
 
 
 @cli.command()
 @duration_option()
 @interval_option()
-@threshold_option("3s")
+@threshold_option()
 def demo(**given: Any) -> None:
     """See tcptrace find a leak: a leaky server and a churning client on loopback.
 
@@ -552,7 +742,7 @@ def demo(**given: Any) -> None:
     """
     from tcptrace.commands import demo as command
 
-    command.run(**given)
+    run_isolated(command.run, given)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,9 +4,17 @@ A recording is what ``tcptrace record`` and ``tcptrace states --json`` write::
 
     {"type": "header", "format": "tcptrace", "version": 1, "clock_offset_ns": ..., ...}
     {"type": "transition", "ts_ns": ..., "old": "ESTABLISHED", "new": "FIN_WAIT1", ...}
+    {"type": "cgroup", "id": ..., "path": "/kubepods.slice/...", "pod": ..., ...}
+    {"type": "process", "pid": ..., "nspid": ...}
     {"type": "lost", "lost": ..., "new": ...}
     ...
     {"type": "summary", "events": ..., "lost": ..., ...}
+
+``cgroup`` and ``process`` lines come before the first event that names the cgroup id or
+the pid: the cgroup's path (and the pod and container names the node knew), the pid the
+process has in its own pid namespace where it differs. With the header's ``host_netns``
+they let a replay, on any host, name owners in container terms and filter by --cgroup and
+--container as the live run did (model/workload.py ``KnownWorkloads``).
 
 ``ts_ns`` is the kernel's CLOCK_MONOTONIC; ``clock_offset_ns`` turns it into wall time.
 Every analysis command replays a recording through the same model code as a live run.
@@ -33,6 +41,7 @@ import select
 import stat
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -48,6 +57,7 @@ from tcptrace.model.events import (
     from_json,
     to_json,
 )
+from tcptrace.model.workload import KnownWorkloads, Whois, Workload, identify
 from tcptrace.printable import printable
 
 FORMAT = "tcptrace"
@@ -83,6 +93,10 @@ ring buffer, in the order they were reserved: microseconds apart, never a second
 FIFO_WAIT_S = 10.0
 """How long a FIFO given to --from may go without a writer."""
 MAX_FRAMES = 512
+MAX_TABLE = 1 << 16
+"""Most distinct cgroups, and pids, a recording's ``cgroup`` and ``process`` lines name."""
+MAX_PATH = 4096
+MAX_NAME = 253  # a Kubernetes name (DNS subdomain)
 MAX_COMM = 64  # TASK_COMM_LEN bytes, each possibly shown as \\xNN
 
 I64 = (-(1 << 63), (1 << 63) - 1)
@@ -108,6 +122,14 @@ class Recording:
     """True once every line was read."""
     warn: Callable[[str], None] | None = field(default=None, repr=False)
     """Where the warning of a recording cut short goes (default: a line on stderr)."""
+    whois: KnownWorkloads = field(default_factory=KnownWorkloads)
+    """What the recording's ``cgroup`` and ``process`` lines said so far, and its host's
+    network namespace."""
+
+    def cgroup_path(self, cgroup: int) -> str | None:
+        """A cgroup id's path as the recording names it (what --cgroup is compared with)."""
+        found = self.whois.cgroups.get(cgroup)
+        return None if found is None else found.identity.path
 
     @property
     def clock_offset_ns(self) -> int:
@@ -160,6 +182,9 @@ class Recording:
                 _check_fields(self.path, lineno, obj, _LOST, ("lost",))
                 self.lost_lines = max(self.lost_lines, obj["lost"])
                 continue
+            if kind in ("cgroup", "process"):
+                self._table_line(lineno, kind, obj)
+                continue
             # Objects of other kinds (periodic reports of analysis commands) are not
             # events; a recording may carry them and replay skips them.
             if self.on_report is not None:
@@ -170,6 +195,21 @@ class Recording:
                 f"{self.path}: no summary line: the recording was cut short (its recorder was "
                 f"stopped before the end); losses known: {self.lost}"
             )
+
+    def _table_line(self, lineno: int, kind: str, obj: dict[str, Any]) -> None:
+        table: dict[int, Any]
+        if kind == "cgroup":
+            _check_fields(self.path, lineno, obj, _CGROUP, ("id", "path"))
+            table, key = self.whois.cgroups, obj["id"]
+            value: Any = Workload(
+                identify(obj["path"]), obj.get("pod"), obj.get("namespace"), obj.get("container")
+            )
+        else:
+            _check_fields(self.path, lineno, obj, _PROCESS, ("pid", "nspid"))
+            table, key, value = self.whois.nspids, obj["pid"], obj["nspid"]
+        if key not in table and len(table) >= MAX_TABLE:
+            raise RecordingError(f"{self.path}:{lineno}: more than {MAX_TABLE} {kind} lines")
+        table[key] = value
 
     def _report(self, lineno: int, obj: dict[str, Any]) -> None:
         assert self.on_report is not None
@@ -435,7 +475,24 @@ _REQUIRED = {
 }
 _SUMMARY: dict[str, Check] = {"lost": _int(*U64), "end_ns": _NS_OR_NULL, "events": _int(*U64, null=True)}
 _LOST: dict[str, Check] = {"lost": _int(*U64), "new": _int(*U64)}
-_HEADER: dict[str, Check] = {"clock_offset_ns": _int(*TS)}
+_HEADER: dict[str, Check] = {"clock_offset_ns": _int(*TS), "host_netns": _int(*U32, null=True)}
+
+
+def _cgroup_path(value: Any) -> str | None:
+    problem = _text(MAX_PATH)(value)
+    if problem is None and not value.startswith("/"):
+        return "not an absolute cgroup path"
+    return problem
+
+
+_CGROUP: dict[str, Check] = {
+    "id": _int(*U64),
+    "path": _cgroup_path,
+    "pod": _text(MAX_NAME, null=True),
+    "namespace": _text(MAX_NAME, null=True),
+    "container": _text(MAX_NAME, null=True),
+}
+_PROCESS: dict[str, Check] = {"pid": _int(1, U32[1]), "nspid": _int(1, U32[1])}
 
 
 def _check_fields(
@@ -486,7 +543,9 @@ def open_recording(path: str) -> Recording:
     except BaseException:
         handle.close()
         raise
-    return Recording(path=path, header=header, _lines=lines)
+    recording = Recording(path=path, header=header, _lines=lines)
+    recording.whois.host_netns = header.get("host_netns")
+    return recording
 
 
 _KINDS = {
@@ -580,3 +639,46 @@ class JsonLinesWriter:
 
     def event(self, event: SocketEvent) -> None:
         self.write(to_json(event))
+
+
+class WhoisLines:
+    """Writes the ``cgroup`` and ``process`` lines a recording carries (see the module's
+    docstring), each before the first event naming its cgroup id or pid: what ``whois`` says
+    of them then. Ids already written are remembered in a bounded LRU (one forgotten is
+    written again: a replay takes the last line)."""
+
+    def __init__(self, whois: Whois, writer: JsonLinesWriter, remember: int = MAX_TABLE) -> None:
+        self.whois = whois
+        self.writer = writer
+        self.remember = remember
+        self._cgroups: OrderedDict[int, None] = OrderedDict()
+        self._pids: OrderedDict[tuple[int, int | None], None] = OrderedDict()
+
+    def before(self, event: SocketEvent) -> None:
+        cgroup = event.cgroup
+        if cgroup is not None and self._first(self._cgroups, cgroup):
+            found = self.whois.workload(cgroup)
+            if found is not None:
+                self.writer.write(
+                    {
+                        "type": "cgroup",
+                        "id": cgroup,
+                        "path": found.identity.path,
+                        "pod": found.pod_name,
+                        "namespace": found.namespace,
+                        "container": found.container_name,
+                    }
+                )
+        if event.pid is not None and self._first(self._pids, (event.pid, event.pid_start_ns)):
+            nspid = self.whois.nspid(event.pid)
+            if nspid is not None:
+                self.writer.write({"type": "process", "pid": event.pid, "nspid": nspid})
+
+    def _first(self, seen: OrderedDict[Any, None], key: Any) -> bool:
+        if key in seen:
+            seen.move_to_end(key)
+            return False
+        seen[key] = None
+        if len(seen) > self.remember:
+            seen.popitem(last=False)
+        return True

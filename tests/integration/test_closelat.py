@@ -292,7 +292,7 @@ def test_pid_filter_and_stacks_name_the_code_path(port: int, fixture_bin: Fixtur
     try:
         assert child.stdout is not None and child.stdin is not None
         assert child.stdout.readline().strip() == "ready"
-        with tracer(EventFilter(pid=child.pid), stacks=True) as t:
+        with tracer(EventFilter(pids=frozenset({child.pid})), stacks=True) as t:
             child.stdin.write("g")
             child.stdin.flush()
             assert child.stdout.readline().strip() == "done"

@@ -129,7 +129,7 @@ def test_pid_filter_follows_the_owner_into_softirq(port: int, fixture_bin: Fixtu
     listener.listen(8)
     child = subprocess.Popen([str(exe), "127.0.0.1", str(port), "1"], stdin=subprocess.PIPE, text=True)
     try:
-        with load_parts(flt=EventFilter(pid=child.pid), stacks=True) as program:
+        with load_parts(flt=EventFilter(pids=frozenset({child.pid})), stacks=True) as program:
             stream = KernelStream(program, symbolize=True)
             assert child.stdin is not None
             child.stdin.write("go\n")

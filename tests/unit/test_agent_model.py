@@ -122,7 +122,7 @@ def test_idle_map_entries_are_returned_for_deletion_and_counted_once() -> None:
     m.forgot("tw_procs", [1])
     # The kernel recreates the entry from zero for pid 1's next TIME_WAIT.
     m.tick(3 * NS, tw_procs={1: ProcTw("a", created=2)})
-    assert dict(m.tw_by_proc.items())[(1, "a")] == 5
+    assert dict(m.tw_by_proc.items())[(1, "a", "", "", "")] == 5
     assert m.pruned["tw_procs"] == 1
 
 

@@ -10,7 +10,18 @@ import pytest
 
 from tcptrace.cli import cli
 
-FILTERS = {"pid", "comm", "ports", "ipv4", "ipv6"}
+FILTERS = {
+    "pids",
+    "comm",
+    "ports",
+    "local_ports",
+    "remote_ports",
+    "ipv4",
+    "ipv6",
+    "netns",
+    "cgroups",
+    "containers",
+}
 FRAME_RULES = {"library", "app", "rules_file"}
 COMMANDS = (
     "states",

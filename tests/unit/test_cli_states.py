@@ -55,7 +55,7 @@ def test_family_filter_on_replay(data_dir: Path) -> None:
     [
         (["states", "--port", "0"], "Invalid value for '--port'"),
         (["states", "--port", "http"], "Invalid value for '--port'"),
-        (["states", "--pid", "-5"], "Invalid value for '--pid'"),
+        (["states", "--pid", "-5"], "Invalid value for '-p' / '--pid'"),
         (["states", "-4", "-6"], "-4 and -6 exclude each other"),
         (["states", "--pid", "999999999"], "no process with pid 999999999"),
         (["states", "--duration", "0"], "Invalid value for '--duration'"),

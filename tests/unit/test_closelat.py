@@ -115,7 +115,9 @@ def test_rows_are_sorted_busiest_first() -> None:
 
 def test_filters_apply_to_rows() -> None:
     rows = [row(WEB, [1]), row(DB, [2])]
-    assert [r.key for r in CloseLatency(flt=EventFilter(pid=200)).snapshot(S, rows).rows] == [DB]
+    assert [r.key for r in CloseLatency(flt=EventFilter(pids=frozenset({200}))).snapshot(S, rows).rows] == [
+        DB
+    ]
     assert [r.key for r in CloseLatency(flt=EventFilter(comm="web")).snapshot(S, rows).rows] == [WEB]
     long_name = CallKey(7, "a-very-long-pro", Op.CLOSE)  # the kernel keeps 15 characters
     flt = EventFilter(comm="a-very-long-process-name")

@@ -167,7 +167,7 @@ def test_pid_filter_on_a_replay_keeps_only_that_owners_sockets(tmp_path: Path) -
     events.append(tr(20, 4, S.ESTABLISHED, S.CLOSE_WAIT))  # unknown owner: matches no --pid
     path = tmp_path / "r.jsonl"
     write_recording(path, events)
-    source = RecordingSource(open_recording(str(path)), EventFilter(pid=7))
+    source = RecordingSource(open_recording(str(path)), EventFilter(pids=frozenset({7})))
     while not source.exhausted:
         for event in source.poll():
             t.feed(event)

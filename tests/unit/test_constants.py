@@ -48,11 +48,19 @@ SCALARS = {
     "TT_COMM_LEN": filters.COMM_LEN + 1,  # TASK_COMM_LEN: 15 characters and a NUL
     "TT_CL_SLOTS": histogram.SLOTS,
     "TT_MAX_SOCKS": lifecycle.DEFAULT_CAPACITY,
-    "TT_MAX_PORT_FILTERS": filters.MAX_PORTS,  # --port is checked against it
+    "TT_MAX_PORT_FILTERS": filters.MAX_PORTS,  # --port, -L and -D are checked against it
+    "TT_MAX_PID_FILTERS": filters.MAX_PIDS,
+    "TT_MAX_NETNS_FILTERS": filters.MAX_NETNS,
+    "TT_MAX_CGROUP_FILTERS": filters.MAX_CGROUPS,
+    "TT_PORT_EITHER": loader.PORT_EITHER,
+    "TT_PORT_LOCAL": loader.PORT_LOCAL,
+    "TT_PORT_REMOTE": loader.PORT_REMOTE,
 }
 # #defines with no Python copy: values only the kernel side uses.
 KERNEL_ONLY = {
     "TT_IPPROTO_TCP",
+    "TT_MAX_CGROUP_DEPTH",
+    "TT_OWNER_IN_CGROUP",
     "TT_MAX_LISTENERS",
     "TT_RINGBUF_PAGES",
     "TT_STACK_ENTRIES",

@@ -34,8 +34,8 @@ def test_pid_filter_matches_owner_not_running_task(data_dir: Path) -> None:
     owner = next(e.pid for e in evs if e.pid is not None)
     softirq = [e for e in evs if e.pid == owner and e.task_pid != owner]
     assert softirq, "the recording has owner-attributed transitions run in softirq"
-    assert all(EventFilter(pid=owner).matches(e) for e in softirq)
-    assert not any(EventFilter(pid=owner + 1).matches(e) for e in evs)
+    assert all(EventFilter(pids=frozenset({owner})).matches(e) for e in softirq)
+    assert not any(EventFilter(pids=frozenset({owner + 1})).matches(e) for e in evs)
 
 
 def test_comm_filter_uses_kernel_truncation() -> None:
@@ -46,14 +46,24 @@ def test_comm_filter_uses_kernel_truncation() -> None:
 
 def test_unknown_owner_never_matches_owner_filters() -> None:
     ev = Transition(ts_ns=1, skaddr=1, pid=None, old=1, new=2)  # type: ignore[arg-type]
-    assert not EventFilter(pid=1).matches(ev)
+    assert not EventFilter(pids=frozenset({1})).matches(ev)
     assert not EventFilter(comm="x").matches(ev)
     assert EventFilter().matches(ev)
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"pid": 0}, {"pid": -3}, {"ports": frozenset({0})}, {"ports": frozenset({70000})}, {"family": 5}],
+    [
+        {"pids": frozenset({0})},
+        {"pids": frozenset({-3})},
+        {"ports": frozenset({0})},
+        {"ports": frozenset({70000})},
+        {"local_ports": frozenset({0})},
+        {"family": 5},
+        {"netns": frozenset({0})},
+        {"cgroups": ("system.slice",)},
+        {"containers": ("XYZ",)},
+    ],
 )
 def test_invalid_filters(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):

@@ -202,10 +202,10 @@ def test_owner_of_a_socket_follows_matching_holder() -> None:
     h = hostsnap.HostSockets(snap, held, procs)
     assert [p.pid for p in h.owners(a)] == [7, 9]
     assert h.owner(a) is procs[7]
-    assert h.owner(a, EventFilter(pid=9)) is procs[9]
+    assert h.owner(a, EventFilter(pids=frozenset({9}))) is procs[9]
     assert h.owner(b, EventFilter(comm="nginx")) is None and not h.passes(b, EventFilter(comm="nginx"))
     assert h.owner(orphan) is None and h.passes(orphan, EventFilter(ports=frozenset({82})))
-    assert not h.passes(orphan, EventFilter(pid=7))
+    assert not h.passes(orphan, EventFilter(pids=frozenset({7})))
     assert h.identity(7) is not None and h.identity(7).unit == "nginx.service"  # type: ignore[union-attr]
     assert h.identity(9) is None and h.identity(1) is None
     assert a.key != sock(11, netns_inode=2).key  # equal 4-tuples in two namespaces are two sockets

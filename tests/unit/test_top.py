@@ -173,6 +173,8 @@ def test_host_snapshot_finds_this_process_socket_and_applies_filters() -> None:
         (s,) = snap.sockets
         assert (s.state, s.sport, s.pid) == (S.LISTEN, port, os.getpid())
         assert snap.distribution() == {S.LISTEN: 1}
-        assert hostsnap.take(EventFilter(ports=frozenset({port}), pid=os.getpid())).sockets == (s,)
+        assert hostsnap.take(EventFilter(ports=frozenset({port}), pids=frozenset({os.getpid()}))).sockets == (
+            s,
+        )
         other = hostsnap.take(EventFilter(ports=frozenset({port}), comm="no-such-comm"))
         assert other.sockets == ()

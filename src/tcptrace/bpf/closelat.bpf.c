@@ -97,14 +97,14 @@ static __always_inline __u32 tt_cl_slot(__u64 v)
     return r + (__u32)v;
 }
 
-/* Fill `c` from the TCP socket `sk`; 0 when the filters reject it. */
-static __always_inline int tt_cl_describe(struct tt_cl_call *c, __u64 sk, __u32 tgid, const char *comm)
+/* Fill `c` from the TCP socket `sk`, closed by `me`; 0 when the filters reject it. */
+static __always_inline int tt_cl_describe(struct tt_cl_call *c, __u64 sk, const struct tt_owner *me)
 {
     const char *p = (const char *)sk;
     __u8 state = 0;
 
     tt_read_tuple(p, &c->t, TT_SPORT_NUM);
-    if (!tt_keep(c->t.family, c->t.sport, c->t.dport, tgid, comm))
+    if (!tt_keep(c->t.family, c->t.sport, c->t.dport, c->t.netns, me))
         return 0;
     bpf_probe_read_kernel(&state, sizeof(state), p + TT_SKC_STATE_OFF);
     c->state = state;
@@ -138,9 +138,9 @@ static __always_inline int tt_cl_enter_fd(void *ctx, int fd, __u8 op)
     if (!sk)
         return 0;
     struct tt_cl_call c = {};
-    char comm[TT_COMM_LEN];
-    bpf_get_current_comm(&comm, sizeof(comm));
-    if (!tt_cl_describe(&c, sk, bpf_get_current_pid_tgid() >> 32, comm))
+    struct tt_owner me = {};
+    tt_owner_current(&me);
+    if (!tt_cl_describe(&c, sk, &me))
         return 0;
     return tt_cl_begin(ctx, &c, op);
 }
@@ -253,9 +253,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close_range)
     if (args->flags & TT_CL_CLOSE_RANGE_CLOEXEC)
         return 0;
     unsigned int first = args->fd, last = args->max_fd;
-    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    char comm[TT_COMM_LEN];
-    bpf_get_current_comm(&comm, sizeof(comm));
+    struct tt_owner me = {};
+    tt_owner_current(&me);
     for (int i = 0; i < TT_CL_RANGE_SCAN; i++) {
         unsigned int fd = first + i;
         if (fd > last || fd > 0x7fffffff)
@@ -264,7 +263,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close_range)
         if (!sk)
             continue;
         struct tt_cl_call c = {};
-        if (!tt_cl_describe(&c, sk, tgid, comm))
+        if (!tt_cl_describe(&c, sk, &me))
             continue;
         return tt_cl_begin(args, &c, TT_OP_CLOSE_RANGE);
     }

@@ -15,11 +15,16 @@
  *                                  which callers count
  * (map calls cannot be wrapped in a helper or a macro: bcc rewrites them by name.)
  *
- * Knobs (-D cflags set by the loader, all optional):
- *   TT_FILTER_PID=N      keep sockets owned by tgid N
+ * Knobs (-D cflags set by the loader, all optional; each filter given must pass):
+ *   TT_FILTER_PIDS       keep sockets owned by a tgid in pid_filter
  *   TT_FILTER_COMM       keep sockets whose owner's comm equals comm_filter[0]
- *   TT_FILTER_PORTS      keep sockets whose local or remote port is in port_filter
+ *   TT_FILTER_PORTS=BITS keep sockets whose ports are in port_filter: for each
+ *                        TT_PORT_* bit in BITS, the local or remote (EITHER), the
+ *                        local (LOCAL) or the remote (REMOTE) port has that bit
  *   TT_FILTER_FAMILY=N   keep AF_INET (2) or AF_INET6 (10) only
+ *   TT_FILTER_NETNS      keep sockets of a network namespace in netns_filter
+ *   TT_FILTER_CGROUP     keep sockets whose owner is in a cgroup of
+ *                        cgroup_filter or under one (see tt_cgroup_member())
  *   TT_WITH_STACKS       take kernel (and, in process context, user) stacks
  *   TT_SK_FLAGS_OFF=N    byte offset of sk->sk_flags (from BTF), to report it
  *   TT_FD_WALK           compile tt_fd_to_tcp_sock(); the loader then passes the
@@ -43,10 +48,28 @@ BPF_ARRAY(event_layout, struct tt_event, 1);
  * part, read (summed over CPUs), never reset, by the user side. */
 BPF_PERCPU_ARRAY(stats, __u64, TT_STAT_MAX);
 
+/* The filters' tables: each filled by the loader before the programs run
+ * (kernel/loader.py _fill_filter_maps), never deleted from. cgroup_filter also
+ * grows while tracing: a --container that starts later is added when user space
+ * finds its cgroup (system/cgroups.py CgroupScope). */
 #ifdef TT_FILTER_PORTS
-/* Ports to keep (host order): inserted by the loader before attaching, never
- * deleted. */
+/* Ports (host order) -> the TT_PORT_* bits of the options that named them. */
 BPF_HASH(port_filter, __u16, __u8, TT_MAX_PORT_FILTERS);
+#endif
+
+#ifdef TT_FILTER_PIDS
+/* Tgids to keep. */
+BPF_HASH(pid_filter, __u32, __u8, TT_MAX_PID_FILTERS);
+#endif
+
+#ifdef TT_FILTER_NETNS
+/* Network namespace inodes to keep. */
+BPF_HASH(netns_filter, __u32, __u8, TT_MAX_NETNS_FILTERS);
+#endif
+
+#ifdef TT_FILTER_CGROUP
+/* cgroup v2 ids (a directory's inode) to keep, with everything under them. */
+BPF_HASH(cgroup_filter, __u64, __u8, TT_MAX_CGROUP_FILTERS);
 #endif
 
 #ifdef TT_FILTER_COMM
@@ -62,18 +85,66 @@ BPF_ARRAY(comm_filter, struct tt_comm, 1);
 BPF_STACK_TRACE(stacks, TT_STACK_ENTRIES);
 #endif
 
-/* Whether a socket with these ports, family and owner passes the filters.
- * Owner filters need a known owner: a socket whose owner was never learned
- * does not match --pid or --comm. */
-static __always_inline int tt_keep(__u16 family, __u16 sport, __u16 dport,
-                                   __u32 owner_tgid, const char *owner_comm)
+/* Whether a socket with these ports, family and network namespace passes the
+ * address filters. */
+static __always_inline int tt_keep_endpoint(__u16 family, __u16 sport, __u16 dport, __u32 netns)
 {
 #ifdef TT_FILTER_FAMILY
     if (family != TT_FILTER_FAMILY)
         return 0;
 #endif
-#ifdef TT_FILTER_PID
-    if (owner_tgid != TT_FILTER_PID)
+#ifdef TT_FILTER_NETNS
+    if (!netns_filter.lookup(&netns))
+        return 0;
+#endif
+#ifdef TT_FILTER_PORTS
+    {
+        __u8 *l = port_filter.lookup(&sport);
+        __u8 *r = port_filter.lookup(&dport);
+        __u8 lbits = l ? *l : 0, rbits = r ? *r : 0;
+        if ((TT_FILTER_PORTS & TT_PORT_EITHER) && !((lbits | rbits) & TT_PORT_EITHER))
+            return 0;
+        if ((TT_FILTER_PORTS & TT_PORT_LOCAL) && !(lbits & TT_PORT_LOCAL))
+            return 0;
+        if ((TT_FILTER_PORTS & TT_PORT_REMOTE) && !(rbits & TT_PORT_REMOTE))
+            return 0;
+    }
+#endif
+    return 1;
+}
+
+/* Whether the calling task is in a cgroup of cgroup_filter or under one: its
+ * ancestors' ids, from the root down (an id is a directory's inode, so a --cgroup
+ * names its whole subtree, created later or not). Process context only: the
+ * answer is kept in the owner record (TT_OWNER_IN_CGROUP, sock.bpf.h), so the
+ * softirq transitions of its sockets are judged by where their owner was. */
+static __always_inline int tt_cgroup_member(void)
+{
+#ifdef TT_FILTER_CGROUP
+    for (int level = 0; level < TT_MAX_CGROUP_DEPTH; level++) {
+        __u64 id = bpf_get_current_ancestor_cgroup_id(level);
+        if (!id)
+            break;
+        if (cgroup_filter.lookup(&id))
+            return 1;
+    }
+#endif
+    return 0;
+}
+
+/* Whether a socket of this owner passes the owner filters. Owner filters need a
+ * known owner: a socket whose owner was never learned (tgid 0) does not match
+ * --pid, --comm, --cgroup or --container. `flags`: the owner record's
+ * TT_OWNER_* bits; `cgroup`: its cgroup id, looked up too, so that a container
+ * found after its processes were learned (cgroup_filter grows) passes from then on. */
+static __always_inline int tt_keep_owner(__u32 tgid, const char *comm, __u64 cgroup, __u32 flags)
+{
+#if defined(TT_FILTER_PIDS) || defined(TT_FILTER_COMM) || defined(TT_FILTER_CGROUP)
+    if (!tgid)
+        return 0;
+#endif
+#ifdef TT_FILTER_PIDS
+    if (!pid_filter.lookup(&tgid))
         return 0;
 #endif
 #ifdef TT_FILTER_COMM
@@ -84,15 +155,15 @@ static __always_inline int tt_keep(__u16 family, __u16 sport, __u16 dport,
             return 0;
 #pragma unroll
         for (int i = 0; i < TT_COMM_LEN; i++) {
-            if (want->c[i] != owner_comm[i])
+            if (want->c[i] != comm[i])
                 return 0;
             if (want->c[i] == 0)
                 break;
         }
     }
 #endif
-#ifdef TT_FILTER_PORTS
-    if (!port_filter.lookup(&sport) && !port_filter.lookup(&dport))
+#ifdef TT_FILTER_CGROUP
+    if (!(flags & TT_OWNER_IN_CGROUP) && !cgroup_filter.lookup(&cgroup))
         return 0;
 #endif
     return 1;

@@ -93,7 +93,7 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
 #ifdef TT_LC_OWNERS_ONLY
     return 0;
 #endif
-    if (!tt_keep(t.family, t.sport, t.dport, cur.owner.tgid, cur.owner.comm))
+    if (!tt_keep(t.family, t.sport, t.dport, t.netns, &cur.owner))
         return 0;
     stats.increment(TT_STAT_TRANSITIONS);
 #ifdef TT_NO_TRANSITION_EVENTS

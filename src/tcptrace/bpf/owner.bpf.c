@@ -74,7 +74,7 @@ static __always_inline int tt_on_accept(void *ctx, long ret)
     if (!s)
         return 0; /* born before tracing started: /proc tells its owner */
     tt_owner_current(&s->owner);
-    if (!tt_keep(s->family, s->sport, s->dport, s->owner.tgid, s->owner.comm))
+    if (!tt_keep(s->family, s->sport, s->dport, s->netns, &s->owner))
         return 0;
     struct tt_event *e = tt_reserve(ctx, TT_KIND_TOUCH, 1);
     if (!e)
@@ -101,7 +101,7 @@ static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
         return 0;
     if (s->state != TT_TCP_CLOSE_WAIT) {
 #if defined(TT_TOUCH_STACKS) && defined(TT_WITH_STACKS)
-        if (tt_keep(s->family, s->sport, s->dport, s->owner.tgid, s->owner.comm)) {
+        if (tt_keep(s->family, s->sport, s->dport, s->netns, &s->owner)) {
             struct tt_last_touch t = {};
             t.ts_ns = bpf_ktime_get_ns();
             t.kstack = stacks.get_stackid(ctx, 0);
@@ -126,7 +126,7 @@ static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
     if (s->cw_touches >= TT_MAX_CW_TOUCHES)
         return 0;
     s->cw_touches++;
-    if (!tt_keep(s->family, s->sport, s->dport, s->owner.tgid, s->owner.comm))
+    if (!tt_keep(s->family, s->sport, s->dport, s->netns, &s->owner))
         return 0;
     struct tt_event *e = tt_reserve(ctx, TT_KIND_TOUCH, 1);
     if (!e)

@@ -112,7 +112,7 @@ static __always_inline void tt_event_endpoint(struct tt_event *e, const struct t
  * with the owner through every table that keeps one. */
 struct tt_owner {
     __u32 tgid;             /* 0: not learned */
-    __u32 pad;
+    __u32 flags;            /* TT_OWNER_* (the filters' answers where it was learned) */
     __u64 cgroup;           /* cgroup v2 id where it was learned */
     __u64 start_ns;         /* the process's start (its leader's start_boottime): a
                              * pid is reused, (tgid, start_ns) is not */
@@ -125,12 +125,22 @@ static __always_inline void tt_owner_current(struct tt_owner *o)
     o->tgid = bpf_get_current_pid_tgid() >> 32;
     bpf_get_current_comm(&o->comm, sizeof(o->comm));
     o->cgroup = bpf_get_current_cgroup_id();
+    o->flags = tt_cgroup_member() ? TT_OWNER_IN_CGROUP : 0;
     const char *task = (const char *)bpf_get_current_task();
     const char *leader = 0;
     o->start_ns = 0;
     bpf_probe_read_kernel(&leader, sizeof(leader), task + TT_TASK_GROUP_LEADER_OFF);
     if (leader)
         bpf_probe_read_kernel(&o->start_ns, sizeof(o->start_ns), leader + TT_TASK_START_BOOTTIME_OFF);
+}
+
+/* Whether a socket with these ports, family and network namespace, owned by `o`,
+ * passes the filters (common.bpf.h). */
+static __always_inline int tt_keep(__u16 family, __u16 sport, __u16 dport, __u32 netns,
+                                   const struct tt_owner *o)
+{
+    return tt_keep_endpoint(family, sport, dport, netns)
+        && tt_keep_owner(o->tgid, o->comm, o->cgroup, o->flags);
 }
 
 static __always_inline void tt_event_owner(struct tt_event *e, const struct tt_owner *o)

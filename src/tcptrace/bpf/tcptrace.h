@@ -153,5 +153,25 @@ struct tt_event {
 #ifndef TT_MAX_PORT_FILTERS
 #define TT_MAX_PORT_FILTERS 64
 #endif
+#ifndef TT_MAX_PID_FILTERS
+#define TT_MAX_PID_FILTERS 1024
+#endif
+#ifndef TT_MAX_NETNS_FILTERS
+#define TT_MAX_NETNS_FILTERS 64
+#endif
+#ifndef TT_MAX_CGROUP_FILTERS
+#define TT_MAX_CGROUP_FILTERS 4096
+#endif
+#ifndef TT_MAX_CGROUP_DEPTH
+#define TT_MAX_CGROUP_DEPTH 32 /* levels of the cgroup tree a --cgroup is looked for in */
+#endif
+
+/* Bits of a port_filter entry: which option named the port (common.bpf.h). */
+#define TT_PORT_EITHER 1 /* --port: the local or the remote port */
+#define TT_PORT_LOCAL 2  /* --local-port (-L) */
+#define TT_PORT_REMOTE 4 /* --remote-port (-D) */
+
+/* Bits of tt_owner.flags (sock.bpf.h). */
+#define TT_OWNER_IN_CGROUP 1 /* in, or under, a cgroup of cgroup_filter when it was learned */
 
 #endif /* TCPTRACE_H */

@@ -235,7 +235,7 @@ static __always_inline void tt_tw_confirm(void *ctx, __u64 sk, const struct tt_o
     tw_pending.delete(&t);
     tw_stats.increment(TT_TW_STAT_CONFIRMED);
 
-    if (!tt_keep(t.family, t.sport, t.dport, owner->tgid, owner->comm))
+    if (!tt_keep(t.family, t.sport, t.dport, t.netns, owner))
         return;
     if (!owner->tgid)
         tw_stats.increment(TT_TW_STAT_NO_OWNER);
@@ -457,7 +457,7 @@ static __always_inline void tt_tw_reset(void *ctx, __u64 sk, __u8 op, __u32 stat
     struct tt_tw w = {};
     tt_read_tuple((const char *)sk, &w.t,
                   state != TT_TCP_TIME_WAIT && state != TT_TCP_NEW_SYN_RECV ? TT_SPORT_INET : TT_SPORT_NUM);
-    if (!tt_keep(w.t.family, w.t.sport, w.t.dport, owner.tgid, owner.comm))
+    if (!tt_keep(w.t.family, w.t.sport, w.t.dport, w.t.netns, &owner))
         return;
     tw_stats.increment(stat);
     if (owner.tgid) {

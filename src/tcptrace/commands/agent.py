@@ -44,8 +44,10 @@ from tcptrace.model.events import SocketEvent, TcpState
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.framerules import Rules
 from tcptrace.model.lifecycle import CodePath
+from tcptrace.system import cgroups
 from tcptrace.system.procfd import closewait_snapshot
 from tcptrace.system.safefile import open_append
+from tcptrace.system.whois import HostWhois
 
 NS = 1_000_000_000
 PARTS = ("lifecycle", "owner", "closelat", "timewait")
@@ -116,7 +118,7 @@ class Agent:
         self.options = options
         self.log = log
         self.status = status
-        self.model = AgentModel(options.model)
+        self.model = AgentModel(options.model, HostWhois(), cgroups.id_of_pid)
         self.names = SuspectNames(options.rules, live=True)
         self.collector = AgentCollector()
         self.registry = make_registry(self.collector)
@@ -333,7 +335,7 @@ def run(
     *,
     filters: FilterOptions,
     listen: str,
-    threshold: str,
+    threshold: float,
     interval: float,
     states_interval: float,
     duration: float | None,
@@ -342,6 +344,7 @@ def run(
     max_sockets: int,
     log_file: str | None,
     no_stacks: bool,
+    no_pid_label: bool,
     ringbuf_pages: int | None,
     frame_rules: FrameRuleOptions,
 ) -> None:
@@ -358,6 +361,7 @@ def run(
             top_processes=top_processes,
             top_ports=top_ports,
             max_sockets=max_sockets,
+            pid_label=not no_pid_label,
         ),
         stacks=not no_stacks,
         ringbuf_pages=ringbuf_pages,

@@ -24,7 +24,7 @@ from tcptrace.model.closelat import REPORT_TYPE, CloseLatency, Report
 from tcptrace.model.events import SocketEvent
 from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
 from tcptrace.views.closelat import print_flag, print_report, print_summary
-from tcptrace.views.common import make_console
+from tcptrace.views.common import make_console, use_units
 
 NS = 1_000_000_000
 PARTS = ("lifecycle", "closelat")
@@ -40,12 +40,17 @@ def run(
     cumulative: bool,
     stacks: bool,
     close_wait_min: float,
+    units: str,
 ) -> None:
     """Report every --interval (live) or every recorded report (--from) until stopped, the
     flagged calls as they happen, then the summary."""
     flt = filters.event_filter(live=from_file is None)
-    if from_file is not None and filters.by_address:
-        raise UsageError("--port, -4 and -6 cannot filter recorded histograms; give them when recording")
+    if from_file is not None and (filters.by_address or flt.by_cgroup):
+        raise UsageError(
+            "--port, -L, -D, -4, -6, --netns, --cgroup and --container cannot filter recorded "
+            "histograms; give them when recording"
+        )
+    use_units(units)
     model = CloseLatency(cumulative=cumulative, flt=flt)
     out = sys.stdout
     console = make_console(file=out) if not as_json else make_console()

@@ -27,7 +27,7 @@ from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
 from tcptrace.system.cgroups import path_of_id
 from tcptrace.system.procfd import closewait_ports, closewait_snapshot
 from tcptrace.views import closewait as view
-from tcptrace.views.common import make_console, start_live
+from tcptrace.views.common import make_console, stamped, start_live, use_units
 
 PARTS = ("lifecycle", "owner")
 CgroupNamer = Callable[[int], str | None]
@@ -40,15 +40,18 @@ def run(
     duration: float | None,
     as_json: bool,
     from_file: str | None,
-    threshold: str,
+    threshold: float,
     recheck: float,
     touch_stacks: bool,
     stacks: bool,
     frame_rules: FrameRuleOptions,
+    units: str,
+    timestamps: bool,
 ) -> None:
     """Trace (or replay) until stopped, refreshing every --interval; then the summary."""
     flt = filters.event_filter(live=from_file is None)
     names = SuspectNames(frame_rules.rules(), live=from_file is None)
+    use_units(units)
     tracker = CloseWaitTracker(threshold_ns=threshold_ns(threshold))
     out = sys.stdout
     writer = JsonLinesWriter(out) if as_json else None
@@ -90,7 +93,8 @@ def run(
                 shown = view.render(tracker, now_ns, done, cgroup_name, names.attributor, stacks)
                 live_view.update(shown, refresh=True)
             elif source.live:
-                console.print(view.headline(tracker, now_ns, done), soft_wrap=True)
+                line = view.headline(tracker, now_ns, done)
+                console.print(stamped(line, now_ns, source.clock_offset_ns, timestamps), soft_wrap=True)
 
         try:
             reason = session.run(

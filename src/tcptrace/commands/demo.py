@@ -354,7 +354,7 @@ def workload(port: int | None = None) -> Iterator[Workload]:
         w.notes.extend(w.stop())
 
 
-def run(*, duration: float | None, interval: float, threshold: str) -> None:
+def run(*, duration: float | None, interval: float, threshold: float) -> None:
     run_demo(duration, interval, threshold_ns(threshold))
 
 

@@ -37,7 +37,7 @@ def run(
     report: str | None,
     force: bool,
     from_file: str | None,
-    threshold: str,
+    threshold: float,
     frame_rules: FrameRuleOptions,
 ) -> None:
     flt = filters.event_filter(live=from_file is None)

@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
+from tcptrace.model.workload import Whois
 from tcptrace.recording import Recording, clock_offset_ns, open_recording
+from tcptrace.system.cgroups import CgroupScope
+from tcptrace.system.whois import HostWhois
 from tcptrace.views.common import make_console
 
 if TYPE_CHECKING:  # kernel/ is imported when a live session starts, not for a replay
@@ -30,6 +33,8 @@ if TYPE_CHECKING:  # kernel/ is imported when a live session starts, not for a r
 class Source(Protocol):
     clock_offset_ns: int
     live: bool
+    whois: Whois
+    """Who owners are in container terms: the host's answer live, the recording's in a replay."""
 
     def poll(self, timeout_s: float) -> list[SocketEvent]:
         """Events that arrived, waiting up to ``timeout_s`` when there are none."""
@@ -55,6 +60,7 @@ class RecordingSource:
     def __init__(self, recording: Recording, flt: EventFilter | None = None, batch: int = 4096) -> None:
         self.recording = recording
         self.clock_offset_ns = recording.clock_offset_ns
+        self.whois: Whois = recording.whois
         self._filter = flt or EventFilter()
         self._events: Iterator[SocketEvent] = recording.events()
         self._batch = batch
@@ -67,7 +73,7 @@ class RecordingSource:
         for event in self._events:
             self.decoded += 1
             self._now = max(self._now, event.ts_ns)
-            if self._filter.matches(event):
+            if self._filter.matches(event, self.recording.cgroup_path):
                 out.append(event)
             if len(out) >= self._batch:
                 return out
@@ -93,16 +99,27 @@ class RecordingSource:
 
 
 class KernelSource:
-    """Events from a live session: a loaded program and the stream of its ring buffer."""
+    """Events from a live session: a loaded program and the stream of its ring buffer.
+
+    ``scope``: the cgroups of --cgroup/--container, looked for again as the source is polled
+    (a container started later joins the kernel's filter)."""
 
     live = True
 
-    def __init__(self, program: LoadedProgram, stream: KernelStream) -> None:
+    def __init__(
+        self, program: LoadedProgram, stream: KernelStream, scope: CgroupScope | None = None
+    ) -> None:
         self.program = program
         self.stream = stream
+        self.scope = scope
         self.clock_offset_ns = clock_offset_ns()
+        self.whois: Whois = HostWhois()
 
     def poll(self, timeout_s: float) -> list[SocketEvent]:
+        if self.scope is not None:
+            found = self.scope.refresh()
+            if found:
+                self.program.add_cgroups(found)
         return self.stream.poll(max(0, int(timeout_s * 1000)))
 
     @property
@@ -145,6 +162,7 @@ def live_session(
     from tcptrace.kernel.stream import KernelStream
 
     console = make_console(stderr=True, quiet=quiet)
+    scope = CgroupScope(flt) if flt.by_cgroup else None
     with console.status("compiling and attaching BPF programs…"):
         program = load(
             [PARTS[name] for name in parts],
@@ -152,9 +170,10 @@ def live_session(
             stacks=stacks,
             defines=defines,
             ringbuf_pages=ringbuf_pages,
+            cgroup_ids=scope.ids if scope is not None else (),
         )
     try:
-        source = KernelSource(program, KernelStream(program, flt, symbolize=symbolize, lines=lines))
+        source = KernelSource(program, KernelStream(program, flt, symbolize=symbolize, lines=lines), scope)
     except BaseException:
         program.close()
         raise

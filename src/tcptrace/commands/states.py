@@ -17,8 +17,8 @@ from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.states import StatesSummary
 from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
-from tcptrace.views.common import make_console
-from tcptrace.views.states import HEADER, print_event, print_lost, print_summary
+from tcptrace.views.common import make_console, use_units
+from tcptrace.views.states import column_titles, print_event, print_lost, print_summary
 
 
 def run(
@@ -29,9 +29,11 @@ def run(
     as_json: bool,
     from_file: str | None,
     stacks: bool,
+    units: str,
     ringbuf_pages: int | None,
 ) -> None:
     flt = filters.event_filter(live=from_file is None)
+    use_units(units)
     stream_events("states", flt, from_file, duration, interval, stacks, sys.stdout, as_json, ringbuf_pages)
 
 
@@ -59,7 +61,7 @@ def stream_events(
         if writer is not None:
             writer.write(make_header(name, filter=flt.to_json(), stacks=stacks, **(header or {})))
         else:
-            console.print(HEADER, style="bold", soft_wrap=True)
+            console.print(column_titles(), style="bold", soft_wrap=True)
 
         def on_event(event: SocketEvent) -> None:
             summary.feed(event)

@@ -34,7 +34,7 @@ from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
 from tcptrace.system.netstat import ProcNetError, sockstat_tw, tcpext
 from tcptrace.system.sysctl import TcpSettings, read_settings, settings_from_header
 from tcptrace.views import timewait as view
-from tcptrace.views.common import make_console, start_live
+from tcptrace.views.common import make_console, stamped, start_live
 
 NS = 1_000_000_000
 # Owners come from the socket table: the loader adds its writer (SOCKET_OWNERS) by itself.
@@ -63,6 +63,7 @@ def run(
     as_json: bool,
     from_file: str | None,
     events: bool,
+    timestamps: bool,
 ) -> None:
     """Count until stopped, one interval every --interval; then the summary.
 
@@ -110,7 +111,8 @@ def run(
                 live_view.update(view.render(model, done, counting.context()), refresh=True)
             elif done.seconds >= interval / 2 or done.delta.created or done.delta.resets_sent:
                 # (the last, partial interval only when something happened in it)
-                console.print(view.headline(done, model.totals), soft_wrap=True)
+                line = view.headline(done, model.totals)
+                console.print(stamped(line, now_ns, source.clock_offset_ns, timestamps), soft_wrap=True)
 
         try:
             reason = session.run(

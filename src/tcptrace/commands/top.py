@@ -30,7 +30,7 @@ from tcptrace.model.snapshot import HostSnapshot
 from tcptrace.system import hostsnap
 from tcptrace.system.netstat import sockstat_tw
 from tcptrace.views import top as view
-from tcptrace.views.common import make_console, start_live
+from tcptrace.views.common import make_console, start_live, use_units
 
 PARTS = ("lifecycle", "owner", "closelat", "timewait")
 RESEED_NS = 10_000_000_000  # top re-reads /proc this often, so a missed transition heals
@@ -127,11 +127,13 @@ def run(
     interval: float,
     duration: float | None,
     from_file: str | None,
-    threshold: str,
+    threshold: float,
     sort: str,
     frame_rules: FrameRuleOptions,
+    units: str,
 ) -> None:
     flt = filters.event_filter(live=from_file is None)
+    use_units(units)
     run_top(
         flt,
         from_file=from_file,

@@ -12,7 +12,9 @@ exactly the values of slots 0..k: no bucket is an estimate. Slots below LOW_SLOT
 into its bucket, slots above HIGH_SLOT into +Inf.
 
 Labels that name processes or remote ports are bounded (model/cardinality.py): the
-aggregate is ``comm="other", pid=""`` or ``remote_port="other"``.
+aggregate is ``comm="other", pid=""`` or ``remote_port="other"``. Process series carry the
+owner's container, pod and Kubernetes namespace too (functions of the process: bounded
+with it), and no pid with --no-pid-label.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -31,7 +34,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tcptrace.errors import UsageError
-from tcptrace.model.agent import ExportState, Proc
+from tcptrace.model.agent import ExportState
 from tcptrace.model.histogram import Log2Histogram
 from tcptrace.printable import printable
 
@@ -106,18 +109,33 @@ def age_buckets(
     return out, sum(ages)
 
 
-def proc_labels(proc: Proc) -> list[str]:
-    r"""[pid, comm] label values; the aggregate (and an unknown owner) has an empty pid.
+PROC_LABELS = ("pid", "comm", "container", "pod", "namespace")
 
-    The comm is whatever the process named itself: its non-printable characters are
-    escaped (prometheus_client escapes only backslash, quote and newline, so a carriage
-    return would reach the exposition raw and split the line for a reader in text mode).
+
+def proc_label_names(state: ExportState) -> list[str]:
+    """The labels of per-process series: pid (unless --no-pid-label), comm, and the owner's
+    container, pod and Kubernetes namespace (empty outside a container)."""
+    return list(PROC_LABELS if state.pid_label else PROC_LABELS[1:])
+
+
+def proc_labels(proc: tuple[Any, ...], with_pid: bool = True) -> list[str]:
+    r"""Label values of a series key (model/agent.py Proc), in proc_label_names' order; the
+    aggregate (and an unknown owner) has an empty pid.
+
+    Names are whatever the process, the container runtime or the pod's owner chose: their
+    non-printable characters are escaped (prometheus_client escapes only backslash, quote
+    and newline, so a carriage return would reach the exposition raw and split the line for
+    a reader in text mode).
 
     >>> proc_labels((42, "a\rb\x1b"))
-    ['42', 'a\\x0db\\x1b']
+    ['42', 'a\\x0db\\x1b', '', '', '']
+    >>> proc_labels((0, "nginx", "web", "web-1", "shop"), with_pid=False)
+    ['nginx', 'web', 'web-1', 'shop']
     """
-    pid, comm = proc
-    return ["" if pid == 0 else str(pid), printable(comm)]
+    pid, comm, *where = proc
+    where = [*where, "", "", ""][:3]
+    values = [printable(comm), *(printable(w) for w in where)]
+    return ["" if pid == 0 else str(pid), *values] if with_pid else values
 
 
 def families(state: ExportState) -> list[Metric]:
@@ -153,26 +171,26 @@ def _close_wait(state: ExportState) -> list[Metric]:
     open_g = GaugeMetricFamily(
         f"{PREFIX}_close_wait_sockets",
         "Sockets in CLOSE_WAIT now, by owning process.",
-        labels=["pid", "comm"],
+        labels=proc_label_names(state),
     )
     over_g = GaugeMetricFamily(
         f"{PREFIX}_close_wait_over_threshold_sockets",
         f"Sockets in CLOSE_WAIT for at least the threshold ({state.threshold_s:g} s): leak suspects.",
-        labels=["pid", "comm"],
+        labels=proc_label_names(state),
     )
     oldest_g = GaugeMetricFamily(
         f"{PREFIX}_close_wait_oldest_age_seconds",
         "Age of the oldest socket in CLOSE_WAIT, by owning process (at least, for sockets found at start).",
-        labels=["pid", "comm"],
+        labels=proc_label_names(state),
     )
     ages_h = GaugeHistogramMetricFamily(
         f"{PREFIX}_close_wait_age_seconds",
         "Ages of the sockets in CLOSE_WAIT now, by owning process.",
-        labels=["pid", "comm"],
+        labels=proc_label_names(state),
     )
     threshold_ns = int(state.threshold_s * NS)
     for proc, ages in sorted(state.close_wait_ages.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        labels = proc_labels(proc)
+        labels = proc_labels(proc, state.pid_label)
         open_g.add_metric(labels, len(ages))
         over_g.add_metric(labels, sum(1 for a in ages if a >= threshold_ns))
         oldest_g.add_metric(labels, max(ages, default=0) / NS)
@@ -232,10 +250,10 @@ def _timewait(state: ExportState) -> list[Metric]:
     tw_p = CounterMetricFamily(
         f"{PREFIX}_timewait_created_by_process",
         "TIME_WAIT sockets created, by the process that owned the full socket (bounded).",
-        labels=["pid", "comm"],
+        labels=proc_label_names(state),
     )
     for proc, n in state.timewait_by_proc:
-        tw_p.add_metric(proc_labels(proc), n)
+        tw_p.add_metric(proc_labels(proc, state.pid_label), n)
     out.append(tw_p)
     tw_r = CounterMetricFamily(
         f"{PREFIX}_timewait_created_by_remote_port",
@@ -260,10 +278,12 @@ def _resets(state: ExportState) -> list[Metric]:
         ("resets_received_by_process", state.resets_received_by_proc, "received"),
     ):
         c = CounterMetricFamily(
-            f"{PREFIX}_{name}", f"TCP resets {what}, by socket owner (bounded).", labels=["pid", "comm"]
+            f"{PREFIX}_{name}",
+            f"TCP resets {what}, by socket owner (bounded).",
+            labels=proc_label_names(state),
         )
         for proc, n in rows:
-            c.add_metric(proc_labels(proc), n)
+            c.add_metric(proc_labels(proc, state.pid_label), n)
         out.append(c)
     return out
 
@@ -274,10 +294,10 @@ def _close_latency(state: ExportState) -> list[Metric]:
     h = HistogramMetricFamily(
         f"{PREFIX}_close_duration_seconds",
         "Duration of close(), shutdown() and close_range() on TCP sockets (exact log2 buckets).",
-        labels=["pid", "comm", "call"],
+        labels=[*proc_label_names(state), "call"],
     )
     for proc, call, hist in state.close_durations:
-        h.add_metric([*proc_labels(proc), call], duration_buckets(hist), hist.sum_ns / NS)
+        h.add_metric([*proc_labels(proc, state.pid_label), call], duration_buckets(hist), hist.sum_ns / NS)
     out.append(h)
     out.append(
         _by_label(

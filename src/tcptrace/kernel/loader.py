@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,7 +23,7 @@ from tcptrace.errors import CompileError, EnvironmentProblem, PrivilegeError
 from tcptrace.kernel import headers
 from tcptrace.kernel.btf import Btf
 from tcptrace.kernel.trust import untrusted_reason
-from tcptrace.model.filters import EventFilter
+from tcptrace.model.filters import MAX_CGROUPS, EventFilter
 
 INSTALL_HINT = "run scripts/install (as root) from the tcptrace checkout"
 TRACEFS = "/sys/kernel/tracing"
@@ -353,16 +353,47 @@ def kallsyms_address(name: str) -> int:
     raise EnvironmentProblem(f"kernel symbol {name} not found in /proc/kallsyms (needs root)")
 
 
+# Bits of a port_filter entry (TT_PORT_* in bpf/tcptrace.h): which option named the port.
+PORT_EITHER, PORT_LOCAL, PORT_REMOTE = 1, 2, 4
+
+
+def _port_sets(flt: EventFilter) -> tuple[tuple[frozenset[int], int], ...]:
+    return ((flt.ports, PORT_EITHER), (flt.local_ports, PORT_LOCAL), (flt.remote_ports, PORT_REMOTE))
+
+
+def port_bits(flt: EventFilter) -> dict[int, int]:
+    """port_filter's entries: each port with the TT_PORT_* bits of the options naming it.
+
+    >>> port_bits(EventFilter(ports=frozenset({80}), local_ports=frozenset({80, 8080})))
+    {80: 3, 8080: 2}
+    """
+    out: dict[int, int] = {}
+    for ports, bit in _port_sets(flt):
+        for port in ports:
+            out[port] = out.get(port, 0) | bit
+    return dict(sorted(out.items()))
+
+
 def filter_cflags(flt: EventFilter) -> list[str]:
+    """The filters' knobs (bpf/common.bpf.h); their values go in maps (_fill_filter_maps).
+
+    >>> filter_cflags(EventFilter(pids=frozenset({7}), remote_ports=frozenset({53}), family=6))
+    ['-DTT_FILTER_PIDS', '-DTT_FILTER_FAMILY=10', '-DTT_FILTER_PORTS=4']
+    """
     flags = []
-    if flt.pid is not None:
-        flags.append(f"-DTT_FILTER_PID={int(flt.pid)}")
+    if flt.pids:
+        flags.append("-DTT_FILTER_PIDS")
     if flt.family is not None:
         flags.append(f"-DTT_FILTER_FAMILY={2 if flt.family == 4 else 10}")
-    if flt.ports:
-        flags.append("-DTT_FILTER_PORTS")
+    bits = sum(bit for ports, bit in _port_sets(flt) if ports)
+    if bits:
+        flags.append(f"-DTT_FILTER_PORTS={bits}")
     if flt.comm is not None:
         flags.append("-DTT_FILTER_COMM")
+    if flt.netns:
+        flags.append("-DTT_FILTER_NETNS")
+    if flt.by_cgroup:
+        flags.append("-DTT_FILTER_CGROUP")
     return flags
 
 
@@ -513,6 +544,10 @@ class LoadedProgram:
         runs = self.skipped_runs()
         return None if runs is None else runs.get("inet_sock_set_state", 0)
 
+    def add_cgroups(self, ids: Iterable[int]) -> None:
+        """More cgroup v2 ids for --cgroup/--container (a container that started later)."""
+        add_cgroups(self.bpf, ids)
+
     def counters(self) -> dict[str, int]:
         """The kernel's exact counters (TT_STAT_*), summed over CPUs."""
         table = self.bpf[b"stats"]
@@ -538,6 +573,7 @@ def load(
     defines: dict[str, int] | None = None,
     ringbuf_pages: int | None = None,
     btf: Btf | None = None,
+    cgroup_ids: Iterable[int] = (),
 ) -> LoadedProgram:
     """Check the environment, compile ``parts`` with filters and BTF offsets, attach them."""
     flt = flt or EventFilter()
@@ -581,7 +617,7 @@ def load(
         stderr = captured[0] if captured else ""
         raise _compile_error(str(failure), stderr, kernel_headers) from None
     try:
-        _fill_filter_maps(bpf, flt)
+        _fill_filter_maps(bpf, flt, cgroup_ids)
         for part in parts:
             for tp, fn_name in part.raw_attach:
                 _attach_raw(bcc, bpf, tp, fn_name)
@@ -615,17 +651,42 @@ def _tracepoint_of(function: str) -> str:
     return function
 
 
-def _fill_filter_maps(bpf: Any, flt: EventFilter) -> None:
-    if flt.ports:
+def _fill_filter_maps(bpf: Any, flt: EventFilter, cgroup_ids: Iterable[int] = ()) -> None:
+    """The filters' values into their maps (bpf/common.bpf.h), right after compiling: until
+    then an empty table keeps nothing. ``cgroup_ids``: what --cgroup and --container name now."""
+    if flt.all_ports:
         table = bpf[b"port_filter"]
-        for port in flt.ports:
-            table[table.Key(port)] = table.Leaf(1)
+        for port, bits in port_bits(flt).items():
+            table[table.Key(port)] = table.Leaf(bits)
+    if flt.pids:
+        table = bpf[b"pid_filter"]
+        for pid in flt.pids:
+            table[table.Key(pid)] = table.Leaf(1)
+    if flt.netns:
+        table = bpf[b"netns_filter"]
+        for inode in flt.netns:
+            table[table.Key(inode)] = table.Leaf(1)
+    if flt.by_cgroup:
+        add_cgroups(bpf, cgroup_ids)
     if flt.comm is not None:
         table = bpf[b"comm_filter"]
         leaf = table.Leaf()
         raw = flt.comm.encode()[:15]
         ctypes.memmove(ctypes.addressof(leaf), raw, len(raw))
         table[table.Key(0)] = leaf
+
+
+def add_cgroups(bpf: Any, ids: Iterable[int]) -> None:
+    """cgroup v2 ids into cgroup_filter (a --container that started later, while tracing).
+    EnvironmentProblem when the table is full."""
+    table = bpf[b"cgroup_filter"]
+    for cgroup_id in ids:
+        try:
+            table[table.Key(cgroup_id)] = table.Leaf(1)
+        except Exception:  # bcc raises bare Exception when the map is full
+            raise EnvironmentProblem(
+                f"--cgroup/--container: more cgroups than the kernel's filter table holds ({MAX_CGROUPS})"
+            ) from None
 
 
 def _compile_error(message: str, stderr: str, kernel_headers: headers.KernelHeaders) -> CompileError:

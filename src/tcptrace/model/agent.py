@@ -22,13 +22,17 @@ from tcptrace.model.closewait import CloseWaitTracker, SuspectGroup, code_path_k
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.histogram import EMPTY, Log2Histogram
 from tcptrace.model.lifecycle import SocketTable
+from tcptrace.model.workload import NOBODY, Whois, whois_json
 
 NS = 1_000_000_000
 OTHER = "other"
 CALL_NAMES = ("close", "shutdown", "close_range")
-Proc = tuple[int, str]
-"""(pid, comm) of a process; (0, "other") stands for the aggregate of the rest."""
-AGGREGATE: Proc = (0, OTHER)
+Proc = tuple[int, str, str, str, str]
+"""A process's series: (pid, comm, container, pod, namespace), the last three "" outside a
+container (or unknown); pid 0 when the pid label is left out (--no-pid-label: one series
+per name and container, whatever the restarts). (0, "other", "", "", "") stands for the
+aggregate of the rest."""
+AGGREGATE: Proc = (0, OTHER, "", "", "")
 Dest = tuple[int, str, str, int]
 ClKey = tuple[int, str, int]
 
@@ -63,7 +67,10 @@ class ProcTw:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    threshold_ns: int = 30 * NS
+    threshold_ns: int = 5 * NS
+    """A socket in CLOSE_WAIT this long is a leak suspect (the default of every command)."""
+    pid_label: bool = True
+    """False: series per (comm, container, pod, namespace), without the pid."""
     top_processes: int = 20
     top_ports: int = 20
     max_sockets: int = 262_144
@@ -83,8 +90,9 @@ def _hist_sub(a: Log2Histogram, b: Log2Histogram) -> Log2Histogram:
     return a - b  # ValueError when b is not a part of a: MapDeltas takes the whole value
 
 
-def proc_of(pid: int | None, comm: str | None) -> Proc:
-    return (pid or 0, comm or "unknown")
+def proc_of(pid: int | None, comm: str | None, where: tuple[str, str, str] = ("", "", "")) -> Proc:
+    """A series key: ``where`` is (container, pod, namespace)."""
+    return (pid or 0, comm or "unknown", *where)
 
 
 @dataclass
@@ -92,6 +100,8 @@ class ExportState:
     """Everything one export shows, already bounded (top N plus an aggregate)."""
 
     threshold_s: float
+    pid_label: bool = True
+    """Whether per-process series carry the pid label (--no-pid-label: they do not)."""
     states: Mapping[str, int] | None = None
     """Sockets by state from /proc/net/tcp{,6} (host network namespace); None: unread."""
     close_wait_ages: Mapping[Proc, list[int]] = field(default_factory=dict)
@@ -132,8 +142,17 @@ class ExportState:
 class AgentModel:
     """Everything the agent exports, bounded, from events and map reads."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        whois: Whois = NOBODY,
+        cgroup_of_pid: Callable[[int], int | None] | None = None,
+    ) -> None:
+        """``whois`` names owners in container terms (labels, leak logs); ``cgroup_of_pid``
+        gives the cgroup of a process the kernel's maps name by pid only."""
         self.config = config
+        self.whois = whois
+        self.cgroup_of_pid = cgroup_of_pid
         c = config
         self.tracker = CloseWaitTracker(
             threshold_ns=c.threshold_ns, table=SocketTable(capacity=c.max_sockets)
@@ -184,7 +203,7 @@ class AgentModel:
         if tw_procs is not None:
             deltas, idle = self.tw_procs.update(tw_procs)
             for pid, d in deltas.items():
-                proc = (pid, d.comm)
+                proc = self.proc(pid, d.comm)
                 self.tw_by_proc.add(proc, d.created, now_ns)
                 self.rs_by_proc.add(proc, d.resets_sent, now_ns)
                 self.rr_by_proc.add(proc, d.resets_received, now_ns)
@@ -201,7 +220,7 @@ class AgentModel:
                 pid, call, _stack = key
                 limiter = self.close_by_proc.get(call)
                 if limiter is not None:
-                    limiter.add((pid, comms.get(key, "?")), h, now_ns)
+                    limiter.add(self.proc(pid, comms.get(key, "?")), h, now_ns)
                     self.close_calls[call] += h.count
             prune["cl_hists"] = hidle
         for limiter in self._limiters():
@@ -231,13 +250,24 @@ class AgentModel:
             *self.close_by_proc.values(),
         ]
 
+    def proc(self, pid: int | None, comm: str | None, cgroup: int | None = None) -> Proc:
+        """The series key of a process: its container, pod and namespace from its cgroup
+        (``cgroup``, or the process's now), and its pid unless the pid label is left out."""
+        if cgroup is None and pid and self.cgroup_of_pid is not None:
+            cgroup = self.cgroup_of_pid(pid)
+        found = self.whois.workload(cgroup)
+        where = ("", "", "")
+        if found is not None:
+            where = (found.container or "", found.pod or "", found.namespace or "")
+        return proc_of(pid if self.config.pid_label else 0, comm, where)
+
     # ---- output ------------------------------------------------------------------------
 
     def close_wait_by_proc(self, now_ns: int) -> dict[Proc, list[int]]:
         """Ages of open CLOSE_WAIT sockets per process, top N by count plus the aggregate."""
         ages: dict[Proc, list[int]] = {}
         for sock in self.tracker.open.values():
-            ages.setdefault(proc_of(sock.pid, sock.comm), []).append(sock.age_ns(now_ns))
+            ages.setdefault(self.proc(sock.pid, sock.comm, sock.cgroup), []).append(sock.age_ns(now_ns))
         kept, _rest, n_rest = top_n({p: len(a) for p, a in ages.items()}, self.config.top_processes)
         out = {p: ages[p] for p, _ in kept}
         if n_rest:
@@ -281,6 +311,7 @@ class AgentModel:
         }
         return ExportState(
             threshold_s=self.config.threshold_ns / NS,
+            pid_label=self.config.pid_label,
             states=states,
             close_wait_ages=self.close_wait_by_proc(now_ns),
             close_wait_entered=t.entered,
@@ -337,7 +368,8 @@ class AgentModel:
                     continue
             self._logged[key] = (group.count, now_ns)
             fields = describe(group) if describe is not None else group.to_json()
-            out.append({"type": "leak_suspect", "time": round(wall, 3), **fields})
+            extra = whois_json(self.whois, group.pid, group.cgroup)
+            out.append({"type": "leak_suspect", "time": round(wall, 3), **fields, **extra})
         for key in [k for k in self._logged if k not in seen]:
             del self._logged[key]
         return out

@@ -193,7 +193,7 @@ class CloseLatency:
         self.last_ts_ns = self.first_ts_ns = ts_ns
 
     def _keep(self, row: CallStats) -> bool:
-        if self.filter.pid is not None and row.key.pid != self.filter.pid:
+        if self.filter.pids and row.key.pid not in self.filter.pids:
             return False
         return _comm_matches(self.filter, row.key.comm)
 

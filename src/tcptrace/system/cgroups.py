@@ -9,7 +9,11 @@ the path says which one owns a socket when pids alone do not (pid namespaces).
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
 from functools import lru_cache
+
+from tcptrace.model.filters import EventFilter, container_cgroups
 
 
 def parse_mounts(text: str) -> str | None:
@@ -63,17 +67,105 @@ def id_of_pid(pid: int) -> int | None:
         return None
 
 
-@lru_cache(maxsize=1024)
 def path_of_id(cgroup_id: int) -> str | None:
-    """The path (``/system.slice/x.service``) of a cgroup v2 id; None when not found."""
-    root = cgroup2_root()
-    if root is None:
-        return None
-    for dirpath, _dirs, _files in os.walk(root):
+    """The path (``/system.slice/x.service``) of a cgroup v2 id; None when not found (the
+    tree is walked again for an unknown id at most every 2 s: ``CgroupIndex``)."""
+    global _INDEX
+    if _INDEX is None:
+        _INDEX = CgroupIndex()
+    return _INDEX.path(cgroup_id)
+
+
+_INDEX: CgroupIndex | None = None
+
+
+def walk(root: str) -> Iterator[tuple[str, int]]:
+    """(path, id) of every cgroup under ``root`` (the cgroup2 mount), the root itself first.
+    A cgroup removed during the walk is left out."""
+    try:
+        yield "/", os.stat(root).st_ino
+    except OSError:
+        return
+    stack = [(root, "")]
+    while stack:
+        directory, rel = stack.pop()
         try:
-            if os.stat(dirpath).st_ino == cgroup_id:
-                rel = os.path.relpath(dirpath, root)
-                return "/" if rel == "." else "/" + rel
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    try:
+                        if not entry.is_dir(follow_symlinks=False):
+                            continue
+                        ino = entry.stat(follow_symlinks=False).st_ino
+                    except OSError:
+                        continue
+                    path = f"{rel}/{entry.name}"
+                    yield path, ino
+                    stack.append((entry.path, path))
         except OSError:
             continue
-    return None
+
+
+class CgroupIndex:
+    """Paths of cgroup v2 ids, from one walk of the tree, walked again when an id is not found
+    (at most every ``rewalk_s``: a cgroup made since, or an id of a cgroup already gone)."""
+
+    def __init__(self, root: str | None = None, rewalk_s: float = 2.0) -> None:
+        self.root = root if root is not None else cgroup2_root()
+        self.rewalk_ns = int(rewalk_s * 1e9)
+        self._paths: dict[int, str] = {}
+        self._walked_ns: int | None = None
+
+    def path(self, cgroup_id: int) -> str | None:
+        found = self._paths.get(cgroup_id)
+        if found is None and self.root is not None:
+            now = time.monotonic_ns()
+            if self._walked_ns is None or now - self._walked_ns >= self.rewalk_ns:
+                self.rewalk(now)
+                found = self._paths.get(cgroup_id)
+        return found
+
+    def rewalk(self, now_ns: int | None = None) -> dict[int, str]:
+        """Walk the tree now; returns every id's path (kept for lookups)."""
+        self._walked_ns = time.monotonic_ns() if now_ns is None else now_ns
+        if self.root is not None:
+            self._paths = {ino: path for path, ino in walk(self.root)}
+        return self._paths
+
+
+class CgroupScope:
+    """The cgroup v2 ids a filter's --cgroup and --container name, for the kernel's
+    cgroup_filter: each --cgroup directory (the kernel keeps what is under it), and the
+    cgroups of the containers whose id starts with a --container prefix, looked for again
+    every ``every_s`` (``refresh``) so that a container started later is traced too."""
+
+    def __init__(self, flt: EventFilter, root: str | None = None, every_s: float = 2.0) -> None:
+        self.filter = flt
+        self.index = CgroupIndex(root, rewalk_s=every_s)
+        self.every_ns = int(every_s * 1e9)
+        self.ids: set[int] = set()
+        self._next_ns = 0
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> list[int]:
+        """Ids named now that were not before (a walk of the tree only when --container was
+        given, at most every ``every_s``)."""
+        now = time.monotonic_ns()
+        if not force and (not self.filter.containers or now < self._next_ns):
+            return []
+        self._next_ns = now + self.every_ns
+        root = self.index.root
+        if root is None:
+            return []
+        found: set[int] = set()
+        for path in self.filter.cgroups:
+            try:
+                found.add(os.stat(os.path.join(root, path.lstrip("/"))).st_ino)
+            except OSError:
+                continue
+        if self.filter.containers:
+            paths = self.index.rewalk(now)
+            by_path = {path: ino for ino, path in paths.items()}
+            found.update(by_path[p] for p in container_cgroups(by_path, self.filter.containers))
+        new = sorted(found - self.ids)
+        self.ids.update(new)
+        return new

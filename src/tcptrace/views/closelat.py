@@ -10,13 +10,19 @@ from rich.text import Text
 
 from tcptrace.model.closelat import CallStats, CloseLatency, Report
 from tcptrace.model.events import CloseCall, CloseFlag
-from tcptrace.views.common import clock, duration, endpoint, safe
+from tcptrace.views.common import clock, duration, endpoint, safe, time_cell, time_header
 
 BAR_WIDTH = 40
 MAX_ROWS = 10  # rows shown per report in text; --json has them all
-HEADER = (
-    f"{'PID':>7} {'COMM':<15} {'CALL':<11} {'COUNT':>7} {'P50':>8} {'P90':>8} {'P99':>8} {'MAX':>8}  FLAGGED"
-)
+
+
+def column_titles() -> str:
+    """The column titles (the times' name their unit under --units ms/us)."""
+    times = " ".join(f"{time_header(name):>8}" for name in ("P50", "P90", "P99", "MAX"))
+    return f"{'PID':>7} {'COMM':<15} {'CALL':<11} {'COUNT':>7} {times}  FLAGGED"
+
+
+HEADER = column_titles()
 
 
 @dataclass(frozen=True)
@@ -60,12 +66,12 @@ def flagged_text(row: CallStats) -> str:
 def row_line(row: CallStats) -> Text:
     h = row.hist
     p = h.percentiles((50, 90, 99))
-    top = duration(h.max_ns) if h.count else "-"
+    top = time_cell(h.max_ns) if h.count else "-"
     if h.count and not h.max_exact:
         top = "<" + top
     text = Text(
         f"{row.key.pid:>7} {safe(row.key.comm)[:15]:<15} {safe(row.key.call):<11} {h.count:>7} "
-        f"{duration(p[50]):>8} {duration(p[90]):>8} {duration(p[99]):>8} {top:>8}  "
+        f"{time_cell(p[50]):>8} {time_cell(p[90]):>8} {time_cell(p[99]):>8} {top:>8}  "
     )
     flags = flagged_text(row)
     text.append(flags, style="bold red" if flags != "-" else "dim")
@@ -97,7 +103,7 @@ def report_lines(report: Report, offset_ns: int, bars: bool = True, max_rows: in
     if not report.rows:
         lines.append(Text("        no close() on a TCP socket", style="dim"))
         return lines
-    lines.append(Text(HEADER, style="bold"))
+    lines.append(Text(column_titles(), style="bold"))
     for row in report.rows[:max_rows]:
         lines.append(row_line(row))
         for frame in row.key.stack[:8]:

@@ -12,7 +12,7 @@ from rich.text import Text
 from tcptrace.model.attribution import Attributor, LeakAttribution, RolePath
 from tcptrace.model.closewait import CloseWaitTracker, Interval, SuspectGroup
 from tcptrace.model.histogram import age_histogram, percentile
-from tcptrace.views.common import duration, endpoint, host_text, safe
+from tcptrace.views.common import duration, endpoint, host_text, safe, time_cell, time_header
 
 MAX_GROUPS = 8
 MAX_USER_FRAMES = 8
@@ -213,11 +213,11 @@ def sockets_table(tracker: CloseWaitTracker, now_ns: int) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
     for name, justify in (("PID", "right"), ("COMM", "left"), ("LOCAL", "left"), ("REMOTE", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    table.add_column("AGE", justify="right")
+    table.add_column(time_header("AGE"), justify="right")
     table.add_column("EOF", justify="left")
     socks = sorted(tracker.open.values(), key=lambda s: s.entered_ns)
     for s in socks[:MAX_SOCKETS]:
-        age = duration(s.age_ns(now_ns))
+        age = time_cell(s.age_ns(now_ns))
         table.add_row(
             Text("-" if s.pid is None else str(s.pid)),
             host_text(s.comm, width=15),

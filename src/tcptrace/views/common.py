@@ -10,7 +10,9 @@ non-printable characters are shown escaped (tcptrace.printable). A ``str`` hande
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from rich.console import Console
 from rich.live import Live
@@ -54,6 +56,16 @@ def clock(ts_ns: int, offset_ns: int) -> str:
     return time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall * 1000) % 1000:03d}"
 
 
+def stamped(line: Text, ts_ns: int, offset_ns: int, on: bool = True) -> Text:
+    """``line`` with the time of day in front (``-T``): ``12:04:05 ...``; as it is when not ``on``."""
+    if not on:
+        return line
+    wall = (ts_ns + offset_ns) / NS
+    out = Text(time.strftime("%H:%M:%S ", time.localtime(wall)))
+    out.append_text(line)
+    return out
+
+
 def duration(ns: int | None) -> str:
     """Compact human duration: ``-``, ``850us``, ``12.3ms``, ``4.20s``, ``3m05s``."""
     if ns is None:
@@ -69,6 +81,60 @@ def duration(ns: int | None) -> str:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+UNITS = ("auto", "ms", "us")
+_units: ContextVar[str] = ContextVar("tcptrace_time_units", default="auto")
+
+
+def use_units(mode: str) -> None:
+    """From now on (in this context: cli.py runs each command in a context of its own), table
+    cells of times are ``mode`` (see ``time_units``)."""
+    if mode not in UNITS:
+        raise ValueError(f"units must be one of {', '.join(UNITS)}, not {mode!r}")
+    _units.set(mode)
+
+
+@contextmanager
+def time_units(mode: str) -> Iterator[None]:
+    """Within the block, table cells of times (``time_cell``) are ``mode``: ``auto`` (as
+    ``duration``), or plain numbers of ``ms`` or ``us`` under a header naming the unit
+    (``--units``, for scripts)."""
+    if mode not in UNITS:
+        raise ValueError(f"units must be one of {', '.join(UNITS)}, not {mode!r}")
+    token = _units.set(mode)
+    try:
+        yield
+    finally:
+        _units.reset(token)
+
+
+def time_cell(ns: int | None) -> str:
+    """A time in a table's column, as --units asks: ``1.2ms``, or ``1.234`` (ms), ``1234`` (us).
+
+    >>> with time_units("ms"):
+    ...     time_cell(1_234_567), time_cell(None)
+    ('1.235', '-')
+    >>> time_cell(1_234_567)
+    '1.2ms'
+    """
+    mode = _units.get()
+    if ns is None or mode == "auto":
+        return duration(ns)
+    if mode == "ms":
+        return f"{ns / 1e6:.3f}"
+    return f"{ns / 1e3:.0f}"
+
+
+def time_header(name: str) -> str:
+    """A column header of times: the unit named when the cells are plain numbers.
+
+    >>> with time_units("us"):
+    ...     time_header("P99")
+    'P99(us)'
+    """
+    mode = _units.get()
+    return name if mode == "auto" else f"{name}({mode})"
 
 
 def sparkline(values: Iterable[float], width: int = 60) -> str:

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from tcptrace.model.events import SocketEvent, TcpState, Transition
 from tcptrace.model.states import StatesSummary
-from tcptrace.views.common import clock, duration, endpoint, safe
+from tcptrace.views.common import clock, endpoint, safe, time_cell, time_header
 
 STATE_STYLE = {
     TcpState.CLOSE_WAIT: "bold red",
@@ -20,7 +20,16 @@ STATE_STYLE = {
     TcpState.CLOSE: "dim",
 }
 
-HEADER = f"{'TIME':<12} {'PID':>7} {'COMM':<15} {'LOCAL':<22} {'REMOTE':<22} {'TRANSITION':<25} {'PREV':>8}"
+
+def column_titles() -> str:
+    """The column titles (PREV names its unit under --units ms/us)."""
+    return (
+        f"{'TIME':<12} {'PID':>7} {'COMM':<15} {'LOCAL':<22} {'REMOTE':<22} {'TRANSITION':<25} "
+        f"{time_header('PREV'):>8}"
+    )
+
+
+HEADER = column_titles()
 
 
 def transition_line(event: Transition, offset_ns: int) -> Text:
@@ -34,7 +43,7 @@ def transition_line(event: Transition, offset_ns: int) -> Text:
     text.append(" -> ")
     text.append(event.new.name, style=STATE_STYLE.get(event.new, ""))
     text.append(" " * max(1, 25 - len(event.old.name) - len(event.new.name) - 4))
-    text.append(f"{duration(event.prev_ns):>8}")
+    text.append(f"{time_cell(event.prev_ns):>8}")
     return text
 
 

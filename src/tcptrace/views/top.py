@@ -29,7 +29,7 @@ from rich.text import Text
 from tcptrace.model.attribution import Attributor
 from tcptrace.model.events import TcpState
 from tcptrace.model.overview import SORT_KEYS, Overview, sort_rows
-from tcptrace.views.common import duration, host_text, safe
+from tcptrace.views.common import duration, host_text, safe, time_cell, time_header
 
 SORT_TITLES = {"c": "CLOSE_WAIT", "t": "TIME_WAIT/s", "l": "close() p99"}
 MAX_PROCESSES = 15
@@ -156,7 +156,17 @@ def processes_table(overview: Overview, state: TopState) -> Table:
         title += f" (pid {state.pid} only)"
     table.title = title
     # Fits 80 columns with a whole 15-character comm.
-    for name in ("PID", "COMM", "CLOSE_WAIT", "OLDEST", "TW/s", "TW", "CLOSES", "p99", "MAX"):
+    for name in (
+        "PID",
+        "COMM",
+        "CLOSE_WAIT",
+        time_header("OLDEST"),
+        "TW/s",
+        "TW",
+        "CLOSES",
+        time_header("p99"),
+        time_header("MAX"),
+    ):
         if name == "COMM":
             table.add_column(name, min_width=15, no_wrap=True)
         else:
@@ -168,12 +178,12 @@ def processes_table(overview: Overview, state: TopState) -> Table:
             host_text(r.comm, width=15),
             Text(str(r.close_wait), style="bold red" if r.close_wait else ""),
             *_cells(
-                duration(r.close_wait_oldest_ns) if r.close_wait else "-",
+                time_cell(r.close_wait_oldest_ns) if r.close_wait else "-",
                 _rate(r.tw_rate),
                 str(r.tw_total),
                 str(r.closes),
-                duration(r.close_p99_ns),
-                duration(r.close_max_ns),
+                time_cell(r.close_p99_ns),
+                time_cell(r.close_max_ns),
             ),
         )
     if len(rows) > MAX_PROCESSES:
