@@ -38,6 +38,7 @@ from tcptrace.model.events import CloseCall, SocketEvent
 from tcptrace.model.overview import Overview
 from tcptrace.model.states import StatesSummary
 from tcptrace.model.timewait import TimewaitModel, explain_settings
+from tcptrace.model.workload import CgroupIdentity, Workload
 from tcptrace.printable import printable
 from tcptrace.recording import open_recording
 from tcptrace.system.sysctl import TcpSettings
@@ -131,6 +132,23 @@ def renderable(view: str, thing: RenderableType, *expect: str) -> Rendered:
     return capture(view, lambda c: c.print(thing), *expect)
 
 
+@dataclass
+class HostileWhois:
+    """Owners in a pod and a container whose names (and cgroup path) are ``name``."""
+
+    name: str
+    host_netns: int | None = None
+
+    def workload(self, cgroup: int | None) -> Workload | None:
+        if cgroup is None:
+            return None
+        identity = CgroupIdentity(self.name, "docker", "ab" * 32, pod_uid="u", qos="Burstable")
+        return Workload(identity, pod_name=self.name, namespace=self.name, container_name=self.name)
+
+    def nspid(self, pid: int | None) -> int | None:
+        return None
+
+
 def render_all(tmp_path: Path, data_dir: Path, name: str) -> Iterator[Rendered]:
     shown = printable(name)
     frame = f"{shown}+0x1 [{shown}]"
@@ -157,20 +175,28 @@ def render_all(tmp_path: Path, data_dir: Path, name: str) -> Iterator[Rendered]:
         "2 lost",
     )
 
-    # closewait (threshold 1 ns: every socket still in CLOSE_WAIT is a suspect)
+    # closewait (threshold 1 ns: every socket still in CLOSE_WAIT is a suspect), its owners
+    # in a pod and container named by whoever runs them
     tracker = CloseWaitTracker(threshold_ns=1)
     cw_now = replay(recs["closewait_leaky"], tracker.feed, lambda _: None)
+    whois = HostileWhois(name)
     yield capture(
         "closewait.print_summary",
-        lambda c: v_closewait.print_summary(c, tracker, cw_now, {"lost": 0}, "end", lambda _: name),
+        lambda c: v_closewait.print_summary(c, tracker, cw_now, {"lost": 0}, "end", whois),
         shown,
-        f"[cgroup {shown}]",
+        f"pod {shown}/{shown} (Burstable) container docker {shown}",
         frame,
         "[fd00::1]:",
     )
     yield renderable(
-        "closewait.render", v_closewait.render(tracker, cw_now, None, lambda _: name), shown, frame
+        "closewait.render", v_closewait.render(tracker, cw_now, None, whois), shown, frame, f"pod {shown}/"
     )
+
+    def states_in_pods(c: Console) -> None:
+        for e in events:
+            v_states.print_event(c, e, offset, whois)
+
+    yield capture("states.print_event", states_in_pods, shown, f"pod {shown}/{shown}")
 
     # timewait
     tw = TimewaitModel()

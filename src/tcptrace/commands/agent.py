@@ -44,7 +44,6 @@ from tcptrace.model.events import SocketEvent, TcpState
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.framerules import Rules
 from tcptrace.model.lifecycle import CodePath
-from tcptrace.system import cgroups
 from tcptrace.system.procfd import closewait_snapshot
 from tcptrace.system.safefile import open_append
 from tcptrace.system.whois import HostWhois
@@ -118,7 +117,7 @@ class Agent:
         self.options = options
         self.log = log
         self.status = status
-        self.model = AgentModel(options.model, HostWhois(), cgroups.id_of_pid)
+        self.model = AgentModel(options.model, HostWhois())
         self.names = SuspectNames(options.rules, live=True)
         self.collector = AgentCollector()
         self.registry = make_registry(self.collector)

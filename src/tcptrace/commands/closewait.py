@@ -10,7 +10,6 @@ the application's code they are attributed to (commands/attribution.py).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from tcptrace.commands import session
@@ -23,14 +22,13 @@ from tcptrace.kernel.touches import LastTouches
 from tcptrace.model.attribution import Attributor, group_json
 from tcptrace.model.closewait import CloseWaitTracker, Interval
 from tcptrace.model.filters import EventFilter
+from tcptrace.model.workload import Whois, whois_json
 from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
-from tcptrace.system.cgroups import path_of_id
 from tcptrace.system.procfd import closewait_ports, closewait_snapshot
 from tcptrace.views import closewait as view
 from tcptrace.views.common import make_console, stamped, start_live, use_units
 
 PARTS = ("lifecycle", "owner")
-CgroupNamer = Callable[[int], str | None]
 
 
 def run(
@@ -56,8 +54,6 @@ def run(
     out = sys.stdout
     writer = JsonLinesWriter(out) if as_json else None
     console = make_console(file=out)
-    # A recording's cgroup ids belong to the host it was made on.
-    cgroup_name: CgroupNamer | None = path_of_id if from_file is None else None
     with open_source(
         from_file, flt, parts=PARTS, stacks=True, defines=program_defines(touch_stacks), lines=names.lines
     ) as source:
@@ -90,7 +86,7 @@ def run(
                 writer.write(tracker.periodic_json(now_ns, done))
             elif live_view is not None:
                 names.refresh(tracker, now_ns)
-                shown = view.render(tracker, now_ns, done, cgroup_name, names.attributor, stacks)
+                shown = view.render(tracker, now_ns, done, source.whois, names.attributor, stacks)
                 live_view.update(shown, refresh=True)
             elif source.live:
                 line = view.headline(tracker, now_ns, done)
@@ -116,10 +112,10 @@ def run(
         now_ns = source.now_ns()
         names.refresh(tracker, now_ns)  # while the traced processes live
     if writer is not None:
-        summary = summary_json(tracker, now_ns, counters, reason, cgroup_name, names.attributor)
+        summary = summary_json(tracker, now_ns, counters, reason, source.whois, names.attributor)
         writer.write({**summary, **summary_flags(source)})
     else:
-        view.print_summary(console, tracker, now_ns, counters, reason, cgroup_name, names.attributor, stacks)
+        view.print_summary(console, tracker, now_ns, counters, reason, source.whois, names.attributor, stacks)
     names.close()
 
 
@@ -183,17 +179,18 @@ def summary_json(
     now_ns: int,
     counters: dict[str, int],
     reason: str,
-    cgroup_name: CgroupNamer | None,
+    whois: Whois,
     attributor: Attributor | None = None,
 ) -> dict[str, Any]:
     """The final summary; each group of leak suspects leads with what it is attributed to."""
     summary = tracker.summary_json(now_ns)
     attribute = attributor or Attributor()
     summary["groups"] = [group_json(g, attribute(g)) for g in tracker.suspects(now_ns)]
-    if cgroup_name is not None:
-        for item in (*summary["groups"], *summary["sockets"]):
-            if item["cgroup"] is not None:
-                item["cgroup_path"] = cgroup_name(item["cgroup"])
+    # Who owners are in container terms: live from the host, in a replay from the recording.
+    for item, group in zip(summary["groups"], tracker.suspects(now_ns), strict=True):
+        _add_whois(item, whois_json(whois, group.pid, group.cgroup))
+    for item, sock in zip(summary["sockets"], tracker.open_sockets(), strict=True):
+        _add_whois(item, whois_json(whois, sock.pid, sock.cgroup, sock.netns))
     return {
         "type": "summary",
         "command": "closewait",
@@ -204,3 +201,9 @@ def summary_json(
         "skipped_transitions": counters.get("skipped_transitions"),
         **summary,
     }
+
+
+def _add_whois(item: dict[str, Any], extra: dict[str, Any]) -> None:
+    item.update(extra)
+    if "workload" in extra:
+        item["cgroup_path"] = extra["workload"]["cgroup_path"]

@@ -7,6 +7,7 @@ commands/top.py), seeded from /proc at the start and compared with /proc at the 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import IO, Any
 
@@ -16,9 +17,10 @@ from tcptrace.commands.options import FilterOptions, FrameRuleOptions, threshold
 from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import RecordingSource
 from tcptrace.commands.top import open_feeds, seed_from_host
-from tcptrace.model.diagnosis import diagnose
+from tcptrace.model.diagnosis import Diagnosis, diagnose
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.overview import Overview
+from tcptrace.model.workload import Whois, whois_json, whois_text
 from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
 from tcptrace.system import hostsnap
 from tcptrace.system.safefile import check_output, write_atomic
@@ -124,6 +126,7 @@ def run_diagnose(
     result = diagnose(
         overview, start=start, end=end, settings=settings, lost=lost, attributor=names.attributor
     )
+    name_owners(result, overview, source.whois)
     if writer is not None:
         summary = {"type": "summary", "command": "diagnose", "stopped": reason, **result.to_json()}
         writer.write({**summary, **summary_flags(source)})
@@ -140,3 +143,19 @@ def run_diagnose(
         write_atomic(report, text, force)
         make_console(stderr=True).print(f"report written to {report}")
     return 0
+
+
+def name_owners(result: Diagnosis, overview: Overview, whois: Whois) -> None:
+    """Each verdict about a process says where it runs (container, pod or unit; its pid in
+    its own namespace): the cgroup of its sockets in CLOSE_WAIT, else the process's now."""
+    cgroups = {s.pid: s.cgroup for s in overview.closewait.open.values() if s.pid is not None}
+    named = []
+    for v in result.verdicts:
+        if v.pid is not None:
+            cgroup = cgroups.get(v.pid)
+            if cgroup is None:
+                cgroup = whois.pid_cgroup(v.pid)
+            text = whois_text(whois, v.pid, cgroup)
+            v = dataclasses.replace(v, where=whois_json(whois, v.pid, cgroup), where_text=text)
+        named.append(v)
+    result.verdicts = named

@@ -186,7 +186,6 @@ def threshold_ns(value: str | float) -> int:
     return int(value * 1e9)
 
 
-
 @dataclass(frozen=True)
 class FrameRuleOptions:
     """--library and --app (repeatable) and --rules FILE: what counts as library code and

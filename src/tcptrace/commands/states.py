@@ -16,7 +16,7 @@ from tcptrace.commands.sources import open_source
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.states import StatesSummary
-from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
+from tcptrace.recording import JsonLinesWriter, WhoisLines, make_header, summary_flags
 from tcptrace.views.common import make_console, use_units
 from tcptrace.views.states import column_titles, print_event, print_lost, print_summary
 
@@ -58,17 +58,21 @@ def stream_events(
     with open_source(
         from_file, flt, parts=parts, stacks=stacks, defines=defines, ringbuf_pages=ringbuf_pages
     ) as source:
+        whois = source.whois
+        tables = WhoisLines(whois, writer) if writer is not None else None
         if writer is not None:
-            writer.write(make_header(name, filter=flt.to_json(), stacks=stacks, **(header or {})))
+            where = {"host_netns": whois.host_netns}
+            writer.write(make_header(name, filter=flt.to_json(), stacks=stacks, **where, **(header or {})))
         else:
             console.print(column_titles(), style="bold", soft_wrap=True)
 
         def on_event(event: SocketEvent) -> None:
             summary.feed(event)
-            if writer is not None:
+            if writer is not None and tables is not None:
+                tables.before(event)  # the event's cgroup and pid named first (recording.py)
                 writer.event(event)
             else:
-                print_event(console, event, source.clock_offset_ns)
+                print_event(console, event, source.clock_offset_ns, whois)
 
         lost_seen = 0
 

@@ -182,7 +182,14 @@ def run_top(
             live_view = None
             if show_live:
                 live_view = start_live(
-                    console, view.render(overview, state, keys=keys is not None, attributor=names.attributor)
+                    console,
+                    view.render(
+                        overview,
+                        state,
+                        keys=keys is not None,
+                        attributor=names.attributor,
+                        whois=source.whois,
+                    ),
                 )
             last_tick = overview.start_ns or 0
 
@@ -205,7 +212,13 @@ def run_top(
                         console.print(view.headline(overview), soft_wrap=True)
                 if changed and live_view is not None:
                     names.refresh(overview.closewait, now_ns)
-                    shown = view.render(overview, state, keys=keys is not None, attributor=names.attributor)
+                    shown = view.render(
+                        overview,
+                        state,
+                        keys=keys is not None,
+                        attributor=names.attributor,
+                        whois=source.whois,
+                    )
                     live_view.update(shown, refresh=True)
 
             try:
@@ -223,5 +236,7 @@ def run_top(
         feeds.tick(overview, source.now_ns())
         names.refresh(overview.closewait, overview.now_ns)  # while the traced processes live
     if not show_live:
-        console.print(view.render(overview, state, keys=False, attributor=names.attributor))
+        console.print(
+            view.render(overview, state, keys=False, attributor=names.attributor, whois=source.whois)
+        )
     return TopResult(reason, overview, start_snap, names)

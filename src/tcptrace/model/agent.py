@@ -142,17 +142,10 @@ class ExportState:
 class AgentModel:
     """Everything the agent exports, bounded, from events and map reads."""
 
-    def __init__(
-        self,
-        config: AgentConfig,
-        whois: Whois = NOBODY,
-        cgroup_of_pid: Callable[[int], int | None] | None = None,
-    ) -> None:
-        """``whois`` names owners in container terms (labels, leak logs); ``cgroup_of_pid``
-        gives the cgroup of a process the kernel's maps name by pid only."""
+    def __init__(self, config: AgentConfig, whois: Whois = NOBODY) -> None:
+        """``whois`` names owners in container terms (labels, leak logs)."""
         self.config = config
         self.whois = whois
-        self.cgroup_of_pid = cgroup_of_pid
         c = config
         self.tracker = CloseWaitTracker(
             threshold_ns=c.threshold_ns, table=SocketTable(capacity=c.max_sockets)
@@ -253,8 +246,8 @@ class AgentModel:
     def proc(self, pid: int | None, comm: str | None, cgroup: int | None = None) -> Proc:
         """The series key of a process: its container, pod and namespace from its cgroup
         (``cgroup``, or the process's now), and its pid unless the pid label is left out."""
-        if cgroup is None and pid and self.cgroup_of_pid is not None:
-            cgroup = self.cgroup_of_pid(pid)
+        if cgroup is None:
+            cgroup = self.whois.pid_cgroup(pid)
         found = self.whois.workload(cgroup)
         where = ("", "", "")
         if found is not None:

@@ -66,6 +66,8 @@ class CloseWaitSocket(EndpointFields, OwnerFields):
     pre_fin_touch: CodePath | None = None
     """The last send/recv before the peer's FIN (``--touch-stacks``), kept even when a
     later touch (the EOF read) became ``last_touch``."""
+    netns: int | None = None
+    """Its network namespace (inode), where an event named it."""
 
     def age_ns(self, now_ns: int) -> int:
         return max(0, now_ns - self.entered_ns)
@@ -328,6 +330,7 @@ class CloseWaitTracker:
             origin=record.origin,
             last_touch=record.last_touch,
             born_ns=record.born_ns,
+            netns=event.netns,
         )
         self.entered += 1
         if self.interval is not None:

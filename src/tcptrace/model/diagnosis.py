@@ -77,6 +77,10 @@ class Verdict:
     comm: str | None = None
     functions: tuple[str, ...] = ()
     data: dict[str, Any] = field(default_factory=dict)
+    where: dict[str, Any] = field(default_factory=dict)
+    """The process in container terms (model/workload.py whois_json: workload, nspid)."""
+    where_text: str | None = None
+    """The same as one phrase (whois_text), for the views."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +90,7 @@ class Verdict:
             "evidence": list(self.evidence),
             "pid": self.pid,
             "comm": self.comm,
+            **self.where,
             "functions": list(self.functions),
             **({"data": self.data} if self.data else {}),
         }

@@ -185,6 +185,8 @@ class ProcessRow:
     closes: int = 0
     close_p99_ns: int | None = None
     close_max_ns: int | None = None
+    cgroup: int | None = None
+    """The owner's cgroup where a socket of it named one (CLOSE_WAIT, TIME_WAIT)."""
 
 
 SORT_KEYS = {
@@ -289,11 +291,14 @@ class Overview:
         """One row per process seen holding CLOSE_WAIT, creating TIME_WAIT, or closing."""
         cw: dict[int, list[int]] = {}
         comms: dict[int, str] = {}
+        cgroups: dict[int, int] = {}
         for sock in self.closewait.open.values():
             if sock.pid is None:
                 continue
             cw.setdefault(sock.pid, []).append(sock.age_ns(self.now_ns))
             comms.setdefault(sock.pid, sock.comm or "")
+            if sock.cgroup is not None:
+                cgroups.setdefault(sock.pid, sock.cgroup)
         totals = self.timewait.totals
         tw_total: dict[int, int] = {}
         for (p, comm), c in totals.by_process.items():
@@ -325,6 +330,7 @@ class Overview:
                     closes=hist.count if hist else 0,
                     close_p99_ns=hist.percentile(99) if hist else None,
                     close_max_ns=hist.max_ns if hist else None,
+                    cgroup=cgroups.get(p),
                 )
             )
         return rows

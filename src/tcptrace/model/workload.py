@@ -225,6 +225,10 @@ class Whois(Protocol):
     def nspid(self, pid: int | None) -> int | None:
         """The pid the process has in its own pid namespace, where it differs from ``pid``."""
 
+    def pid_cgroup(self, pid: int | None) -> int | None:
+        """The cgroup a process is in now, for what the kernel names by pid only (TIME_WAIT
+        and close() counts per process); None when unknown (always, in a replay)."""
+
 
 @dataclass
 class KnownWorkloads:
@@ -241,6 +245,9 @@ class KnownWorkloads:
     def nspid(self, pid: int | None) -> int | None:
         return None if pid is None else self.nspids.get(pid)
 
+    def pid_cgroup(self, pid: int | None) -> int | None:
+        return None
+
 
 NOBODY = KnownWorkloads()
 """A Whois that knows nothing."""
@@ -248,14 +255,12 @@ NOBODY = KnownWorkloads()
 
 def whois_json(whois: Whois, pid: int | None, cgroup: int | None, netns: int | None = None) -> dict[str, Any]:
     """The fields an owner and a socket add to a JSON object: ``workload`` (container, pod,
-    unit; with the cgroup path), ``nspid`` where it differs from the pid, ``netns`` where it
-    is not the host's. Empty when nothing is known beyond pid and comm.
+    unit, with the cgroup path) where the cgroup is known, ``nspid`` where it differs from
+    the pid, ``netns`` where known, and ``host_netns`` false when that is not the host's.
 
     >>> w = KnownWorkloads(host_netns=1, cgroups={5: Workload(identify("/system.slice/a.service"))})
-    >>> whois_json(w, 7, 5, 2)["workload"]["unit"], whois_json(w, 7, 5, 1)
-    ('a.service', {'workload': {'cgroup_path': '/system.slice/a.service', 'runtime': None, \
-'container_id': None, 'container': None, 'pod_uid': None, 'pod': None, 'namespace': None, 'qos': None, \
-'unit': 'a.service'}})
+    >>> whois_json(w, 7, 5)["workload"]["unit"], whois_json(w, 7, None, 2), whois_json(w, 7, 6, 1)
+    ('a.service', {'netns': 2, 'host_netns': False}, {'netns': 1})
     """
     out: dict[str, Any] = {}
     found = whois.workload(cgroup)
@@ -264,8 +269,10 @@ def whois_json(whois: Whois, pid: int | None, cgroup: int | None, netns: int | N
     nspid = whois.nspid(pid)
     if nspid is not None:
         out["nspid"] = nspid
-    if netns is not None and netns != whois.host_netns:
+    if netns is not None:
         out["netns"] = netns
+        if whois.host_netns is not None and netns != whois.host_netns:
+            out["host_netns"] = False
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tcptrace.errors import TcptraceError
@@ -156,11 +156,39 @@ def matching_holder(
 ) -> tuple[int | None, str | None] | None:
     """(pid, comm) of the first process holding ``s`` that passes ``flt`` (several hold a
     socket after fork or fd passing); (None, None) for a socket no process holds, when the
-    filter lets an unknown owner pass; None when the socket is filtered out."""
+    filter lets an unknown owner pass; None when the socket is filtered out. The socket's
+    ``netns`` (a host snapshot's TcpSocket has it) and, for --cgroup and --container, each
+    holder's cgroup (/proc/PID/cgroup) are compared too."""
     options: list[tuple[int | None, str | None]] = [(h.pid, h.comm[:15]) for h in candidates] or [
         (None, None)
     ]
+    netns = getattr(s, "netns", None) or None
     for pid, comm in options:
-        if flt.accepts(s, owner_of(pid, comm)):
+        cgroup: int | None = None
+        paths: Callable[[int], str | None] = _no_path
+        if flt.by_cgroup and pid is not None:
+            cgroup, paths = 0, _named(_cgroup_path(pid))
+        if flt.accepts(s, owner_of(pid, comm, cgroup), paths, netns):
             return pid, comm
     return None
+
+
+def _no_path(_cgroup: int) -> str | None:
+    return None
+
+
+def _named(path: str | None) -> Callable[[int], str | None]:
+    """The cgroup path of a holder read from /proc, as the filter asks for it (by id)."""
+
+    def paths(_cgroup: int) -> str | None:
+        return path
+
+    return paths
+
+
+def _cgroup_path(pid: int, proc: str = "/proc") -> str | None:
+    try:
+        with open(f"{proc}/{pid}/cgroup", "rb") as fh:
+            return cgroups.parse_proc_cgroup(os.fsdecode(fh.read()))
+    except OSError:
+        return None

@@ -3,9 +3,9 @@ its cgroup, the pid it has in its own pid namespace, and which network namespace
 host's. The live ``Whois`` (model/workload.py) of every command.
 
 Every answer is cached with a bound: a cgroup id names one cgroup for the cgroup's life (an
-id is an inode number, not reused while the cgroup exists); a pid's namespace pid is read
-again after a few seconds (pids are reused); the kubelet's pod names are read again at most
-every 30 s, when a pod uid is not known.
+id is an inode number, not reused while the cgroup exists); a pid's namespace pid and cgroup
+are read again after a few seconds (pids are reused, processes move); the kubelet's pod
+names are read again at most every 30 s, when a pod uid is not known.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 
 from tcptrace.model.workload import Workload, identify
-from tcptrace.system import netns, process
+from tcptrace.system import cgroups, netns, process
 from tcptrace.system.cgroups import CgroupIndex
 from tcptrace.system.containers import KubeletPods
 
@@ -34,6 +34,7 @@ class HostWhois:
         self.host_netns: int | None = netns.of_pid(1, proc) or netns.of_pid(2, proc)
         self._workloads: OrderedDict[int, Workload | None] = OrderedDict()
         self._nspids: OrderedDict[int, tuple[int | None, int]] = OrderedDict()
+        self._cgroups: OrderedDict[int, tuple[int | None, int]] = OrderedDict()
         self._pods: KubeletPods | None = None
         self._pods_ns = 0
 
@@ -90,6 +91,20 @@ class HostWhois:
         if len(self._nspids) > MAX_CACHED:
             self._nspids.popitem(last=False)
         return inner
+
+    def pid_cgroup(self, pid: int | None) -> int | None:
+        if not pid:
+            return None
+        now = time.monotonic_ns()
+        cached = self._cgroups.get(pid)
+        if cached is not None and now - cached[1] < NSPID_TTL_NS:
+            return cached[0]
+        found = cgroups.id_of_pid(pid)
+        self._cgroups[pid] = (found, now)
+        self._cgroups.move_to_end(pid)
+        if len(self._cgroups) > MAX_CACHED:
+            self._cgroups.popitem(last=False)
+        return found
 
 
 __all__ = ["HostWhois"]

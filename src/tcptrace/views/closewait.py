@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
@@ -12,6 +11,7 @@ from rich.text import Text
 from tcptrace.model.attribution import Attributor, LeakAttribution, RolePath
 from tcptrace.model.closewait import CloseWaitTracker, Interval, SuspectGroup
 from tcptrace.model.histogram import age_histogram, percentile
+from tcptrace.model.workload import NOBODY, Whois, whois_text
 from tcptrace.views.common import duration, endpoint, host_text, safe, time_cell, time_header
 
 MAX_GROUPS = 8
@@ -136,24 +136,22 @@ def close_time_text(tracker: CloseWaitTracker) -> Text:
     )
 
 
-CgroupNamer = Callable[[int], str | None]
-
-
 def group_lines(
     group: SuspectGroup,
-    cgroup_name: CgroupNamer | None = None,
+    whois: Whois = NOBODY,
     attributor: Attributor | None = None,
     full: bool = False,
 ) -> list[RenderableType]:
-    """A group of leak suspects: owner and counts, the frame it is attributed to (or the
-    runtime's hint), then its code paths: before the FIN, after it, and the origin."""
+    """A group of leak suspects: owner and counts (and where it runs, in container terms), the
+    frame it is attributed to (or the runtime's hint), then its code paths: before the FIN,
+    after it, and the origin."""
     head = Text()
     head.append(f"  {group.count} × ", style="bold red")
     head.append(_owner(group.pid, group.comm), style="bold")
-    if group.cgroup is not None and cgroup_name is not None:
-        path = cgroup_name(group.cgroup)
-        if path and path != "/":
-            head.append(f" [cgroup {safe(path)}]")
+    netns = {s.netns for s in group.sockets}
+    where = whois_text(whois, group.pid, group.cgroup, netns.pop() if len(netns) == 1 else None)
+    if where is not None:
+        head.append(f" [{safe(where)}]")
     oldest = duration(group.oldest_age_ns)
     head.append(f"  oldest {'>= ' if group.at_least else ''}{oldest}")
     head.append(f"  remotes: {safe(group.remotes.text())}")
@@ -180,7 +178,7 @@ def render(
     tracker: CloseWaitTracker,
     now_ns: int,
     interval: Interval | None = None,
-    cgroup_name: CgroupNamer | None = None,
+    whois: Whois = NOBODY,
     attributor: Attributor | None = None,
     full: bool = False,
 ) -> Group:
@@ -203,21 +201,26 @@ def render(
     if groups:
         parts.append(Text("leak suspects by owner and code path:", style="bold"))
         for group in groups[:MAX_GROUPS]:
-            parts.extend(group_lines(group, cgroup_name, attributor, full))
+            parts.extend(group_lines(group, whois, attributor, full))
         if len(groups) > MAX_GROUPS:
             parts.append(Text(f"  … {len(groups) - MAX_GROUPS} more groups (--json has all)", style="dim"))
     return Group(*parts)
 
 
-def sockets_table(tracker: CloseWaitTracker, now_ns: int) -> Table:
+def sockets_table(tracker: CloseWaitTracker, now_ns: int, whois: Whois = NOBODY) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
     for name, justify in (("PID", "right"), ("COMM", "left"), ("LOCAL", "left"), ("REMOTE", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     table.add_column(time_header("AGE"), justify="right")
     table.add_column("EOF", justify="left")
     socks = sorted(tracker.open.values(), key=lambda s: s.entered_ns)
-    for s in socks[:MAX_SOCKETS]:
+    shown = socks[:MAX_SOCKETS]
+    wheres = [whois_text(whois, s.pid, s.cgroup, s.netns) for s in shown]
+    if any(wheres):
+        table.add_column("WHERE", justify="left")
+    for s, where in zip(shown, wheres, strict=True):
         age = time_cell(s.age_ns(now_ns))
+        extra = [host_text(where or "")] if any(wheres) else []
         table.add_row(
             Text("-" if s.pid is None else str(s.pid)),
             host_text(s.comm, width=15),
@@ -225,9 +228,11 @@ def sockets_table(tracker: CloseWaitTracker, now_ns: int) -> Table:
             Text(endpoint(s.daddr, s.dport, s.family)),
             Text((">= " if s.preexisting else "") + age),
             Text("yes" if s.eof_ns is not None else ""),
+            *extra,
         )
     if len(socks) > MAX_SOCKETS:
-        table.add_row(Text(""), Text(f"… {len(socks) - MAX_SOCKETS} more"), *[Text("")] * 4)
+        more = [Text("")] * (5 if any(wheres) else 4)
+        table.add_row(Text(""), Text(f"… {len(socks) - MAX_SOCKETS} more"), *more)
     return table
 
 
@@ -237,7 +242,7 @@ def print_summary(
     now_ns: int,
     counters: dict[str, Any],
     reason: str,
-    cgroup_name: CgroupNamer | None = None,
+    whois: Whois = NOBODY,
     attributor: Attributor | None = None,
     full: bool = False,
 ) -> None:
@@ -249,7 +254,7 @@ def print_summary(
     if skipped:
         head.append(f", {skipped} transitions of the host skipped by the kernel", style="yellow")
     console.print(head)
-    console.print(render(tracker, now_ns, cgroup_name=cgroup_name, attributor=attributor, full=full))
+    console.print(render(tracker, now_ns, whois=whois, attributor=attributor, full=full))
     if tracker.open:
         console.print(Text("oldest sockets in CLOSE_WAIT:", style="bold"))
-        console.print(sockets_table(tracker, now_ns))
+        console.print(sockets_table(tracker, now_ns, whois))

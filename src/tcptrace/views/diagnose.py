@@ -18,6 +18,8 @@ def verdict_text(v: Verdict) -> Text:
     text = Text()
     text.append(f"{LABEL[v.severity]:>7}  ", style=STYLE[v.severity])
     text.append(safe(v.text))
+    if v.where_text is not None:
+        text.append(f"\n           · in {safe(v.where_text)}", style="dim")
     for line in v.evidence:
         text.append(f"\n           · {safe(line)}", style="dim")
     return text

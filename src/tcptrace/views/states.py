@@ -10,6 +10,7 @@ from rich.text import Text
 
 from tcptrace.model.events import SocketEvent, TcpState, Transition
 from tcptrace.model.states import StatesSummary
+from tcptrace.model.workload import NOBODY, Whois, whois_text
 from tcptrace.views.common import clock, endpoint, safe, time_cell, time_header
 
 STATE_STYLE = {
@@ -32,8 +33,10 @@ def column_titles() -> str:
 HEADER = column_titles()
 
 
-def transition_line(event: Transition, offset_ns: int) -> Text:
-    """One row: time, owner pid and comm, local and remote endpoints, OLD -> NEW, time in OLD."""
+def transition_line(event: Transition, offset_ns: int, whois: Whois = NOBODY) -> Text:
+    """One row: time, owner pid and comm, local and remote endpoints, OLD -> NEW, time in OLD,
+    then, where known, the owner's container, pod or unit, its pid in its own pid namespace,
+    and the socket's network namespace when it is not the host's."""
     pid = str(event.pid) if event.pid is not None else "-"
     text = Text()
     text.append(f"{clock(event.ts_ns, offset_ns):<12} {pid:>7} {safe(event.comm)[:15]:<15} ")
@@ -44,6 +47,9 @@ def transition_line(event: Transition, offset_ns: int) -> Text:
     text.append(event.new.name, style=STATE_STYLE.get(event.new, ""))
     text.append(" " * max(1, 25 - len(event.old.name) - len(event.new.name) - 4))
     text.append(f"{time_cell(event.prev_ns):>8}")
+    where = whois_text(whois, event.pid, event.cgroup, event.netns)
+    if where is not None:
+        text.append(f"  [{safe(where)}]", style="dim")
     return text
 
 
@@ -55,9 +61,9 @@ def stack_lines(event: SocketEvent) -> list[Text]:
     return lines
 
 
-def print_event(console: Console, event: SocketEvent, offset_ns: int) -> None:
+def print_event(console: Console, event: SocketEvent, offset_ns: int, whois: Whois = NOBODY) -> None:
     if isinstance(event, Transition):
-        console.print(transition_line(event, offset_ns), soft_wrap=True)
+        console.print(transition_line(event, offset_ns, whois), soft_wrap=True)
         for line in stack_lines(event):
             console.print(line, soft_wrap=True)
 

@@ -28,7 +28,8 @@ from rich.text import Text
 
 from tcptrace.model.attribution import Attributor
 from tcptrace.model.events import TcpState
-from tcptrace.model.overview import SORT_KEYS, Overview, sort_rows
+from tcptrace.model.overview import SORT_KEYS, Overview, ProcessRow, sort_rows
+from tcptrace.model.workload import NOBODY, Whois, whois_text
 from tcptrace.views.common import duration, host_text, safe, time_cell, time_header
 
 SORT_TITLES = {"c": "CLOSE_WAIT", "t": "TIME_WAIT/s", "l": "close() p99"}
@@ -149,7 +150,9 @@ def latency_text(overview: Overview) -> Text:
     return text
 
 
-def processes_table(overview: Overview, state: TopState) -> Table:
+def processes_table(overview: Overview, state: TopState, whois: Whois = NOBODY) -> Table:
+    """The processes, worst first; WHERE (container, pod or unit, pid in its own namespace)
+    when one of them is known."""
     table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
     title = f"processes, by {SORT_TITLES[state.sort]}"
     if state.pid is not None:
@@ -172,7 +175,11 @@ def processes_table(overview: Overview, state: TopState) -> Table:
         else:
             table.add_column(name, justify="right", no_wrap=True)
     rows = sort_rows(overview.processes(state.pid), state.sort)
-    for r in rows[:MAX_PROCESSES]:
+    wheres = [where_text(whois, r) for r in rows[:MAX_PROCESSES]]
+    extra = 1 if any(wheres) else 0
+    if extra:
+        table.add_column("WHERE", no_wrap=True)
+    for r, where in zip(rows[:MAX_PROCESSES], wheres, strict=True):
         table.add_row(
             Text(str(r.pid)),
             host_text(r.comm, width=15),
@@ -185,9 +192,10 @@ def processes_table(overview: Overview, state: TopState) -> Table:
                 time_cell(r.close_p99_ns),
                 time_cell(r.close_max_ns),
             ),
+            *([host_text(where)] if extra else []),
         )
     if len(rows) > MAX_PROCESSES:
-        table.add_row(*_cells("", f"… {len(rows) - MAX_PROCESSES} more", *[""] * 7))
+        table.add_row(*_cells("", f"… {len(rows) - MAX_PROCESSES} more", *[""] * (7 + extra)))
     if not rows:
         table.add_row(*_cells("", "(none yet)", *[""] * 7))
     return table
@@ -215,11 +223,21 @@ def leaks_text(
     return text
 
 
+def where_text(whois: Whois, row: ProcessRow) -> str:
+    """A process row's container, pod or unit (its sockets' cgroup, else the process's now)."""
+    cgroup = row.cgroup if row.cgroup is not None else whois.pid_cgroup(row.pid)
+    return whois_text(whois, row.pid, cgroup) or ""
+
+
 KEYS_HELP = "keys: c CLOSE_WAIT  t TIME_WAIT/s  l close() p99  p pid  q quit"
 
 
 def render(
-    overview: Overview, state: TopState | None = None, keys: bool = True, attributor: Attributor | None = None
+    overview: Overview,
+    state: TopState | None = None,
+    keys: bool = True,
+    attributor: Attributor | None = None,
+    whois: Whois = NOBODY,
 ) -> Group:
     """The whole screen."""
     state = state or TopState()
@@ -227,7 +245,7 @@ def render(
         headline(overview),
         states_table(overview),
         latency_text(overview),
-        processes_table(overview, state),
+        processes_table(overview, state, whois),
     ]
     leaks = leaks_text(overview, attributor, state.pid)
     if leaks is not None:
