@@ -44,7 +44,7 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
     tt_read_tuple(skp, &t, TT_SPORT_INET);
     __u64 sk = (__u64)skp;
     __u64 now = bpf_ktime_get_ns();
-    __u32 lkey = tt_listener_key(t.family, t.sport);
+    __u64 lkey = tt_listener_key(t.netns, t.family, t.sport);
 
     struct tt_sock cur = {};
     __u64 prev_ns = 0;

@@ -194,7 +194,7 @@ BPF_TABLE("lru_hash", __u64, struct tt_sock, socks, TT_MAX_SOCKS);
 /* Listeners' owners by tt_listener_key(): a passively opened child is born in
  * softirq (LISTEN -> SYN_RECV) and inherits its listener's owner from here.
  * Inserted at CLOSE -> LISTEN, deleted at LISTEN -> CLOSE (lifecycle). */
-BPF_HASH(listeners, __u32, struct tt_owner, TT_MAX_LISTENERS);
+BPF_HASH(listeners, __u64, struct tt_owner, TT_MAX_LISTENERS);
 
 #ifdef TT_CLOSED_OWNERS
 /* Owners of sockets that reached CLOSE, by skaddr. Inserted (or overwritten,
@@ -203,11 +203,12 @@ BPF_HASH(listeners, __u32, struct tt_owner, TT_MAX_LISTENERS);
 BPF_TABLE("lru_hash", __u64, struct tt_owner, closed_owners, TT_MAX_CLOSED);
 #endif
 
-/* Key of `listeners`: a listener's family and local port (host order); a child
- * in SYN_RECV has its listener's. */
-static __always_inline __u32 tt_listener_key(__u16 family, __u16 sport)
+/* Key of `listeners`: a listener's network namespace, family and local port
+ * (host order); a child in SYN_RECV has its listener's. The namespace keeps two
+ * pods listening on the same port apart. */
+static __always_inline __u64 tt_listener_key(__u32 netns, __u16 family, __u16 sport)
 {
-    return ((__u32)family << 16) | sport;
+    return ((__u64)netns << 32) | ((__u32)family << 16) | sport;
 }
 
 /* The owner of socket `sk` into `out`: from `socks`, else, once the socket has
