@@ -404,6 +404,7 @@ def states(**given: Any) -> None:
     Examples:
       sudo tcptrace states --port 8080
       sudo tcptrace states --pid 1234 --stacks
+      sudo tcptrace states -p 1234,5678 -L 8080 --units ms
       sudo tcptrace states --json --duration 10 > transitions.jsonl
       tcptrace states --from transitions.jsonl --port 443
     """
@@ -497,6 +498,8 @@ def closewait(**given: Any) -> None:
       sudo tcptrace closewait --pid 1234
       sudo tcptrace closewait --port 8080 --threshold 30s --touch-stacks
       sudo tcptrace closewait --pid 1234 --library 'github.com/acme/kit/*' --stacks
+      sudo tcptrace closewait --container 4f797c539e6c
+      sudo tcptrace closewait --cgroup /kubepods.slice --netns 4026532281
       sudo tcptrace closewait --json --duration 60 > closewait.jsonl
       tcptrace closewait --from incident.jsonl
     """
@@ -635,7 +638,8 @@ def agent(**given: Any) -> None:
 
     Exports sockets by state, CLOSE_WAIT sockets and their ages per process (and how many
     are older than --threshold), TIME_WAIT creations per process and remote port, resets,
-    close() latency histograms, lost events and the agent's own CPU and memory. Label
+    close() latency histograms, lost events and the agent's own CPU and memory. Process
+    series are labelled with the owner's container, pod and namespace too. Label
     sets are bounded (--top-processes, --top-ports). The filters (--port, --pid, ...)
     scope everything but sockets by state, which is host-wide. Runs until SIGTERM or
     Ctrl-C, then detaches everything. See docs/agent.md and deploy/.
@@ -644,6 +648,7 @@ def agent(**given: Any) -> None:
     Examples:
       sudo tcptrace agent
       sudo tcptrace agent --listen 0.0.0.0:9464 --threshold 60s --log /var/log/tcptrace.jsonl
+      sudo tcptrace agent --cgroup /kubepods.slice --no-pid-label
       curl -s 127.0.0.1:9464/metrics | grep tcptrace_close_wait
     """
     from tcptrace.commands import agent as command
