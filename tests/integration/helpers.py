@@ -4,6 +4,7 @@ and collecting events from a loaded program."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -146,3 +147,20 @@ def states_json_of_one_connection(
     out, err = proc.communicate(timeout=60)
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return done, [header, *(json.loads(line) for line in out.splitlines())], conn
+
+
+def remove_cgroups(top: Path) -> None:
+    """Remove a tree of cgroups a test made, deepest first; a cgroup is removable only once
+    its last process has exited, so each is retried for a while."""
+    for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda entry: -entry[0].count("/")):
+        wait_for(lambda d=dirpath: _rmdir(Path(d)), timeout=5)  # type: ignore[misc]
+
+
+def _rmdir(path: Path) -> bool:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True

@@ -58,17 +58,7 @@ def leaky_server(exe: Path, port: int, own_cgroup: bool = False) -> Iterator[sub
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"/tmp/perf-{proc.pid}.map")
         if group is not None:
-            helpers.wait_for(lambda: _rmdir(group), timeout=5)
-
-
-def _rmdir(path: Path) -> bool:
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return True
+            helpers.remove_cgroups(group)
 
 
 def connect_all(port: int, kinds: str) -> list[tuple[str, socket.socket]]:

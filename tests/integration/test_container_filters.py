@@ -10,10 +10,8 @@ here is removed however a test ends.
 
 from __future__ import annotations
 
-import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +26,8 @@ import pytest
 from tcptrace.system import cgroups, netns
 from tcptrace.system.netns import NetNamespace
 from tests.integration import helpers
+from tests.integration.test_closewait import stop
+from tests.integration.test_closewait import tracing as closewait_tracing
 
 ID_DOCKER = "4f797c539e6c745de61a93ca3ff892358ecbcaccd8414d5db545c38428142970"
 ID_CRI = "9ec39b91f3d70e1beff50a308f77067065ea6be0d91a3378375056cd4422cf3d"
@@ -98,36 +98,15 @@ def leak(port: int, n: int = 1) -> None:
 
 @contextmanager
 def tracing(cmd: list[str], *args: str) -> Iterator[subprocess.Popen[str]]:
-    """`tcptrace closewait --json ARGS` (every socket in CLOSE_WAIT a suspect), once its
-    header line says it is attached."""
-    proc = subprocess.Popen(
-        [*cmd, "closewait", "-j", "--threshold", "0", "--interval", "500ms", "--recheck", "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 120)
-        line = proc.stdout.readline() if ready else ""
-        if not line:
-            proc.kill()
-            raise AssertionError(f"tcptrace did not start: {proc.communicate()[1]}")
-        assert json.loads(line)["type"] == "header"
+    """`tcptrace closewait --json ARGS` once attached, every socket in CLOSE_WAIT a suspect."""
+    with closewait_tracing(cmd, "--threshold", "0", "--recheck", "0", *args) as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def summary_of(proc: subprocess.Popen[str]) -> dict[str, Any]:
     time.sleep(0.5)  # the FINs' transitions are in the ring buffer
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    summary = json.loads(out.splitlines()[-1])
-    assert summary["type"] == "summary" and summary["lost"] == 0
+    _periodic, summary = stop(proc)
+    assert summary["lost"] == 0
     return summary
 
 
@@ -141,21 +120,6 @@ def leakers(summary: dict[str, Any], preexisting: bool = False) -> dict[int, int
     return out
 
 
-def _rmdir(path: Path) -> bool:
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def remove_tree(top: Path) -> None:
-    for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda entry: -entry[0].count("/")):
-        helpers.wait_for(lambda d=dirpath: _rmdir(Path(d)), timeout=5)  # type: ignore[misc]
-
-
 @pytest.fixture
 def cgroup_top() -> Iterator[Path]:
     root = cgroups.cgroup2_root()
@@ -166,7 +130,7 @@ def cgroup_top() -> Iterator[Path]:
     try:
         yield top
     finally:
-        remove_tree(top)
+        helpers.remove_cgroups(top)
     assert not top.exists()
 
 

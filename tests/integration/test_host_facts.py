@@ -174,21 +174,6 @@ LISTENER = (
 )
 
 
-def _remove_tree(top: Path) -> None:
-    for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda entry: -entry[0].count("/")):
-        helpers.wait_for(lambda d=dirpath: _rmdir(Path(d)), timeout=5)  # type: ignore[misc]
-
-
-def _rmdir(path: Path) -> bool:
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
 def test_owners_are_identified_by_cgroups_named_like_container_runtimes() -> None:
     root = cgroups.cgroup2_root()
     if root is None:
@@ -235,5 +220,5 @@ def test_owners_are_identified_by_cgroups_named_like_container_runtimes() -> Non
             proc.kill()
             proc.wait(timeout=10)
         if top.exists():
-            _remove_tree(top)
+            helpers.remove_cgroups(top)
     assert not top.exists()

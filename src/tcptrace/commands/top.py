@@ -117,7 +117,7 @@ class TopResult:
 def _reseed(overview: Overview, flt: EventFilter) -> None:
     """Counts per state from /proc again: what the transitions missed (a skipped run, a
     lost event) stops counting. Owners are read only when a filter needs them."""
-    snap = hostsnap.take(flt, owners=flt.pid is not None or flt.comm is not None)
+    snap = hostsnap.take(flt, owners=flt.by_owner)
     overview.states.seed((s.state for s in snap.sockets), snap.at_ns)
 
 
