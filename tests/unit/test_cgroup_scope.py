@@ -63,3 +63,16 @@ def test_scope_refreshes_at_most_every_interval(tmp_path: Path) -> None:
     tree(tmp_path, f"docker/{ID_B}")
     assert scope.refresh() == [], "not due yet"
     assert scope.refresh(force=True) != []
+
+
+def test_the_tree_is_walked_again_only_when_cgroups_came_or_went(tmp_path: Path) -> None:
+    stat = tmp_path / "cgroup.stat"
+    stat.write_text("nr_descendants 1\nnr_dying_descendants 0\n")
+    scope = CgroupScope(EventFilter(containers=("9ec39b",)), root=str(tmp_path), every_s=0, full_s=3600)
+    walks = scope.walks
+    ids = tree(tmp_path, f"docker/{ID_B}")  # (a real cgroupfs would have counted it)
+    assert scope.refresh() == [] and scope.walks == walks, "the counts did not change: no walk"
+    stat.write_text("nr_descendants 2\nnr_dying_descendants 0\n")
+    assert scope.refresh() == [ids[f"/docker/{ID_B}"]] and scope.walks == walks + 1
+    every = CgroupScope(EventFilter(containers=("9ec39b",)), root=str(tmp_path), every_s=0, full_s=0)
+    assert [every.refresh() for _ in range(2)] == [[], []] and every.walks == 3, "and every full_s anyway"
