@@ -185,9 +185,10 @@ def summary_json(
     """The final summary; each group of leak suspects leads with what it is attributed to."""
     summary = tracker.summary_json(now_ns)
     attribute = attributor or Attributor()
-    summary["groups"] = [group_json(g, attribute(g)) for g in tracker.suspects(now_ns)]
+    groups = tracker.suspects(now_ns)
+    summary["groups"] = [group_json(g, attribute(g)) for g in groups]
     # Who owners are in container terms: live from the host, in a replay from the recording.
-    for item, group in zip(summary["groups"], tracker.suspects(now_ns), strict=True):
+    for item, group in zip(summary["groups"], groups, strict=True):
         _add_whois(item, whois_json(whois, group.pid, group.cgroup))
     for item, sock in zip(summary["sockets"], tracker.open_sockets(), strict=True):
         _add_whois(item, whois_json(whois, sock.pid, sock.cgroup, sock.netns))
