@@ -50,6 +50,8 @@ class TcptraceGroup(click.Group):
     ) -> click.Context:
         try:
             return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # `tcptrace` alone: the help, as click shows it
         except click.UsageError as exc:
             raise OneLineUsageError(exc) from None
 

@@ -209,3 +209,9 @@ def test_timestamps_in_front_of_periodic_lines(data_dir: Path) -> None:
     stamped_heads = [line for line in stamped.splitlines() if "TIME_WAIT created" in line and "/s" in line]
     assert heads and len(stamped_heads) >= len(heads)
     assert all(re.match(r"\d\d:\d\d:\d\d TIME_WAIT created", line) for line in stamped_heads[: len(heads)])
+
+
+def test_tcptrace_alone_shows_the_help() -> None:
+    result = CliRunner().invoke(cli, [])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Usage: ") and "Start with:" in result.stderr
