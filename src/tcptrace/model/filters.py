@@ -240,7 +240,7 @@ def container_cgroups(paths: Iterable[str], prefixes: Iterable[str]) -> list[str
 
     >>> cid = "ab" * 32
     >>> container_cgroups(["/system.slice", f"/system.slice/docker-{cid}.scope"], ["aba"])
-    ['/system.slice/docker-ababababababababababababababababababababababababababababababababab.scope']
+    ['/system.slice/docker-abababababababababababababababababababababababababababababababab.scope']
     """
     wanted = tuple(prefixes)
     out = []
