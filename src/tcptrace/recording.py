@@ -2,10 +2,11 @@
 
 A recording is what ``tcptrace record`` and ``tcptrace states --json`` write::
 
-    {"type": "header", "format": "tcptrace", "version": 1, "clock_offset_ns": ..., ...}
-    {"type": "transition", "ts_ns": ..., "old": "ESTABLISHED", "new": "FIN_WAIT1", ...}
+    {"type": "header", "format": "tcptrace", "version": 2, "clock_offset_ns": ..., ...}
     {"type": "cgroup", "id": ..., "path": "/kubepods.slice/...", "pod": ..., ...}
     {"type": "process", "pid": ..., "nspid": ...}
+    {"type": "stack", "id": 0, "frames": ["tcp_v4_connect+0x1f [kernel]", ...]}
+    {"type": "transition", "ts_ns": ..., "old": "CLOSE", "new": "SYN_SENT", "kstack": 0, ...}
     {"type": "lost", "lost": ..., "new": ...}
     ...
     {"type": "summary", "events": ..., "lost": ..., ...}
@@ -27,6 +28,10 @@ go back by more than TS_BACK_TOLERANCE_NS. Objects that are not events (a comman
 reports) are checked generically: nesting depth, numbers in range, text encodable.
 Anything wrong is a RecordingError naming ``FILE:LINE``. Only regular files are read, or
 ``-`` (stdin), or a FIFO named explicitly, which must get a writer within FIFO_WAIT_S.
+
+Stacks: an event's ``kstack``/``ustack`` is a list of frames, or (version 2, what
+`record` writes) the id of a ``stack`` line earlier in the file, so that a stack taken on
+every connection is stored once. Version 1 recordings (frames always inline) are read alike.
 """
 
 from __future__ import annotations
@@ -61,7 +66,12 @@ from tcptrace.model.workload import KnownWorkloads, Whois, Workload, identify
 from tcptrace.printable import printable
 
 FORMAT = "tcptrace"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAX_STACKS = 65536
+"""Distinct stacks a recording may name by id (what a writer names; more are inline)."""
+MAX_STACK_CHARS = 64 << 20
+"""Characters of frames a reader keeps for the stacks named by id."""
 
 
 def clock_offset_ns() -> int:
@@ -150,12 +160,14 @@ class Recording:
     def events(self) -> Iterator[SocketEvent]:
         """The events in file order. RecordingError names the line of anything malformed."""
         latest = -1
+        stacks = _Stacks()
         for lineno, line in self._lines:
             obj = _parse_line(self.path, lineno, line)
             kind = obj.get("type")
             if not isinstance(kind, str):
                 raise RecordingError(f'{self.path}:{lineno}: object without a string "type"')
             if kind in EVENT_TYPES:
+                _resolve_stacks(self.path, lineno, obj, stacks)
                 _check_event(self.path, lineno, kind, obj, line)
                 ts = obj["ts_ns"]
                 if ts < latest - TS_BACK_TOLERANCE_NS:
@@ -174,6 +186,9 @@ class Recording:
             _check_plain(self.path, lineno, obj, line)
             if kind == "header":
                 raise RecordingError(f"{self.path}:{lineno}: a second header line")
+            if kind == "stack":
+                _add_stack(self.path, lineno, obj, stacks)
+                continue
             if kind == "summary":
                 _check_fields(self.path, lineno, obj, _SUMMARY)
                 self.summary = obj
@@ -239,6 +254,42 @@ def _no_constant(name: str) -> Any:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
+@dataclass
+class _Stacks:
+    """The stacks a recording named so far, by id."""
+
+    frames: dict[int, list[str]] = field(default_factory=dict)
+    chars: int = 0
+
+
+def _add_stack(path: str, lineno: int, obj: dict[str, Any], stacks: _Stacks) -> None:
+    """Keep a ``stack`` line's frames under its id (at most MAX_STACKS of them, and
+    MAX_STACK_CHARS of frames in all)."""
+    ref, frames = obj.get("id"), obj.get("frames")
+    if type(ref) is not int or not 0 <= ref < MAX_STACKS:
+        raise RecordingError(f"{path}:{lineno}: a stack id must be an integer from 0 to {MAX_STACKS - 1}")
+    problem = _frames(frames)
+    if problem is not None:
+        raise RecordingError(f"{path}:{lineno}: a stack's frames: {problem}")
+    if ref in stacks.frames:
+        raise RecordingError(f"{path}:{lineno}: stack {ref} defined twice")
+    stacks.chars += sum(map(len, frames))
+    if stacks.chars > MAX_STACK_CHARS:
+        raise RecordingError(f"{path}:{lineno}: more than {MAX_STACK_CHARS >> 20} MiB of stacks")
+    stacks.frames[ref] = frames
+
+
+def _resolve_stacks(path: str, lineno: int, obj: dict[str, Any], stacks: _Stacks) -> None:
+    """An event's stacks given by id replaced with their frames."""
+    for key in ("kstack", "ustack"):
+        ref = obj.get(key)
+        if type(ref) is int:
+            frames = stacks.frames.get(ref)
+            if frames is None:
+                raise RecordingError(f"{path}:{lineno}: {key} {ref} names no stack line before it")
+            obj[key] = frames
 
 
 def _parse_line(path: str, lineno: int, line: str) -> dict[str, Any]:
@@ -534,10 +585,10 @@ def open_recording(path: str) -> Recording:
         header = _parse_line(path, *first)
         if header.get("type") != "header" or header.get("format") != FORMAT:
             raise RecordingError(f"{path}:1: not a tcptrace recording (no header line)")
-        if header.get("version") != VERSION:
-            raise RecordingError(
-                f"{path}:1: recording version {_shown(header.get('version'))}, expected {VERSION}"
-            )
+        version = header.get("version")
+        if type(version) is not int or version not in READABLE_VERSIONS:
+            expected = " or ".join(map(str, READABLE_VERSIONS))
+            raise RecordingError(f"{path}:1: recording version {_shown(version)}, expected {expected}")
         _check_plain(path, first[0], header, first[1])
         _check_fields(path, first[0], header, _HEADER)
     except BaseException:
@@ -628,17 +679,35 @@ def summary_flags(source: object) -> dict[str, Any]:
 
 
 class JsonLinesWriter:
-    """Writes one JSON object a line and flushes each, so a reader or a pipe sees it at once."""
+    """Writes one JSON object a line and flushes each, so a reader or a pipe sees it at once.
 
-    def __init__(self, out: IO[str]) -> None:
+    ``stack_refs``: each distinct non-empty stack is written once, as a ``stack`` line
+    before the first event that has it, and events name it by id (up to MAX_STACKS; later
+    new stacks stay inline). model/raw.JsonLines writes the same bytes from raw records.
+    """
+
+    def __init__(self, out: IO[str], stack_refs: bool = False) -> None:
         self._out = out
+        self._refs: dict[tuple[str, ...], int] | None = {} if stack_refs else None
 
     def write(self, obj: dict[str, Any]) -> None:
         self._out.write(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
         self._out.flush()
 
     def event(self, event: SocketEvent) -> None:
-        self.write(to_json(event))
+        obj = to_json(event)
+        if self._refs is not None:
+            for key in ("kstack", "ustack"):
+                frames = tuple(obj[key])
+                if not frames:
+                    continue
+                ref = self._refs.get(frames)
+                if ref is None and len(self._refs) < MAX_STACKS:
+                    ref = self._refs[frames] = len(self._refs)
+                    self.write({"type": "stack", "id": ref, "frames": obj[key]})
+                if ref is not None:
+                    obj[key] = ref
+        self.write(obj)
 
 
 class WhoisLines:
@@ -655,7 +724,11 @@ class WhoisLines:
         self._pids: OrderedDict[tuple[int, int | None], None] = OrderedDict()
 
     def before(self, event: SocketEvent) -> None:
-        cgroup = event.cgroup
+        self.name(event.cgroup, event.pid, event.pid_start_ns)
+
+    def name(self, cgroup: int | None, pid: int | None, pid_start_ns: int | None) -> None:
+        """The lines for an event's cgroup id and owner (model/raw.py calls this with raw
+        values, as ``before`` does with an event's)."""
         if cgroup is not None and self._first(self._cgroups, cgroup):
             found = self.whois.workload(cgroup)
             if found is not None:
@@ -669,10 +742,10 @@ class WhoisLines:
                         "container": found.container_name,
                     }
                 )
-        if event.pid is not None and self._first(self._pids, (event.pid, event.pid_start_ns)):
-            nspid = self.whois.nspid(event.pid)
+        if pid is not None and self._first(self._pids, (pid, pid_start_ns)):
+            nspid = self.whois.nspid(pid)
             if nspid is not None:
-                self.writer.write({"type": "process", "pid": event.pid, "nspid": nspid})
+                self.writer.write({"type": "process", "pid": pid, "nspid": nspid})
 
     def _first(self, seen: OrderedDict[Any, None], key: Any) -> bool:
         if key in seen:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tcptrace.model.events import SocketEvent, TcpState, Transition
+from tcptrace.model.events import AF_INET6, Kind, SocketEvent, TcpState, Transition, decode_comm, format_addr
+from tcptrace.model.raw import CACHE_LIMIT, Frames, RawBatches, RawLayout
 from tcptrace.model.states import StatesSummary
 from tcptrace.model.workload import NOBODY, Whois, whois_text
-from tcptrace.views.common import clock, endpoint, safe, time_cell, time_header
+from tcptrace.views.common import NS, clock, duration, endpoint, safe, time_cell, time_header
 
 STATE_STYLE = {
     TcpState.CLOSE_WAIT: "bold red",
@@ -54,10 +57,15 @@ def transition_line(event: Transition, offset_ns: int, whois: Whois = NOBODY) ->
 
 
 def stack_lines(event: SocketEvent) -> list[Text]:
-    lines = [Text(f"    {safe(frame)}", style="dim") for frame in event.kstack]
-    if event.ustack:
+    return frame_lines(event.kstack, event.ustack)
+
+
+def frame_lines(kstack: tuple[str, ...], ustack: tuple[str, ...]) -> list[Text]:
+    """The lines under a transition with --stacks: kernel frames, then ``--`` and user frames."""
+    lines = [Text(f"    {safe(frame)}", style="dim") for frame in kstack]
+    if ustack:
         lines.append(Text("    --", style="dim"))
-        lines.extend(Text(f"    {safe(frame)}", style="cyan") for frame in event.ustack)
+        lines.extend(Text(f"    {safe(frame)}", style="cyan") for frame in ustack)
     return lines
 
 
@@ -72,12 +80,35 @@ def print_lost(console: Console, new: int, total: int) -> None:
     """A warning line in the stream: the kernel could not hand over ``new`` more events."""
     console.print(
         Text(
-            f"!! {new} events lost (ring buffer full; {total} in all): "
-            "narrow the filters or raise --ringbuf-pages",
+            f"!! {new} events lost (ring buffer full; {total} in all): narrow the filters or raise --buffer",
             style="bold red",
         ),
         soft_wrap=True,
     )
+
+
+def _size(n: int) -> str:
+    """``812 B``, ``3.4 MB``: a file's size, in powers of 1000 as `ls -h --si` shows it."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def record_progress(events: int, lost: int, size: int) -> Text:
+    """`record`'s live line on a terminal: events written, lost so far, file size."""
+    text = Text(f"recording: {events:,} events, ")
+    text.append(f"{lost:,} lost", style="bold red" if lost else "")
+    text.append(f", {_size(size)} (Ctrl-C stops)")
+    return text
+
+
+def record_done(path: str, events: int, lost: int, size: int) -> str:
+    """`record`'s last line: what the file holds and what the kernel could not hand over."""
+    line = f"recorded {events:,} events to {safe(path)} ({_size(size)}), {lost:,} lost"
+    if lost:
+        line += " (the ring buffer was full: raise --buffer or narrow the filters)"
+    return line
 
 
 def print_summary(console: Console, summary: StatesSummary, counters: dict[str, Any], reason: str) -> None:
@@ -98,3 +129,148 @@ def print_summary(console: Console, summary: StatesSummary, counters: dict[str, 
     for (old, new), count in summary.transitions.most_common():
         table.add_row(Text(f"{old.name} -> {new.name}"), Text(str(count)))
     console.print(table)
+
+
+class TransitionRows(RawBatches):
+    """Raw batches (kernel/ringbuf.py) to the text `states` prints, byte for byte what
+    print_event prints through ``console`` (styles included on a terminal), without an
+    event object or a rich render per line: the styled pieces are rendered by ``console``
+    once and cached (model/raw.py does the same for --json). ``frames``: --stacks."""
+
+    def __init__(
+        self, layout: RawLayout, console: Console, offset_ns: int, frames: Frames | None = None
+    ) -> None:
+        super().__init__(layout)
+        self._console = console
+        self._offset_ns = offset_ns
+        self._frames = frames
+        self._owners: dict[tuple[bytes, bytes], str] = {}
+        self._endpoints: dict[bytes, str] = {}
+        self._seconds: dict[int, str] = {}
+        self._stacks: dict[tuple[int, int, int], str] = {}
+
+    def _render(self, *texts: Text) -> str:
+        with self._console.capture() as captured:
+            for text in texts:
+                self._console.print(text, soft_wrap=True)
+        return captured.get()
+
+    def _describe(self, kind: int, old: int, new: int, op: int) -> tuple[Any, ...]:
+        head = super()._describe(kind, old, new, op)
+        if kind != Kind.TRANSITION:
+            return (*head, None)  # counted, not shown
+        o, n = TcpState(old), TcpState(new)
+        text = Text()
+        text.append(o.name, style=STATE_STYLE.get(o, ""))
+        text.append(" -> ")
+        text.append(n.name, style=STATE_STYLE.get(n, ""))
+        text.append(" " * max(1, 25 - len(o.name) - len(n.name) - 4))
+        return (*head, self._render(text)[:-1])  # without the newline print adds
+
+    def _owner_text(self, key: tuple[bytes, bytes]) -> str:
+        ids, comms = key
+        owner = self._ids.unpack(ids)[2]
+        comm = decode_comm(comms[len(comms) // 2 :]) if owner else None
+        pid = str(owner) if owner else "-"
+        text = f"{pid:>7} {safe(comm)[:15]:<15} "
+        if len(self._owners) >= CACHE_LIMIT:
+            self._owners.clear()
+        self._owners[key] = text
+        return text
+
+    def _endpoint_text(self, raw: bytes) -> str:
+        saddr, daddr, sport, dport, family = self._endpoint.unpack(raw)
+        version = 6 if family == AF_INET6 else 4
+        local = endpoint(format_addr(saddr, family), sport, version)
+        remote = endpoint(format_addr(daddr, family), dport, version)
+        text = f"{local:<22} {remote:<22} "
+        if len(self._endpoints) >= CACHE_LIMIT:
+            self._endpoints.clear()
+        self._endpoints[raw] = text
+        return text
+
+    def _clock(self, ts: int) -> str:
+        wall = (ts + self._offset_ns) / NS
+        second = math.floor(wall)
+        hms = self._seconds.get(second)
+        if hms is None:
+            if len(self._seconds) >= CACHE_LIMIT:
+                self._seconds.clear()
+            hms = self._seconds[second] = time.strftime("%H:%M:%S", time.localtime(wall))
+        return f"{hms}.{int(wall * 1000) % 1000:03d}"
+
+    def _stack_text(self, kstack: int, ustack: int, ids: bytes) -> str:
+        assert self._frames is not None
+        pid = self._ids.unpack(ids)[0] if ustack >= 0 else -1
+        key = (kstack, ustack, pid)
+        text = self._stacks.get(key)
+        if text is None:
+            lines = frame_lines(self._frames(kstack, None), self._frames(ustack, pid))
+            text = self._render(*lines) if lines else ""
+            if len(self._stacks) >= CACHE_LIMIT:
+                self._stacks.clear()
+            self._stacks[key] = text
+        return text
+
+    def clear_stacks(self) -> None:
+        """Forget the rendered stacks (the stack map was emptied: its ids will be reused)."""
+        self._stacks.clear()
+
+    def feed(self, batch: bytes, deadline: int | None = None) -> tuple[str, bool]:
+        """The lines of a batch's transitions (see RawBatches.feed); other kinds are
+        counted, not shown, as print_event shows them."""
+        out: list[str] = []
+        append = out.append
+        kos_cache, endpoints, owners = self._kos, self._endpoints, self._owners
+        symbolize = self._frames is not None
+        events = malformed = 0
+        first, last = self.first_ts_ns, self.last_ts_ns
+        cut = False
+        for (
+            _length,
+            ts,
+            _skaddr,
+            value,
+            _sk_flags,
+            ids,
+            kstack,
+            ustack,
+            _ret,
+            raw_endpoint,
+            kos,
+            comms,
+            _aux,
+            _flags,
+            _cgroup,
+        ) in self._format.iter_unpack(batch):
+            entry = kos_cache.get(kos)
+            if entry is None:
+                entry = self._entry(kos)
+            if not entry:
+                malformed += 1
+                continue
+            if deadline is not None and ts > deadline:
+                cut = True
+                break
+            entry[1] += 1
+            if first is None:
+                first = ts
+            last = ts
+            events += 1
+            states = entry[4]
+            if states is None:
+                continue
+            key = (ids, comms)
+            owner = owners.get(key)
+            if owner is None:
+                owner = self._owner_text(key)
+            ep = endpoints.get(raw_endpoint)
+            if ep is None:
+                ep = self._endpoint_text(raw_endpoint)
+            append(f"{self._clock(ts):<12} {owner}{ep}{states}{duration(value or None):>8}\n")
+            if symbolize and (kstack >= 0 or ustack >= 0):
+                append(self._stack_text(kstack, ustack, ids))
+        self.events += events
+        self.malformed += malformed
+        self.first_ts_ns, self.last_ts_ns = first, last
+        return "".join(out), cut
