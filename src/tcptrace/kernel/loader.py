@@ -494,6 +494,12 @@ class LoadedProgram:
         self.event_type = bpf[b"event_layout"].Leaf
         self.event_size = ctypes.sizeof(self.event_type)
         self._closed = False
+        self._on_close: list[Callable[[], None]] = []
+
+    def on_close(self, release: Callable[[], None]) -> None:
+        """Call ``release`` when the program is closed, before bcc lets go of its maps
+        (a ring buffer's memory map, kernel/ringbuf.py)."""
+        self._on_close.append(release)
 
     def skipped_runs(self) -> dict[str, int] | None:
         """Runs of our programs the kernel skipped, by tracepoint; None when it cannot tell.
@@ -556,7 +562,11 @@ class LoadedProgram:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.bpf.cleanup()
+            try:
+                for release in reversed(self._on_close):
+                    release()
+            finally:
+                self.bpf.cleanup()
 
     def __enter__(self) -> LoadedProgram:
         return self

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from tcptrace.kernel.loader import LoadedProgram
+from tcptrace.kernel.ringbuf import open_reader
 from tcptrace.model.events import DecodeError, SocketEvent, from_raw
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.frames import without_tracer_frames
+from tcptrace.model.raw import HEADER, RawLayout
 from tcptrace.system.symbols import StackLines
 
 MAX_FRAMES = 64
@@ -80,8 +80,10 @@ class Symbolizer:
 class KernelStream:
     """Decoded events from a loaded program's ring buffer.
 
-    ``poll()`` returns what arrived; ``counters()`` joins the kernel's exact counters with
-    what this side decoded, so a loss is always visible.
+    ``poll()`` returns what arrived as model events; ``poll_raw()`` the same as a batch of
+    raw records (kernel/ringbuf.py) for the commands that turn records straight into text
+    (model/raw.py). ``counters()`` joins the kernel's exact counters with what this side
+    decoded, so a loss is always visible.
     """
 
     def __init__(
@@ -94,27 +96,51 @@ class KernelStream:
         self.program = program
         self._filter = flt or EventFilter()
         self._symbolizer = Symbolizer(program, lines=lines) if symbolize and program.stacks else None
-        self._pending: list[SocketEvent] = []
         self.decoded = 0
-        self.malformed = 0
-        self._ptr_type = ctypes.POINTER(program.event_type)
-        program.bpf[b"events"].open_ring_buffer(self._on_event)
+        self._malformed = 0
+        self._event_type = program.event_type
+        self.layout = RawLayout.of(program.event_type)
+        table = program.bpf[b"events"]
+        self.buffer_bytes = int(table.max_entries)
+        self._reader = open_reader(program.bpf, b"events", program.event_size, self.buffer_bytes)
+        program.on_close(self._reader.close)
 
-    def _on_event(self, _ctx: Any, data: Any, size: int) -> int:
-        if size < self.program.event_size:
-            self.malformed += 1
-            return 0
-        raw = ctypes.cast(data, self._ptr_type).contents
-        try:
-            event = from_raw(raw)
-        except DecodeError:
-            self.malformed += 1
-            return 0
-        self.decoded += 1
-        if self._symbolizer is not None:
-            event = self._symbolized(event)
-        self._pending.append(event)
-        return 0
+    @property
+    def malformed(self) -> int:
+        return self._malformed + self._reader.malformed
+
+    @property
+    def frames(self) -> Callable[[int, int | None], tuple[str, ...]] | None:
+        """The symbolizer's frames of a stack id (None when stacks are not symbolized)."""
+        return None if self._symbolizer is None else self._symbolizer.frames
+
+    def poll_raw(self, timeout_ms: int = 100) -> bytes:
+        """The next batch of raw records, waiting up to ``timeout_ms`` for one."""
+        return self._reader.read(timeout_ms / 1000)
+
+    def drain_raw(self) -> bytes:
+        """Whatever raw records are in the ring buffer, without waiting."""
+        return self._reader.drain()
+
+    def account(self, decoded: int, malformed: int) -> None:
+        """Count what a caller of poll_raw() decoded itself."""
+        self.decoded += decoded
+        self._malformed += malformed
+
+    def _decode(self, batch: bytes) -> list[SocketEvent]:
+        out: list[SocketEvent] = []
+        from_buffer = self._event_type.from_buffer_copy
+        for offset in range(0, len(batch), self.layout.stride):
+            try:
+                event = from_raw(from_buffer(batch, offset + HEADER))
+            except DecodeError:
+                self._malformed += 1
+                continue
+            self.decoded += 1
+            if self._symbolizer is not None:
+                event = self._symbolized(event)
+            out.append(event)
+        return out
 
     def _symbolized(self, event: SocketEvent) -> SocketEvent:
         assert self._symbolizer is not None
@@ -126,15 +152,11 @@ class KernelStream:
         return dataclasses.replace(event, kstack=kstack, ustack=ustack)
 
     def poll(self, timeout_ms: int = 100) -> list[SocketEvent]:
-        self.program.bpf.ring_buffer_poll(timeout_ms)
-        out, self._pending = self._pending, []
-        return out
+        return self._decode(self.poll_raw(timeout_ms))
 
     def drain(self) -> list[SocketEvent]:
         """Whatever is still in the ring buffer, without waiting."""
-        self.program.bpf.ring_buffer_consume()
-        out, self._pending = self._pending, []
-        return out
+        return self._decode(self.drain_raw())
 
     def counters(self) -> dict[str, int]:
         """The kernel's exact counters, what this side decoded, and the runs of the
