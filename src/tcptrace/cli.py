@@ -362,19 +362,32 @@ def threshold_option(
     )
 
 
-def _power_of_two(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    if value is not None and (value < 1 or value & (value - 1)):
-        raise click.BadParameter("must be a power of two (pages of 4 KiB)")
-    return value
+def buffer_options(default: str | None, what: str = "") -> Decorator:
+    """--buffer (and the deprecated --ringbuf-pages, hidden), handed to the command as
+    ``buffer_pages``: ring buffer pages, or None for the programs' default."""
 
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def with_buffer(*args: Any, buffer: str | None, ringbuf_pages: int | None, **kwargs: Any) -> Any:
+            from tcptrace.commands.options import ring_buffer_pages
 
-ringbuf_option = click.option(
-    "--ringbuf-pages",
-    type=int,
-    callback=_power_of_two,
-    help="Event ring buffer size in 4 KiB pages, a power of two (default 1024 = 4 MiB). "
-    "Losses are counted exactly whatever the size.",
-)
+            if ringbuf_pages is not None:
+                click.echo("tcptrace: warning: --ringbuf-pages is deprecated: use --buffer MIB", err=True)
+            return fn(*args, buffer_pages=ring_buffer_pages(buffer, ringbuf_pages, default), **kwargs)
+
+        return options(
+            click.option(
+                "--buffer",
+                metavar="MIB",
+                help=f"Event ring buffer size in MiB, a power of two number of 4 KiB pages "
+                f"(0.5, 1, 2 ... 1024; or 64K){what}. Default {default or 4}. A larger buffer "
+                "rides out longer bursts; losses are counted exactly whatever the size.",
+            ),
+            click.option("--ringbuf-pages", type=int, hidden=True, help="Deprecated: --buffer."),
+        )(cast(F, with_buffer))
+
+    return decorate
+
 
 # --interval, --duration, --json, --from: what the streaming and aggregating commands share.
 run_options = options(
@@ -393,7 +406,7 @@ run_options = options(
 @run_options
 @stacks_option("Show kernel and user stacks of each transition (costs ~2 us each).")
 @units_option
-@ringbuf_option
+@buffer_options("16")
 def states(**given: Any) -> None:
     """Stream every TCP state transition, live.
 
@@ -426,7 +439,7 @@ def states(**given: Any) -> None:
     "close, touches of CLOSE_WAIT sockets)."
 )
 @force_option("Overwrite OUTPUT if it exists.")
-@ringbuf_option
+@buffer_options("16")
 def record(**given: Any) -> None:
     """Record the decoded event stream to a file, for replay with --from.
 
@@ -634,7 +647,7 @@ def timewait(**given: Any) -> None:
     help="Leave the pid label out of per-process metrics (comm, container, pod and namespace stay), "
     "so that restarts do not start new series.",
 )
-@ringbuf_option
+@buffer_options(None)
 def agent(**given: Any) -> None:
     """Run headless and export Prometheus metrics; log leak suspects as JSON lines.
 

@@ -23,6 +23,7 @@ FILTERS = {
     "containers",
 }
 FRAME_RULES = {"library", "app", "rules_file"}
+BUFFER = {"buffer", "ringbuf_pages"}  # handed over as buffer_pages
 COMMANDS = (
     "states",
     "record",
@@ -48,6 +49,8 @@ def test_the_runner_takes_exactly_the_declared_options(name: str) -> None:
         declared = (declared - FILTERS) | {"filters"}
     if FRAME_RULES <= declared:
         declared = (declared - FRAME_RULES) | {"frame_rules"}
+    if BUFFER <= declared:
+        declared = (declared - BUFFER) | {"buffer_pages"}
     module = importlib.import_module(f"tcptrace.commands.{name}")
     runner = inspect.signature(module.run)
     assert set(runner.parameters) == declared

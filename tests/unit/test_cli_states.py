@@ -116,6 +116,52 @@ def test_every_command_has_help_with_an_example() -> None:
 def test_ringbuf_pages_must_be_a_power_of_two(pages: str) -> None:
     code, _, err = invoke("states", "--ringbuf-pages", pages)
     assert code == 2 and "power of two" in err
+    assert "deprecated: use --buffer" in err
+
+
+@pytest.mark.parametrize("command", ["states", "record", "agent"])
+@pytest.mark.parametrize(
+    "size, message",
+    [
+        ("3", "power of two pages"),
+        ("0", "power of two pages"),
+        ("1K", "power of two pages"),
+        ("-8", "power of two pages"),
+        ("inf", "power of two pages"),
+        ("nan", "power of two pages"),
+        ("2048", "at most 1024 MiB"),
+        ("lots", "expected a size in MiB"),
+        ("4G", "expected a size in MiB"),
+    ],
+)
+def test_buffer_is_a_power_of_two_pages_in_one_line(command: str, size: str, message: str) -> None:
+    args = ["-o", "/nonexistent/x.jsonl"] if command == "record" else []
+    code, out, err = invoke(command, *args, "--buffer", size)
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err + out
+
+
+def test_buffer_and_its_old_name_exclude_each_other() -> None:
+    code, _, err = invoke("states", "--buffer", "4", "--ringbuf-pages", "1024")
+    assert code == 2 and "give --buffer only" in err
+
+
+def test_buffer_sizes_in_pages() -> None:
+    from tcptrace.commands.options import buffer_pages, ring_buffer_pages
+
+    assert [buffer_pages(s, 4096) for s in ("16", "0.5", "4K", "64kib", "1M", "2mib", "1024")] == [
+        4096,
+        128,
+        1,
+        16,
+        256,
+        512,
+        262144,
+    ]
+    assert ring_buffer_pages(None, None) == 4096  # the default: 16 MiB
+    assert ring_buffer_pages(None, None, default=None) is None  # the programs' own
+    assert ring_buffer_pages(None, 8) == 8
 
 
 def test_missing_tracepoint_names_the_feature_lost(monkeypatch: pytest.MonkeyPatch) -> None:

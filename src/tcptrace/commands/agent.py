@@ -344,7 +344,7 @@ def run(
     log_file: str | None,
     no_stacks: bool,
     no_pid_label: bool,
-    ringbuf_pages: int | None,
+    buffer_pages: int | None,
     frame_rules: FrameRuleOptions,
 ) -> None:
     flt = filters.event_filter(live=True)
@@ -363,7 +363,7 @@ def run(
             pid_label=not no_pid_label,
         ),
         stacks=not no_stacks,
-        ringbuf_pages=ringbuf_pages,
+        ringbuf_pages=buffer_pages,
         filter=flt,
         rules=frame_rules.rules(),
     )

@@ -7,6 +7,7 @@ that every command checks them alike and fails with the same one-line message.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -207,3 +208,54 @@ class FrameRuleOptions:
         if path is None and os.path.exists(default_file):
             path = default_file
         return rules if path is None else rules + load_rules(path)
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+DEFAULT_BUFFER = "16"
+"""--buffer's default, in MiB: at 168 bytes an event, ~100,000 events, two seconds of a
+50,000 transitions/s burst while the consumer is held up."""
+MAX_BUFFER_MIB = 1024
+_UNITS = {"": 1 << 20, "m": 1 << 20, "mib": 1 << 20, "k": 1 << 10, "kib": 1 << 10}
+
+
+def buffer_pages(text: str, page_size: int = PAGE_SIZE) -> int:
+    """--buffer (MiB, or with a K/KiB or M/MiB suffix) as ring buffer pages: a power of two,
+    as the kernel requires. UsageError otherwise.
+
+    >>> buffer_pages("16", 4096), buffer_pages("0.25", 4096), buffer_pages("4K", 4096)
+    (4096, 64, 1)
+    """
+    value = text.strip().lower()
+    number = value.rstrip("kmib")
+    unit = value[len(number) :]
+    try:
+        size = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise UsageError(
+            f"--buffer {text!r}: expected a size in MiB (16, 0.5) or with K or M (64K)"
+        ) from None
+    pages = size / page_size
+    if not (math.isfinite(pages) and 1 <= pages == int(pages) and int(pages) & (int(pages) - 1) == 0):
+        raise UsageError(
+            f"--buffer {text!r}: the ring buffer must be a power of two pages of {page_size // 1024} KiB "
+            "(4K, 8K, ... 0.5, 1, 2, 4, 8, 16 ... MiB)"
+        )
+    if size > MAX_BUFFER_MIB << 20:
+        raise UsageError(f"--buffer {text!r}: at most {MAX_BUFFER_MIB} MiB")
+    return int(pages)
+
+
+def ring_buffer_pages(
+    buffer: str | None, ringbuf_pages: int | None, default: str | None = DEFAULT_BUFFER
+) -> int | None:
+    """The pages --buffer or the deprecated --ringbuf-pages ask for; ``default`` (MiB)
+    when neither is given (None: the programs' own, TT_RINGBUF_PAGES)."""
+    if buffer is not None and ringbuf_pages is not None:
+        raise UsageError("--buffer and --ringbuf-pages say the same: give --buffer only")
+    if ringbuf_pages is not None:
+        if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
+            raise UsageError("--ringbuf-pages must be a power of two")
+        return ringbuf_pages
+    if buffer is None:
+        return None if default is None else buffer_pages(default)
+    return buffer_pages(buffer)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
-from tcptrace.commands.sources import Source
+from tcptrace.commands.sources import KernelSource, Source
 from tcptrace.model.events import SocketEvent
 
 NS = 1_000_000_000
@@ -63,30 +63,56 @@ def run(
     on_tick: Callable[[int], None] | None = None,
     flag: StopFlag | None = None,
     watch_pid: int | None = None,
+    on_batch: BatchHandler | None = None,
 ) -> str:
     """Run until stopped; returns why ("duration", "end", "SIGINT", "SIGTERM", "pid exited").
 
     A live source is drained at the end: what the kernel had already sent is handled too,
     so a summary counts it. Ctrl-C arriving before the handlers are in place is a stop
     like any other.
+
+    ``on_batch``: a live kernel source hands its raw batches to it instead of events to
+    ``on_event`` (see BatchHandler); a replay still goes to ``on_event``.
     """
     flag = flag or StopFlag()
     clock = Clock(max(1, int(interval_s * NS)), duration_s, on_tick, replay=not source.live)
     if source.live:
         clock.start(source.now_ns())
     pid = PidWatch(watch_pid)
+    batches = (source, on_batch) if on_batch is not None and isinstance(source, KernelSource) else None
     with stop_on_signals(flag):
         try:
             while flag.reason is None:
-                _handle_poll(source, on_event, clock, flag)
+                if batches is not None:
+                    _handle_batch(*batches, clock, flag)
+                else:
+                    _handle_poll(source, on_event, clock, flag)
                 _check_stop(source, clock, flag, pid)
         except KeyboardInterrupt:
             flag.set("SIGINT")
-        drain = getattr(source, "drain", None)
-        if drain is not None:
-            for event in drain():
-                on_event(event)
+        if batches is not None:
+            batches[1](batches[0].drain_raw(), None)
+        else:
+            drain = getattr(source, "drain", None)
+            if drain is not None:
+                for event in drain():
+                    on_event(event)
     return flag.reason or "end"
+
+
+BatchHandler = Callable[[bytes, "int | None"], bool]
+"""Handles a batch of raw records (kernel/ringbuf.py) given the --duration deadline (None:
+none, or the final drain); returns True when an event was past the deadline, which, as in
+``run``, stops the run (that event and the batch's later ones are left out)."""
+
+
+def _handle_batch(source: KernelSource, on_batch: BatchHandler, clock: Clock, flag: StopFlag) -> None:
+    timeout = 0.1
+    if clock.deadline is not None:
+        timeout = max(0.0, min(timeout, (clock.deadline - source.now_ns()) / NS))
+    batch = source.poll_raw(timeout)
+    if batch and on_batch(batch, clock.deadline):
+        flag.set("duration")
 
 
 @dataclass

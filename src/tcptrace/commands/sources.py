@@ -135,6 +135,14 @@ class KernelSource:
     def drain(self) -> list[SocketEvent]:
         return self.stream.drain()
 
+    def poll_raw(self, timeout_s: float) -> bytes:
+        """The next batch of raw records (kernel/ringbuf.py), for a command that decodes
+        them itself (model/raw.py); it reports what it decoded with ``stream.account``."""
+        return self.stream.poll_raw(max(0, int(timeout_s * 1000)))
+
+    def drain_raw(self) -> bytes:
+        return self.stream.drain_raw()
+
     def close(self) -> None:
         self.program.close()
 
