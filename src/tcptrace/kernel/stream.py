@@ -28,12 +28,23 @@ class Symbolizer:
     (``lines.annotate`` adds them when the stack is shown).
     """
 
-    def __init__(self, program: LoadedProgram, capacity: int = 4096, lines: StackLines | None = None) -> None:
+    def __init__(
+        self,
+        program: LoadedProgram,
+        capacity: int = 4096,
+        lines: StackLines | None = None,
+        addresses: int = 65536,
+    ) -> None:
         self.lines = lines
         self._bpf = program.bpf
         self._stacks = program.bpf[b"stacks"] if program.stacks else None
         self._cache: OrderedDict[tuple[int, int], tuple[str, ...]] = OrderedDict()
         self._capacity = capacity
+        # Frames by (address, pid; -1 kernel): distinct stacks share most of their frames
+        # (a program without frame pointers yields a new stack id per call, all of them
+        # the same few addresses and garbage), and bcc's lookup costs ~10 us a frame.
+        self._names: dict[tuple[int, int], str] = {}
+        self._addresses = addresses
 
     def frames(self, stack_id: int, pid: int | None) -> tuple[str, ...]:
         """Frames of a kernel stack (pid None) or of a user stack of ``pid``."""
@@ -48,13 +59,7 @@ class Symbolizer:
             addrs = list(self._stacks.walk(stack_id))[:MAX_FRAMES]
         except KeyError:
             return ()
-        if pid is None:
-            frames = tuple(self._name(self._bpf.ksym(a, show_module=True, show_offset=True)) for a in addrs)
-        else:
-            frames = tuple(
-                self._name(self._bpf.sym(a, pid, show_module=True, show_offset=True)) for a in addrs
-            )
-        frames = self._with_lines(addrs, frames, pid)
+        frames = self._with_lines(addrs, tuple(self._frame(a, pid) for a in addrs), pid)
         self._cache[key] = frames
         if len(self._cache) > self._capacity:
             self._cache.popitem(last=False)
@@ -67,6 +72,19 @@ class Symbolizer:
         if self.lines is not None:
             self.lines.remember(pid, addrs, frames)
         return frames
+
+    def _frame(self, address: int, pid: int | None) -> str:
+        key = (address, -1 if pid is None else pid)
+        name = self._names.get(key)
+        if name is None:
+            if pid is None:
+                name = self._name(self._bpf.ksym(address, show_module=True, show_offset=True))
+            else:
+                name = self._name(self._bpf.sym(address, pid, show_module=True, show_offset=True))
+            if len(self._names) >= self._addresses:
+                self._names.clear()
+            self._names[key] = name
+        return name
 
     def clear(self) -> None:
         """Forget every cached stack (after the stack map was emptied: its ids get reused)."""

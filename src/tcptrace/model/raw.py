@@ -310,16 +310,20 @@ class JsonLines(RawBatches):
     def _stacks(self, kstack: int, ustack: int, ids: bytes, out: list[str]) -> str:
         """The ``"kstack":...,"ustack":...,`` part of an event; a stack line first into
         ``out`` for each stack a recording names for the first time."""
-        assert self._frames is not None
-        pid = self._ids.unpack(ids)[0] if ustack >= 0 else -1
-        kkey, ukey = (kstack, -1), (ustack, pid)
-        ktext = self._stack_text.get(kkey)
-        if ktext is None:
-            ktext = self._one_stack(kkey, self._frames(kstack, None), out)
-        utext = self._stack_text.get(ukey)
-        if utext is None:
-            utext = self._one_stack(ukey, self._frames(ustack, pid), out)
-        return f'"kstack":{ktext},"ustack":{utext},'
+        return f'"kstack":{self._stack(kstack, None, out)},"ustack":{self._stack(ustack, ids, out)},'
+
+    def _stack(self, stack_id: int, ids: bytes | None, out: list[str]) -> str:
+        """One stack's text: a kernel stack (``ids`` None), or a user stack of the task in
+        ``ids``; ``[]`` for a negative id (not taken, or the stack map was full)."""
+        if stack_id < 0:
+            return "[]"
+        pid = -1 if ids is None else self._ids.unpack(ids)[0]
+        text = self._stack_text.get((stack_id, pid))
+        if text is None:
+            assert self._frames is not None
+            frames = self._frames(stack_id, None if ids is None else pid)
+            text = self._one_stack((stack_id, pid), frames, out)
+        return text
 
     def _one_stack(self, key: tuple[int, int], frames: tuple[str, ...], out: list[str]) -> str:
         if not frames:
@@ -334,8 +338,7 @@ class JsonLines(RawBatches):
             text = _dumps(list(frames)) if ref is None else str(ref)
         if len(self._stack_text) >= CACHE_LIMIT:
             self._stack_text.clear()
-        if key[0] >= 0:  # negative ids are "no stack" whatever the pid: not worth keeping
-            self._stack_text[key] = text
+        self._stack_text[key] = text
         return text
 
     def clear_stacks(self) -> None:
