@@ -62,13 +62,14 @@ from tcptrace.model.events import (
     from_json,
     to_json,
 )
+from tcptrace.model.raw import MAX_STACK_REFS
 from tcptrace.model.workload import KnownWorkloads, Whois, Workload, identify
 from tcptrace.printable import printable
 
 FORMAT = "tcptrace"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
-MAX_STACKS = 65536
+MAX_STACKS = MAX_STACK_REFS
 """Distinct stacks a recording may name by id (what a writer names; more are inline)."""
 MAX_STACK_CHARS = 64 << 20
 """Characters of frames a reader keeps for the stacks named by id."""

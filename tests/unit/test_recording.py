@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,3 +138,85 @@ def test_comm_bytes_round_trip_losslessly_through_a_recording(tmp_path: Path, da
     back = list(open_recording(write(tmp_path, buf.getvalue())).events())
     assert back == [ev] and back[0].comm == comm
     assert safe(back[0].comm) == "a\\xff\\xfeb\\x1b[2J\\x0d"
+
+
+STACKED = "closewait_leaky.jsonl"  # a version 1 recording with stacks inline
+
+
+def with_stack_refs(data_dir: Path) -> tuple[list[str], list[object]]:
+    """The stacked recording rewritten as `record` writes it now: stacks once, by id."""
+    recording = open_recording(str(data_dir / STACKED))
+    events = list(recording.events())
+    buf = io.StringIO()
+    writer = JsonLinesWriter(buf, stack_refs=True)
+    writer.write({**recording.header, "version": 2})
+    for event in events:
+        writer.event(event)
+    writer.write(recording.summary or {"type": "summary", "lost": 0})
+    return buf.getvalue().splitlines(keepends=True), list(events)
+
+
+def test_stacks_by_id_read_back_as_the_same_events(tmp_path: Path, data_dir: Path) -> None:
+    lines, events = with_stack_refs(data_dir)
+    stacks = [json.loads(line) for line in lines if '"type":"stack"' in line]
+    assert stacks and [s["id"] for s in stacks] == list(range(len(stacks)))
+    assert len({tuple(s["frames"]) for s in stacks}) == len(stacks)  # each stored once
+    assert sum(map(len, lines)) < len((data_dir / STACKED).read_text())
+    assert list(open_recording(write(tmp_path, "".join(lines))).events()) == events
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda obj: {**obj, "id": 99}, r"kstack \d+ names no stack line before it|ustack"),
+        (lambda obj: {**obj, "id": -1}, "a stack id must be an integer"),
+        (lambda obj: {**obj, "id": "0"}, "a stack id must be an integer"),
+        (lambda obj: {**obj, "frames": "tcp_close"}, "a stack.s frames: expected a list of frames"),
+        (lambda obj: {**obj, "frames": [1, 2]}, "a stack.s frames: expected a list of text frames"),
+        (lambda obj: {**obj, "frames": ["f"] * 513}, "a stack.s frames: more than 512 frames"),
+    ],
+    ids=["undefined id", "negative id", "id as text", "frames as text", "frames as numbers", "too deep"],
+)
+def test_bad_stack_lines_name_the_line(tmp_path: Path, data_dir: Path, change: Any, message: str) -> None:
+    lines, _ = with_stack_refs(data_dir)
+    first = next(i for i, line in enumerate(lines) if '"type":"stack"' in line)
+    lines[first] = json.dumps(change(json.loads(lines[first]))) + "\n"
+    with pytest.raises(RecordingError, match=rf"rec.jsonl:\d+: ({message})"):
+        list(open_recording(write(tmp_path, "".join(lines))).events())
+
+
+def test_stacks_by_id_are_bounded_in_all(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_dir: Path
+) -> None:
+    from tcptrace import recording
+
+    monkeypatch.setattr(recording, "MAX_STACK_CHARS", 100)
+    lines, _ = with_stack_refs(data_dir)
+    with pytest.raises(RecordingError, match="more than 0 MiB of stacks"):
+        list(open_recording(write(tmp_path, "".join(lines))).events())
+
+
+def test_a_stack_defined_twice_is_an_error(tmp_path: Path, data_dir: Path) -> None:
+    lines, _ = with_stack_refs(data_dir)
+    first = next(i for i, line in enumerate(lines) if '"type":"stack"' in line)
+    lines.insert(first + 1, lines[first])
+    with pytest.raises(RecordingError, match=rf":{first + 2}: stack 0 defined twice"):
+        list(open_recording(write(tmp_path, "".join(lines))).events())
+
+
+def test_past_the_limit_stacks_stay_inline(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+    from tcptrace import recording
+
+    monkeypatch.setattr(recording, "MAX_STACKS", 2)
+    lines, events = with_stack_refs(data_dir)
+    assert sum('"type":"stack"' in line for line in lines) == 2
+    stacked = [json.loads(line) for line in lines if '"kstack":[' in line and '"kstack":[]' not in line]
+    assert stacked  # the third distinct stack on is written in full
+
+
+def test_versions_one_and_two_are_read(tmp_path: Path, data_dir: Path) -> None:
+    lines = lines_of(data_dir)
+    for version in (1, 2):
+        header = {**json.loads(lines[0]), "version": version}
+        text = json.dumps(header) + "\n" + "".join(lines[1:])
+        assert len(list(open_recording(write(tmp_path, text)).events())) == 44
