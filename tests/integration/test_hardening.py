@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,9 +40,13 @@ def churn(port: int, n: int) -> None:
     listener.close()
 
 
-def start_states(cmd: list[str], *args: str) -> subprocess.Popen[str]:
+def start_states(cmd: list[str], *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [*cmd, "states", "--json", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*cmd, "states", "--json", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     assert proc.stdout is not None
     header = json.loads(proc.stdout.readline())  # printed once the programs are attached
@@ -56,26 +61,59 @@ def finish(proc: subprocess.Popen[str]) -> list[dict[str, object]]:
     return [json.loads(line) for line in out.splitlines()]
 
 
-def test_ring_buffer_overflow_is_counted_exactly(port: int, tcptrace_cmd: list[str]) -> None:
-    """A one-page buffer and a stopped consumer: events are lost, and every one is counted."""
-    n = 200
-    proc = start_states(tcptrace_cmd, "--port", str(port), "--ringbuf-pages", "1", "--interval", "0.1")
-    os.kill(proc.pid, signal.SIGSTOP)  # the consumer stops reading; the kernel keeps writing
+def overflow(proc: subprocess.Popen[str], port: int, n: int) -> None:
+    """Stop the consumer, churn ``n`` connections (the kernel keeps writing), resume it."""
+    os.kill(proc.pid, signal.SIGSTOP)
     try:
         churn(port, n)
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     time.sleep(0.5)
+
+
+@pytest.mark.parametrize("reader", ["mmap", "bcc"])
+def test_ring_buffer_overflow_is_counted_exactly(port: int, tcptrace_cmd: list[str], reader: str) -> None:
+    """A one-page buffer and a stopped consumer: events are lost, and every one is counted,
+    whichever way the ring buffer is read (kernel/ringbuf.py)."""
+    n = 200
+    env = {"TCPTRACE_RINGBUF_READER": reader}
+    proc = start_states(tcptrace_cmd, "--port", str(port), "--buffer", "4K", "--interval", "0.1", env=env)
+    overflow(proc, port, n)
     objs = finish(proc)
     summary = objs[-1]
     events = [o for o in objs if o["type"] == "transition"]
     assert summary["type"] == "summary"
     assert summary["lost"] > 0
-    assert len(events) == summary["events"]
+    assert len(events) == summary["events"] == summary["kernel_events"]
     assert summary["events"] + summary["lost"] == summary["kernel_transitions"] == n * 10 + 2
     # the loss was announced in the stream as it happened, not only in the summary
     announced = [o for o in objs if o["type"] == "lost"]
     assert announced and announced[-1]["lost"] == summary["lost"]
+
+
+def test_table_overflow_is_counted_exactly(port: int, tcptrace_cmd: list[str]) -> None:
+    """The same for the table: one line per event, the losses announced, the summary exact."""
+    n = 200
+    proc = subprocess.Popen(
+        [*tcptrace_cmd, "states", "--port", str(port), "--buffer", "4K", "--interval", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().split()[:3] == ["TIME", "PID", "COMM"]  # once attached
+    overflow(proc, port, n)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    rows = [line for line in out.splitlines() if " -> " in line and not line.startswith("!!")]
+    announced = [line for line in out.splitlines() if line.startswith("!! ")]
+    match = re.search(r"^(\d+) events, (\d+) lost", err, re.M)
+    assert match is not None, err
+    events, lost = int(match[1]), int(match[2])
+    assert lost > 0 and announced and f"{lost} in all" in announced[-1]
+    assert len(rows) == events
+    assert events + lost == n * 10 + 2
 
 
 def test_two_instances_at_once_see_the_same_events(port: int, tcptrace_cmd: list[str]) -> None:

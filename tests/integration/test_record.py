@@ -4,11 +4,19 @@ of client-closed churn, replayed by closewait, timewait and states without the k
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
+from tests.integration import workloads as w
 from tests.integration.helpers import FixtureBuilder, wait_for
+from tests.integration.test_hardening import churn
 
 
 def run_json(cmd: list[str]) -> list[dict[str, object]]:
@@ -64,3 +72,78 @@ def test_record_then_replay_every_analysis(
     st = run_json([*tcptrace_cmd, "states", "--json", "--from", str(out)])
     transitions = [o for o in st if o["type"] == "transition"]
     assert sum(1 for o in transitions if o["new"] == "CLOSE_WAIT") == len(kinds)
+
+
+def start_record(cmd: list[str], out: Path, *args: str, **popen: Any) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([*cmd, "record", "-o", str(out), *args], **popen)
+    # The header is written once the programs are attached; compiling may be slow on a busy host.
+    assert wait_for(lambda: out.exists() and out.stat().st_size > 0, timeout=120), "record never attached"
+    return proc
+
+
+def test_record_counts_every_loss_and_says_so_last(
+    port: int, tcptrace_cmd: list[str], tmp_path: Path
+) -> None:
+    """A one-page buffer and a stopped recorder: what the file holds and what was lost add
+    up to what the kernel counted, and the last line on stderr says both (and nothing else
+    is written there when stderr is not a terminal)."""
+    n = 200
+    out = tmp_path / "rec.jsonl"
+    rec = start_record(tcptrace_cmd, out, "--port", str(port), "--buffer", "4K", stderr=subprocess.PIPE)
+    os.kill(rec.pid, signal.SIGSTOP)
+    try:
+        churn(port, n)
+    finally:
+        os.kill(rec.pid, signal.SIGCONT)
+    time.sleep(0.5)
+    rec.send_signal(signal.SIGINT)
+    _, err = rec.communicate(timeout=60)
+    assert rec.returncode == 0, err
+    objs = [json.loads(line) for line in out.read_text().splitlines()]
+    summary = objs[-1]
+    events = [o for o in objs if o["type"] in ("transition", "touch", "timewait")]
+    assert summary["type"] == "summary" and summary["lost"] > 0
+    assert len(events) == summary["events"] == summary["kernel_events"]
+    assert summary["kernel_transitions"] == n * 10 + 2
+    assert sum(1 for o in events if o["type"] == "transition") < n * 10 + 2
+    size = out.stat().st_size
+    assert size < 1e6
+    assert err.decode().splitlines() == [
+        f"recorded {summary['events']:,} events to {out} ({size / 1e3:.1f} kB), {summary['lost']:,} lost "
+        "(the ring buffer was full: raise --buffer or narrow the filters)"
+    ]
+
+
+def test_record_shows_its_progress_on_a_terminal(port: int, tcptrace_cmd: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "rec.jsonl"
+    main, sub = pty.openpty()
+    try:
+        rec = start_record(tcptrace_cmd, out, "--port", str(port), "--duration", "3", stderr=sub)
+        for _ in range(3):
+            w.client_closes_first(port)
+        assert rec.wait(timeout=60) == 0
+        os.close(sub)
+        sub = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(main)
+        if sub >= 0:
+            os.close(sub)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode())
+    summary = json.loads(out.read_text().splitlines()[-1])
+    assert summary["events"] >= 3 * 12 and summary["lost"] == 0
+    shown_line = r"recording: ([\d,]+) events, ([\d,]+) lost, ([\d.]+ (?:B|kB|MB)) \(Ctrl-C stops\)"
+    progress = re.findall(shown_line, text)
+    assert progress, text
+    assert all(lost == "0" for _, lost, _ in progress)
+    last = [line for line in text.replace("\r", "\n").splitlines() if line.strip()][-1]
+    path = re.escape(str(out))
+    assert re.fullmatch(rf"recorded {summary['events']:,} events to {path} \([\d.]+ kB\), 0 lost", last)

@@ -162,6 +162,7 @@ def stream_events(
                 "end_ns": end_ns,
                 "lost": lost,
                 "kernel_transitions": counters.get("transitions"),
+                "kernel_events": counters.get("emitted"),
                 "skipped_transitions": counters.get("skipped_transitions"),
                 **summary.to_json(),
                 **summary_flags(source),
