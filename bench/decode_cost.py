@@ -1,10 +1,13 @@
 """What one event costs tcptrace's user side, stage by stage (run by scripts/bench).
 
 A raw ``struct tt_event`` of the real layout (bcc's, from a compiled lifecycle program) is
-pushed through the stages `tcptrace states --json` runs for every event: decode
-(``from_raw``), the summary, ``to_json``, ``json.dumps``, and the write with its flush. The
-best of several repeats, in microseconds per event, so the numbers say where the time of
-a saturated consumer goes.
+pushed through the stages of the dataclass path, which replays and the other commands run
+for every event: decode (``from_raw``), the summary, ``to_json``, ``json.dumps``, and the
+write with its flush; then through the hot path `states --json`, `record` and `states` take
+live (a batch of raw records straight to text, model/raw.py), with the same records and
+with a new port every 5 events (cache misses, as under churn). The best of several
+repeats, in microseconds per event, so the numbers say where the time of a saturated
+consumer goes.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,75 +50,40 @@ def raw_event() -> Any:
     raw.sport, raw.dport = 57208, 45200
     for field in (raw.saddr, raw.daddr):
         field[0], field[3] = 127, 1
-    ctypes.memmove(raw.task_comm, b"loadgen", 7)
-    ctypes.memmove(raw.owner_comm, b"loadgen", 7)
+    # Into the structure itself: ``raw.task_comm`` (a char array) reads as a new bytes
+    # object (for an all-zero one, the interpreter's shared b""), not as the field's memory.
+    for name in ("task_comm", "owner_comm"):
+        ctypes.memmove(ctypes.addressof(raw) + getattr(type(raw), name).offset, b"loadgen", 7)
     return raw
 
 
-def prototype(keys: list[str]) -> Callable[[Any], str]:
-    """What `states --json` could cost: raw event -> JSON text with no dataclass in between,
-    addresses and comms cached. Only a yardstick for a proposal: the bench reports it only
-    when its text equals the real pipeline's byte for byte."""
-    import socket
+def framed(raw: Any, n: int, churn: bool = False) -> bytes:
+    """A batch of ``n`` copies of ``raw`` framed as the ring buffer frames them (model/raw.py);
+    ``churn``: a new local port every 5 events, as a connection's transitions come."""
+    from tcptrace.model.raw import HEADER
 
-    from tcptrace.model.events import TcpState
+    size = ctypes.sizeof(raw)
+    pad = bytes(((size + 7) & ~7) - size)
+    head = size.to_bytes(4, sys.byteorder) + bytes(4)
+    out = []
+    copy = type(raw).from_buffer_copy(raw)
+    for i in range(n):
+        if churn:
+            copy.sport = 20000 + (i // 5) % 40000
+            copy.ts_ns = raw.ts_ns + i
+        out.append(head + bytes(copy) + pad)
+    batch = b"".join(out)
+    assert len(batch) == n * (HEADER + size + len(pad))
+    return batch
 
-    names = {s.value: s.name for s in TcpState}
-    addrs: dict[tuple[bytes, int], str] = {}
-    comms: dict[bytes, str] = {}
 
-    def addr(raw: Any, family: int) -> str:
-        key = (bytes(raw), family)
-        text = addrs.get(key)
-        if text is None:
-            if family == socket.AF_INET:
-                text = socket.inet_ntop(socket.AF_INET, key[0][:4])
-            else:
-                import ipaddress
-
-                text = str(ipaddress.IPv6Address(key[0][:16]))
-            if len(addrs) < 4096:
-                addrs[key] = text
-        return text
-
-    def comm(raw: Any) -> str:
-        key = bytes(raw)
-        text = comms.get(key)
-        if text is None:
-            text = key.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
-            if len(comms) < 4096:
-                comms[key] = text
-        return text
-
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-    def fast(raw: Any) -> str:
-        family, owner = raw.family, raw.owner_tgid
-        d = {
-            "type": "transition",
-            "ts_ns": raw.ts_ns,
-            "skaddr": f"0x{raw.skaddr:x}",
-            "family": 6 if family == socket.AF_INET6 else 4,
-            "saddr": addr(raw.saddr, family),
-            "sport": raw.sport,
-            "daddr": addr(raw.daddr, family),
-            "dport": raw.dport,
-            "pid": owner or None,
-            "comm": comm(raw.owner_comm) if owner else None,
-            "task_pid": raw.task_tgid,
-            "task_tid": raw.task_pid,
-            "task_comm": comm(raw.task_comm),
-            "cgroup": None,
-            "kstack": [],
-            "ustack": [],
-            "old": names[raw.oldstate],
-            "new": names[raw.newstate],
-            "prev_ns": raw.value_ns or None,
-            "sk_flags": raw.sk_flags,
-        }
-        return dumps({k: d[k] for k in keys}) + "\n"
-
-    return fast
+def _best_batch_us(fn: Callable[[], Any], n: int) -> float:
+    best = float("inf")
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        fn()
+        best = min(best, (time.perf_counter() - start) / n)
+    return best * 1e6
 
 
 def measure() -> dict[str, float]:
@@ -147,11 +116,29 @@ def measure() -> dict[str, float]:
             "write+flush (/dev/null)": _best_us(write_flush),
             "states --json, all stages": _best_us(pipeline),
         }
-    try:
-        fast = prototype(list(obj))
-        same = fast(raw) == text
-    except (KeyError, ValueError):
-        same = False
-    if same:
-        costs["prototype: raw -> JSON, no dataclass (same text)"] = _best_us(lambda: fast(raw))
+    # The hot path `states --json`, `record` and `states` take live: a batch of raw records
+    # straight to text (model/raw.py, views/states.py), reported only when its text equals
+    # the stages' above byte for byte.
+    from tcptrace.model.raw import JsonLines, RawLayout
+    from tcptrace.views.common import make_console
+    from tcptrace.views.states import TransitionRows, print_event
+
+    layout = RawLayout.of(type(raw))
+    batch, churn = framed(raw, N), framed(raw, N, churn=True)
+    with open(os.devnull, "w") as devnull:
+        if JsonLines(layout).feed(framed(raw, 1))[0] == text:
+            costs["hot path: batch -> JSON lines, one write"] = _best_batch_us(
+                lambda: devnull.write(JsonLines(layout).feed(batch)[0]), N
+            )
+            costs["hot path: the same, a new port every 5 events"] = _best_batch_us(
+                lambda: devnull.write(JsonLines(layout).feed(churn)[0]), N
+            )
+        console = make_console(file=devnull)
+        with console.capture() as captured:
+            print_event(console, event, 0)
+        if TransitionRows(layout, console, 0).feed(framed(raw, 1))[0] == captured.get():
+            costs["states (table): print_event"] = _best_us(lambda: print_event(console, event, 0))
+            costs["hot path: batch -> table rows, one write"] = _best_batch_us(
+                lambda: devnull.write(TransitionRows(layout, console, 0).feed(batch)[0]), N
+            )
     return costs
