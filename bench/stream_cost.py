@@ -117,6 +117,15 @@ def measure(bench: Bench, sc: Scenario, name: str) -> Sample:
     return sample
 
 
+class StreamBench(Bench):
+    """The bench's runs, with this script's tracers (NAME@DIR included)."""
+
+    def tracer(self, name: str, lazy: bool = True, env: dict[str, str] | None = None) -> Tracer:
+        argv, extra = tracer_argv(name, os.devnull)
+        kind = REFERENCE if name == REFERENCE else "states"
+        return Tracer(kind, argv, env={**(env or {}), **extra}, lazy=lazy)
+
+
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -130,14 +139,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--loadgen", default=str(ROOT / "bench" / "bin" / "loadgen"))
     p.add_argument("--json", dest="json_out", help="also write every sample to this file")
+    p.add_argument(
+        "--first-event",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: time from spawn to the first event, N times each (as scripts/bench)",
+    )
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("stream_cost: run as root", file=sys.stderr)
         return 1
     names = [t.strip() for t in args.tracers.split(",") if t.strip()]
     sc = Scenario(args.mode, args.rate, args.duration)
-    bench = Bench(Path(args.loadgen), "/usr/sbin/tcpstates-bpfcc", [])
+    bench = StreamBench(Path(args.loadgen), "/usr/sbin/tcpstates-bpfcc", [])
     load_before = Path("/proc/loadavg").read_text().split()[:3]
+    if args.first_event:
+        for name in names:
+            if name.startswith("record"):
+                continue
+            startup = bench.first_event(name, args.first_event)
+            times = ", ".join(f"{t:.2f}" for t in startup.first_event_s)
+            print(f"{name:<24} first event after {times} s; median {startup.first_event_median or 0:.2f}")
+        print(f"load average before {' '.join(load_before)}")
+        return 0
     samples: list[Sample] = []
     for rep in range(args.repeat):
         for name in names:
