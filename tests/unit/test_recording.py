@@ -220,3 +220,33 @@ def test_versions_one_and_two_are_read(tmp_path: Path, data_dir: Path) -> None:
         header = {**json.loads(lines[0]), "version": version}
         text = json.dumps(header) + "\n" + "".join(lines[1:])
         assert len(list(open_recording(write(tmp_path, text)).events())) == 44
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["states", "--json"],
+        ["closewait", "--json", "--threshold", "100ms"],
+        ["timewait", "--json"],
+        ["diagnose", "--json"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_analyses_of_a_recording_do_not_change_with_stacks_by_id(
+    command: list[str], tmp_path: Path, data_dir: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from tcptrace.cli import cli
+
+    lines, _ = with_stack_refs(data_dir)
+    new = tmp_path / "new.jsonl"
+    new.write_text("".join(lines))
+    old = tmp_path / "old.jsonl"
+    old.write_text((data_dir / STACKED).read_text())
+    outputs = []
+    for path in (old, new):
+        result = CliRunner().invoke(cli, [*command, "--from", str(path)], catch_exceptions=False)
+        assert result.exit_code == 0, result.stderr
+        outputs.append([json.loads(line) for line in result.stdout.splitlines()][1:])  # after the header
+    assert outputs[0] == outputs[1] and outputs[0]
