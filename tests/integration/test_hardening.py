@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,7 @@ def finish(proc: subprocess.Popen[str]) -> list[dict[str, object]]:
     return [json.loads(line) for line in out.splitlines()]
 
 
-def overflow(proc: subprocess.Popen[str], port: int, n: int) -> None:
+def overflow(proc: subprocess.Popen[Any], port: int, n: int) -> None:
     """Stop the consumer, churn ``n`` connections (the kernel keeps writing), resume it."""
     os.kill(proc.pid, signal.SIGSTOP)
     try:

@@ -10,13 +10,12 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 from tests.integration import workloads as w
 from tests.integration.helpers import FixtureBuilder, wait_for
-from tests.integration.test_hardening import churn
+from tests.integration.test_hardening import overflow
 
 
 def run_json(cmd: list[str]) -> list[dict[str, object]]:
@@ -90,12 +89,7 @@ def test_record_counts_every_loss_and_says_so_last(
     n = 200
     out = tmp_path / "rec.jsonl"
     rec = start_record(tcptrace_cmd, out, "--port", str(port), "--buffer", "4K", stderr=subprocess.PIPE)
-    os.kill(rec.pid, signal.SIGSTOP)
-    try:
-        churn(port, n)
-    finally:
-        os.kill(rec.pid, signal.SIGCONT)
-    time.sleep(0.5)
+    overflow(rec, port, n)
     rec.send_signal(signal.SIGINT)
     _, err = rec.communicate(timeout=60)
     assert rec.returncode == 0, err

@@ -176,6 +176,20 @@ def test_table_styles_as_the_console_renders_them(color_system: str) -> None:
     assert text == dataclass_table(events, True, color_system)
 
 
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.name)
+def test_caches_that_start_afresh_change_nothing(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tcptrace.model import raw as raw_module
+
+    monkeypatch.setattr(raw_module, "CACHE_LIMIT", 2)
+    raw = raw_of_recording(path)
+    events, _ = dataclass_events(raw, raw.frames)
+    fast = JsonLines(LAYOUT, raw.frames, stack_refs=True)
+    assert fast.feed(raw.batch)[0] == dataclass_json(events, stack_refs=True)
+    assert summary_text(fast.summary()) == summary_text(summary_of(events))
+    rows = TransitionRows(LAYOUT, console(True)[0], OFFSET_NS, raw.frames)
+    assert rows.feed(raw.batch)[0] == dataclass_table(events, True)
+
+
 def test_batches_of_any_split_give_the_same_text() -> None:
     raw = raw_of_recording(LIFECYCLE)
     whole, _ = JsonLines(LAYOUT, raw.frames, stack_refs=True).feed(raw.batch)
@@ -275,39 +289,36 @@ def generated(values: list[dict[str, Any]], stacks: dict[tuple[int, int | None],
     return Raw([rv.record(v) for v in values], resolved)
 
 
+Stacks = dict[tuple[int, int | None], tuple[str, ...]]
+
+
+def both_paths(values: list[dict[str, Any]], stacks: Stacks, symbolize: bool) -> tuple[Raw, FramesFn | None]:
+    raw = generated(values, stacks)
+    return raw, (raw.frames if symbolize else None)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(members, max_size=12), stack_sets, st.booleans(), st.booleans())
 def test_generated_json_equals_the_dataclass_path(
-    values: list[dict[str, Any]],
-    stacks: dict[tuple[int, int | None], tuple[str, ...]],
-    symbolize: bool,
-    refs: bool,
+    values: list[dict[str, Any]], stacks: Stacks, symbolize: bool, refs: bool
 ) -> None:
-    raw = generated(values, stacks)
-    frames = raw.frames if symbolize else None
+    raw, frames = both_paths(values, stacks, symbolize)
     events, malformed = dataclass_events(raw, frames)
     fast = JsonLines(LAYOUT, frames, stack_refs=refs)
-    text, _ = fast.feed(raw.batch)
+    assert fast.feed(raw.batch)[0] == dataclass_json(events, refs)
     assert (fast.events, fast.malformed) == (len(events), malformed)
-    assert text == dataclass_json(events, refs)
     assert fast.summary().to_json() == summary_of(events).to_json()
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(members, max_size=12), stack_sets, st.booleans(), st.booleans())
 def test_generated_table_equals_print_event(
-    values: list[dict[str, Any]],
-    stacks: dict[tuple[int, int | None], tuple[str, ...]],
-    symbolize: bool,
-    terminal: bool,
+    values: list[dict[str, Any]], stacks: Stacks, symbolize: bool, terminal: bool
 ) -> None:
-    raw = generated(values, stacks)
-    frames = raw.frames if symbolize else None
+    raw, frames = both_paths(values, stacks, symbolize)
     events, _ = dataclass_events(raw, frames)
-    con, _ = console(terminal)
-    rows = TransitionRows(LAYOUT, con, OFFSET_NS, frames)
-    text, _ = rows.feed(raw.batch)
-    assert text == dataclass_table(events, terminal)
+    rows = TransitionRows(LAYOUT, console(terminal)[0], OFFSET_NS, frames)
+    assert rows.feed(raw.batch)[0] == dataclass_table(events, terminal)
     assert summary_text(rows.summary()) == summary_text(summary_of(events))
 
 

@@ -56,9 +56,11 @@ class Symbolizer:
             self._cache.move_to_end(key)
             return hit
         try:
-            addrs = list(self._stacks.walk(stack_id))[:MAX_FRAMES]
+            # The entry's addresses at once (bcc's walk() costs a Python call a frame).
+            ips = self._stacks[self._stacks.Key(stack_id)].ip[:MAX_FRAMES]
         except KeyError:
             return ()
+        addrs = ips[: ips.index(0)] if 0 in ips else ips
         frames = self._with_lines(addrs, tuple(self._frame(a, pid) for a in addrs), pid)
         self._cache[key] = frames
         if len(self._cache) > self._capacity:

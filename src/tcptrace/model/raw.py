@@ -1,7 +1,8 @@
 """Raw ring-buffer records straight to the text `states --json` and `record` write.
 
 The dataclass path (``from_raw`` -> ``to_json`` -> ``json.dumps``, one flushed line per
-event) costs ~24 us an event; a stream of 50,000 transitions a second needs far less. This
+event) costs 10-24 us an event (bench/decode_cost.py, docs/benchmarks.md); a stream of
+50,000 transitions a second needs far less. This
 module takes a *batch* (records framed as in the ring buffer, kernel/ringbuf.py), unpacks
 it with one ``struct.iter_unpack`` and writes each event's JSON line from cached pieces:
 the endpoint part (family, addresses, ports), the owner-and-task part, the kind-and-states
@@ -24,9 +25,9 @@ import ctypes
 import json
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from tcptrace.model.events import (
     AF_INET6,
@@ -69,6 +70,19 @@ CACHE_LIMIT = 65536
 """Entries a piece cache holds before it starts afresh (bounds memory under churn)."""
 MAX_STACK_REFS = 65536
 """Distinct stacks a recording names by id; more are written in full where they occur."""
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def remember(cache: dict[K, V], key: K, value: V) -> V:
+    """Keep ``value`` under ``key`` in a piece cache, which starts afresh when full (under
+    churn most entries are of connections long gone); returns ``value``."""
+    if len(cache) >= CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 class LayoutError(ValueError):
@@ -178,7 +192,7 @@ class RawBatches:
         self._endpoint = struct.Struct(layout.sub_format("endpoint"))
         self._kos_bytes = struct.Struct("=I")
         self._kos: dict[int, _Entry] = {}
-        self._kos_spent: list[_Entry] = []  # entries dropped from the cache, still counted
+        self._spent: Counter[tuple[TcpState, TcpState]] = Counter()  # counts of dropped entries
         self.events = 0
         self.malformed = 0
         self.first_ts_ns: int | None = None
@@ -188,7 +202,7 @@ class RawBatches:
         """The cache entry of a (kind, old, new, op) value, or _INVALID when the dataclass
         path (from_raw) would refuse it."""
         if len(self._kos) >= CACHE_LIMIT:
-            self._kos_spent.extend(self._kos.values())
+            self._spent.update(self._transitions(self._kos.values()))
             self._kos.clear()
         kind, old, new, op = self._kos_bytes.pack(kos)
         try:
@@ -227,14 +241,20 @@ class RawBatches:
     def summary(self) -> StatesSummary:
         """What the events decoded so far add up to, as `states` sums them up."""
         out = StatesSummary(events=self.events, first_ts_ns=self.first_ts_ns, last_ts_ns=self.last_ts_ns)
-        transitions: Counter[tuple[TcpState, TcpState]] = Counter()
-        for entry in (*self._kos_spent, *self._kos.values()):
-            if entry and entry[0] == Kind.TRANSITION and entry[1]:
-                transitions[(entry[2], entry[3])] += entry[1]
-        # Insertion order as the dataclass path counts: by each pair's first event.
+        # In the order the dataclass path inserts them, each pair's first event's: entries
+        # are made at a value's first event, and dropped ones came before the others.
+        transitions = self._spent + self._transitions(self._kos.values())
         for pair, count in transitions.items():
             out.transitions[pair] += count
             out.entered[pair[1]] += count
+        return out
+
+    @staticmethod
+    def _transitions(entries: Iterable[_Entry]) -> Counter[tuple[TcpState, TcpState]]:
+        out: Counter[tuple[TcpState, TcpState]] = Counter()
+        for entry in entries:
+            if entry and entry[0] == Kind.TRANSITION and entry[1]:
+                out[(entry[2], entry[3])] += entry[1]
         return out
 
 
@@ -286,10 +306,7 @@ class JsonLines(RawBatches):
             f'"saddr":{_dumps(format_addr(saddr, family))},"sport":{sport},'
             f'"daddr":{_dumps(format_addr(daddr, family))},"dport":{dport}'
         )
-        if len(self._endpoints) >= CACHE_LIMIT:
-            self._endpoints.clear()
-        self._endpoints[raw] = text
-        return text
+        return remember(self._endpoints, raw, text)
 
     def _who_text(self, key: tuple[bytes, bytes, int]) -> str:
         ids, comms, cgroup = key
@@ -302,10 +319,7 @@ class JsonLines(RawBatches):
         )
         if cgroup:
             text += f',"cgroup":{cgroup}'
-        if len(self._who) >= CACHE_LIMIT:
-            self._who.clear()
-        self._who[key] = text
-        return text
+        return remember(self._who, key, text)
 
     def _stacks(self, kstack: int, ustack: int, ids: bytes, out: list[str]) -> str:
         """The ``"kstack":...,"ustack":...,`` part of an event; a stack line first into
@@ -336,10 +350,7 @@ class JsonLines(RawBatches):
                 ref = self._refs[frames] = len(self._refs)
                 out.append(f'{{"type":"stack","id":{ref},"frames":{_dumps(list(frames))}}}\n')
             text = _dumps(list(frames)) if ref is None else str(ref)
-        if len(self._stack_text) >= CACHE_LIMIT:
-            self._stack_text.clear()
-        self._stack_text[key] = text
-        return text
+        return remember(self._stack_text, key, text)
 
     def clear_stacks(self) -> None:
         """Forget the stack texts (the stack map was emptied: its ids will be reused)."""

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tcptrace.model.events import AF_INET6, Kind, SocketEvent, TcpState, Transition, decode_comm, format_addr
-from tcptrace.model.raw import CACHE_LIMIT, Frames, RawBatches, RawLayout
+from tcptrace.model.raw import Frames, RawBatches, RawLayout, remember
 from tcptrace.model.states import StatesSummary
 from tcptrace.model.workload import NOBODY, Whois, whois_text
 from tcptrace.views.common import NS, clock, duration, endpoint, safe, time_cell, time_header
@@ -172,31 +172,21 @@ class TransitionRows(RawBatches):
         owner = self._ids.unpack(ids)[2]
         comm = decode_comm(comms[len(comms) // 2 :]) if owner else None
         pid = str(owner) if owner else "-"
-        text = f"{pid:>7} {safe(comm)[:15]:<15} "
-        if len(self._owners) >= CACHE_LIMIT:
-            self._owners.clear()
-        self._owners[key] = text
-        return text
+        return remember(self._owners, key, f"{pid:>7} {safe(comm)[:15]:<15} ")
 
     def _endpoint_text(self, raw: bytes) -> str:
         saddr, daddr, sport, dport, family = self._endpoint.unpack(raw)
         version = 6 if family == AF_INET6 else 4
         local = endpoint(format_addr(saddr, family), sport, version)
         remote = endpoint(format_addr(daddr, family), dport, version)
-        text = f"{local:<22} {remote:<22} "
-        if len(self._endpoints) >= CACHE_LIMIT:
-            self._endpoints.clear()
-        self._endpoints[raw] = text
-        return text
+        return remember(self._endpoints, raw, f"{local:<22} {remote:<22} ")
 
     def _clock(self, ts: int) -> str:
         wall = (ts + self._offset_ns) / NS
         second = math.floor(wall)
         hms = self._seconds.get(second)
         if hms is None:
-            if len(self._seconds) >= CACHE_LIMIT:
-                self._seconds.clear()
-            hms = self._seconds[second] = time.strftime("%H:%M:%S", time.localtime(wall))
+            hms = remember(self._seconds, second, time.strftime("%H:%M:%S", time.localtime(wall)))
         return f"{hms}.{int(wall * 1000) % 1000:03d}"
 
     def _stack_text(self, kstack: int, ustack: int, ids: bytes) -> str:
@@ -206,10 +196,7 @@ class TransitionRows(RawBatches):
         text = self._stacks.get(key)
         if text is None:
             lines = frame_lines(self._frames(kstack, None), self._frames(ustack, pid))
-            text = self._render(*lines) if lines else ""
-            if len(self._stacks) >= CACHE_LIMIT:
-                self._stacks.clear()
-            self._stacks[key] = text
+            text = remember(self._stacks, key, self._render(*lines) if lines else "")
         return text
 
     def clear_stacks(self) -> None:
