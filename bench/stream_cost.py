@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.report import REFERENCE, Scenario, expected_transitions, last_summary, parse_possibly_lost
+from bench.report import (
+    REFERENCE,
+    UNTRACED,
+    Scenario,
+    expected_transitions,
+    last_summary,
+    parse_possibly_lost,
+)
 from bench.runner import TICK, Bench, BenchError, Tracer, cpu_ticks, peak_rss_kb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,15 +61,26 @@ class Sample:
         return self.cpu_s / self.delivered * 1e6 if self.delivered else None
 
 
+def parse_spec(name: str) -> tuple[str, str, list[str], dict[str, str]]:
+    """A tracer spec ``[KEY=VALUE ...] NAME[@DIR] [ARGS ...]`` as (NAME, DIR, ARGS, env):
+    NAME is states, record or tcpstates; ``@DIR`` runs that tree's src/; ARGS are added to
+    tcptrace's command line (``states --buffer 4``)."""
+    words = name.split()
+    settings = [w for w in words if "=" in w and not w.startswith("-")]
+    rest = [w for w in words if w not in settings]
+    base, _, tree = rest[0].partition("@")
+    return base, tree, rest[1:], dict(w.split("=", 1) for w in settings)
+
+
 def tracer_argv(name: str, out: str) -> tuple[list[str], dict[str, str]]:
-    """The command line of ``name`` (``states``, ``record``, ``tcpstates``, each optionally
-    ``@DIR``: that tree's src/), and its extra environment."""
-    base, _, tree = name.partition("@")
-    env = {"PYTHONPATH": str(Path(tree) / "src")} if tree else {}
+    """The command line and extra environment of a tracer spec (see parse_spec)."""
+    base, tree, extra, env = parse_spec(name)
+    extra += os.environ.get("STREAM_COST_ARGS", "").split()
+    if tree:
+        env["PYTHONPATH"] = str(Path(tree) / "src")
     if base == REFERENCE:
         return ["/usr/sbin/tcpstates-bpfcc"], env
     cmd = [sys.executable, "-m", "tcptrace"]
-    extra = os.environ.get("STREAM_COST_ARGS", "").split()
     if base == "states":
         return [*cmd, "states", "--json", *extra], env
     if base == "record":
@@ -70,7 +88,19 @@ def tracer_argv(name: str, out: str) -> tuple[list[str], dict[str, str]]:
     raise SystemExit(f"unknown tracer {name}")
 
 
+def untraced(bench: Bench, sc: Scenario) -> Sample:
+    """The load alone: its pace with no tracer (what the others' conn/s compare with)."""
+    load = bench.run_load(sc)
+    return Sample(
+        tracer=UNTRACED,
+        transitions=expected_transitions(int(load["connections"])),
+        conn_per_s=float(load["conn_per_s"]),
+    )
+
+
 def measure(bench: Bench, sc: Scenario, name: str) -> Sample:
+    if name == UNTRACED:
+        return untraced(bench, sc)
     sample = Sample(tracer=name)
     with tempfile.TemporaryDirectory(prefix="stream-cost-") as tmp:
         out = os.path.join(tmp, "rec.jsonl")
@@ -95,7 +125,7 @@ def measure(bench: Bench, sc: Scenario, name: str) -> Sample:
             sample.delivered = max(0, tracer.reader.lines - 1)
             sample.lost = parse_possibly_lost(tracer.stderr_text())
             return sample
-        if name.startswith("record"):
+        if parse_spec(name)[0] == "record":
             try:
                 with open(out, "rb") as fh:
                     data = fh.read()
@@ -132,7 +162,11 @@ def median(values: list[float]) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.stream_cost", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tracers", default="states,record,tcpstates")
+    p.add_argument(
+        "--tracers",
+        default="states,record,tcpstates",
+        help="comma-separated: untraced, tcpstates, or [KEY=VALUE ...] states|record[@DIR] [ARGS ...]",
+    )
     p.add_argument("--rate", type=int, default=5000, help="connections/s, 0: as fast as it goes")
     p.add_argument("--mode", default="client-first", choices=["client-first", "server-first"])
     p.add_argument("--duration", type=float, default=6.0)
@@ -156,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     if args.first_event:
         for name in names:
-            if name.startswith("record"):
+            if parse_spec(name)[0] not in ("states", REFERENCE):
                 continue
             startup = bench.first_event(name, args.first_event)
             times = ", ".join(f"{t:.2f}" for t in startup.first_event_s)
@@ -185,16 +219,21 @@ def main(argv: list[str] | None = None) -> int:
         f"before {' '.join(load_before)}, after {' '.join(load_after)}"
     )
     print(
-        f"{'tracer':<24} {'us/event':>9} {'lost':>9} {'delivered':>10} {'cpu s':>6} {'catch-up':>8} {'MB':>6}"
+        f"{'tracer':<24} {'conn/s':>8} {'us/event':>9} {'lost':>9} {'delivered':>10} {'cpu s':>6}"
+        f" {'catch-up':>8} {'MB':>6}"
     )
     for name in names:
         ok = [s for s in samples if s.tracer == name and s.error is None]
+        pace = median([s.conn_per_s for s in ok]) or 0
+        if name == UNTRACED:
+            print(f"{name:<24} {pace:>8,.0f}")
+            continue
         per_event = median([s.us_per_event for s in ok if s.us_per_event])
         lost = median([float(s.lost or 0) for s in ok])
         size = median([s.size_mb for s in ok if s.size_mb is not None])
         delivered = median([s.delivered for s in ok])
         print(
-            f"{name:<24} {per_event or 0:>9.2f} {lost or 0:>9,.0f} {delivered or 0:>10,.0f}"
+            f"{name:<24} {pace:>8,.0f} {per_event or 0:>9.2f} {lost or 0:>9,.0f} {delivered or 0:>10,.0f}"
             f" {median([s.cpu_s for s in ok]) or 0:>6.2f} {median([s.catchup_s for s in ok]) or 0:>8.1f}"
             f" {size if size is not None else 0:>6.1f}"
         )
