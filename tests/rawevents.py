@@ -113,6 +113,8 @@ def raw_of(event: SocketEvent, kstack_id: int = -1, ustack_id: int = -1) -> dict
         "task_pid": event.task_tid,
         "task_comm": event.task_comm.encode(),
         "owner_cgroup": event.cgroup or 0,
+        "netns": event.netns or 0,
+        "owner_start_ns": event.pid_start_ns or 0,
         "kstack": kstack_id,
         "ustack": ustack_id,
     }

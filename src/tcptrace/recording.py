@@ -268,12 +268,13 @@ class _Stacks:
 def _add_stack(path: str, lineno: int, obj: dict[str, Any], stacks: _Stacks) -> None:
     """Keep a ``stack`` line's frames under its id (at most MAX_STACKS of them, and
     MAX_STACK_CHARS of frames in all)."""
-    ref, frames = obj.get("id"), obj.get("frames")
+    ref = obj.get("id")
     if type(ref) is not int or not 0 <= ref < MAX_STACKS:
         raise RecordingError(f"{path}:{lineno}: a stack id must be an integer from 0 to {MAX_STACKS - 1}")
-    problem = _frames(frames)
+    problem = _frames(obj.get("frames"))
     if problem is not None:
         raise RecordingError(f"{path}:{lineno}: a stack's frames: {problem}")
+    frames: list[str] = obj["frames"]
     if ref in stacks.frames:
         raise RecordingError(f"{path}:{lineno}: stack {ref} defined twice")
     stacks.chars += sum(map(len, frames))

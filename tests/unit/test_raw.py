@@ -243,34 +243,35 @@ addrs = st.one_of(st.binary(min_size=16, max_size=16), st.just(bytes([127, 0, 0,
 # Timestamps a clock can show (the table's time column needs a date time.localtime takes).
 ts = st.integers(0, 2**52)
 
-members = st.fixed_dictionaries(
-    {
-        "ts_ns": ts,
-        "skaddr": u64,
-        "value_ns": st.one_of(st.just(0), u64),
-        "sk_flags": u64,
-        "task_tgid": u32,
-        "task_pid": u32,
-        "owner_tgid": st.one_of(st.just(0), u32),
-        "kstack": st.one_of(st.just(-1), st.integers(-3, 5)),
-        "ustack": st.one_of(st.just(-1), st.integers(-3, 5)),
-        "ret": s32,
-        "saddr": addrs,
-        "daddr": addrs,
-        "sport": u16,
-        "dport": u16,
-        "family": st.one_of(st.sampled_from([AF_INET, AF_INET6]), u16),
-        "kind": kinds,
-        "oldstate": states,
-        "newstate": states,
-        "op": ops,
-        "task_comm": comms,
-        "owner_comm": comms,
-        "aux_ns": st.one_of(st.just(0), u64),
-        "flags": u32,
-        "owner_cgroup": st.one_of(st.just(0), u64),
-    }
-)
+MEMBERS: dict[str, st.SearchStrategy[Any]] = {
+    "ts_ns": ts,
+    "skaddr": u64,
+    "value_ns": st.one_of(st.just(0), u64),
+    "sk_flags": u64,
+    "task_tgid": u32,
+    "task_pid": u32,
+    "owner_tgid": st.one_of(st.just(0), u32),
+    "kstack": st.one_of(st.just(-1), st.integers(-3, 5)),
+    "ustack": st.one_of(st.just(-1), st.integers(-3, 5)),
+    "ret": s32,
+    "saddr": addrs,
+    "daddr": addrs,
+    "sport": u16,
+    "dport": u16,
+    "family": st.one_of(st.sampled_from([AF_INET, AF_INET6]), u16),
+    "kind": kinds,
+    "oldstate": states,
+    "newstate": states,
+    "op": ops,
+    "task_comm": comms,
+    "owner_comm": comms,
+    "aux_ns": st.one_of(st.just(0), u64),
+    "flags": u32,
+    "owner_cgroup": st.one_of(st.just(0), u64),
+    "netns": st.one_of(st.just(0), u32),
+    "owner_start_ns": st.one_of(st.just(0), u64),
+}
+members = st.fixed_dictionaries(MEMBERS)
 frame_text = st.text(max_size=30)
 stack_sets = st.dictionaries(
     st.tuples(st.integers(0, 5), st.one_of(st.none(), u32)),
@@ -323,6 +324,19 @@ def test_generated_table_equals_print_event(
 
 
 # --- the layout ------------------------------------------------------------------------------
+
+
+def test_every_member_is_read_but_padding() -> None:
+    """A member added to struct tt_event without a decoder reading it is refused, here and
+    at start, rather than written differently by the two paths."""
+    fields = [*rv.EVENT._fields_, ("new_member", ctypes.c_uint64)]
+    grown = type("tt_event", (ctypes.Structure,), {"_fields_": fields})
+    with pytest.raises(LayoutError, match="do not read: new_member"):
+        RawLayout.of(grown).record_format()
+
+
+def test_generated_members_are_every_member() -> None:
+    assert set(MEMBERS) | {"pad"} == {name for name, _ in rv.EVENT._fields_}
 
 
 def test_layout_is_read_from_the_structure() -> None:

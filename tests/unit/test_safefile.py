@@ -152,10 +152,12 @@ def test_create_output_never_follows_a_link(victim: Path) -> None:
 
 def test_record_never_writes_through_a_planted_link(victim: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tcptrace.commands.record
+    from tcptrace.commands.states import Streamed
 
-    def fake_trace(name: str, flt: object, from_file: object, *args: object, **kwargs: object) -> None:
+    def fake_trace(name: str, flt: object, from_file: object, *args: object, **kwargs: object) -> Streamed:
         out = args[3]  # what stream_events writes the recording to
         out.write('{"type":"header"}\n')  # type: ignore[attr-defined]
+        return Streamed(events=0, lost=0, reason="duration")
 
     monkeypatch.setattr(tcptrace.commands.record, "stream_events", fake_trace)
     shared = victim.parent / "shared"

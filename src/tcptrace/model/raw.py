@@ -61,10 +61,12 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kos", ("kind", "oldstate", "newstate", "op")),
     ("comms", ("task_comm", "owner_comm")),
     ("aux", ("aux_ns",)),
-    ("flags", ("flags",)),
-    ("cgroup", ("owner_cgroup",)),
+    ("more", ("flags", "netns", "owner_cgroup", "owner_start_ns")),
 )
 _NUMBER_GROUPS = {"kos": "I"}
+PADDING = frozenset({"pad"})
+"""Members no decoder reads; any other member of struct tt_event must be in GROUPS (a new
+field the hot path did not write would silently differ from the dataclass path)."""
 
 CACHE_LIMIT = 65536
 """Entries a piece cache holds before it starts afresh (bounds memory under churn)."""
@@ -152,6 +154,11 @@ class RawLayout:
         tail = self.stride - HEADER - pos
         if tail:
             parts.append(f"{tail}x")
+        unread = set(self.members) - {n for _, names in GROUPS for n in names} - PADDING
+        if unread:
+            raise LayoutError(
+                f"struct tt_event has members the decoders do not read: {', '.join(sorted(unread))}"
+            )
         fmt = "".join(parts)
         if struct.calcsize(fmt) != self.stride:
             raise LayoutError("struct tt_event's members overlap")
@@ -280,7 +287,8 @@ class JsonLines(RawBatches):
         self._refs: dict[tuple[str, ...], int] = {}
         self._stack_text: dict[tuple[int, int], str] = {}
         self._endpoints: dict[bytes, str] = {}
-        self._who: dict[tuple[bytes, bytes, int], str] = {}
+        self._who: dict[tuple[bytes, bytes, bytes], str] = {}
+        self._more = struct.Struct(layout.sub_format("more"))
 
     def _describe(self, kind: int, old: int, new: int, op: int) -> tuple[Any, ...]:
         head = super()._describe(kind, old, new, op)
@@ -308,9 +316,12 @@ class JsonLines(RawBatches):
         )
         return remember(self._endpoints, raw, text)
 
-    def _who_text(self, key: tuple[bytes, bytes, int]) -> str:
-        ids, comms, cgroup = key
+    def _who_text(self, key: tuple[bytes, bytes, bytes]) -> str:
+        """The owner, task, cgroup, namespace and owner's start part (with the CLOSE flags
+        in the key: they share the raw bytes; 0 for every other kind)."""
+        ids, comms, more = key
         task_tgid, task_pid, owner = self._ids.unpack(ids)
+        _flags, netns, cgroup, start = self._more.unpack(more)
         half = len(comms) // 2
         comm = _dumps(decode_comm(comms[half:])) if owner else "null"
         text = (
@@ -319,6 +330,10 @@ class JsonLines(RawBatches):
         )
         if cgroup:
             text += f',"cgroup":{cgroup}'
+        if netns:
+            text += f',"netns":{netns}'
+        if owner and start:
+            text += f',"pid_start_ns":{start}'
         return remember(self._who, key, text)
 
     def _stacks(self, kstack: int, ustack: int, ids: bytes, out: list[str]) -> str:
@@ -380,8 +395,7 @@ class JsonLines(RawBatches):
             kos,
             comms,
             aux,
-            flags,
-            cgroup,
+            more,
         ) in self._format.iter_unpack(batch):
             entry = kos_cache.get(kos)
             if entry is None:
@@ -395,7 +409,7 @@ class JsonLines(RawBatches):
             ep = endpoints.get(endpoint)
             if ep is None:
                 ep = self._endpoint_text(endpoint)
-            key = (ids, comms, cgroup)
+            key = (ids, comms, more)
             owner = who.get(key)
             if owner is None:
                 owner = self._who_text(key)
@@ -423,7 +437,7 @@ class JsonLines(RawBatches):
             else:  # Kind.CLOSE
                 append(
                     f'{{"type":"close","ts_ns":{ts},"skaddr":"0x{skaddr:x}",{ep},{owner},{stacks}'
-                    f'{entry[4]}{value},"flags":{_FLAGS_JSON[flags & 7]},{entry[5]}'
+                    f'{entry[4]}{value},"flags":{_FLAGS_JSON[self._more.unpack(more)[0] & 7]},{entry[5]}'
                     f'"in_state_ns":{aux or "null"},"sk_flags":{sk_flags},"ret":{ret}}}\n'
                 )
             if first is None:

@@ -227,8 +227,7 @@ class TransitionRows(RawBatches):
             kos,
             comms,
             _aux,
-            _flags,
-            _cgroup,
+            _more,
         ) in self._format.iter_unpack(batch):
             entry = kos_cache.get(kos)
             if entry is None:
