@@ -361,3 +361,14 @@ def test_a_layout_the_decoders_cannot_read_is_refused(
     changed = type("tt_event", (ctypes.Structure,), {"_fields_": change(fields)})
     with pytest.raises(LayoutError, match=message):
         RawLayout.of(changed).record_format()
+
+
+def test_bcc_padding_members_are_padding() -> None:
+    """bcc's Leaf names its alignment padding __pad_N: a member nobody reads, by design."""
+    fields: list[tuple[str, Any]] = []
+    for name, ctype in rv.EVENT._fields_:
+        fields.append((name, ctype))
+        if name == "owner_comm":
+            fields.append(("__pad_22", ctypes.c_uint8 * 4))
+    padded = type("tt_event", (ctypes.Structure,), {"_fields_": fields, "_pack_": 1})
+    assert RawLayout.of(padded).record_format() == LAYOUT.record_format()

@@ -6,12 +6,13 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from tcptrace.errors import CompileError
 from tcptrace.kernel.loader import LoadedProgram
 from tcptrace.kernel.ringbuf import open_reader
 from tcptrace.model.events import DecodeError, SocketEvent, from_raw
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.frames import without_tracer_frames
-from tcptrace.model.raw import HEADER, RawLayout
+from tcptrace.model.raw import HEADER, LayoutError, RawLayout
 from tcptrace.system.symbols import StackLines
 
 MAX_FRAMES = 64
@@ -119,7 +120,11 @@ class KernelStream:
         self.decoded = 0
         self._malformed = 0
         self._event_type = program.event_type
-        self.layout = RawLayout.of(program.event_type)
+        try:
+            self.layout = RawLayout.of(program.event_type)
+            self.layout.record_format()
+        except LayoutError as exc:
+            raise CompileError(f"{exc}: bpf/tcptrace.h and this tcptrace's decoders disagree") from None
         table = program.bpf[b"events"]
         self.buffer_bytes = int(table.max_entries)
         self._reader = open_reader(program.bpf, b"events", program.event_size, self.buffer_bytes)

@@ -65,8 +65,9 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 _NUMBER_GROUPS = {"kos": "I"}
 PADDING = frozenset({"pad"})
-"""Members no decoder reads; any other member of struct tt_event must be in GROUPS (a new
-field the hot path did not write would silently differ from the dataclass path)."""
+"""Members no decoder reads (and bcc's own ``__pad_N`` for alignment); any other member of
+struct tt_event must be in GROUPS (a new field the hot path did not write would silently
+differ from the dataclass path)."""
 
 CACHE_LIMIT = 65536
 """Entries a piece cache holds before it starts afresh (bounds memory under churn)."""
@@ -154,7 +155,8 @@ class RawLayout:
         tail = self.stride - HEADER - pos
         if tail:
             parts.append(f"{tail}x")
-        unread = set(self.members) - {n for _, names in GROUPS for n in names} - PADDING
+        read = {n for _, names in GROUPS for n in names}
+        unread = {m for m in self.members if m not in read and m not in PADDING and not m.startswith("__pad")}
         if unread:
             raise LayoutError(
                 f"struct tt_event has members the decoders do not read: {', '.join(sorted(unread))}"
