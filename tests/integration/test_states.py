@@ -267,3 +267,36 @@ def test_doctor_passes_here(tcptrace_cmd: list[str]) -> None:
     result = subprocess.run([*tcptrace_cmd, "doctor"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ready to trace" in result.stdout
+
+
+@pytest.mark.parametrize("record", [False, True], ids=["states", "record"])
+def test_hot_path_writes_what_the_dataclass_path_writes(port: int, record: bool) -> None:
+    """Live records, with bcc's layout and the kernel's values (namespaces, start times,
+    stacks symbolized while the processes live): the batch decoders' text equals the
+    dataclass path's, for `states --json` and for `record` (stacks by id)."""
+    import io
+
+    from tcptrace.model.raw import JsonLines
+    from tcptrace.recording import JsonLinesWriter
+
+    parts = ("lifecycle", "owner", "timewait") if record else ("lifecycle",)
+    defines = {"TT_PROC_STACKS_ONLY": 1} if record else None
+    flt = EventFilter(ports=frozenset({port}))
+    with load_parts(parts, flt, stacks=record, defines=defines) as program:
+        stream = KernelStream(program, symbolize=record)
+        for scenario in (w.client_closes_first, w.server_closes_first, w.client_resets):
+            scenario(port, socket.AF_INET)
+        w.client_closes_first(port, socket.AF_INET6)
+        time.sleep(0.3)
+        batch = stream.drain_raw()
+        events = stream.decode(batch)
+    assert len(events) >= 4 * 10
+    assert all(e.netns for e in events) and any(e.pid_start_ns for e in events)
+    expected = io.StringIO()
+    writer = JsonLinesWriter(expected, stack_refs=record)
+    for event in events:
+        writer.event(event)
+    text, cut = JsonLines(stream.layout, stream.frames, stack_refs=record).feed(batch)
+    assert not cut and text == expected.getvalue()
+    if record:
+        assert '"type":"stack"' in text and any(e.ustack for e in events)

@@ -152,7 +152,8 @@ class KernelStream:
         self.decoded += decoded
         self._malformed += malformed
 
-    def _decode(self, batch: bytes) -> list[SocketEvent]:
+    def decode(self, batch: bytes) -> list[SocketEvent]:
+        """A raw batch as model events (from_raw; symbolized when asked), counted."""
         out: list[SocketEvent] = []
         from_buffer = self._event_type.from_buffer_copy
         for offset in range(0, len(batch), self.layout.stride):
@@ -177,11 +178,11 @@ class KernelStream:
         return dataclasses.replace(event, kstack=kstack, ustack=ustack)
 
     def poll(self, timeout_ms: int = 100) -> list[SocketEvent]:
-        return self._decode(self.poll_raw(timeout_ms))
+        return self.decode(self.poll_raw(timeout_ms))
 
     def drain(self) -> list[SocketEvent]:
         """Whatever is still in the ring buffer, without waiting."""
-        return self._decode(self.drain_raw())
+        return self.decode(self.drain_raw())
 
     def counters(self) -> dict[str, int]:
         """The kernel's exact counters, what this side decoded, and the runs of the
