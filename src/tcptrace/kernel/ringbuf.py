@@ -41,9 +41,10 @@ HEADER = 8
 MAX_BATCH_BYTES = 1 << 20
 """At most this much is taken per read, so a full buffer becomes several batches of a
 bounded size (and a bounded output text) rather than one huge one."""
-MIN_READ_INTERVAL_S = 0.005
+MIN_READ_INTERVAL_S = 0.02
 """After a read that emptied the buffer, wait this long before the next: at high rates a
-wake-up then brings hundreds of events instead of a few (latency stays a few ms)."""
+wake-up then brings hundreds of events instead of a few, and a slow stream costs at most 50
+wake-ups a second (at 1k conn/s `states` took 2.17 us of CPU an event with 5 ms, 2.00 with 20)."""
 _U32 = struct.Struct("=I")
 
 
@@ -191,7 +192,7 @@ class MmapRingBuffer:
     def read(self, timeout_s: float) -> bytes:
         cons, prod = self._ring.positions()
         if cons == prod:
-            # Pace the wake-ups: after emptying the buffer, let a few ms of events gather.
+            # Pace the wake-ups: after emptying the buffer, let 20 ms of events gather.
             wait = self._ring.caught_up_at + MIN_READ_INTERVAL_S - time.monotonic()
             if wait > 0 and timeout_s > 0:
                 time.sleep(min(wait, timeout_s))

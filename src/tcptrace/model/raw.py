@@ -290,6 +290,7 @@ class JsonLines(RawBatches):
         self._stack_text: dict[tuple[int, int], str] = {}
         self._endpoints: dict[bytes, str] = {}
         self._who: dict[tuple[bytes, bytes, bytes], str] = {}
+        self._comms: dict[bytes, str] = {}
         self._more = struct.Struct(layout.sub_format("more"))
 
     def _describe(self, kind: int, old: int, new: int, op: int) -> tuple[Any, ...]:
@@ -310,11 +311,13 @@ class JsonLines(RawBatches):
         return (*head, text, state)
 
     def _endpoint_text(self, raw: bytes) -> str:
+        # Once a connection side (its ports are new): an address's text is digits, hex,
+        # dots and colons, which JSON writes as they are (json.dumps would cost ~1.5 us).
         saddr, daddr, sport, dport, family = self._endpoint.unpack(raw)
         text = (
             f'"family":{6 if family == AF_INET6 else 4},'
-            f'"saddr":{_dumps(format_addr(saddr, family))},"sport":{sport},'
-            f'"daddr":{_dumps(format_addr(daddr, family))},"dport":{dport}'
+            f'"saddr":"{format_addr(saddr, family)}","sport":{sport},'
+            f'"daddr":"{format_addr(daddr, family)}","dport":{dport}'
         )
         return remember(self._endpoints, raw, text)
 
@@ -325,10 +328,10 @@ class JsonLines(RawBatches):
         task_tgid, task_pid, owner = self._ids.unpack(ids)
         _flags, netns, cgroup, start = self._more.unpack(more)
         half = len(comms) // 2
-        comm = _dumps(decode_comm(comms[half:])) if owner else "null"
+        comm = self._comm(comms[half:]) if owner else "null"
         text = (
             f'"pid":{owner or "null"},"comm":{comm},"task_pid":{task_tgid},"task_tid":{task_pid},'
-            f'"task_comm":{_dumps(decode_comm(comms[:half]))}'
+            f'"task_comm":{self._comm(comms[:half])}'
         )
         if cgroup:
             text += f',"cgroup":{cgroup}'
@@ -337,6 +340,14 @@ class JsonLines(RawBatches):
         if owner and start:
             text += f',"pid_start_ns":{start}'
         return remember(self._who, key, text)
+
+    def _comm(self, raw: bytes) -> str:
+        """A comm's JSON text (the owner part misses whenever softirq ran in a new task;
+        its comm is one of few)."""
+        text = self._comms.get(raw)
+        if text is None:
+            text = remember(self._comms, raw, _dumps(decode_comm(raw)))
+        return text
 
     def _stacks(self, kstack: int, ustack: int, ids: bytes, out: list[str]) -> str:
         """The ``"kstack":...,"ustack":...,`` part of an event; a stack line first into
