@@ -49,7 +49,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from tcptrace.errors import RecordingError
 from tcptrace.model.events import (
@@ -680,6 +680,14 @@ def summary_flags(source: object) -> dict[str, Any]:
     return {"cut_short": True} if isinstance(recording, Recording) and recording.cut_short else {}
 
 
+class TextOut(Protocol):
+    """Where a JsonLinesWriter writes: a text file, or a batch being made (model/raw.py)."""
+
+    def write(self, text: str, /) -> object: ...
+
+    def flush(self) -> object: ...
+
+
 class JsonLinesWriter:
     """Writes one JSON object a line and flushes each, so a reader or a pipe sees it at once.
 
@@ -688,7 +696,7 @@ class JsonLinesWriter:
     new stacks stay inline). model/raw.JsonLines writes the same bytes from raw records.
     """
 
-    def __init__(self, out: IO[str], stack_refs: bool = False) -> None:
+    def __init__(self, out: TextOut, stack_refs: bool = False) -> None:
         self._out = out
         self._refs: dict[tuple[str, ...], int] | None = {} if stack_refs else None
 

@@ -277,7 +277,8 @@ def test_hot_path_writes_what_the_dataclass_path_writes(port: int, record: bool)
     import io
 
     from tcptrace.model.raw import JsonLines
-    from tcptrace.recording import JsonLinesWriter
+    from tcptrace.recording import JsonLinesWriter, WhoisLines
+    from tcptrace.system.whois import HostWhois
 
     parts = ("lifecycle", "owner", "timewait") if record else ("lifecycle",)
     defines = {"TT_PROC_STACKS_ONLY": 1} if record else None
@@ -292,11 +293,16 @@ def test_hot_path_writes_what_the_dataclass_path_writes(port: int, record: bool)
         events = stream.decode(batch)
     assert len(events) >= 4 * 10
     assert all(e.netns for e in events) and any(e.pid_start_ns for e in events)
+    whois = HostWhois()
     expected = io.StringIO()
     writer = JsonLinesWriter(expected, stack_refs=record)
+    tables = WhoisLines(whois, writer)
     for event in events:
+        tables.before(event)
         writer.event(event)
-    text, cut = JsonLines(stream.layout, stream.frames, stack_refs=record).feed(batch)
+    fast = JsonLines(stream.layout, stream.frames, stack_refs=record)
+    fast.names = WhoisLines(whois, JsonLinesWriter(fast)).name
+    text, cut = fast.feed(batch)
     assert not cut and text == expected.getvalue()
     if record:
         assert '"type":"stack"' in text and any(e.ustack for e in events)

@@ -22,10 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from tcptrace.model.events import AF_INET, AF_INET6, DecodeError, SocketEvent, from_raw
-from tcptrace.model.raw import JsonLines, LayoutError, RawLayout
+from tcptrace.model.events import AF_INET, AF_INET6, DecodeError, SocketEvent, Transition, from_raw
+from tcptrace.model.raw import HEADER, JsonLines, LayoutError, RawLayout
 from tcptrace.model.states import StatesSummary
-from tcptrace.recording import JsonLinesWriter, open_recording
+from tcptrace.model.workload import NOBODY, KnownWorkloads, Whois, Workload, identify
+from tcptrace.recording import JsonLinesWriter, WhoisLines, open_recording
+from tcptrace.views.common import time_units
 from tcptrace.views.states import TransitionRows, print_event, print_summary
 from tests import rawevents as rv
 
@@ -89,12 +91,29 @@ def dataclass_events(raw: Raw, frames: FramesFn | None) -> tuple[list[SocketEven
     return events, malformed
 
 
-def dataclass_json(events: Sequence[SocketEvent], stack_refs: bool = False) -> str:
+def dataclass_json(
+    events: Sequence[SocketEvent], stack_refs: bool = False, whois: Whois | None = None, remember: int = 8
+) -> str:
+    """What stream_events writes for ``events``: with a ``whois``, the lines naming each
+    event's cgroup and owner first (recording.WhoisLines, remembering ``remember`` of each)."""
     buf = io.StringIO()
     writer = JsonLinesWriter(buf, stack_refs=stack_refs)
+    tables = WhoisLines(whois, writer, remember) if whois is not None else None
     for event in events:
+        if tables is not None:
+            tables.before(event)
         writer.event(event)
     return buf.getvalue()
+
+
+def fast_json(
+    frames: FramesFn | None, stack_refs: bool = False, whois: Whois | None = None, remember: int = 8
+) -> JsonLines:
+    """JsonLines wired as commands/states.py wires it."""
+    fast = JsonLines(LAYOUT, frames, stack_refs=stack_refs)
+    if whois is not None:
+        fast.names = WhoisLines(whois, JsonLinesWriter(fast), remember).name
+    return fast
 
 
 def console(terminal: bool, color_system: str | None = "truecolor") -> tuple[Console, io.StringIO]:
@@ -104,11 +123,14 @@ def console(terminal: bool, color_system: str | None = "truecolor") -> tuple[Con
 
 
 def dataclass_table(
-    events: Sequence[SocketEvent], terminal: bool, color_system: str | None = "truecolor"
+    events: Sequence[SocketEvent],
+    terminal: bool,
+    color_system: str | None = "truecolor",
+    whois: Whois = NOBODY,
 ) -> str:
     con, buf = console(terminal, color_system)
     for event in events:
-        print_event(con, event, OFFSET_NS)
+        print_event(con, event, OFFSET_NS, whois)
     return buf.getvalue()
 
 
@@ -223,6 +245,75 @@ def test_stack_refs_read_back_as_inline_stacks(tmp_path: Path) -> None:
     assert list(open_recording(str(out)).events()) == events
 
 
+CID = "ab" * 32
+# Who the owners of the recordings' events are: the cgroups and pids they carry.
+WHOIS = KnownWorkloads(
+    host_netns=4026531840,
+    cgroups={
+        7: Workload(identify(f"/system.slice/docker-{CID}.scope")),
+        8: Workload(identify("/system.slice/nginx.service")),
+        9: Workload(
+            identify(f"/kubepods.slice/kubepods-pod{'1' * 32}.slice/cri-containerd-{CID}.scope"),
+            "web-[1]",
+            "shop\x1b",
+            "nginx",
+        ),
+    },
+    nspids={},
+)
+
+
+def with_owners(raw: Raw) -> Raw:
+    """The recording's records with owners in cgroups 7-10, in network namespaces (one the
+    host's), and owners' start times: what whois names."""
+    records = []
+    for i, rec in enumerate(raw.records):
+        values = {"owner_cgroup": 7 + i % 4, "netns": 4026531840 + i % 2, "owner_start_ns": 10**9 + i % 3}
+        event = rv.EVENT.from_buffer_copy(rec, HEADER)
+        for name, value in values.items():
+            setattr(event, name, value)
+        records.append(rec[:HEADER] + bytes(event) + rec[HEADER + rv.SIZE :])
+    return Raw(records, raw.stacks)
+
+
+def whois_of(events: Sequence[SocketEvent]) -> KnownWorkloads:
+    pids = sorted({e.pid for e in events if e.pid})
+    return dataclasses.replace(WHOIS, nspids={pid: i + 1 for i, pid in enumerate(pids) if i % 2 == 0})
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("remember", [1, 2, 8], ids=lambda n: f"remember{n}")
+def test_json_names_owners_as_the_dataclass_path(path: Path, remember: int) -> None:
+    raw = with_owners(raw_of_recording(path))
+    events, _ = dataclass_events(raw, raw.frames)
+    whois = whois_of(events)
+    text, _ = fast_json(raw.frames, True, whois, remember).feed(raw.batch)
+    assert '"type":"cgroup"' in text and '"type":"process"' in text
+    assert text == dataclass_json(events, True, whois, remember)
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_table_names_owners_as_print_event(path: Path, terminal: bool) -> None:
+    raw = with_owners(raw_of_recording(path))
+    events, _ = dataclass_events(raw, None)
+    whois = whois_of(events)
+    con, _ = console(terminal)
+    text, _ = TransitionRows(LAYOUT, con, OFFSET_NS, None, whois).feed(raw.batch)
+    if any(isinstance(e, Transition) for e in events):
+        assert "container docker" in text and "netns 4026531841" in text and "in its namespace" in text
+    assert text == dataclass_table(events, terminal, whois=whois)
+
+
+@pytest.mark.parametrize("units", ["ms", "us"])
+def test_table_times_in_the_units_asked(units: str) -> None:
+    raw = raw_of_recording(LIFECYCLE)
+    events, _ = dataclass_events(raw, None)
+    with time_units(units):
+        text, _ = TransitionRows(LAYOUT, console(False)[0], OFFSET_NS).feed(raw.batch)
+        assert text == dataclass_table(events, False)
+
+
 # --- generated records ---------------------------------------------------------------------
 
 u8 = st.integers(0, 255)
@@ -305,8 +396,9 @@ def test_generated_json_equals_the_dataclass_path(
 ) -> None:
     raw, frames = both_paths(values, stacks, symbolize)
     events, malformed = dataclass_events(raw, frames)
-    fast = JsonLines(LAYOUT, frames, stack_refs=refs)
-    assert fast.feed(raw.batch)[0] == dataclass_json(events, refs)
+    whois = dataclasses.replace(WHOIS, nspids={1: 10, 2: 20})
+    fast = fast_json(frames, refs, whois, remember=2)
+    assert fast.feed(raw.batch)[0] == dataclass_json(events, refs, whois, remember=2)
     assert (fast.events, fast.malformed) == (len(events), malformed)
     assert fast.summary().to_json() == summary_of(events).to_json()
 
@@ -318,8 +410,9 @@ def test_generated_table_equals_print_event(
 ) -> None:
     raw, frames = both_paths(values, stacks, symbolize)
     events, _ = dataclass_events(raw, frames)
-    rows = TransitionRows(LAYOUT, console(terminal)[0], OFFSET_NS, frames)
-    assert rows.feed(raw.batch)[0] == dataclass_table(events, terminal)
+    whois = dataclasses.replace(WHOIS, nspids={1: 10, 2: 20})
+    rows = TransitionRows(LAYOUT, console(terminal)[0], OFFSET_NS, frames, whois)
+    assert rows.feed(raw.batch)[0] == dataclass_table(events, terminal, whois=whois)
     assert summary_text(rows.summary()) == summary_text(summary_of(events))
 
 

@@ -116,11 +116,15 @@ class KernelSource:
         self.whois: Whois = HostWhois()
 
     def poll(self, timeout_s: float) -> list[SocketEvent]:
+        self._refresh_scope()
+        return self.stream.poll(max(0, int(timeout_s * 1000)))
+
+    def _refresh_scope(self) -> None:
+        """A container of --cgroup/--container started since joins the kernel's filter."""
         if self.scope is not None:
             found = self.scope.refresh()
             if found:
                 self.program.add_cgroups(found)
-        return self.stream.poll(max(0, int(timeout_s * 1000)))
 
     @property
     def exhausted(self) -> bool:
@@ -138,6 +142,7 @@ class KernelSource:
     def poll_raw(self, timeout_s: float) -> bytes:
         """The next batch of raw records (kernel/ringbuf.py), for a command that decodes
         them itself (model/raw.py); it reports what it decoded with ``stream.account``."""
+        self._refresh_scope()
         return self.stream.poll_raw(max(0, int(timeout_s * 1000)))
 
     def drain_raw(self) -> bytes:

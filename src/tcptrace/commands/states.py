@@ -109,9 +109,12 @@ def stream_events(
             stream = fast
             decoder: RawBatches
             if as_json:
-                decoder = JsonLines(stream.layout, stream.frames, stack_refs=stack_refs)
+                lines = JsonLines(stream.layout, stream.frames, stack_refs=stack_refs)
+                # Its own names of cgroups and owners, written into the batches' text.
+                lines.names = WhoisLines(whois, JsonLinesWriter(lines)).name
+                decoder = lines
             else:
-                decoder = TransitionRows(stream.layout, console, source.clock_offset_ns, stream.frames)
+                decoder = TransitionRows(stream.layout, console, source.clock_offset_ns, stream.frames, whois)
             target = out if as_json else console.file
 
             def on_batch(batch: bytes, deadline: int | None) -> bool:

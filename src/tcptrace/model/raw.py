@@ -181,6 +181,13 @@ def _dumps(value: Any) -> str:
 Frames = Callable[[int, "int | None"], tuple[str, ...]]
 """A stack id (and for a user stack the pid whose it is) to its frames, as
 kernel/stream.py's Symbolizer.frames."""
+Who = tuple["int | None", "int | None", "int | None"]
+"""Who an event names: (cgroup, pid, pid_start_ns) for the JSON's names, (pid, cgroup,
+netns) for the table's; None where not known."""
+Names = Callable[["int | None", "int | None", "int | None"], None]
+"""Called before each event with its (cgroup, pid, pid_start_ns), as
+recording.WhoisLines.name: writes the lines naming them the first time (through
+``JsonLines.write``)."""
 
 
 # The kind-and-states part of an event, keyed by the 32-bit (kind, old, new, op) value.
@@ -280,16 +287,28 @@ class JsonLines(RawBatches):
     ``stack_refs``: write each distinct non-empty stack once, as a ``{"type":"stack",
     "id":N,"frames":[...]}`` line before the first event that uses it, and the event's
     ``kstack``/``ustack`` as the id N (recording.JsonLinesWriter(stack_refs=True)).
+    ``names``: what names an event's cgroup and owner first (recording.WhoisLines); its lines
+    go through ``write`` into the batch's text, in the order the dataclass path writes them.
     """
 
-    def __init__(self, layout: RawLayout, frames: Frames | None = None, stack_refs: bool = False) -> None:
+    def __init__(
+        self,
+        layout: RawLayout,
+        frames: Frames | None = None,
+        stack_refs: bool = False,
+        names: Names | None = None,
+    ) -> None:
         super().__init__(layout)
         self._frames = frames
+        self.names = names
+        self._out: list[str] = []
         self._stack_refs = stack_refs
         self._refs: dict[tuple[str, ...], int] = {}
         self._stack_text: dict[tuple[int, int], str] = {}
         self._endpoints: dict[bytes, str] = {}
-        self._who: dict[tuple[bytes, bytes, bytes], str] = {}
+        self._who: dict[
+            tuple[bytes, bytes, bytes], tuple[str, tuple[int | None, int | None, int | None]]
+        ] = {}
         self._comms: dict[bytes, str] = {}
         self._more = struct.Struct(layout.sub_format("more"))
 
@@ -321,9 +340,10 @@ class JsonLines(RawBatches):
         )
         return remember(self._endpoints, raw, text)
 
-    def _who_text(self, key: tuple[bytes, bytes, bytes]) -> str:
-        """The owner, task, cgroup, namespace and owner's start part (with the CLOSE flags
-        in the key: they share the raw bytes; 0 for every other kind)."""
+    def _who_text(self, key: tuple[bytes, bytes, bytes]) -> tuple[str, Who]:
+        """The owner, task, cgroup, namespace and owner's start part, and the (cgroup, pid,
+        start) the names are written for (the CLOSE flags are in the key: they share the raw
+        bytes; 0 for every other kind)."""
         ids, comms, more = key
         task_tgid, task_pid, owner = self._ids.unpack(ids)
         _flags, netns, cgroup, start = self._more.unpack(more)
@@ -339,7 +359,15 @@ class JsonLines(RawBatches):
             text += f',"netns":{netns}'
         if owner and start:
             text += f',"pid_start_ns":{start}'
-        return remember(self._who, key, text)
+        named = (cgroup or None, owner or None, (start or None) if owner else None)
+        return remember(self._who, key, (text, named))
+
+    def write(self, text: str) -> None:
+        """A line into the text of the batch being fed (the ``names`` lines)."""
+        self._out.append(text)
+
+    def flush(self) -> None:
+        pass
 
     def _comm(self, raw: bytes) -> str:
         """A comm's JSON text (the owner part misses whenever softirq ran in a new task;
@@ -386,10 +414,12 @@ class JsonLines(RawBatches):
 
     def feed(self, batch: bytes, deadline: int | None = None) -> tuple[str, bool]:
         """The JSON lines of a batch's events (see RawBatches.feed)."""
-        out: list[str] = []
+        out = self._out = []
         append = out.append
         kos_cache, endpoints, who = self._kos, self._endpoints, self._who
         symbolize = self._frames is not None
+        names = self.names
+        named: Who | None = None
         events = malformed = 0
         first = self.first_ts_ns
         last = self.last_ts_ns
@@ -423,9 +453,14 @@ class JsonLines(RawBatches):
             if ep is None:
                 ep = self._endpoint_text(endpoint)
             key = (ids, comms, more)
-            owner = who.get(key)
-            if owner is None:
-                owner = self._who_text(key)
+            found = who.get(key)
+            if found is None:
+                found = self._who_text(key)
+            owner = found[0]
+            # Touching the names of the owner the last event had again changes nothing.
+            if names is not None and found[1] != named:
+                named = found[1]
+                names(*named)
             if symbolize and (kstack >= 0 or ustack >= 0):
                 stacks = self._stacks(kstack, ustack, ids, out)
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 import time
 from typing import Any
 
@@ -11,10 +12,10 @@ from rich.table import Table
 from rich.text import Text
 
 from tcptrace.model.events import AF_INET6, Kind, SocketEvent, TcpState, Transition, decode_comm, format_addr
-from tcptrace.model.raw import Frames, RawBatches, RawLayout, remember
+from tcptrace.model.raw import Frames, RawBatches, RawLayout, Who, remember
 from tcptrace.model.states import StatesSummary
 from tcptrace.model.workload import NOBODY, Whois, whois_text
-from tcptrace.views.common import NS, clock, duration, endpoint, safe, time_cell, time_header
+from tcptrace.views.common import NS, clock, endpoint, safe, time_cell, time_header
 
 STATE_STYLE = {
     TcpState.CLOSE_WAIT: "bold red",
@@ -135,16 +136,32 @@ class TransitionRows(RawBatches):
     """Raw batches (kernel/ringbuf.py) to the text `states` prints, byte for byte what
     print_event prints through ``console`` (styles included on a terminal), without an
     event object or a rich render per line: the styled pieces are rendered by ``console``
-    once and cached (model/raw.py does the same for --json). ``frames``: --stacks."""
+    once and cached (model/raw.py does the same for --json). ``frames``: --stacks.
+
+    ``whois`` names owners in container terms after the row, as print_event does; its
+    answers are asked once per batch for each (pid, cgroup, netns) (a batch is a few ms
+    of events: a live Whois would answer the same for all of them).
+    """
 
     def __init__(
-        self, layout: RawLayout, console: Console, offset_ns: int, frames: Frames | None = None
+        self,
+        layout: RawLayout,
+        console: Console,
+        offset_ns: int,
+        frames: Frames | None = None,
+        whois: Whois = NOBODY,
     ) -> None:
         super().__init__(layout)
         self._console = console
         self._offset_ns = offset_ns
         self._frames = frames
-        self._owners: dict[tuple[bytes, bytes], str] = {}
+        self._whois = whois
+        self._more = struct.Struct(layout.sub_format("more"))
+        self._owners: dict[
+            tuple[bytes, bytes, bytes], tuple[str, tuple[int | None, int | None, int | None]]
+        ] = {}
+        self._where: dict[tuple[int | None, int | None, int | None], str] = {}
+        self._where_text: dict[str, str] = {}
         self._endpoints: dict[bytes, str] = {}
         self._seconds: dict[int, str] = {}
         self._stacks: dict[tuple[int, int, int], str] = {}
@@ -167,12 +184,30 @@ class TransitionRows(RawBatches):
         text.append(" " * max(1, 25 - len(o.name) - len(n.name) - 4))
         return (*head, self._render(text)[:-1])  # without the newline print adds
 
-    def _owner_text(self, key: tuple[bytes, bytes]) -> str:
-        ids, comms = key
+    def _owner_text(self, key: tuple[bytes, bytes, bytes]) -> tuple[str, Who]:
+        """The pid and comm columns, and the (pid, cgroup, netns) whois is asked about."""
+        ids, comms, more = key
         owner = self._ids.unpack(ids)[2]
+        _flags, netns, cgroup, _start = self._more.unpack(more)
         comm = decode_comm(comms[len(comms) // 2 :]) if owner else None
         pid = str(owner) if owner else "-"
-        return remember(self._owners, key, f"{pid:>7} {safe(comm)[:15]:<15} ")
+        return remember(
+            self._owners,
+            key,
+            (f"{pid:>7} {safe(comm)[:15]:<15} ", (owner or None, cgroup or None, netns or None)),
+        )
+
+    def _where_of(self, who: Who) -> str:
+        """What follows the row for an owner: ``  [container ...]``, dim, or nothing."""
+        where = whois_text(self._whois, *who)
+        if where is None:
+            text = ""
+        else:
+            text = self._where_text.get(where) or remember(
+                self._where_text, where, self._render(Text(f"  [{safe(where)}]", style="dim"))[:-1]
+            )
+        self._where[who] = text
+        return text
 
     def _endpoint_text(self, raw: bytes) -> str:
         saddr, daddr, sport, dport, family = self._endpoint.unpack(raw)
@@ -210,6 +245,8 @@ class TransitionRows(RawBatches):
         append = out.append
         kos_cache, endpoints, owners = self._kos, self._endpoints, self._owners
         symbolize = self._frames is not None
+        wheres = self._where
+        wheres.clear()  # whois asked again each batch
         events = malformed = 0
         first, last = self.first_ts_ns, self.last_ts_ns
         cut = False
@@ -227,7 +264,7 @@ class TransitionRows(RawBatches):
             kos,
             comms,
             _aux,
-            _more,
+            more,
         ) in self._format.iter_unpack(batch):
             entry = kos_cache.get(kos)
             if entry is None:
@@ -246,14 +283,17 @@ class TransitionRows(RawBatches):
             states = entry[4]
             if states is None:
                 continue
-            key = (ids, comms)
-            owner = owners.get(key)
-            if owner is None:
-                owner = self._owner_text(key)
+            key = (ids, comms, more)
+            found = owners.get(key)
+            if found is None:
+                found = self._owner_text(key)
+            where = wheres.get(found[1])
+            if where is None:
+                where = self._where_of(found[1])
             ep = endpoints.get(raw_endpoint)
             if ep is None:
                 ep = self._endpoint_text(raw_endpoint)
-            append(f"{self._clock(ts):<12} {owner}{ep}{states}{duration(value or None):>8}\n")
+            append(f"{self._clock(ts):<12} {found[0]}{ep}{states}{time_cell(value or None):>8}{where}\n")
             if symbolize and (kstack >= 0 or ustack >= 0):
                 append(self._stack_text(kstack, ustack, ids))
         self.events += events
