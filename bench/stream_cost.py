@@ -13,8 +13,9 @@ runnable), stops it with SIGINT and reads its summary. CPU is utime+stime of the
     sudo .venv/bin/python -m bench.stream_cost --tracers states@/path/to/old,states
 
 Needs root, bpftool, bench/bin/loadgen (`cc -O2 -o bench/bin/loadgen bench/loadgen.c`) and,
-for the reference, tcpstates-bpfcc. Not run by scripts/bench; nothing is written but a
-temporary recording (removed).
+for the reference, tcpstates-bpfcc (given the kernel headers tcptrace compiles with, when
+bcc would find none). Not run by scripts/bench; nothing is written but a temporary
+recording (removed).
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ def parse_spec(name: str) -> tuple[str, str, list[str], dict[str, str]]:
     return base, tree, rest[1:], dict(w.split("=", 1) for w in settings)
 
 
+def reference_headers() -> dict[str, str]:
+    """BCC_KERNEL_SOURCE for tcpstates-bpfcc where bcc would find no headers by itself (no
+    /lib/modules/RELEASE/build): the tree tcptrace compiles with, so that both compile alike."""
+    from tcptrace.errors import TcptraceError
+    from tcptrace.kernel import headers
+
+    try:
+        found = headers.find()
+    except TcptraceError:
+        return {}
+    return {headers.ENV: found.env} if found.env else {}
+
+
 def tracer_argv(name: str, out: str) -> tuple[list[str], dict[str, str]]:
     """The command line and extra environment of a tracer spec (see parse_spec)."""
     base, tree, extra, env = parse_spec(name)
@@ -79,7 +93,7 @@ def tracer_argv(name: str, out: str) -> tuple[list[str], dict[str, str]]:
     if tree:
         env["PYTHONPATH"] = str(Path(tree) / "src")
     if base == REFERENCE:
-        return ["/usr/sbin/tcpstates-bpfcc"], env
+        return ["/usr/sbin/tcpstates-bpfcc"], {**reference_headers(), **env}
     cmd = [sys.executable, "-m", "tcptrace"]
     if base == "states":
         return [*cmd, "states", "--json", *extra], env
