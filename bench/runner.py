@@ -63,9 +63,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
 # Commands issue 8 asks to measure, in the order they are run; only those `tcptrace --help`
 # lists are measured, so the bench keeps working as commands land.
-CANDIDATES = ("states", "closewait", "timewait", "closelat", "agent")
+CANDIDATES = ("states", "record", "closewait", "timewait", "closelat", "diagnose", "agent")
 STREAMS = ("states", REFERENCE)  # tracers that print one line per transition
 F_SETPIPE_SZ = 1031
+TRANSITION = b'{"type":"transition"'
+# Every kind of event line a recording holds (the others name stacks, owners, settings).
+EVENT_KINDS = (TRANSITION, b'{"type":"touch"', b'{"type":"timewait"', b'{"type":"close"')
 
 FULL = [
     Scenario("client-first", 0, 6.0),
@@ -78,6 +81,19 @@ QUICK = [Scenario("client-first", 0, 2.0)]
 
 def say(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def reference_headers() -> dict[str, str]:
+    """BCC_KERNEL_SOURCE for tcpstates-bpfcc where bcc would find no headers by itself (no
+    /lib/modules/RELEASE/build): the tree tcptrace compiles with, so that both compile alike."""
+    from tcptrace.errors import TcptraceError
+    from tcptrace.kernel import headers
+
+    try:
+        found = headers.find()
+    except TcptraceError:
+        return {}
+    return {headers.ENV: found.env} if found.env else {}
 
 
 class BenchError(Exception):
@@ -101,6 +117,10 @@ class OutputReader(threading.Thread):
         self.lazy = lazy
         self.lines = 0
         self.bytes = 0
+        # JSON transition lines (states --json also writes the cgroup/process lines that name
+        # owners): counted across chunk boundaries with the pattern's length less one kept.
+        self.transitions = 0
+        self._seam = b""
         self.first_line_t: float | None = None
         self.first_event_t: float | None = None
         # The last complete lines, whole however long (a summary listing thousands of
@@ -124,6 +144,9 @@ class OutputReader(threading.Thread):
             now = time.monotonic()
             self.bytes += len(chunk)
             self.lines += chunk.count(b"\n")
+            seam = self._seam + chunk
+            self.transitions += seam.count(TRANSITION)
+            self._seam = seam[-(len(TRANSITION) - 1) :]
             if self.first_event_t is None:
                 data = self._partial + chunk
                 *complete, self._partial = data.split(b"\n")
@@ -186,6 +209,22 @@ def runnable(pid: int) -> bool:
 def peak_rss_kb(pid: int) -> int | None:
     with open(f"/proc/{pid}/status") as fh:
         return parse_vm_hwm_kb(fh.read())
+
+
+def rss_kb(pid: int) -> int | None:
+    with open(f"/proc/{pid}/status") as fh:
+        return parse_vm_hwm_kb(fh.read(), "VmRSS")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Start VmHWM again from the current RSS (clear_refs "5", Linux 4.0+), so that the peak
+    read after the load is the load's, not the compile's (bcc compiles in the process)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def bpftool_json(*args: str) -> list[dict[str, Any]]:
@@ -256,16 +295,18 @@ class Tracer:
         *,
         env: dict[str, str] | None = None,
         metrics_url: str | None = None,
+        output_path: Path | None = None,
         lazy: bool = True,
     ) -> None:
         self.name = name
         self.argv = argv
         self.env = env
         self.metrics_url = metrics_url
+        self.output_path = output_path  # record writes its events there, not to stdout
         self.lazy = lazy
         self.proc: subprocess.Popen[bytes] | None = None
         self.reader: OutputReader | None = None
-        self.stderr = tempfile.TemporaryFile()
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (read after the tracer stops; freed with this object)
         self.t0 = 0.0
 
     @property
@@ -391,7 +432,7 @@ class Bench:
     def tracer(self, name: str, lazy: bool = True, env: dict[str, str] | None = None) -> Tracer:
         if name == REFERENCE:
             assert self.tcpstates is not None
-            return Tracer(name, [self.tcpstates], env=env, lazy=lazy)
+            return Tracer(name, [self.tcpstates], env={**reference_headers(), **(env or {})}, lazy=lazy)
         base = [sys.executable, "-m", "tcptrace", name]
         if name == "agent":
             port = free_port()
@@ -402,6 +443,9 @@ class Bench:
                 lazy=lazy,
                 metrics_url=f"http://127.0.0.1:{port}/metrics",
             )
+        if name == "record":
+            out = Path(tempfile.mkdtemp(prefix="tcptrace-bench-")) / "run.jsonl"
+            return Tracer(name, [*base, "-o", str(out)], env=env, lazy=lazy, output_path=out)
         return Tracer(name, [*base, "--json"], env=env, lazy=lazy)
 
     def run_load(self, sc: Scenario) -> dict[str, Any]:
@@ -453,6 +497,8 @@ class Bench:
                 tracer.start()
                 run.ready_s = tracer.wait_attached()
                 run.startup_cpu_s = cpu_ticks(tracer.pid) / TICK
+                run.idle_rss_kb = rss_kb(tracer.pid)
+                peak_from_idle = reset_peak_rss(tracer.pid)
                 bpf0 = process_bpf(tracer.pid)
                 c0 = cpu_ticks(tracer.pid)
             load = self.run_load(sc)
@@ -465,6 +511,7 @@ class Bench:
                 run.catchup_s = tracer.wait_idle(30.0)
                 run.cpu_s = (cpu_ticks(tracer.pid) - c0) / TICK
                 run.peak_rss_kb = peak_rss_kb(tracer.pid)
+                run.load_peak_rss_kb = run.peak_rss_kb if peak_from_idle else None
                 bpf1 = process_bpf(tracer.pid)
                 if self.bpf_stats:
                     run.bpf_ns = bpf1.run_time_ns - bpf0.run_time_ns
@@ -483,8 +530,12 @@ class Bench:
         finally:
             if tracer is not None:
                 tracer.stop()
-        if tracer is not None and run.error is None:
-            self._read_outcome(tracer, run)
+        try:
+            if tracer is not None and run.error is None:
+                self._read_outcome(tracer, run)
+        finally:
+            if tracer is not None and tracer.output_path is not None:
+                shutil.rmtree(tracer.output_path.parent, ignore_errors=True)
         return run
 
     def _read_outcome(self, tracer: Tracer, run: Run) -> None:
@@ -494,6 +545,9 @@ class Bench:
             run.events_received = max(0, tracer.reader.lines - 1)  # minus the header
             return
         if tracer.metrics_url is not None:
+            return
+        if tracer.output_path is not None:
+            self._read_recording(tracer.output_path, run)
             return
         summary = last_summary(tracer.reader.tail)
         if summary is None:
@@ -509,7 +563,35 @@ class Bench:
         if summary.get("kernel_transitions") is not None:
             run.kernel_transitions = int(summary["kernel_transitions"])
         if tracer.name == "states":
-            run.events_received = max(0, tracer.reader.lines - 2)  # minus header and summary
+            run.events_received = tracer.reader.transitions
+
+    @staticmethod
+    def _read_recording(path: Path, run: Run) -> None:
+        """record's outcome: the summary line it ends its file with, and the transitions in it."""
+        counts, seam, tail = dict.fromkeys(EVENT_KINDS, 0), b"", b""
+        keep = max(len(k) for k in EVENT_KINDS) - 1
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    joined = seam + chunk
+                    for kind in EVENT_KINDS:
+                        counts[kind] += joined.count(kind)
+                    seam = joined[-keep:]
+                    tail = (tail + chunk)[-(1 << 20) :]
+        except OSError as exc:
+            run.error = f"cannot read the recording: {exc.strerror}"
+            return
+        summary = last_summary(tail)
+        if summary is None:
+            run.error = "the recording has no summary line"
+            return
+        run.summary = scalar_fields(summary)
+        run.events_received = counts[TRANSITION]
+        run.events_delivered = sum(counts.values())
+        if "lost" in summary:
+            run.lost_reported = int(summary["lost"])
+        if summary.get("kernel_transitions") is not None:
+            run.kernel_transitions = int(summary["kernel_transitions"])
 
     def first_event(self, name: str, reps: int) -> Startup:
         """Spawn the tracer with a trickle of connections running; time its first event line.
@@ -653,18 +735,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def setup_problem(loadgen: Path) -> str | None:
+    """Why the bench cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "run as root (sudo scripts/bench): tracers need it"
+    if shutil.which("bpftool") is None:
+        return "bpftool not found (scripts/install --dev installs it)"
+    if not os.access(loadgen, os.X_OK):
+        return f"no load generator at {loadgen} (scripts/bench builds it)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     started = time.monotonic()
-    if os.geteuid() != 0:
-        say("error: run as root (sudo scripts/bench): tracers need it")
-        return 1
-    if shutil.which("bpftool") is None:
-        say("error: bpftool not found (scripts/install --dev installs it)")
-        return 1
     loadgen = Path(args.loadgen)
-    if not os.access(loadgen, os.X_OK):
-        say(f"error: no load generator at {loadgen} (scripts/bench builds it)")
+    problem = setup_problem(loadgen)
+    if problem is not None:
+        say(f"error: {problem}")
         return 1
     scenarios = QUICK if args.quick else FULL
     if args.duration is not None:
@@ -758,7 +846,7 @@ def write_outputs(
         "scenarios": [{**asdict(s), "key": s.key} for s in scenarios],
         "runs": [r.to_json() for r in runs],
         "startup": [{**asdict(s), "first_event_median_s": s.first_event_median} for s in startups],
-        "verdicts": [asdict(v) for v in evaluate_targets(runs, commands)],
+        "verdicts": [asdict(v) for v in evaluate_targets(runs, commands, startups)],
     }
     (out_dir / "benchmarks.json").write_text(json.dumps(doc, indent=1) + "\n")
     md = out_dir / "benchmarks.md"

@@ -38,7 +38,7 @@ from bench.report import (
     last_summary,
     parse_possibly_lost,
 )
-from bench.runner import TICK, Bench, BenchError, Tracer, cpu_ticks, peak_rss_kb
+from bench.runner import TICK, Bench, BenchError, Tracer, cpu_ticks, peak_rss_kb, reference_headers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,19 +71,6 @@ def parse_spec(name: str) -> tuple[str, str, list[str], dict[str, str]]:
     rest = [w for w in words if w not in settings]
     base, _, tree = rest[0].partition("@")
     return base, tree, rest[1:], dict(w.split("=", 1) for w in settings)
-
-
-def reference_headers() -> dict[str, str]:
-    """BCC_KERNEL_SOURCE for tcpstates-bpfcc where bcc would find no headers by itself (no
-    /lib/modules/RELEASE/build): the tree tcptrace compiles with, so that both compile alike."""
-    from tcptrace.errors import TcptraceError
-    from tcptrace.kernel import headers
-
-    try:
-        found = headers.find()
-    except TcptraceError:
-        return {}
-    return {headers.ENV: found.env} if found.env else {}
 
 
 def tracer_argv(name: str, out: str) -> tuple[list[str], dict[str, str]]:
