@@ -84,19 +84,6 @@ BPF_PERCPU_ARRAY(cl_zero, struct tt_cl_hist, 1);
  * over CPUs and never reset by the user side. */
 BPF_PERCPU_ARRAY(cl_stats, __u64, TT_CL_STAT_MAX);
 
-/* Number of significant bits of v: 0 for 0, k for v in [2^(k-1), 2^k). */
-static __always_inline __u32 tt_cl_slot(__u64 v)
-{
-    __u32 r = 0;
-    if (v >> 32) { v >>= 32; r += 32; }
-    if (v >> 16) { v >>= 16; r += 16; }
-    if (v >> 8) { v >>= 8; r += 8; }
-    if (v >> 4) { v >>= 4; r += 4; }
-    if (v >> 2) { v >>= 2; r += 2; }
-    if (v >> 1) { v >>= 1; r += 1; }
-    return r + (__u32)v;
-}
-
 /* Fill `c` from the TCP socket `sk`, closed by `me`; 0 when the filters reject it. */
 static __always_inline int tt_cl_describe(struct tt_cl_call *c, __u64 sk, const struct tt_owner *me)
 {
@@ -161,7 +148,7 @@ static __always_inline void tt_cl_count(struct tt_cl_key *key, __u64 d, __u32 fl
             return;
         }
     }
-    __u32 slot = tt_cl_slot(d);
+    __u32 slot = tt_log2_slot(d);
     if (slot >= TT_CL_SLOTS)
         slot = TT_CL_SLOTS - 1;
     __sync_fetch_and_add(&h->slots[slot], 1);

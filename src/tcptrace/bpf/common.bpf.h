@@ -85,6 +85,27 @@ BPF_ARRAY(comm_filter, struct tt_comm, 1);
 BPF_STACK_TRACE(stacks, TT_STACK_ENTRIES);
 #endif
 
+#ifdef TT_WITH_STACKS
+/* The stack map's generation: one entry, set by the user side when it empties `stacks`
+ * (a full map refuses new stacks), so that an id taken before cannot be mistaken for the
+ * stack that reuses it after. Stored with every stack id the tables keep (tt_code.gen). */
+BPF_ARRAY(stack_gen, __u32, 1);
+#endif
+
+/* Number of significant bits of v: 0 for 0, k for v in [2^(k-1), 2^k): the slot of a
+ * log2 histogram (TT_HIST_SLOTS). */
+static __always_inline __u32 tt_log2_slot(__u64 v)
+{
+    __u32 r = 0;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8) { v >>= 8; r += 8; }
+    if (v >> 4) { v >>= 4; r += 4; }
+    if (v >> 2) { v >>= 2; r += 2; }
+    if (v >> 1) { v >>= 1; r += 1; }
+    return r + (__u32)v;
+}
+
 /* Whether a socket with these ports, family and network namespace passes the
  * address filters. */
 static __always_inline int tt_keep_endpoint(__u16 family, __u16 sport, __u16 dport, __u32 netns)

@@ -1,25 +1,30 @@
 /* owner.bpf.c: process-context hooks that bind a TCP socket to its owner and
- * code path (closewait, and the commands built on it).
+ * code path (closewait, the agent, and the commands built on them).
  *
  * Hooks (all in the calling process's context):
  *   syscalls:sys_exit_accept4, sys_exit_accept  the accepted child: its owner is
- *       the caller (not only the listener's owner); TOUCH op ACCEPT with the
- *       origin stacks.
+ *       the caller (not only the listener's owner), and its origin (TT_CW_AGG: kept in
+ *       `socks` with the caller's user stack; else a TOUCH event, op ACCEPT, with the
+ *       origin stacks).
  *   sock:sock_recv_length, sock:sock_send_length (raw tracepoints, see below)
  *       every recv/send on every socket of the host: protocol is checked first,
- *       then `socks`. Only a socket in CLOSE_WAIT is touched: the toucher becomes
- *       its owner, and it emits a TOUCH (with stacks): a recv returning 0 there
- *       is the app seeing EOF, the moment it should close. At most
- *       TT_MAX_CW_TOUCHES such events per socket, so an app spinning on a dead
- *       socket cannot flood the ring buffer.
+ *       then `socks`. A socket not in CLOSE_WAIT: with TT_TOUCH_STACKS (and when it
+ *       passes the filters), the operation and its user stack are kept in its entry
+ *       (`pre_fin`: what the app last did with the connection before the peer's FIN).
+ *       A socket in CLOSE_WAIT: the toucher becomes its owner, and (TT_CW_AGG) its
+ *       entry in `cw_open` keeps the first touch after the FIN with its user stack, the
+ *       last one, and when the app read EOF (a recv returning 0: the moment it should
+ *       close); without TT_CW_AGG a TOUCH event (with stacks) is sent, at most
+ *       TT_MAX_CW_TOUCHES per socket, so an app spinning on a dead socket cannot flood
+ *       the ring buffer.
  * connect (CLOSE->SYN_SENT) and close (CLOSE_WAIT->LAST_ACK) are transitions
  * lifecycle.bpf.c already sees in process context.
  *
- * Map use: `socks` (sock.bpf.h), whose owners it updates. A touch never
- * inserts an entry: an skaddr lifecycle has not seen born (or seen at all) is
- * skipped, so a freed and reused address cannot be given an old socket's owner
- * from here. lifecycle resets an entry when its socket is born (CLOSE->*,
- * LISTEN->SYN_RECV), which also zeroes cw_touches.
+ * Map use: `socks` (sock.bpf.h), whose owners and code paths it updates. A socket
+ * `socks` does not hold is met live here (the caller holds it: its address is its own),
+ * so it is inserted with BPF_NOEXIST from its seed, or with the caller as owner
+ * (tt_sock_meet). lifecycle resets an entry when its socket is born (CLOSE->*,
+ * LISTEN->SYN_RECV), which also zeroes cw_touches and the code paths.
  */
 #include "sock.bpf.h"
 
@@ -27,26 +32,28 @@
 #define TT_MAX_CW_TOUCHES 8
 #endif
 
-#if defined(TT_TOUCH_STACKS) && defined(TT_WITH_STACKS)
-/* The last send/recv of each socket before it entered CLOSE_WAIT, with its
- * stacks (`closewait --touch-stacks`: two stack walks on every send/recv of
- * every socket that passes the filters; docs/closewait.md has the cost).
- * Written on every such touch; never deleted here (LRU):
- * the user side reads it for sockets in CLOSE_WAIT and keeps an entry only
- * when it is older than the socket's CLOSE_WAIT entry and newer than its birth,
- * so an entry left by a freed socket at the same address is never used. */
-struct tt_last_touch {
-    __u64 ts_ns;
-    __s32 kstack;
-    __s32 ustack;
-    __s32 ret;
-    __u32 tgid;
-    __u8 op;
-    __u8 pad[7];
-};
-BPF_TABLE("lru_hash", __u64, struct tt_last_touch, last_touch, TT_MAX_SOCKS);
-#endif
+/* The entry of socket `sk`, which the calling process holds (it accepts, sends or
+ * receives on it): met now when `socks` did not hold it. */
+static __always_inline struct tt_sock *tt_sock_held(__u64 sk)
+{
+    struct tt_sock *s = socks.lookup(&sk);
+    if (s)
+        return s;
+    int zero = 0;
+    struct tt_sock *met = sock_scratch.lookup(&zero);
+    if (!met)
+        return 0;
+    __builtin_memset(met, 0, sizeof(*met));
+    const char *p = (const char *)sk;
+    __u8 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), p + TT_SKC_STATE_OFF);
+    struct tt_tuple t = {};
+    tt_read_tuple(p, &t, TT_SPORT_INET);
+    tt_sock_meet(sk, &t, state, state, 0, 1, 1, met);
+    return socks.lookup(&sk);
+}
 
+#ifndef TT_CW_AGG
 static __always_inline void tt_touch_fill(struct tt_event *e, __u64 sk, struct tt_sock *s,
                                           __u8 op, int ret)
 {
@@ -61,6 +68,7 @@ static __always_inline void tt_touch_fill(struct tt_event *e, __u64 sk, struct t
     e->netns = s->netns;
     e->newstate = s->state; /* the state the socket was in when touched */
 }
+#endif
 
 /* The caller of accept()/accept4() now holds the child: it is the owner. */
 static __always_inline int tt_on_accept(void *ctx, long ret)
@@ -70,17 +78,23 @@ static __always_inline int tt_on_accept(void *ctx, long ret)
     __u64 sk = tt_fd_to_tcp_sock((int)ret);
     if (!sk)
         return 0;
-    struct tt_sock *s = socks.lookup(&sk);
+    struct tt_sock *s = tt_sock_held(sk);
     if (!s)
-        return 0; /* born before tracing started: /proc tells its owner */
+        return 0;
     tt_owner_current(&s->owner);
     if (!tt_keep(s->family, s->sport, s->dport, s->netns, &s->owner))
         return 0;
+#ifdef TT_CW_AGG
+    tt_code_take(ctx, &s->origin, TT_OP_ACCEPT, (int)ret, 1);
+    if (s->state == TT_TCP_CLOSE_WAIT)
+        tt_cw_accepted(sk, s);
+#else
     struct tt_event *e = tt_reserve(ctx, TT_KIND_TOUCH, 1);
     if (!e)
         return 0;
     tt_touch_fill(e, sk, s, TT_OP_ACCEPT, (int)ret);
     tt_submit(e);
+#endif
     return 0;
 }
 
@@ -96,24 +110,14 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept)
 
 static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
 {
-    struct tt_sock *s = socks.lookup(&sk);
+    struct tt_sock *s = tt_sock_held(sk);
     if (!s)
         return 0;
     if (s->state != TT_TCP_CLOSE_WAIT) {
 #if defined(TT_TOUCH_STACKS) && defined(TT_WITH_STACKS)
-        if (tt_keep(s->family, s->sport, s->dport, s->netns, &s->owner)) {
-            struct tt_last_touch t = {};
-            t.ts_ns = bpf_ktime_get_ns();
-            t.kstack = stacks.get_stackid(ctx, 0);
-            t.ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
-            if (t.kstack < 0 || t.ustack < 0)
-                stats.increment(TT_STAT_STACK_FAIL);
-            t.ret = ret;
-            t.tgid = bpf_get_current_pid_tgid() >> 32;
-            t.op = op;
-            if (last_touch.update(&sk, &t))
-                stats.increment(TT_STAT_SOCK_UPDATE_FAIL);
-        }
+        /* Before the FIN: what the app last did with the connection. */
+        if (tt_keep(s->family, s->sport, s->dport, s->netns, &s->owner))
+            tt_code_take(ctx, &s->pre_fin, op, ret, 1);
 #endif
         return 0;
     }
@@ -123,6 +127,9 @@ static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
      * to another process (accept then fork, SCM_RIGHTS). */
     if (s->owner.tgid != bpf_get_current_pid_tgid() >> 32)
         tt_owner_current(&s->owner);
+#ifdef TT_CW_AGG
+    tt_cw_touch(ctx, sk, op, ret);
+#else
     if (s->cw_touches >= TT_MAX_CW_TOUCHES)
         return 0;
     s->cw_touches++;
@@ -133,6 +140,7 @@ static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
         return 0;
     tt_touch_fill(e, sk, s, op, ret);
     tt_submit(e);
+#endif
     return 0;
 }
 

@@ -168,6 +168,45 @@ static __always_inline int tt_process_transition(int o, int n)
         || (o == TT_TCP_CLOSE_WAIT && n == TT_TCP_LAST_ACK);  /* close()/shutdown() */
 }
 
+/* ---- code paths -------------------------------------------------------- */
+
+/* One process-context operation on a socket, where the tables keep one (its origin,
+ * its last send/recv before the FIN, its first touch after it): what, when, its
+ * result, and the user stack of the process that made it. No kernel stack: at
+ * accept, connect, send and recv it is always the syscall path, which attributes
+ * nothing. ts_ns 0: none. */
+struct tt_code {
+    __u64 ts_ns;
+    __s32 ustack;   /* id in `stacks`, -1 when not taken */
+    __s32 ret;      /* the operation's result (accept: the fd; send/recv: bytes) */
+    __u32 tgid;     /* whose user stack it is */
+    __u8 op;        /* TT_OP_* */
+    __u8 gen;       /* stack_gen when the stack was taken */
+    __u8 pad[2];
+};
+
+/* `c` for operation `op` of the calling process, now; with its user stack when
+ * `with_stack` (and the program has stacks). Process context only. */
+static __always_inline void tt_code_take(void *ctx, struct tt_code *c, __u8 op, int ret, int with_stack)
+{
+    c->ts_ns = bpf_ktime_get_ns();
+    c->ret = ret;
+    c->tgid = bpf_get_current_pid_tgid() >> 32;
+    c->op = op;
+    c->ustack = -1;
+    c->gen = 0;
+#ifdef TT_WITH_STACKS
+    if (with_stack) {
+        int zero = 0;
+        __u32 *gen = stack_gen.lookup(&zero);
+        c->gen = gen ? (__u8)*gen : 0;
+        c->ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+        if (c->ustack < 0)
+            stats.increment(TT_STAT_STACK_FAIL);
+    }
+#endif
+}
+
 /* ---- the socket table -------------------------------------------------- */
 
 /* One socket. Nothing outside the kernel reads this layout: add fields at
@@ -175,26 +214,57 @@ static __always_inline int tt_process_transition(int o, int n)
 struct tt_sock {
     struct tt_owner owner;
     __u64 since_ns;     /* when it entered `state` (lifecycle's full mode only) */
+    __u64 born_ns;      /* when it was born (CLOSE -> *, LISTEN -> SYN_RECV); 0: before tracing */
     __u16 family;       /* set at every transition, so process-context hooks */
     __u16 sport;        /* that only know skaddr (owner.bpf.c) can apply the */
     __u16 dport;        /* port and family filters (host order) */
     __u16 cw_touches;   /* owner.bpf.c: touches emitted while in CLOSE_WAIT */
-    __u8 state;         /* lifecycle's full mode only */
-    __u8 pad[3];
+    __u64 state;        /* 64 bits: the copy of lifecycle that moves it wins a cmpxchg */
     __u32 netns;        /* its network namespace inode, set with the ports */
+    __u32 pad;
+    struct tt_code origin;  /* accept or connect (TT_CW_AGG) */
+    struct tt_code pre_fin; /* its last send/recv before the peer's FIN (TT_TOUCH_STACKS) */
 };
 
-/* Sockets by skaddr. Inserted when a socket is born (CLOSE -> *, LISTEN ->
- * SYN_RECV: a fresh entry, even over a stale one at a reused address) or first
- * seen by lifecycle; updated at its transitions (lifecycle) and where a process
- * accepts or touches it (owner.bpf.c); deleted at its CLOSE. LRU, so a socket
- * whose CLOSE is never seen cannot pin an entry. */
+/* Sockets by skaddr. Inserted when a socket is born (CLOSE -> *, LISTEN -> SYN_RECV: a
+ * fresh entry, even over a stale one at a reused address), or first met live: at a
+ * transition (from its seed, if any), a send/recv or an accept (with BPF_NOEXIST:
+ * whichever program inserts first wins). Updated at its transitions (lifecycle) and
+ * where a process accepts or touches it (owner.bpf.c). At its CLOSE the entry stays,
+ * in state CLOSE, until the second copy of the softirq-side program has run, which
+ * deletes it (lifecycle.bpf.c). LRU, so a socket whose CLOSE is never seen cannot pin
+ * an entry; an evicted live socket is counted when it is met again
+ * (TT_STAT_OWNER_FORGOTTEN). */
 BPF_TABLE("lru_hash", __u64, struct tt_sock, socks, TT_MAX_SOCKS);
 
-/* Listeners' owners by tt_listener_key(): a passively opened child is born in
- * softirq (LISTEN -> SYN_RECV) and inherits its listener's owner from here.
- * Inserted at CLOSE -> LISTEN, deleted at LISTEN -> CLOSE (lifecycle). */
-BPF_HASH(listeners, __u64, struct tt_owner, TT_MAX_LISTENERS);
+/* Key of `listeners`: a listener's network namespace, family and local port (host
+ * order); a child in SYN_RECV has its listener's. */
+struct tt_listener_key {
+    __u32 netns;
+    __u16 family;
+    __u16 port;
+};
+
+/* Listeners' owners: a passively opened child is born in softirq (LISTEN -> SYN_RECV)
+ * and inherits its listener's owner from here. Inserted at CLOSE -> LISTEN, and by the
+ * user side at start for the listeners that existed before (kernel/seeds.py); deleted
+ * at LISTEN -> CLOSE (lifecycle). */
+BPF_HASH(listeners, struct tt_listener_key, struct tt_owner, TT_MAX_LISTENERS);
+
+/* The owner of a socket that existed before tracing started, and what it was then. */
+struct tt_seed {
+    struct tt_owner owner;
+    __u64 at_ns;        /* CLOCK_MONOTONIC of the host snapshot it comes from */
+    __u32 state;        /* its state in that snapshot */
+    __u32 pad;
+};
+
+/* Seeds by the socket's tuple (network namespace, family, addresses, ports): inserted
+ * by the user side once the programs are attached, from a snapshot of every network
+ * namespace and the holders of each socket's fd (kernel/seeds.py); consulted only
+ * for a socket `socks` does not hold, and deleted once taken into `socks`. A seed
+ * never taken is one of a socket that neither changed state nor was touched. */
+BPF_F_TABLE("hash", struct tt_tuple, struct tt_seed, seeds, TT_MAX_SEEDS, BPF_F_NO_PREALLOC);
 
 #ifdef TT_CLOSED_OWNERS
 /* Owners of sockets that reached CLOSE, by skaddr. Inserted (or overwritten,
@@ -203,12 +273,15 @@ BPF_HASH(listeners, __u64, struct tt_owner, TT_MAX_LISTENERS);
 BPF_TABLE("lru_hash", __u64, struct tt_owner, closed_owners, TT_MAX_CLOSED);
 #endif
 
-/* Key of `listeners`: a listener's network namespace, family and local port
- * (host order); a child in SYN_RECV has its listener's. The namespace keeps two
- * pods listening on the same port apart. */
-static __always_inline __u64 tt_listener_key(__u32 netns, __u16 family, __u16 sport)
+/* Scratch for a socket's entry being built (lifecycle.bpf.c, owner.bpf.c): one per CPU,
+ * never inserted or deleted. */
+BPF_PERCPU_ARRAY(sock_scratch, struct tt_sock, 1);
+
+static __always_inline void tt_listener_key_of(struct tt_listener_key *k, const struct tt_tuple *t)
 {
-    return ((__u64)netns << 32) | ((__u32)family << 16) | sport;
+    k->netns = t->netns;
+    k->family = t->family;
+    k->port = t->sport;
 }
 
 /* The owner of socket `sk` into `out`: from `socks`, else, once the socket has
@@ -231,6 +304,53 @@ static __always_inline int tt_owner_of(__u64 sk, struct tt_owner *out)
     }
 #endif
     return 0;
+}
+
+#ifdef TT_CW_AGG
+/* closewait.bpf.h: a seed of a socket that was in CLOSE_WAIT was taken. */
+static __always_inline void tt_cw_seed_taken(__u64 sk, struct tt_tuple *t, const struct tt_seed *seed,
+                                             __u32 state_before);
+#endif
+
+/* A socket `socks` does not hold, met live in state `state` (at a transition into it,
+ * or at a touch when `touch`): its entry, inserted with BPF_NOEXIST, from its seed when
+ * the user side planted one, with the calling process as owner when `proc`.
+ * `state_before`: the state it left (a transition) or is in (a touch). 1 when this call
+ * inserted it (a racing program or CPU may have: then 0, and the entry is theirs).
+ * Without a seed, a socket met at a transition lost its entry (LRU eviction) or is
+ * older than tracing and was not seeded: counted, its owner is unknown from now on. */
+static __always_inline int tt_sock_meet(__u64 sk, struct tt_tuple *t, __u32 state, __u32 state_before,
+                                        __u64 since_ns, int proc, int touch, struct tt_sock *out)
+{
+    struct tt_seed seed = {};
+    struct tt_seed *planted = seeds.lookup(t);
+    if (planted)
+        seed = *planted;
+    out->owner = seed.owner;
+    if (proc)
+        tt_owner_current(&out->owner);
+    out->since_ns = since_ns;
+    out->born_ns = 0;
+    out->state = state;
+    out->family = t->family;
+    out->sport = t->sport;
+    out->dport = t->dport;
+    out->netns = t->netns;
+    out->origin.ustack = -1;
+    out->pre_fin.ustack = -1;
+    if (socks.insert(&sk, out))
+        return 0;
+    if (planted) {
+        stats.increment(TT_STAT_SEEDS_USED);
+        seeds.delete(t);
+#ifdef TT_CW_AGG
+        if (seed.state == TT_TCP_CLOSE_WAIT)
+            tt_cw_seed_taken(sk, t, &seed, state_before);
+#endif
+    } else {
+        stats.increment(touch ? TT_STAT_ADOPTED : TT_STAT_OWNER_FORGOTTEN);
+    }
+    return 1;
 }
 
 #endif /* TT_SOCK_BPF_H */

@@ -91,6 +91,10 @@
 #define TT_STAT_LOST 2          /* ring buffer reservations that failed */
 #define TT_STAT_SOCK_UPDATE_FAIL 3 /* socket table updates that failed */
 #define TT_STAT_STACK_FAIL 4    /* bpf_get_stackid failures (map full, fault) */
+#define TT_STAT_OWNER_FORGOTTEN 5 /* a live socket missing from `socks` with no seed: its entry
+                                   * was evicted (LRU) or it is older than tracing, unseeded */
+#define TT_STAT_SEEDS_USED 6    /* seeds (pre-existing sockets' owners) taken into `socks` */
+#define TT_STAT_ADOPTED 7       /* sockets first seen at a send/recv/accept, taken into `socks` */
 #define TT_STAT_MAX 16
 
 /* Indexes of closelat.bpf.c's per-CPU array `cl_stats`. */
@@ -99,6 +103,23 @@
 #define TT_CL_STAT_HIST_FAIL 2  /* cl_hists full: a call timed but not counted */
 #define TT_CL_STAT_FLAGGED 3    /* calls that set a TT_CLOSE_* flag */
 #define TT_CL_STAT_MAX 4
+
+/* Indexes of closewait.bpf.h's per-CPU array `cw_stats` (exact, like `stats`). Every
+ * count is of sockets that passed the filters when they entered CLOSE_WAIT. */
+#define TT_CW_STAT_ENTERED 0      /* sockets that entered CLOSE_WAIT */
+#define TT_CW_STAT_CLOSED 1       /* ... left it for LAST_ACK: closed by their app (pre-existing ones too) */
+#define TT_CW_STAT_RESET 2        /* ... left it for CLOSE: a reset (pre-existing ones too) */
+#define TT_CW_STAT_FORGOTTEN 3    /* ... whose address was reborn: their exit was never seen */
+#define TT_CW_STAT_CLOSED_PREEXISTING 4   /* of CLOSED, sockets in CLOSE_WAIT before tracing started (seeded) */
+#define TT_CW_STAT_RESET_PREEXISTING 5    /* of RESET, the same */
+#define TT_CW_STAT_OPEN_FAIL 6    /* cw_open full: a socket counted but not kept */
+#define TT_CW_STAT_OWNER_FAIL 7   /* cw_owners full: a count kept globally only */
+#define TT_CW_STAT_TOUCHES 8      /* send/recv/accept on sockets in CLOSE_WAIT */
+#define TT_CW_STAT_MAX 16
+
+/* Slots of the log2 histograms (closelat's cl_hists, closewait's time to close): slot 0
+ * counts 0 ns, slot k [2^(k-1), 2^k) ns (model/histogram.py reads the same). */
+#define TT_HIST_SLOTS 65
 
 /* Slots of closelat's log2 histograms (cl_hists): slot 0 counts 0 ns, slot k
  * [2^(k-1), 2^k) ns (model/histogram.py reads the same). */
@@ -149,6 +170,15 @@ struct tt_event {
 #endif
 #ifndef TT_STACK_ENTRIES
 #define TT_STACK_ENTRIES 16384
+#endif
+#ifndef TT_MAX_SEEDS
+#define TT_MAX_SEEDS 262144
+#endif
+#ifndef TT_MAX_CW_OPEN
+#define TT_MAX_CW_OPEN 65536
+#endif
+#ifndef TT_MAX_CW_OWNERS
+#define TT_MAX_CW_OWNERS 16384
 #endif
 #ifndef TT_MAX_PORT_FILTERS
 #define TT_MAX_PORT_FILTERS 64

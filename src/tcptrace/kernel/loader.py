@@ -33,7 +33,16 @@ CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 1, 
 CAPS_NEEDED = "CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH"
 
 # Indexes of the `stats` array: TT_STAT_* in bpf/tcptrace.h.
-STAT_NAMES = ("transitions", "emitted", "lost", "sock_update_failed", "stack_failed")
+STAT_NAMES = (
+    "transitions",
+    "emitted",
+    "lost",
+    "sock_update_failed",
+    "stack_failed",
+    "owner_forgotten",
+    "seeds_used",
+    "adopted",
+)
 
 
 BPF_DIR_ENV = "TCPTRACE_BPF_DIR"
@@ -203,28 +212,30 @@ def sock_defines(btf: Btf) -> dict[str, int]:
     }
 
 
-# Raw tracepoint programs (see lifecycle.bpf.c for why two).
+# Raw tracepoint programs (see lifecycle.bpf.c for why three: the process-context
+# transitions, and the others in two copies, so that a skipped run loses nothing).
+_LC_ATTACH = (
+    ("inet_sock_set_state", "tt_lc_process"),
+    ("inet_sock_set_state", "tt_lc_other"),
+    ("inet_sock_set_state", "tt_lc_other_backup"),
+)
 LIFECYCLE = Part(
     "lifecycle.bpf.c",
     (("sock", "inet_sock_set_state"),),
     "TCP state transitions",
-    raw_attach=(("inet_sock_set_state", "tt_lc_process"), ("inet_sock_set_state", "tt_lc_other")),
+    raw_attach=_LC_ATTACH,
+    backups=(("tt_lc_other", "tt_lc_other_backup"),),
     nest_safe=("tt_lc_process",),
 )
 
 # lifecycle.bpf.c keeping only the socket table's owners, for parts that read owners when
-# lifecycle itself is not loaded (timewait): owners are learned by the same code either
-# way. Its softirq-side program runs in two copies, as timewait's does.
+# lifecycle itself is not loaded (timewait): owners are learned by the same code either way.
 SOCKET_OWNERS = Part(
     "lifecycle.bpf.c",
     (("sock", "inet_sock_set_state"),),
     "socket owners",
     defines=lambda btf: {"TT_LC_OWNERS_ONLY": 1},
-    raw_attach=(
-        ("inet_sock_set_state", "tt_lc_process"),
-        ("inet_sock_set_state", "tt_lc_other"),
-        ("inet_sock_set_state", "tt_lc_other_backup"),
-    ),
+    raw_attach=_LC_ATTACH,
     backups=(("tt_lc_other", "tt_lc_other_backup"),),
     nest_safe=("tt_lc_process",),
 )
@@ -409,7 +420,7 @@ def with_socket_table(parts: Sequence[Part]) -> tuple[Part, ...]:
     return (SOCKET_OWNERS, *parts) if "owners" in needs else parts
 
 
-HEADERS = ("common.bpf.h", "sock.bpf.h")
+HEADERS = ("common.bpf.h", "sock.bpf.h", "closewait.bpf.h")
 
 
 def program_text(parts: Sequence[Part], directory: Path) -> str:
