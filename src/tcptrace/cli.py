@@ -486,10 +486,11 @@ def doctor() -> None:
     help="Compare with /proc every TIME, to repair a transition the kernel skipped (0: never).",
 )
 @click.option(
-    "--touch-stacks",
-    is_flag=True,
-    help="Also keep the stack of each socket's last send/recv before the FIN "
-    "(costs ~4 us per send/recv of every traced socket).",
+    "--touch-stacks/--no-touch-stacks",
+    default=None,
+    help="Keep the user stack of each traced socket's last send/recv before the peer's FIN "
+    "(costs ~TOUCH_COST per send/recv of every traced socket). Default: on with --pid or "
+    "--port, off otherwise.",
 )
 @stacks_option("Show every frame of each code path (by default, those around the application's).")
 @frame_rule_options

@@ -404,16 +404,17 @@ def test_owner_follows_the_socket_into_a_forked_handler(
 
 
 @pytest.mark.parametrize("touch_stacks", [True, False])
-def test_last_touch_before_the_fin_needs_touch_stacks(
+def test_both_touches_and_the_pre_fin_one_on_by_default_with_a_port(
     fixture_bin: helpers.FixtureBuilder,
     tcptrace_cmd: list[str],
     ss: helpers.SS,
     port: int,
     touch_stacks: bool,
 ) -> None:
-    """'W' connections get a reply and are then forgotten: no touch after the FIN."""
+    """'W' connections get a reply and are then forgotten: no touch after the FIN. The last
+    send/recv before the FIN is kept by default when --port narrows the run."""
     exe = fixture_bin("leaky_server")
-    args = ["--port", str(port), *(["--touch-stacks"] if touch_stacks else [])]
+    args = ["--port", str(port), *([] if touch_stacks else ["--no-touch-stacks"])]
     with tracing(tcptrace_cmd, *args) as tracer, leaky_server(exe, port):
         conns = connect_all(port, "WWL")
         for kind, c in conns:
@@ -429,21 +430,30 @@ def test_last_touch_before_the_fin_needs_touch_stacks(
     assert sorted(groups) == [1, 2], summary["groups"]
     forgot, leaked = groups[2], groups[1]
     assert leaked["last_touch_op"] == "RECV" and "leak_connection" in frames(leaked["last_touch_stack"])
+    assert leaked["post_fin_touch"]["op"] == "RECV" and leaked["post_fin_touch"]["ret"] == 0
+    assert "leak_connection" in frames(leaked["post_fin_touch"]["stack"])
+    assert forgot["post_fin_touch"] is None  # never touched after the FIN
     if touch_stacks:
         assert forgot["last_touch_op"] == "SEND", forgot
         assert "respond_and_forget" in frames(forgot["last_touch_stack"])
+        assert forgot["pre_fin_touch"]["op"] == "SEND"
+        assert "respond_and_forget" in frames(forgot["pre_fin_touch"]["stack"])
+        # The leaked one's last touch before the FIN: the read of its request.
+        assert leaked["pre_fin_touch"]["op"] == "RECV" and leaked["pre_fin_touch"]["ret"] > 0
     else:
         assert forgot["last_touch_op"] == "ACCEPT"
         assert "respond_and_forget" not in frames(forgot["last_touch_stack"])
+        assert forgot["pre_fin_touch"] is None and leaked["pre_fin_touch"] is None
     assert {s["dport"] for s in summary["sockets"]} == want
 
 
 @pytest.mark.parametrize("recheck", ["0.3", "0"])
-def test_recheck_finds_a_socket_whose_owner_the_kernel_could_not_know(
+def test_a_connection_older_than_tracing_is_attributed_from_its_seed(
     tcptrace_cmd: list[str], port: int, recheck: str
 ) -> None:
-    """Established before tracing, then the peer closes: the kernel saw no owner at the
-    FIN, so `--pid` dropped the transition. Only the /proc recheck can find it."""
+    """Established before tracing, then the peer closes: the owner seeded at start (from
+    /proc/PID/fd) is the kernel's at the FIN, so `--pid` keeps it live, recheck or not.
+    (Before seeding, only the /proc recheck could find it, as an "at least" age.)"""
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", port))
         srv.listen()
@@ -458,9 +468,7 @@ def test_recheck_finds_a_socket_whose_owner_the_kernel_could_not_know(
             _, summary = stop(tracer)
         s.close()
 
-    if recheck == "0":
-        assert summary["sockets"] == [] and summary["missed_entries"] == 0
-        return
     (sock,) = summary["sockets"]
-    assert (sock["dport"], sock["pid"], sock["at_least"]) == (peer, os.getpid(), True)
-    assert summary["missed_entries"] == 1 and summary["missed_exits"] == 0
+    assert (sock["dport"], sock["pid"], sock["at_least"]) == (peer, os.getpid(), False)
+    assert summary["entered"] == 1 and summary["kernel"]["seeds_used"] >= 1
+    assert summary["missed_entries"] == 0 and summary["missed_exits"] == 0

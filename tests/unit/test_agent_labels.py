@@ -38,6 +38,9 @@ class Node:
 
 
 def scrape(m: AgentModel, now: int) -> str:
+    """The metrics at ``now``, once the model took what the events fed aggregate to."""
+    if m.emulator is not None:
+        m.closewait.apply(m.emulator.snapshot(now))
     c = AgentCollector()
     c.publish(families(m.export(now)))
     return text_of(make_registry(c, process_metrics=False))

@@ -40,6 +40,9 @@ def series(text: str, name: str) -> list[float]:
 
 
 def scrape(m: AgentModel, now: int, **kw: object) -> str:
+    """The metrics at ``now``, once the model took what the events fed aggregate to."""
+    if m.emulator is not None:
+        m.closewait.apply(m.emulator.snapshot(now))
     c = AgentCollector()
     c.publish(families(m.export(now, **kw)))  # type: ignore[arg-type]
     return text_of(make_registry(c, process_metrics=False))
@@ -142,17 +145,22 @@ def test_close_histograms_merge_stacks_per_process_and_call() -> None:
 
 def test_suspects_are_logged_when_new_or_grown_only() -> None:
     m = AgentModel(AgentConfig(threshold_ns=NS, relog_ns=3600 * NS))
+
+    def records(now: int) -> list[dict[str, object]]:
+        m.tick(now)  # as the agent does: the interval's reads, then the log
+        return m.suspect_records(now)
+
     leak(m, 1, 7, 0)
-    assert m.suspect_records(NS // 2) == []
-    first = m.suspect_records(2 * NS)
+    assert records(NS // 2) == []
+    first = records(2 * NS)
     assert len(first) == 1 and first[0]["type"] == "leak_suspect" and first[0]["count"] == 1
     assert first[0]["origin_stack"] == ["accept", "main"] and first[0]["last_touch_stack"] == [
         "recv",
         "handler",
     ]
-    assert m.suspect_records(3 * NS) == []
+    assert records(3 * NS) == []
     leak(m, 2, 7, 3 * NS)
-    grown = m.suspect_records(5 * NS)
+    grown = records(5 * NS)
     assert len(grown) == 1 and grown[0]["count"] == 2
 
 

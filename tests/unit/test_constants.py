@@ -15,7 +15,7 @@ from importlib import resources
 import pytest
 
 from tcptrace.kernel import closelat as kernel_closelat
-from tcptrace.kernel import loader
+from tcptrace.kernel import cwreader, loader
 from tcptrace.kernel import timewait as kernel_timewait
 from tcptrace.model import events, filters, histogram, lifecycle
 
@@ -41,12 +41,14 @@ COUNTERS = [
     ("TT_STAT_", loader.STAT_NAMES),
     ("TT_TW_STAT_", kernel_timewait.STAT_NAMES),
     ("TT_CL_STAT_", kernel_closelat.STAT_NAMES),
+    ("TT_CW_STAT_", cwreader.CW_STAT_NAMES),
 ]
 SCALARS = {
     "TT_AF_INET": events.AF_INET,
     "TT_AF_INET6": events.AF_INET6,
     "TT_COMM_LEN": filters.COMM_LEN + 1,  # TASK_COMM_LEN: 15 characters and a NUL
     "TT_CL_SLOTS": histogram.SLOTS,
+    "TT_HIST_SLOTS": histogram.SLOTS,
     "TT_MAX_SOCKS": lifecycle.DEFAULT_CAPACITY,
     "TT_MAX_PORT_FILTERS": filters.MAX_PORTS,  # --port, -L and -D are checked against it
     "TT_MAX_PID_FILTERS": filters.MAX_PIDS,
@@ -62,6 +64,9 @@ KERNEL_ONLY = {
     "TT_MAX_CGROUP_DEPTH",
     "TT_OWNER_IN_CGROUP",
     "TT_MAX_LISTENERS",
+    "TT_MAX_SEEDS",
+    "TT_MAX_CW_OPEN",
+    "TT_MAX_CW_OWNERS",
     "TT_RINGBUF_PAGES",
     "TT_STACK_ENTRIES",
 }

@@ -94,7 +94,12 @@ def test_go_server_on_the_client_hint_is_not_given() -> None:
 def test_preference_order_of_samples() -> None:
     s = samples("c_leaky_server")
     assert attribute("leaky_server", None, s).frame.name == "leak_connection"  # type: ignore[union-attr]
-    assert attribute("leaky_server", None, s[::-1]).frame.name == "main"  # type: ignore[union-attr]
+    # An EOF read in the app's code leads, in whatever order it comes ...
+    assert any(x.eof for x in s)
+    assert attribute("leaky_server", None, s[::-1]).frame.name == "leak_connection"  # type: ignore[union-attr]
+    # ... otherwise the order given does.
+    others = [x for x in s if not x.eof][::-1]
+    assert attribute("leaky_server", None, others).frame.name == "main"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

@@ -179,9 +179,10 @@ def test_top_and_the_report_name_the_frame() -> None:
 
 def test_agent_log_lines_lead_with_the_frame() -> None:
     model = AgentModel(AgentConfig(threshold_ns=10**9))
-    model.tracker = tracker_of("c_leaky_server")
+    tracker = tracker_of("c_leaky_server")
+    model.closewait = tracker  # type: ignore[assignment]  # the same reports, from recorded stacks
     attributor = Attributor()
-    (record,) = model.suspect_records(now_ns(model.tracker), 0.0, lambda g: group_json(g, attributor(g)))
+    (record,) = model.suspect_records(now_ns(tracker), 0.0, lambda g: group_json(g, attributor(g)))
     assert list(record)[:7] == ["type", "time", "pid", "comm", "count", "app", "hints"]
     assert record["app"] == "leak_connection [leaky_server]"
 

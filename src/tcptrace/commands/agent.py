@@ -1,20 +1,22 @@
 """`tcptrace agent`: headless, exports Prometheus metrics, logs leak suspects, runs for weeks.
 
-One program is loaded (lifecycle + owner + closelat + timewait); the ring buffer feeds the
-CLOSE_WAIT tracker (owners, code paths) and the in-kernel maps give exact TIME_WAIT,
-reset and close() counts. Every --interval the agent reads the maps, updates its bounded
-model, reads /proc/net/tcp{,6} for sockets by state, publishes the metric families (a
-scrape hands out the last ones), and logs new or grown leak-suspect groups as JSON lines.
+One program is loaded (lifecycle + owner + closelat + timewait). CLOSE_WAIT is aggregated
+in the kernel (bpf/closewait.bpf.h: counts, time to close, the sockets in CLOSE_WAIT now
+with their code paths), as are TIME_WAIT, reset and close() counts: no event crosses the
+ring buffer for a healthy connection, so the agent's CPU does not depend on the
+connection rate. Every --interval the agent reads the maps, updates its bounded model,
+reads /proc/net/tcp{,6} for sockets by state, publishes the metric families (a scrape
+hands out the last ones), and logs new or grown leak-suspect groups as JSON lines.
 
-Bounded memory: the kernel tables are LRU or pruned of idle entries by the agent, the
-user-side socket table is an LRU of --max-sockets, label sets are capped (top N), the
-stack map is emptied when it fills, and bcc's per-pid symbol caches are freed for pids
-that are gone.
+Bounded memory: the kernel tables are bounded (LRU, or pruned of idle entries by the
+agent), label sets are capped (top N), the stack map is emptied when it fills (after the
+stacks of every socket in CLOSE_WAIT were resolved), and user stacks are symbolized for
+leak suspects only, for at most --max-symbol-pids processes (bcc keeps a symbol cache per
+process and cannot free one safely).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from contextlib import ExitStack
@@ -23,6 +25,7 @@ from typing import IO, Any
 
 from tcptrace.commands import session
 from tcptrace.commands.attribution import SuspectNames
+from tcptrace.commands.closewait import touch_stacks_default
 from tcptrace.commands.options import FilterOptions, FrameRuleOptions, threshold_ns
 from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource, live_session
@@ -30,21 +33,15 @@ from tcptrace.errors import TcptraceError
 from tcptrace.export.prometheus import AgentCollector, MetricsServer, families, make_registry, parse_listen
 from tcptrace.kernel.agentmaps import AgentMaps, symbol_cache_count
 from tcptrace.kernel.closelat import CLOSE_WAIT_NS, LINGER_NS
-from tcptrace.kernel.stream import Symbolizer
-from tcptrace.model.agent import (
-    AgentConfig,
-    AgentModel,
-    resolve_frames,
-    stack_placeholder,
-    states_count,
-)
+from tcptrace.kernel.cwreader import LiveCloseWait
+from tcptrace.model.agent import AgentConfig, AgentModel, states_count
 from tcptrace.model.attribution import group_json
 from tcptrace.model.closewait import SuspectGroup
+from tcptrace.model.cwagg import CodeRef
 from tcptrace.model.events import SocketEvent, TcpState
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.framerules import Rules
 from tcptrace.model.lifecycle import CodePath
-from tcptrace.system.procfd import closewait_snapshot
 from tcptrace.system.safefile import open_append
 from tcptrace.system.whois import HostWhois
 
@@ -123,12 +120,10 @@ class Agent:
         self.registry = make_registry(self.collector)
         self.server: MetricsServer | None = None
         self.source: KernelSource | None = None
+        self.closewait: LiveCloseWait | None = None
         self._session = ExitStack()
-        self.stacks_cleared = 0
-        self._generation = 0
         self.tick_errors = 0
         self._ok_ticks = 0
-        self._last_stack_failed = 0
         self._states: dict[str, int] | None = None
         self._states_ns: int | None = None
 
@@ -140,7 +135,7 @@ class Agent:
         o = self.options
         self._session = ExitStack()
         try:
-            # Stacks stay ids until a leak suspect is logged (see feed()).
+            # Stacks stay ids until a leak suspect is logged (see _symbolize()).
             source = self._session.enter_context(
                 live_session(
                     PARTS,
@@ -154,13 +149,14 @@ class Agent:
             )
             self.source = source
             self.program = source.program
-            self._symbolizer = Symbolizer(source.program, lines=self.names.lines)
             self.maps = AgentMaps(source.program)
-            # After attaching, so that a socket entering CLOSE_WAIT meanwhile is seen one
-            # way or the other (the tracker keeps one copy).
-            self.model.preexisting = self.model.tracker.add_preexisting(
-                closewait_snapshot(o.filter), source.now_ns()
+            self.closewait = LiveCloseWait(
+                source.program, self.model.closewait, o.filter, 0, source.seeding, self.names.lines
             )
+            self.model.closewait.resolve = self._symbolize
+            # From the session's snapshot, taken after attaching: a socket entering
+            # CLOSE_WAIT meanwhile is seen one way or the other (the model keeps one copy).
+            self.model.preexisting = self.closewait.add_preexisting()
             self.tick(source.now_ns())
             self.server = MetricsServer(o.host, o.port, self.registry)
         except BaseException:
@@ -169,16 +165,18 @@ class Agent:
 
     def program_defines(self) -> dict[str, int]:
         o = self.options
-        return {
-            "TT_PROC_STACKS_ONLY": 1,
-            # The model takes transitions only for CLOSE_WAIT (states come from /proc,
-            # TIME_WAIT and close() from the kernel's maps): no other transition is sent.
-            "TT_CLOSEWAIT_EVENTS": 1,
+        defines = {
+            # CLOSE_WAIT aggregated in the kernel (states come from /proc, TIME_WAIT and
+            # close() from the kernel's maps): no transition is sent.
+            "TT_CW_AGG": 1,
             "TT_MAX_SOCKS": o.model.max_sockets,
             "TT_STACK_ENTRIES": o.max_stacks,
             CLOSE_WAIT_NS: o.model.threshold_ns,
             LINGER_NS: 1_000_000,
         }
+        if o.stacks and touch_stacks_default(o.filter):
+            defines["TT_TOUCH_STACKS"] = 1
+        return defines
 
     def run(self) -> str:
         assert self.source is not None
@@ -202,40 +200,19 @@ class Agent:
     # ---- work --------------------------------------------------------------------------
 
     def feed(self, event: SocketEvent) -> None:
-        if event.kstack_id >= 0 or event.ustack_id >= 0:
-            event = dataclasses.replace(
-                event,
-                kstack=(stack_placeholder("k", self._generation, event.kstack_id),)
-                if event.kstack_id >= 0
-                else (),
-                ustack=(stack_placeholder("u", self._generation, event.ustack_id, event.task_pid),)
-                if event.ustack_id >= 0
-                else (),
-            )
-        self.model.feed(event)
+        """The ring buffer carries no CLOSE_WAIT event (the kernel aggregates them); what
+        closelat and timewait still send is drained so that it never fills, and dropped."""
 
-    def _symbolize(self, kind: str, stack_id: int, pid: int) -> tuple[str, ...]:
-        if kind == "k":
-            return self._symbolizer.frames(stack_id, None)
-        if symbol_cache_count(self.program) >= self.options.max_symbol_pids:
-            return (SYMBOLS_FULL,)
-        return self._symbolizer.frames(stack_id, pid)
-
-    def resolve(self, frames: list[str] | tuple[str, ...]) -> list[str]:
-        return resolve_frames(frames, self._generation, self._symbolize)
-
-    def _resolve_open_sockets(self, older_than_ns: int | None = None, now_ns: int = 0) -> None:
-        """Symbolize the code paths of the sockets in CLOSE_WAIT now (those older than
-        ``older_than_ns``: the leak suspects, so that they group by function names), or of
-        all of them before the stack map is emptied."""
-        self.model.tracker.rewrite_code_paths(self._resolve_path, now_ns, older_than_ns)
-
-    def _resolve_path(self, path: CodePath) -> CodePath:
-        if not any(f.startswith("@") for f in path.kstack + path.ustack):
-            return path
-        return dataclasses.replace(
-            path, kstack=tuple(self.resolve(path.kstack)), ustack=tuple(self.resolve(path.ustack))
-        )
+    def _symbolize(self, ref: CodeRef) -> CodePath:
+        """A leak suspect's code path with its frames; once bcc holds a symbol cache for
+        --max-symbol-pids processes, the user stacks of new ones are not symbolized."""
+        assert self.closewait is not None
+        stacks = self.closewait.stacks
+        if ref.ustack_id >= 0 and not stacks.symbolized(ref.pid):
+            if symbol_cache_count(self.program) >= self.options.max_symbol_pids:
+                full = (SYMBOLS_FULL,)
+                return CodePath(op=ref.op, ts_ns=ref.ts_ns, task_pid=ref.pid, ret=ref.ret, ustack=full)
+        return stacks(ref)
 
     def tick(self, now_ns: int) -> None:
         """One refresh. A failure is logged as one JSON line and counted
@@ -266,6 +243,10 @@ class Agent:
 
     def _tick(self, now_ns: int) -> None:
         maps = self.maps
+        assert self.closewait is not None
+        # The kernel's CLOSE_WAIT aggregates into the model (and, when the stack map
+        # refused stacks, every open socket's resolved and the map emptied).
+        self.closewait.refresh(now_ns)
         prune = self.model.tick(
             now_ns,
             tw_procs=maps.tw_procs(),
@@ -274,27 +255,19 @@ class Agent:
             cl_comm=maps.cl_comm,
         )
         for table, keys in prune.items():
-            if keys:
+            if not keys:
+                continue
+            if table == "cw_owners":
+                self.closewait.reader.delete_owners(keys)
+            else:
                 maps.delete(table, keys)
-                self.model.forgot(table, keys)
+            self.model.forgot(table, keys)
         maps.forget_raw()
         counters = self.source.counters() if self.source is not None else {}
-        # The stack map keeps every distinct stack until it is full, then refuses new ones.
-        # Its stacks were symbolized as their events arrived: empty it when it refused one.
-        failed = int(counters.get("stack_failed", 0))
-        if failed > self._last_stack_failed:
-            if self.source is not None:
-                for event in self.source.drain():  # events still naming the old ids
-                    self.feed(event)
-            self._resolve_open_sockets()
-            maps.clear_stacks()
-            self._symbolizer.clear()
-            self._generation += 1
-            self.stacks_cleared += 1
-        self._last_stack_failed = failed
         every = int(self.options.states_interval_s * NS)
         if every > 0 and (self._states_ns is None or now_ns - self._states_ns >= every):
             self._states, self._states_ns = read_states(), now_ns
+        seeding = self.closewait.seeding
         state = self.model.export(
             now_ns,
             states=self._states,
@@ -303,17 +276,13 @@ class Agent:
             cl_stats=maps.cl_stats(),
             symbol_caches=symbol_cache_count(self.program),
             tick_errors=self.tick_errors,
+            seed_failures=seeding.planted.failed if seeding is not None else 0,
         )
         state.recursion_misses = self.program.skipped_runs_by_program() or {}
         self.collector.publish(families(state))
-        self._resolve_open_sockets(self.options.model.threshold_ns, now_ns)
-        self.names.refresh(self.model.tracker, now_ns)
+        self.model.closewait.suspects(now_ns)  # their stacks resolved (and located)
+        self.names.refresh(self.model.closewait, now_ns)
         for record in self.model.suspect_records(now_ns, describe=self._describe):
-            for key in ("origin_stack", "last_touch_stack"):
-                record[key] = self.resolve(record.get(key) or [])
-            for key in ("pre_fin_touch", "post_fin_touch"):
-                if record.get(key):
-                    record[key]["stack"] = self.resolve(record[key]["stack"])
             self.log.write(json.dumps(record, separators=(",", ":")) + "\n")
         self.log.flush()
 

@@ -11,7 +11,7 @@ owners' facts while they live. A replay has neither: its stacks are attributed a
 from __future__ import annotations
 
 from tcptrace.model.attribution import Attributor
-from tcptrace.model.closewait import CloseWaitTracker
+from tcptrace.model.closewait import CloseWaitModel, CloseWaitTracker
 from tcptrace.model.framerules import Rules
 from tcptrace.system.symbols import StackLines, process_facts
 
@@ -26,7 +26,7 @@ class SuspectNames:
         self.live = live
         self.lines = StackLines(rules=self.attributor.rules) if live else None
 
-    def refresh(self, tracker: CloseWaitTracker, now_ns: int) -> None:
+    def refresh(self, tracker: CloseWaitTracker | CloseWaitModel, now_ns: int) -> None:
         """Before the leak suspects are shown: their stacks' source lines, and (live) what
         their owners' executables are and whether they write perf maps."""
         if self.lines is not None:

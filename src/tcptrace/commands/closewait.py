@@ -1,34 +1,78 @@
-"""`tcptrace closewait`: the kernel (or a recording) into the CLOSE_WAIT tracker and its views.
+"""`tcptrace closewait`: the kernel's CLOSE_WAIT aggregates (or a recording) into the model
+and its views.
 
-The analysis is model/closewait.py. Live, sockets already in CLOSE_WAIT are read from /proc
-once the programs are attached, /proc is compared with the tracker every --recheck seconds
-(to repair a transition the kernel skipped), and with --touch-stacks each socket's last
-send/recv before the FIN is read from the kernel's map. Leak suspects lead with the frame of
-the application's code they are attributed to (commands/attribution.py).
+The kernel counts entries, closes, resets and the time to close, per owner too, and keeps
+the sockets in CLOSE_WAIT now with their code paths (bpf/closewait.bpf.h): nothing crosses
+the ring buffer for a healthy connection, and every --interval the maps are read
+(kernel/cwreader.py) into the model (model/closewait.CloseWaitModel), so the cost does not
+grow with the connection rate. Sockets already in CLOSE_WAIT at start come from the
+session's snapshot of every network namespace (their owners were seeded into the kernel),
+and the kernel is compared with /proc every --recheck seconds. A recording replays through
+the same model: model/cwagg.Emulator aggregates its events as the kernel would.
+Leak suspects lead with the frame of the application's code they are attributed to
+(commands/attribution.py).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from tcptrace.commands import session
 from tcptrace.commands.attribution import SuspectNames
 from tcptrace.commands.options import FilterOptions, FrameRuleOptions, threshold_ns
 from tcptrace.commands.session import StopFlag
-from tcptrace.commands.sources import KernelSource, Source, drain_into, open_source
-from tcptrace.kernel.stream import Symbolizer
-from tcptrace.kernel.touches import LastTouches
+from tcptrace.commands.sources import KernelSource, open_source
 from tcptrace.model.attribution import Attributor, group_json
-from tcptrace.model.closewait import CloseWaitTracker, Interval
+from tcptrace.model.closewait import CloseWaitModel, Interval
+from tcptrace.model.cwagg import Emulator
+from tcptrace.model.events import SocketEvent
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.workload import Whois, whois_json
 from tcptrace.recording import JsonLinesWriter, make_header, summary_flags
-from tcptrace.system.procfd import closewait_ports, closewait_snapshot
 from tcptrace.views import closewait as view
 from tcptrace.views.common import make_console, stamped, start_live, use_units
 
 PARTS = ("lifecycle", "owner")
+
+
+def touch_stacks_default(flt: EventFilter) -> bool:
+    """The last send/recv before the FIN is kept by default when --pid or --port narrows
+    what is traced (a user stack per send/recv of the sockets traced; docs/closewait.md).
+
+    >>> touch_stacks_default(EventFilter()), touch_stacks_default(EventFilter(ports=frozenset({80})))
+    (False, True)
+    """
+    return bool(flt.pids) or bool(flt.all_ports)
+
+
+def program_defines(touch_stacks: bool) -> dict[str, int]:
+    """CLOSE_WAIT aggregated in the kernel, with the last send/recv before the FIN kept in
+    each socket's entry when ``touch_stacks``."""
+    defines = {"TT_CW_AGG": 1}
+    if touch_stacks:
+        defines["TT_TOUCH_STACKS"] = 1
+    return defines
+
+
+class Feed(Protocol):
+    def refresh(self, now_ns: int) -> None:
+        """Read what the kernel (or the emulation) holds now into the model."""
+
+
+class Replay:
+    """A recording into the model: its events through the emulated kernel aggregation."""
+
+    def __init__(self, model: CloseWaitModel) -> None:
+        self.model = model
+        self.emulator = Emulator()
+
+    def feed(self, event: SocketEvent) -> None:
+        self.emulator.feed(event)
+
+    def refresh(self, now_ns: int) -> None:
+        self.model.apply(self.emulator.snapshot(now_ns))
 
 
 def run(
@@ -40,7 +84,7 @@ def run(
     from_file: str | None,
     threshold: float,
     recheck: float,
-    touch_stacks: bool,
+    touch_stacks: bool | None,
     stacks: bool,
     frame_rules: FrameRuleOptions,
     units: str,
@@ -50,52 +94,59 @@ def run(
     flt = filters.event_filter(live=from_file is None)
     names = SuspectNames(frame_rules.rules(), live=from_file is None)
     use_units(units)
-    tracker = CloseWaitTracker(threshold_ns=threshold_ns(threshold))
+    touch = touch_stacks_default(flt) if touch_stacks is None else touch_stacks
+    model = CloseWaitModel(threshold_ns=threshold_ns(threshold))
     out = sys.stdout
     writer = JsonLinesWriter(out) if as_json else None
     console = make_console(file=out)
     with open_source(
-        from_file, flt, parts=PARTS, stacks=True, defines=program_defines(touch_stacks), lines=names.lines
+        from_file, flt, parts=PARTS, stacks=True, defines=program_defines(touch), lines=names.lines
     ) as source:
-        last_touches = None
-        if touch_stacks and isinstance(source, KernelSource):
-            last_touches = LastTouches(source.program, Symbolizer(source.program, lines=names.lines))
         preexisting = 0
-        if source.live:
-            # After attaching, so a socket entering CLOSE_WAIT meanwhile is seen one way or
-            # the other (the tracker keeps one copy).
-            preexisting = tracker.add_preexisting(closewait_snapshot(flt), source.now_ns())
-        tracker.begin_interval(source.now_ns())
+        feed: Feed
+        on_event: Callable[[SocketEvent], None]
+        if isinstance(source, KernelSource):
+            from tcptrace.kernel.cwreader import LiveCloseWait
+
+            live = LiveCloseWait(source.program, model, flt, recheck, source.seeding, names.lines)
+            preexisting = live.add_preexisting()
+            feed, on_event = live, _nothing
+        else:
+            replay = Replay(model)
+            feed, on_event = replay, replay.feed
+        feed.refresh(source.now_ns())
+        model.begin_interval(source.now_ns())
         if writer is not None:
             writer.write(
                 make_header(
                     "closewait",
                     filter=flt.to_json(),
-                    threshold_s=tracker.threshold_ns / 1e9,
+                    threshold_s=model.threshold_ns / 1e9,
                     preexisting=preexisting,
+                    touch_stacks=touch,
                 )
             )
         live_view = None
         if writer is None and console.is_terminal and source.live:
-            live_view = start_live(console, view.render(tracker, source.now_ns()), transient=True)
-        refresh = Refresh(source, flt, tracker, last_touches, recheck)
+            live_view = start_live(console, view.render(model, source.now_ns()), transient=True)
 
         def on_tick(now_ns: int) -> None:
-            done = refresh.tick(now_ns)
+            feed.refresh(now_ns)
+            done: Interval | None = model.begin_interval(now_ns)
             if writer is not None:
-                writer.write(tracker.periodic_json(now_ns, done))
+                writer.write(model.periodic_json(now_ns, done))
             elif live_view is not None:
-                names.refresh(tracker, now_ns)
-                shown = view.render(tracker, now_ns, done, source.whois, names.attributor, stacks)
+                names.refresh(model, now_ns)
+                shown = view.render(model, now_ns, done, source.whois, names.attributor, stacks)
                 live_view.update(shown, refresh=True)
             elif source.live:
-                line = view.headline(tracker, now_ns, done)
+                line = view.headline(model, now_ns, done)
                 console.print(stamped(line, now_ns, source.clock_offset_ns, timestamps), soft_wrap=True)
 
         try:
             reason = session.run(
                 source,
-                tracker.feed,
+                on_event,
                 interval_s=interval,
                 duration_s=duration,
                 on_tick=on_tick,
@@ -105,77 +156,27 @@ def run(
         finally:
             if live_view is not None:
                 live_view.stop()
-        refresh.look_up_pre_fin()
-        # (skipped_transitions: runs of the transition hooks the kernel skipped, for any
-        # socket of the host: an upper bound on transitions of ours not seen)
-        counters = dict(source.counters())
         now_ns = source.now_ns()
-        names.refresh(tracker, now_ns)  # while the traced processes live
+        feed.refresh(now_ns)
+        model.suspects(now_ns)  # resolves their stacks while the stack map is there
+        names.refresh(model, now_ns)  # while the traced processes live
+        # (skipped_transitions: runs of the transition hooks the kernel skipped, for any
+        # socket of the host: an upper bound on transitions of ours not seen by either copy)
+        counters = dict(source.counters())
     if writer is not None:
-        summary = summary_json(tracker, now_ns, counters, reason, source.whois, names.attributor)
+        summary = summary_json(model, now_ns, counters, reason, source.whois, names.attributor)
         writer.write({**summary, **summary_flags(source)})
     else:
-        view.print_summary(console, tracker, now_ns, counters, reason, source.whois, names.attributor, stacks)
+        view.print_summary(console, model, now_ns, counters, reason, source.whois, names.attributor, stacks)
     names.close()
 
 
-def program_defines(touch_stacks: bool) -> dict[str, int]:
-    """Stacks where a process acts, transition events only for CLOSE_WAIT, and with
-    --touch-stacks the last send/recv of every socket kept in the kernel."""
-    defines = {"TT_PROC_STACKS_ONLY": 1, "TT_CLOSEWAIT_EVENTS": 1}
-    if touch_stacks:
-        defines["TT_TOUCH_STACKS"] = 1
-    return defines
-
-
-class Refresh:
-    """What each interval does to the tracker before it is shown: compare with /proc every
-    --recheck seconds (live), and look up the last touches before the FIN."""
-
-    def __init__(
-        self,
-        source: Source,
-        flt: EventFilter,
-        tracker: CloseWaitTracker,
-        last_touches: LastTouches | None,
-        recheck_s: float,
-    ) -> None:
-        self.source = source
-        self.flt = flt
-        self.tracker = tracker
-        self.last_touches = last_touches
-        self.recheck_ns = int(recheck_s * 1e9)
-        self.next_recheck_ns = source.now_ns() + self.recheck_ns
-
-    def tick(self, now_ns: int) -> Interval | None:
-        """Ends the interval at ``now_ns``; returns it."""
-        if self.source.live and self.recheck_ns and now_ns >= self.next_recheck_ns:
-            self.heal()
-            self.next_recheck_ns = now_ns + self.recheck_ns
-        self.look_up_pre_fin()
-        return self.tracker.begin_interval(now_ns)
-
-    def look_up_pre_fin(self) -> None:
-        """The kernel keeps each socket's last send/recv; read it once the socket is in
-        CLOSE_WAIT (the model rejects what belonged to an earlier socket)."""
-        if self.last_touches is not None:
-            for skaddr in self.tracker.pending_pre_fin():
-                self.tracker.add_pre_fin_touch(skaddr, self.last_touches.get(skaddr))
-
-    def heal(self) -> None:
-        """/proc first, then every event up to it, then compare (see CloseWaitTracker)."""
-        tracker, flt = self.tracker, self.flt
-        snapshot_ns = self.source.now_ns()
-        in_close_wait = closewait_ports(flt)
-        drain_into(self.source, tracker.feed)
-        tracker.drop_gone(in_close_wait, snapshot_ns)
-        missing = tracker.unexplained(in_close_wait, snapshot_ns)
-        if missing:
-            tracker.add_found(closewait_snapshot(flt, only=missing), snapshot_ns)
+def _nothing(_event: SocketEvent) -> None:
+    """Live, nothing crosses the ring buffer for closewait."""
 
 
 def summary_json(
-    tracker: CloseWaitTracker,
+    model: CloseWaitModel,
     now_ns: int,
     counters: dict[str, int],
     reason: str,
@@ -183,14 +184,14 @@ def summary_json(
     attributor: Attributor | None = None,
 ) -> dict[str, Any]:
     """The final summary; each group of leak suspects leads with what it is attributed to."""
-    summary = tracker.summary_json(now_ns)
+    summary = model.summary_json(now_ns)
     attribute = attributor or Attributor()
-    groups = tracker.suspects(now_ns)
+    groups = model.suspects(now_ns)
     summary["groups"] = [group_json(g, attribute(g)) for g in groups]
     # Who owners are in container terms: live from the host, in a replay from the recording.
     for item, group in zip(summary["groups"], groups, strict=True):
         _add_whois(item, whois_json(whois, group.pid, group.cgroup))
-    for item, sock in zip(summary["sockets"], tracker.open_sockets(), strict=True):
+    for item, sock in zip(summary["sockets"], model.open_sockets(), strict=True):
         _add_whois(item, whois_json(whois, sock.pid, sock.cgroup, sock.netns))
     return {
         "type": "summary",

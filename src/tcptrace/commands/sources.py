@@ -4,9 +4,11 @@ Both give events in order and a model clock (``now_ns``, CLOCK_MONOTONIC like th
 timestamps), so the same analysis code answers for a live run and for a replay.
 
 ``live_session`` is the one place that loads and attaches programs for a command: the
-spinner while bcc compiles, the event stream, and detaching everything when the command
-ends or fails. A command that also reads the kernel's maps makes its readers from
-``KernelSource.program`` inside the session's block, so they are covered too.
+spinner while bcc compiles, the event stream, the owners of the sockets that existed
+before (seeded into the kernel from a snapshot of every network namespace, kept as
+``KernelSource.seeding``), and detaching everything when the command ends or fails. A
+command that also reads the kernel's maps makes its readers from ``KernelSource.program``
+inside the session's block, so they are covered too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tcptrace.views.common import make_console
 
 if TYPE_CHECKING:  # kernel/ is imported when a live session starts, not for a replay
     from tcptrace.kernel.loader import LoadedProgram
+    from tcptrace.kernel.seeds import Seeding
     from tcptrace.kernel.stream import KernelStream
     from tcptrace.system.symbols import StackLines
 
@@ -114,6 +117,7 @@ class KernelSource:
         self.scope = scope
         self.clock_offset_ns = clock_offset_ns()
         self.whois: Whois = HostWhois()
+        self.seeding: Seeding | None = None
 
     def poll(self, timeout_s: float) -> list[SocketEvent]:
         self._refresh_scope()
@@ -163,15 +167,18 @@ def live_session(
     ringbuf_pages: int | None = None,
     quiet: bool = False,
     lines: StackLines | None = None,
+    seed: bool = True,
 ) -> Iterator[KernelSource]:
-    """Load ``parts`` of bpf/ (a spinner on stderr while bcc compiles), attach them and
-    stream their events (``symbolize``: stacks as frames; ``lines``: their source lines
-    located as they are symbolized).
+    """Load ``parts`` of bpf/ (a spinner on stderr while bcc compiles), attach them,
+    seed the owners of the sockets that existed before (``seed``), and stream their
+    events (``symbolize``: stacks as frames; ``lines``: their source lines located as
+    they are symbolized).
 
     Every program is detached when the block ends, however it ends: a failure while the
     caller sets up its readers, an exception, Ctrl-C. ``quiet``: no spinner.
     """
     from tcptrace.kernel.loader import PARTS, load
+    from tcptrace.kernel.seeds import seed_owners
     from tcptrace.kernel.stream import KernelStream
 
     console = make_console(stderr=True, quiet=quiet)
@@ -187,6 +194,8 @@ def live_session(
         )
     try:
         source = KernelSource(program, KernelStream(program, flt, symbolize=symbolize, lines=lines), scope)
+        if seed:
+            source.seeding = seed_owners(program, flt)
     except BaseException:
         program.close()
         raise

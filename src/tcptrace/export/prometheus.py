@@ -223,6 +223,14 @@ def _close_wait(state: ExportState) -> list[Metric]:
         )
     )
     out.append(
+        _counter(
+            "close_wait_forgotten",
+            "Sockets whose address was reused while the kernel held them in CLOSE_WAIT "
+            "(their exit was not seen).",
+            state.close_wait_forgotten,
+        )
+    )
+    out.append(
         _gauge(
             "close_wait_preexisting_sockets",
             "Sockets found in CLOSE_WAIT when the agent started.",
@@ -328,6 +336,16 @@ def _health(state: ExportState) -> list[Metric]:
             "Kernel map updates or stack captures that failed, by map.",
             "map",
             state.map_failures,
+        )
+    )
+    out.append(
+        _by_label(
+            CounterMetricFamily,
+            "kernel_map_evictions",
+            "Entries that mattered which a bounded kernel table lost (the socket table: live sockets "
+            "met again with their owner evicted), by map.",
+            "map",
+            state.map_evictions,
         )
     )
     out.append(

@@ -1,6 +1,6 @@
 """What the agent needs of the loaded maps beyond what the commands read: raw keyed reads
-(so that idle entries can be deleted), deletion, and the bounds a process running for
-weeks needs (stack map, bcc's per-pid symbol caches).
+(so that idle entries can be deleted), deletion, and bcc's per-pid symbol caches (the
+stack map's bound is kernel/cwreader.StackResolver.recycle).
 
 The timewait and closelat maps are cumulative and never pruned by the kernel: keyed by
 process (and destination, call, user stack), they would fill with the keys of processes
@@ -23,7 +23,7 @@ from tcptrace.model.histogram import SLOTS, Log2Histogram
 
 
 class AgentMaps:
-    """Raw reads and deletes of tw_procs, tw_dests and cl_hists; stack and symbol bounds."""
+    """Raw reads and deletes of tw_procs, tw_dests and cl_hists."""
 
     def __init__(self, program: LoadedProgram) -> None:
         self._bpf = program.bpf
@@ -124,23 +124,6 @@ class AgentMaps:
 
         table = self._bpf["cl_stats"]
         return {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
-
-    # ---- bounds --------------------------------------------------------------------------
-
-    def clear_stacks(self) -> int:
-        """Empty the stack map (its ids were symbolized as events arrived); returns how
-        many stacks it held. Without this, a map of process-specific (ASLR) user stacks
-        fills over weeks and every later stack fails."""
-        if not self._program.stacks:
-            return 0
-        table = self._bpf["stacks"]
-        keys = list(table.keys())
-        for k in keys:
-            try:
-                del table[k]
-            except KeyError:
-                pass
-        return len(keys)
 
 
 def symbol_cache_count(program: LoadedProgram) -> int:

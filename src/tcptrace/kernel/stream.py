@@ -93,6 +93,11 @@ class Symbolizer:
         """Forget every cached stack (after the stack map was emptied: its ids get reused)."""
         self._cache.clear()
 
+    def forget(self, pids: set[int]) -> None:
+        """Forget the user stacks of these processes (they exited: their pids get reused)."""
+        for key in [k for k in self._cache if k[1] in pids]:
+            del self._cache[key]
+
     @staticmethod
     def _name(raw: bytes | str) -> str:
         return raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw

@@ -1,12 +1,13 @@
-"""The agent's model: events and kernel map reads in, a bounded ExportState and leak-suspect
-log records out. Pure (no I/O, no bcc), so it is unit-tested on generated data.
+"""The agent's model: kernel map reads in, a bounded ExportState and leak-suspect log
+records out. Pure (no I/O, no bcc), so it is unit-tested on generated data.
 
 Per interval the agent hands ``tick()`` what it read from the kernel's cumulative maps
-(TIME_WAIT per process and destination, close() histograms per process and call); the
-model turns them into differences (MapDeltas), adds the differences to bounded counters
-(BoundedCounters: top N keys by activity, the rest in an ``other`` series, all of them
-monotonic), and says which map entries have been idle long enough to delete.
-CLOSE_WAIT comes from the event stream through the closewait model's tracker.
+(TIME_WAIT per process and destination, close() histograms per process and call,
+CLOSE_WAIT per owner); the model turns them into differences (MapDeltas), adds the
+differences to bounded counters (BoundedCounters: top N keys by activity, the rest in an
+``other`` series, all of them monotonic), and says which map entries have been idle long
+enough to delete. CLOSE_WAIT is the closewait model (model/closewait.CloseWaitModel) fed
+the kernel's aggregates (kernel/cwreader.py), or, for events (tests), their emulation.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tcptrace.model.cardinality import BoundedCounters, MapDeltas, top_n
-from tcptrace.model.closewait import CloseWaitTracker, SuspectGroup, code_path_key
+from tcptrace.model.closewait import CloseWaitModel, SuspectGroup, code_path_key
+from tcptrace.model.cwagg import CwSnapshot, Emulator, OwnerCounts, OwnerKey
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.histogram import EMPTY, Log2Histogram
-from tcptrace.model.lifecycle import SocketTable
 from tcptrace.model.workload import NOBODY, Whois, whois_json
 
 NS = 1_000_000_000
@@ -82,6 +83,18 @@ class AgentConfig:
     """A leak-suspect group still present is logged again after this long."""
 
 
+def _owner_sub(a: OwnerCounts, b: OwnerCounts) -> OwnerCounts:
+    if a.entered < b.entered or a.closed < b.closed or a.reset < b.reset:
+        raise ValueError("a counter went down: the entry was recreated")
+    return OwnerCounts(
+        a.pid, a.start_ns, a.comm, a.cgroup, a.entered - b.entered, a.closed - b.closed, a.reset - b.reset
+    )
+
+
+def _owner_weight(o: OwnerCounts) -> float:
+    return float(o.entered + o.closed + o.reset + o.forgotten)
+
+
 def _hist_weight(h: Log2Histogram) -> float:
     return float(h.count)
 
@@ -109,6 +122,7 @@ class ExportState:
     close_wait_entered: int = 0
     close_wait_closed: int = 0
     close_wait_reset: int = 0
+    close_wait_forgotten: int = 0
     close_wait_preexisting: int = 0
     suspect_groups: int = 0
     timewait_created: int = 0
@@ -126,6 +140,9 @@ class ExportState:
     events_lost: int = 0
     events_malformed: int = 0
     map_failures: Mapping[str, int] = field(default_factory=dict)
+    map_evictions: Mapping[str, int] = field(default_factory=dict)
+    """Entries that mattered which a bounded kernel table lost, per table (the socket
+    table's: live sockets met again with no owner)."""
     label_keys: Mapping[str, int] = field(default_factory=dict)
     """Label sets kept per bounded family (for watching the bound itself)."""
     pruned: Mapping[str, int] = field(default_factory=dict)
@@ -136,7 +153,7 @@ class ExportState:
     recursion_misses: Mapping[str, int] = field(default_factory=dict)
     """Program runs the kernel skipped (another BPF program was running on that CPU)."""
     user_sockets: int = 0
-    """Sockets in the agent's own table (bounded by --max-sockets)."""
+    """Sockets in CLOSE_WAIT the agent holds (bounded by the kernel's table)."""
 
 
 class AgentModel:
@@ -147,9 +164,8 @@ class AgentModel:
         self.config = config
         self.whois = whois
         c = config
-        self.tracker = CloseWaitTracker(
-            threshold_ns=c.threshold_ns, table=SocketTable(capacity=c.max_sockets)
-        )
+        self.closewait = CloseWaitModel(threshold_ns=c.threshold_ns)
+        self.emulator: Emulator | None = None
 
         def counters(limit: int) -> BoundedCounters[Any, int]:
             return BoundedCounters(limit, zero=0, idle_ns=c.label_idle_ns)
@@ -171,6 +187,9 @@ class AgentModel:
         self.cl_hists: MapDeltas[ClKey, Log2Histogram] = MapDeltas(
             idle_reads=c.idle_intervals, subtract=_hist_sub, weight=_hist_weight
         )
+        self.cw_owners: MapDeltas[OwnerKey, OwnerCounts] = MapDeltas(
+            idle_reads=c.idle_intervals, subtract=_owner_sub, weight=_owner_weight
+        )
         self.preexisting = 0
         self.close_calls: Counter[str] = Counter({call: 0 for call in CALL_NAMES})
         """Every call counted, whatever series it went to (series end; this never does)."""
@@ -180,7 +199,10 @@ class AgentModel:
     # ---- input -------------------------------------------------------------------------
 
     def feed(self, event: SocketEvent) -> None:
-        self.tracker.feed(event)
+        """An event (a test, a replay): aggregated as the kernel would, read at ``tick``."""
+        if self.emulator is None:
+            self.emulator = Emulator()
+        self.emulator.feed(event)
 
     def tick(
         self,
@@ -190,9 +212,18 @@ class AgentModel:
         tw_dests: Mapping[Dest, int] | None = None,
         cl_hists: Mapping[ClKey, Log2Histogram] | None = None,
         cl_comm: Mapping[ClKey, str] | None = None,
+        closewait: CwSnapshot | None = None,
     ) -> dict[str, list[Any]]:
-        """Take one interval's map reads; returns the keys to delete from each map."""
+        """Take one interval's map reads (``closewait``: the kernel's CLOSE_WAIT
+        aggregates; without it, what the events fed aggregate to, unless the caller applied
+        them to ``self.closewait`` itself); returns the keys to delete from each map."""
         prune: dict[str, list[Any]] = {}
+        if closewait is None and self.emulator is not None:
+            closewait = self.emulator.snapshot(now_ns)
+        if closewait is not None:
+            self.closewait.apply(closewait)
+        _idle, cw_idle = self.cw_owners.update({o.key: o for o in self.closewait.owners})
+        prune["cw_owners"] = cw_idle
         if tw_procs is not None:
             deltas, idle = self.tw_procs.update(tw_procs)
             for pid, d in deltas.items():
@@ -218,10 +249,7 @@ class AgentModel:
             prune["cl_hists"] = hidle
         for limiter in self._limiters():
             limiter.rebalance(now_ns)
-        # The tracker keeps exact times-to-close for its own reports; the agent does not
-        # export them, so they are not kept (memory stays flat).
-        self.tracker.close_times_ns.clear()
-        self.tracker.begin_interval(now_ns)
+        self.closewait.begin_interval(now_ns)
         return prune
 
     def forgot(self, table: str, keys: list[Any]) -> None:
@@ -232,6 +260,8 @@ class AgentModel:
             self.tw_dests.forget(keys)
         elif table == "cl_hists":
             self.cl_hists.forget(keys)
+        elif table == "cw_owners":
+            self.cw_owners.forget(keys)
         self.pruned[table] += len(keys)
 
     def _limiters(self) -> list[BoundedCounters[Any, Any]]:
@@ -259,7 +289,7 @@ class AgentModel:
     def close_wait_by_proc(self, now_ns: int) -> dict[Proc, list[int]]:
         """Ages of open CLOSE_WAIT sockets per process, top N by count plus the aggregate."""
         ages: dict[Proc, list[int]] = {}
-        for sock in self.tracker.open.values():
+        for sock in self.closewait.open.values():
             ages.setdefault(self.proc(sock.pid, sock.comm, sock.cgroup), []).append(sock.age_ns(now_ns))
         kept, _rest, n_rest = top_n({p: len(a) for p, a in ages.items()}, self.config.top_processes)
         out = {p: ages[p] for p, _ in kept}
@@ -278,11 +308,13 @@ class AgentModel:
         cl_stats: Mapping[str, int] | None = None,
         symbol_caches: int = 0,
         tick_errors: int = 0,
+        seed_failures: int = 0,
     ) -> ExportState:
         counters = counters or {}
         tw_stats = tw_stats or {}
         cl_stats = cl_stats or {}
-        t = self.tracker
+        t = self.closewait
+        cw = t.counters
 
         def with_other(limiter: BoundedCounters[Any, int], other_key: Any) -> list[tuple[Any, int]]:
             rows = sorted(limiter.items(), key=lambda kv: str(kv[0]))
@@ -298,6 +330,9 @@ class AgentModel:
         failures = {
             "socks": counters.get("sock_update_failed", 0),
             "stacks": counters.get("stack_failed", 0),
+            "close_wait_open": cw.open_failed,
+            "close_wait_owners": cw.owner_failed,
+            "seeds": seed_failures,
             "timewait": tw_stats.get("map_failed", 0),
             "closelat_hists": cl_stats.get("hist_failed", 0),
             "closelat_calls": cl_stats.get("call_failed", 0),
@@ -307,9 +342,10 @@ class AgentModel:
             pid_label=self.config.pid_label,
             states=states,
             close_wait_ages=self.close_wait_by_proc(now_ns),
-            close_wait_entered=t.entered,
-            close_wait_closed=t.closed,
-            close_wait_reset=t.reset,
+            close_wait_entered=cw.entered,
+            close_wait_closed=cw.closed,
+            close_wait_reset=cw.reset,
+            close_wait_forgotten=cw.forgotten,
             close_wait_preexisting=self.preexisting,
             suspect_groups=len(t.suspects(now_ns)),
             timewait_created=tw_stats.get("created", 0),
@@ -325,6 +361,7 @@ class AgentModel:
             events_lost=counters.get("lost", 0),
             events_malformed=counters.get("malformed", 0),
             map_failures=failures,
+            map_evictions={"socks": cw.owner_forgotten},
             label_keys={
                 "timewait_created_by_process": len(self.tw_by_proc),
                 "timewait_created_by_remote_port": len(self.tw_by_port),
@@ -335,7 +372,7 @@ class AgentModel:
             pruned=dict(self.pruned),
             symbol_caches=symbol_caches,
             tick_errors=tick_errors,
-            user_sockets=len(t.table),
+            user_sockets=len(t.open),
         )
 
     def suspect_records(
@@ -351,7 +388,7 @@ class AgentModel:
         wall = time.time() if wall_s is None else wall_s
         out = []
         seen = set()
-        for group in self.tracker.suspects(now_ns):
+        for group in self.closewait.suspects(now_ns):
             key = _suspect_key(group)
             seen.add(key)
             last = self._logged.get(key)
@@ -368,58 +405,8 @@ class AgentModel:
         return out
 
 
-STACK_EXPIRED = "[stack expired]"
-
-
-def stack_placeholder(kind: str, generation: int, stack_id: int, pid: int = 0) -> str:
-    """A stack kept as its id until it must be shown: symbolizing every event's user stack
-    would make bcc build a symbol cache for every process seen (and it cannot free them).
-
-    >>> stack_placeholder("u", 2, 17, 4242)
-    '@u:2:17:4242'
-    >>> parse_placeholder('@u:2:17:4242'), parse_placeholder('main+0x1 [app]')
-    (('u', 2, 17, 4242), None)
-    """
-    return f"@{kind}:{generation}:{stack_id}:{pid}"
-
-
-def parse_placeholder(frame: str) -> tuple[str, int, int, int] | None:
-    if not frame.startswith("@"):
-        return None
-    parts = frame[1:].split(":")
-    if len(parts) != 4 or parts[0] not in ("k", "u"):
-        return None
-    try:
-        return parts[0], int(parts[1]), int(parts[2]), int(parts[3])
-    except ValueError:
-        return None
-
-
-def resolve_frames(
-    frames: list[str] | tuple[str, ...],
-    generation: int,
-    symbolize: Callable[[str, int, int], tuple[str, ...]],
-) -> list[str]:
-    """Frames with placeholders replaced by ``symbolize(kind, stack_id, pid)``; a
-    placeholder of an older generation (the stack map was emptied since) is expired.
-
-    >>> resolve_frames(["@k:1:5:0", "@u:0:6:9", "x"], 1, lambda k, i, p: (f"{k}{i}",))
-    ['k5', '[stack expired]', 'x']
-    """
-    out: list[str] = []
-    for frame in frames:
-        ph = parse_placeholder(frame)
-        if ph is None:
-            out.append(frame)
-        elif ph[1] != generation:
-            out.append(STACK_EXPIRED)
-        else:
-            out.extend(symbolize(ph[0], ph[2], ph[3]))
-    return out
-
-
 def _suspect_key(group: SuspectGroup) -> tuple[Any, ...]:
-    return (group.pid, group.comm, code_path_key(group.origin), code_path_key(group.last_touch))
+    return (group.pid, group.comm, code_path_key(group.origin), code_path_key(group.pre_fin_touch))
 
 
 def states_count(states: list[str]) -> dict[str, int]:

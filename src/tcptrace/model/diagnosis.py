@@ -28,6 +28,7 @@ from tcptrace.model.closewait import (
     RemoteSummary,
     SuspectGroup,
     code_path_key,
+    post_fin_of,
     summarize_remotes,
 )
 from tcptrace.model.endpoint import Owner, OwnerFields
@@ -249,8 +250,8 @@ def _same_path(a: CloseWaitSocket, group: SuspectGroup) -> bool:
     return (
         a.pid == group.pid
         and code_path_key(a.origin) == code_path_key(group.origin)
-        and code_path_key(a.last_touch) == code_path_key(group.last_touch)
         and code_path_key(a.pre_fin_touch) == code_path_key(group.sockets[0].pre_fin_touch)
+        and code_path_key(post_fin_of(a)) in ((), code_path_key(group.post_fin_touch))
     )
 
 

@@ -187,12 +187,15 @@ def attribute(
 
     Give the samples in the order their frames should lead: the last touch before the peer's
     FIN (what the app was doing with the connection), the first one after it, then the
-    origin (accept or connect). ``perf_map``: whether the process writes /tmp/perf-PID.map,
-    when the caller looked (while the process lived).
+    origin (accept or connect). A read of the EOF whose stack reaches the app's code leads
+    before all of them: the app saw the peer close there and did not close.
+    ``perf_map``: whether the process writes /tmp/perf-PID.map, when the caller looked
+    (while the process lived).
     """
     runtime = detect_runtime(comm, exe, samples)
     frame, op = None, None
-    for s in samples:
+    eof_first = sorted(samples, key=lambda s: not (s.eof and s.stack.app_frame is not None))
+    for s in eof_first:
         if s.stack.app_frame is not None:
             frame, op = s.stack.app_frame, s.op
             break

@@ -24,6 +24,8 @@ class HostSocket(EndpointFields, OwnerFields):
     state: TcpState
     inode: int = 0
     owner: Owner | None = None
+    netns: int = 0
+    """Inode of its network namespace; 0 when unknown."""
 
     @property
     def key(self) -> tuple[Endpoint, int]:

@@ -67,6 +67,18 @@ def id_of_pid(pid: int) -> int | None:
         return None
 
 
+def id_of_path(path: str) -> int | None:
+    """The cgroup v2 id of a cgroup path (``/system.slice/x.service``): its directory's
+    inode, what bpf_get_current_cgroup_id() returns; None when it cannot be read."""
+    root = cgroup2_root()
+    if root is None:
+        return None
+    try:
+        return os.stat(os.path.join(root, path.lstrip("/"))).st_ino
+    except OSError:
+        return None
+
+
 def path_of_id(cgroup_id: int) -> str | None:
     """The path (``/system.slice/x.service``) of a cgroup v2 id; None when not found (the
     tree is walked again for an unknown id at most every 2 s: ``CgroupIndex``)."""

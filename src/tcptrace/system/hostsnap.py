@@ -20,7 +20,7 @@ from tcptrace.model.endpoint import owner_of
 from tcptrace.model.events import TcpState
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.snapshot import HostSnapshot, HostSocket
-from tcptrace.system import process, sockdiag, sockets
+from tcptrace.system import cgroups, process, sockdiag, sockets
 from tcptrace.system.containers import CgroupIdentity, identify
 from tcptrace.system.netns import NetNamespace
 from tcptrace.system.process import ProcessInfo
@@ -84,6 +84,32 @@ class HostSockets:
         """Whether ``flt`` keeps ``sock`` (a socket no process holds passes a filter without
         an owner condition), as the kernel's filters keep its events."""
         return matching_holder(sock, list(self.holders.get(sock.inode, ())), flt) is not None
+
+    def held(
+        self,
+        flt: EventFilter,
+        states: Iterable[TcpState] | None = None,
+        only: set[tuple[int, int, int]] | None = None,
+    ) -> list[HostSocket]:
+        """The sockets (in ``states``; with ``only``, those whose (netns, local port, remote
+        port) it holds) that pass ``flt``, each with the first holder that passes it (None:
+        no process holds it), as the model keeps them."""
+        wanted = None if states is None else frozenset(states)
+        out = []
+        for s in self.sockets:
+            if wanted is not None and s.state not in wanted:
+                continue
+            if only is not None and (s.netns, s.sport, s.dport) not in only:
+                continue
+            if not self.passes(s, flt):
+                continue
+            info = self.owner(s, flt)
+            owner = None
+            if info is not None:
+                cgroup = cgroups.id_of_path(info.cgroup) if info.cgroup is not None else None
+                owner = owner_of(info.pid, info.comm_text, cgroup)
+            out.append(HostSocket(s.endpoint, s.state, s.inode, owner, s.netns))
+        return out
 
     def identity(self, pid: int) -> CgroupIdentity | None:
         """Container, pod and unit of a holder, from its cgroup; None without cgroup v2."""

@@ -9,10 +9,13 @@ from rich.table import Table
 from rich.text import Text
 
 from tcptrace.model.attribution import Attributor, LeakAttribution, RolePath
-from tcptrace.model.closewait import CloseWaitTracker, Interval, SuspectGroup
-from tcptrace.model.histogram import age_histogram, percentile
+from tcptrace.model.closewait import CloseWaitModel, CloseWaitTracker, Interval, SuspectGroup
+from tcptrace.model.histogram import age_histogram
 from tcptrace.model.workload import NOBODY, Whois, whois_text
 from tcptrace.views.common import duration, endpoint, host_text, safe, time_cell, time_header
+
+CloseWaitView = CloseWaitModel | CloseWaitTracker
+"""Either model: from the kernel's aggregates (closewait), or from events (top, diagnose)."""
 
 MAX_GROUPS = 8
 MAX_USER_FRAMES = 8
@@ -104,7 +107,7 @@ def _histogram_table(rows: list[tuple[str, int]], title: str) -> Table:
     return table
 
 
-def headline(tracker: CloseWaitTracker, now_ns: int, interval: Interval | None) -> Text:
+def headline(tracker: CloseWaitView, now_ns: int, interval: Interval | None) -> Text:
     open_now = len(tracker.open)
     pre = sum(1 for s in tracker.open.values() if s.preexisting)
     suspects = sum(1 for s in tracker.open.values() if s.age_ns(now_ns) >= tracker.threshold_ns)
@@ -125,14 +128,14 @@ def headline(tracker: CloseWaitTracker, now_ns: int, interval: Interval | None) 
     return text
 
 
-def close_time_text(tracker: CloseWaitTracker) -> Text:
-    times = tracker.close_times_sorted()
-    if not times:
+def close_time_text(tracker: CloseWaitView) -> Text:
+    times = tracker.close_times()
+    if not times.count:
         return Text("time to close: no socket closed by its app yet", style="dim")
     return Text(
-        f"time to close ({len(times)} closed by the app):\n  "
-        f"p50 {duration(percentile(times, 50))}  p90 {duration(percentile(times, 90))}  "
-        f"p99 {duration(percentile(times, 99))}  max {duration(times[-1])}"
+        f"time to close ({times.count} closed by the app):\n  "
+        f"p50 {duration(times.p50_ns)}  p90 {duration(times.p90_ns)}  "
+        f"p99 {duration(times.p99_ns)}  max {duration(times.max_ns)}"
     )
 
 
@@ -175,7 +178,7 @@ def group_lines(
 
 
 def render(
-    tracker: CloseWaitTracker,
+    tracker: CloseWaitView,
     now_ns: int,
     interval: Interval | None = None,
     whois: Whois = NOBODY,
@@ -207,7 +210,7 @@ def render(
     return Group(*parts)
 
 
-def sockets_table(tracker: CloseWaitTracker, now_ns: int, whois: Whois = NOBODY) -> Table:
+def sockets_table(tracker: CloseWaitView, now_ns: int, whois: Whois = NOBODY) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
     for name, justify in (("PID", "right"), ("COMM", "left"), ("LOCAL", "left"), ("REMOTE", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -238,7 +241,7 @@ def sockets_table(tracker: CloseWaitTracker, now_ns: int, whois: Whois = NOBODY)
 
 def print_summary(
     console: Console,
-    tracker: CloseWaitTracker,
+    tracker: CloseWaitView,
     now_ns: int,
     counters: dict[str, Any],
     reason: str,
