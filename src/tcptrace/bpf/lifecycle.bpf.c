@@ -63,15 +63,16 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
                                         int backup)
 {
     const char *skp = (const char *)ctx->args[0];
-    if (!tt_sk_is_tcp(skp))
-        return 0;
     __u64 sk = (__u64)skp;
+    /* Only TCP sockets are ever inserted: a socket the table holds is TCP. */
+    struct tt_sock *s = socks.lookup(&sk);
+    if (!s && !tt_sk_is_tcp(skp))
+        return 0;
     __u64 now = bpf_ktime_get_ns();
     struct tt_tuple t = {};
     int have_t = 0;
     __u64 prev_ns = 0;
     int zero = 0;
-    struct tt_sock *s = socks.lookup(&sk);
 
     if (o == TT_TCP_CLOSE || n == TT_TCP_SYN_RECV) {
         /* Born now: whatever the table holds at this address belongs to a freed socket,
@@ -125,14 +126,13 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
         if (s->since_ns && now > s->since_ns)
             prev_ns = now - s->since_ns;
         s->since_ns = now;
-        if (proc)
+        if (proc && s->owner.tgid != bpf_get_current_pid_tgid() >> 32)
             tt_owner_current(&s->owner);
-        if (!s->sport || !s->dport) {
+        if (!s->sport) {
             /* connect() binds the local port after CLOSE -> SYN_SENT */
-            tt_read_tuple(skp, &t, TT_SPORT_INET);
-            have_t = 1;
-            s->sport = t.sport;
-            s->dport = t.dport;
+            __u16 sport = 0;
+            bpf_probe_read_kernel(&sport, sizeof(sport), skp + TT_INET_SPORT_OFF);
+            s->sport = __builtin_bswap16(sport);
         }
     } else {
         /* Met for the first time: older than tracing, or its entry was evicted. */

@@ -81,7 +81,8 @@ static __always_inline int tt_on_accept(void *ctx, long ret)
     struct tt_sock *s = tt_sock_held(sk);
     if (!s)
         return 0;
-    tt_owner_current(&s->owner);
+    if (s->owner.tgid != bpf_get_current_pid_tgid() >> 32)
+        tt_owner_current(&s->owner); /* else it inherited its listener's: the caller's */
     if (!tt_keep(s->family, s->sport, s->dport, s->netns, &s->owner))
         return 0;
 #ifdef TT_CW_AGG

@@ -169,6 +169,8 @@ class Agent:
             # CLOSE_WAIT aggregated in the kernel (states come from /proc, TIME_WAIT and
             # close() from the kernel's maps): no transition is sent.
             "TT_CW_AGG": 1,
+            # TIME_WAIT from the kernel's counters only: no event per timewait socket.
+            "TT_TW_NO_EVENTS": 1,
             "TT_MAX_SOCKS": o.model.max_sockets,
             "TT_STACK_ENTRIES": o.max_stacks,
             CLOSE_WAIT_NS: o.model.threshold_ns,

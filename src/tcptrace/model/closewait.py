@@ -785,6 +785,8 @@ class CloseWaitModel(CloseWaitReports):
         def path(ref: CodeRef | None) -> CodePath | None:
             if ref is None or not ref.ts_ns:
                 return None
+            if ref.frames is not None:
+                return frames_path(ref)  # a replay: its frames came with it
             if not resolved:
                 return CodePath(op=ref.op, ts_ns=ref.ts_ns, task_pid=ref.pid, ret=ref.ret)
             known = sock.resolved_paths.get(ref)

@@ -12,6 +12,7 @@ Pure: no I/O, no bcc.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
@@ -183,12 +184,16 @@ class Emulator:
     """bpf/closewait.bpf.h in Python: fed the events a recording holds, in order, it keeps
     what the kernel's maps would hold, and ``snapshot()`` reads them as the kernel reader
     does. Events that passed a replay's filters are taken as the kernel's filters would
-    have taken them. What recordings do not carry (the last send/recv before the FIN, the
-    touches after the FIN beyond the kernel's per-socket cap) is not emulated."""
+    have taken them, and an event's owner as the recording kernel knew it (it may have
+    had it from a seed). The socket table is an LRU of ``max_socks`` like the kernel's: a
+    socket met again after its entry was evicted, with no owner in its event, counts as
+    ``owner_forgotten``. What recordings do not carry (the last send/recv before the FIN,
+    the touches after the FIN beyond the kernel's per-socket cap) is not emulated."""
 
-    def __init__(self, max_open: int = 65_536) -> None:
+    def __init__(self, max_open: int = 65_536, max_socks: int = 262_144) -> None:
         self.max_open = max_open
-        self._socks: dict[int, _Sock] = {}
+        self.max_socks = max_socks
+        self._socks: OrderedDict[int, _Sock] = OrderedDict()
         self._open: dict[int, OpenSocket] = {}
         self._owners: dict[OwnerKey, _Owner] = {}
         self._c: dict[str, int] = dict.fromkeys((f.name for f in fields(CwCounters)), 0)
@@ -210,6 +215,23 @@ class Emulator:
 
     # ---- the socket table (lifecycle.bpf.c) --------------------------------------------
 
+    def _entry(self, e: SocketEvent, touch: bool) -> _Sock:
+        """The socket's entry, met now when the table does not hold it (LRU)."""
+        sock = self._socks.get(e.skaddr)
+        if sock is not None:
+            self._socks.move_to_end(e.skaddr)
+            return sock
+        if e.pid is None:
+            self._c["adopted" if touch else "owner_forgotten"] += 1
+        return self._put(e.skaddr, _Sock())
+
+    def _put(self, sk: int, sock: _Sock) -> _Sock:
+        self._socks[sk] = sock
+        self._socks.move_to_end(sk)
+        while len(self._socks) > self.max_socks:
+            self._socks.popitem(last=False)
+        return sock
+
     def _transition(self, e: Transition) -> None:
         sk = e.skaddr
         if e.old == TcpState.CLOSE or e.new == TcpState.SYN_RECV:
@@ -217,9 +239,9 @@ class Emulator:
             if e.new == TcpState.SYN_SENT:
                 sock.origin = _code(e, Op.CONNECT)
             self._reborn(sk)
-            self._socks[sk] = sock
+            self._put(sk, sock)
         else:
-            sock = self._socks.setdefault(sk, _Sock())
+            sock = self._entry(e, touch=False)
         if e.pid is not None:
             sock.owner, sock.start_ns = e.owner, e.pid_start_ns or 0
         sock.state = e.new
@@ -231,7 +253,7 @@ class Emulator:
             self._socks.pop(sk, None)
 
     def _touch(self, e: Touch) -> None:
-        sock = self._socks.setdefault(e.skaddr, _Sock())
+        sock = self._entry(e, touch=True)
         if e.pid is not None:
             sock.owner, sock.start_ns = e.owner, e.pid_start_ns or 0
         if e.op == Op.ACCEPT:
