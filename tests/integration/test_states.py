@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -306,3 +307,58 @@ def test_hot_path_writes_what_the_dataclass_path_writes(port: int, record: bool)
     assert not cut and text == expected.getvalue()
     if record:
         assert '"type":"stack"' in text and any(e.ustack for e in events)
+
+
+SERVER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+print("ready", flush=True)
+held = []
+while True:
+    held.append(s.accept()[0])  # accepted, never closed: CLOSE_WAIT once the peer closes
+"""
+
+
+def test_a_server_started_before_tracing_owns_its_new_connections(port: int, tcptrace_cmd: list[str]) -> None:
+    """Its listener's owner is seeded at start: the connections it accepts afterwards are
+    its own from their birth in softirq, so --pid keeps them, CLOSE_WAIT included."""
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], stdout=subprocess.PIPE, text=True)
+    tracer = None
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        tracer = subprocess.Popen(
+            [*tcptrace_cmd, "states", "--json", "--pid", str(server.pid)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert tracer.stdout is not None
+        assert json.loads(tracer.stdout.readline())["type"] == "header"
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        client_ports = {c.getsockname()[1] for c in clients}
+        for c in clients:
+            c.close()
+        assert wait_for(lambda: SS().count(port, "close-wait") == 3, timeout=10)
+        time.sleep(0.3)
+        tracer.send_signal(signal.SIGINT)
+        out, err = tracer.communicate(timeout=30)
+        assert tracer.returncode == 0, err
+    finally:
+        if tracer is not None and tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+        server.kill()
+        server.wait()
+    objs = [json.loads(line) for line in out.splitlines()]
+    moves = {
+        (o["dport"], o["old"], o["new"]): o["pid"]
+        for o in objs
+        if o["type"] == "transition" and o["sport"] == port and o["dport"] in client_ports
+    }
+    for client in client_ports:
+        assert moves.get((client, "SYN_RECV", "ESTABLISHED")) == server.pid, moves
+        assert moves.get((client, "ESTABLISHED", "CLOSE_WAIT")) == server.pid, moves
+    assert objs[-1]["type"] == "summary" and objs[-1]["lost"] == 0

@@ -15,7 +15,7 @@ from importlib import resources
 import pytest
 
 from tcptrace.kernel import closelat as kernel_closelat
-from tcptrace.kernel import cwreader, loader
+from tcptrace.kernel import cwreader, loader, seeds
 from tcptrace.kernel import timewait as kernel_timewait
 from tcptrace.model import events, filters, histogram, lifecycle
 
@@ -57,12 +57,12 @@ SCALARS = {
     "TT_PORT_EITHER": loader.PORT_EITHER,
     "TT_PORT_LOCAL": loader.PORT_LOCAL,
     "TT_PORT_REMOTE": loader.PORT_REMOTE,
+    "TT_OWNER_IN_CGROUP": seeds.OWNER_IN_CGROUP,  # seeded owners carry the filter's answer
 }
 # #defines with no Python copy: values only the kernel side uses.
 KERNEL_ONLY = {
     "TT_IPPROTO_TCP",
     "TT_MAX_CGROUP_DEPTH",
-    "TT_OWNER_IN_CGROUP",
     "TT_MAX_LISTENERS",
     "TT_MAX_SEEDS",
     "TT_MAX_CW_OPEN",

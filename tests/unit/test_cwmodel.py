@@ -10,11 +10,20 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from tcptrace.cli import cli
-from tcptrace.model.closewait import CloseWaitModel, CloseWaitTracker, FoundKey, LiveKey
+from tcptrace.model.closewait import (
+    CloseWaitModel,
+    CloseWaitSocket,
+    CloseWaitTracker,
+    FoundKey,
+    LiveKey,
+    code_path_key,
+    group_suspects,
+)
 from tcptrace.model.cwagg import CodeRef, CwCounters, CwSnapshot, Emulator, OpenSocket
 from tcptrace.model.endpoint import Endpoint, Owner
 from tcptrace.model.events import Op, TcpState
 from tcptrace.model.histogram import Log2Histogram
+from tcptrace.model.lifecycle import CodePath
 from tcptrace.model.snapshot import HostSocket
 from tcptrace.recording import open_recording
 from tests.unit.test_lifecycle import touch, tr
@@ -269,3 +278,33 @@ def test_replay_through_the_cli_uses_the_same_model() -> None:
     assert {s["dport"] for s in summary["sockets"]} == set(leaked)
     assert summary["kernel"]["open_failed"] == 0
     assert sum(o["entered"] for o in summary["owners"]) == summary["entered"]
+
+
+def test_a_touch_after_the_fin_or_none_is_one_group_when_the_pre_fin_touch_was_kept() -> None:
+    """A Go client: every connection read in the transport's loop before the FIN, some read
+    to EOF since, others not yet: one leak. A different touch after the FIN is another;
+    without the pre-FIN touch, no touch after the FIN is all that tells a leak apart."""
+    owner = Owner(7, "client")
+    loop = CodePath(op=Op.RECV, ts_ns=5, task_pid=7, ret=100, ustack=("read", "readLoop"))
+
+    def sock(n: int, pre: CodePath | None, post: tuple[str, ...] | None) -> CloseWaitSocket:
+        after = None if post is None else CodePath(op=Op.RECV, ts_ns=20, task_pid=7, ustack=post)
+        return CloseWaitSocket(
+            key=LiveKey(1, n, 10),
+            endpoint=Endpoint(4, "127.0.0.1", 40000 + n, "127.0.0.1", 80),
+            owner=owner,
+            entered_ns=10,
+            pre_fin_touch=pre,
+            post_fin_touch=after,
+        )
+
+    socks = [sock(1, loop, ("read", "readLoop")), sock(2, loop, None), sock(3, loop, None)]
+    socks += [sock(4, loop, ("read", "other")), sock(5, None, ("read", "readLoop")), sock(6, None, None)]
+    groups = group_suspects(socks, NS, 2 * NS)
+    got = sorted((g.count, g.pre_fin_touch is not None, code_path_key(g.post_fin_touch)) for g in groups)
+    assert got == [
+        (1, False, ()),
+        (1, False, ("RECV", "read", "readLoop")),
+        (1, True, ("RECV", "read", "other")),
+        (3, True, ("RECV", "read", "readLoop")),
+    ]

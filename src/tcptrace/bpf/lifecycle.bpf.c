@@ -126,7 +126,7 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
         if (s->since_ns && now > s->since_ns)
             prev_ns = now - s->since_ns;
         s->since_ns = now;
-        if (proc && s->owner.tgid != bpf_get_current_pid_tgid() >> 32)
+        if (proc && tt_owner_moved(&s->owner))
             tt_owner_current(&s->owner);
         if (!s->sport) {
             /* connect() binds the local port after CLOSE -> SYN_SENT */

@@ -81,7 +81,7 @@ static __always_inline int tt_on_accept(void *ctx, long ret)
     struct tt_sock *s = tt_sock_held(sk);
     if (!s)
         return 0;
-    if (s->owner.tgid != bpf_get_current_pid_tgid() >> 32)
+    if (tt_owner_moved(&s->owner))
         tt_owner_current(&s->owner); /* else it inherited its listener's: the caller's */
     if (!tt_keep(s->family, s->sport, s->dport, s->netns, &s->owner))
         return 0;
@@ -126,7 +126,7 @@ static __always_inline int tt_on_io(void *ctx, __u64 sk, __u8 op, int ret)
      * should close it: the owner from now on. This also learns the owner of a
      * socket established before tracing started, and follows a socket handed
      * to another process (accept then fork, SCM_RIGHTS). */
-    if (s->owner.tgid != bpf_get_current_pid_tgid() >> 32)
+    if (tt_owner_moved(&s->owner))
         tt_owner_current(&s->owner);
 #ifdef TT_CW_AGG
     tt_cw_touch(ctx, sk, op, ret);

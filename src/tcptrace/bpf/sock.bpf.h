@@ -134,6 +134,13 @@ static __always_inline void tt_owner_current(struct tt_owner *o)
         bpf_probe_read_kernel(&o->start_ns, sizeof(o->start_ns), leader + TT_TASK_START_BOOTTIME_OFF);
 }
 
+/* Whether the calling process is not `o` as it was learned: another process, or the
+ * same one moved to another cgroup since (its owner record is then learned again). */
+static __always_inline int tt_owner_moved(const struct tt_owner *o)
+{
+    return o->tgid != (__u32)(bpf_get_current_pid_tgid() >> 32) || o->cgroup != bpf_get_current_cgroup_id();
+}
+
 /* Whether a socket with these ports, family and network namespace, owned by `o`,
  * passes the filters (common.bpf.h). */
 static __always_inline int tt_keep(__u16 family, __u16 sport, __u16 dport, __u32 netns,

@@ -57,6 +57,9 @@ class OwnerSeed:
     compares equal in ticks, see process.ticks_from_ns)."""
     comm: bytes
     cgroup: int
+    flags: int = 0
+    """TT_OWNER_* (sock.bpf.h): in a cgroup a --cgroup or --container names, as the kernel
+    says of an owner it learns itself."""
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,12 @@ class SeedPlan:
         return [s for s in self.sockets if s.state == TcpState.CLOSE_WAIT]
 
 
-def owner_seed(info: ProcessInfo, cgroup_id: int | None) -> OwnerSeed:
-    return OwnerSeed(info.pid, info.start_ticks * (NS // CLK_TCK), info.comm[:15], cgroup_id or 0)
+OWNER_IN_CGROUP = 1  # tcptrace.h TT_OWNER_IN_CGROUP
+
+
+def owner_seed(info: ProcessInfo, cgroup_id: int | None, in_cgroup: bool = False) -> OwnerSeed:
+    flags = OWNER_IN_CGROUP if in_cgroup else 0
+    return OwnerSeed(info.pid, info.start_ticks * (NS // CLK_TCK), info.comm[:15], cgroup_id or 0, flags)
 
 
 def plan(
@@ -100,7 +107,8 @@ def plan(
         found = owners.get(info.pid)
         if found is None:
             cg = cgroup_id(info.cgroup) if cgroup_id is not None and info.cgroup is not None else None
-            found = owners[info.pid] = owner_seed(info, cg)
+            inside = flt.by_cgroup and flt.accepts_cgroup_path(info.cgroup)
+            found = owners[info.pid] = owner_seed(info, cg, inside)
         return found
 
     listening: dict[tuple[int, int, int], OwnerSeed] = {}
@@ -155,6 +163,7 @@ def _fill_tuple(key: Any, netns: int, ep: Endpoint) -> None:
 def _fill_owner(o: Any, seed: OwnerSeed) -> None:
     o.tgid = seed.pid
     o.cgroup = seed.cgroup
+    o.flags = seed.flags
     o.start_ns = seed.start_ns
     o.comm = seed.comm  # a char array: ctypes takes the bytes (NUL-padded)
 

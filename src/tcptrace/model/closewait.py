@@ -300,15 +300,17 @@ def group_key(sock: CloseWaitSocket) -> GroupKey:
 def group_suspects(socks: Iterable[CloseWaitSocket], threshold_ns: int, now_ns: int) -> list[SuspectGroup]:
     """Sockets older than the threshold, grouped by (owner, code path), worst first.
 
-    Whether the app touched a socket after the FIN does not split a group: sockets not
-    touched after it join the biggest group of the same owner, origin and pre-FIN touch
-    that was (a Go client's transport reads the EOF of some connections and not yet of
-    others); two different touches after the FIN are two groups."""
+    Where the last send/recv before the FIN was kept, whether the app touched a socket
+    after the FIN does not split a group: sockets not touched after it join the biggest
+    group of the same owner, origin and pre-FIN touch that was (a Go client's transport
+    reads the EOF of some connections and not yet of others). Two different touches after
+    the FIN are two groups; and without the pre-FIN touch, a socket never touched after
+    the FIN (replied to, then forgotten) is told apart from one read to EOF by that alone."""
     groups: dict[GroupKey, list[CloseWaitSocket]] = {}
     for sock in socks:
         if sock.age_ns(now_ns) >= threshold_ns:
             groups.setdefault(group_key(sock), []).append(sock)
-    for key in [k for k in groups if not k.post_fin_touch]:
+    for key in [k for k in groups if not k.post_fin_touch and k.pre_fin_touch]:
         touched = [k for k in groups if k.post_fin_touch and k[:3] == key[:3]]
         if touched:
             biggest = max(touched, key=lambda k: len(groups[k]))
