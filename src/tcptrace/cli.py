@@ -489,7 +489,7 @@ def doctor() -> None:
     "--touch-stacks/--no-touch-stacks",
     default=None,
     help="Keep the user stack of each traced socket's last send/recv before the peer's FIN "
-    "(costs ~TOUCH_COST per send/recv of every traced socket). Default: on with --pid or "
+    "(~0.8 us more BPF time per send/recv of every traced socket). Default: on with --pid or "
     "--port, off otherwise.",
 )
 @stacks_option("Show every frame of each code path (by default, those around the application's).")
