@@ -7,7 +7,8 @@ CPU from /proc/PID/stat until it drained, BPF run time with BPF_ENABLE_STATS, Vm
 the loads of scripts/bench (bench/loadgen.c at max churn both ways, paced 5k and 1k
 conn/s), plus what issue 14's targets need that the bench does not print: the CLOSE_WAIT
 entries and closes each tracer counted against the load's connections, the agent's own
-counters (scraped), and the peak RSS before the load (after compiling) against after it.
+counters (scraped), and the RSS once attached and idle (the peak reset there) against the
+peak under the load.
 It builds bench/loadgen.c into a temporary directory and prints one JSON object per run.
 It needs root and a quiet machine (it is not scripts/bench: that one writes the docs).
 """
@@ -35,6 +36,7 @@ from bench.runner import (
     enable_bpf_stats,
     peak_rss_kb,
     process_bpf,
+    reset_peak_rss,
 )
 from tcptrace.export.prometheus import sample_value
 
@@ -57,6 +59,8 @@ def measure(bench: Bench, sc: Scenario, name: str) -> dict[str, Any]:
     try:
         tracer.start()
         tracer.wait_attached()
+        # The peak from here on, not bcc's compile (as bench/runner.py measures it).
+        out["peak_from_idle"] = reset_peak_rss(tracer.pid)
         out["rss_idle_kb"] = peak_rss_kb(tracer.pid)
         metrics0 = scrape(tracer.metrics_url) if tracer.metrics_url else ""
         bpf0, c0 = process_bpf(tracer.pid), cpu_ticks(tracer.pid)
