@@ -9,6 +9,8 @@
  * sys_exit_*: the duration goes into an exact log2 histogram per (process, syscall,
  * user stack when TT_WITH_STACKS) in `cl_hists`; only a call a human must see (reset,
  * blocked on SO_LINGER, late close of a CLOSE_WAIT socket) becomes a TT_KIND_CLOSE event.
+ * TT_CL_NO_EVENTS (the agent): histograms per (process, syscall) only, no stack taken and
+ * no event sent, so the table grows with the processes, not with their code paths.
  *
  * Filters (--pid, --comm, --port, -4/-6) apply to the calling process and the socket
  * closed, at entry.
@@ -108,7 +110,7 @@ static __always_inline int tt_cl_begin(void *ctx, struct tt_cl_call *c, __u8 op)
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
     c->op = op;
     c->ustack = -1;
-#ifdef TT_WITH_STACKS
+#if defined(TT_WITH_STACKS) && !defined(TT_CL_NO_EVENTS)
     c->ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
     if (c->ustack < 0)
         stats.increment(TT_STAT_STACK_FAIL);
@@ -193,6 +195,9 @@ static __always_inline int tt_cl_exit(void *ctx, long ret)
     if (!flags)
         return 0;
     cl_stats.increment(TT_CL_STAT_FLAGGED);
+#ifdef TT_CL_NO_EVENTS
+    return 0;
+#endif
 
     /* Stacks of the event: the user stack is the call's; a kernel stack at syscall
      * exit says nothing. */

@@ -171,6 +171,9 @@ class Agent:
             "TT_CW_AGG": 1,
             # TIME_WAIT from the kernel's counters only: no event per timewait socket.
             "TT_TW_NO_EVENTS": 1,
+            # close() times per (process, call): no stack per call and no event (the agent
+            # exports neither), so the histograms grow with the processes, not their code.
+            "TT_CL_NO_EVENTS": 1,
             "TT_MAX_SOCKS": o.model.max_sockets,
             "TT_STACK_ENTRIES": o.max_stacks,
             CLOSE_WAIT_NS: o.model.threshold_ns,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from tcptrace.kernel.batch import BatchReader
 from tcptrace.kernel.loader import LoadedProgram
 from tcptrace.model.agent import ProcTw
 from tcptrace.model.closelat import CALLS
@@ -33,6 +34,7 @@ class AgentMaps:
         self._cl = "closelat.bpf.c" in names
         self._raw: dict[tuple[str, Any], Any] = {}
         self.cl_comm: dict[tuple[int, str, int], str] = {}
+        self._cl_reader: BatchReader | None = None
 
     # ---- reads, keyed so that entries can be deleted later ------------------------------
 
@@ -76,7 +78,10 @@ class AgentMaps:
             return {}
         out = {}
         self.cl_comm = {}
-        for key, v in self._bpf["cl_hists"].items():
+        if self._cl_reader is None:
+            self._cl_reader = BatchReader(self._bpf["cl_hists"])
+        for raw, v in self._cl_reader:
+            key = type(raw).from_buffer_copy(raw)  # the reader's buffer is reused
             try:
                 call = CALLS[Op(int(key.op))]
             except (ValueError, KeyError):
