@@ -648,6 +648,17 @@ def timewait(**given: Any) -> None:
     help="Leave the pid label out of per-process metrics (comm, container, pod and namespace stay), "
     "so that restarts do not start new series.",
 )
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    help="Serve /metrics over HTTPS with this certificate (PEM; with --tls-key).",
+)
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="The private key of --tls-cert (PEM).")
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(dir_okay=False),
+    help="Serve only clients presenting a certificate signed by this CA (PEM; mutual TLS).",
+)
 @buffer_options(None)
 def agent(**given: Any) -> None:
     """Run headless and export Prometheus metrics; log leak suspects as JSON lines.
@@ -660,12 +671,17 @@ def agent(**given: Any) -> None:
     scope everything but sockets by state, which is host-wide. Runs until SIGTERM or
     Ctrl-C, then detaches everything. See docs/agent.md and deploy/.
 
+    The endpoint bounds what clients can take (idle connections time out, at most 512 are
+    open, two threads answer); with --tls-cert/--tls-key it speaks HTTPS only.
+
     \b
     Examples:
       sudo tcptrace agent
-      sudo tcptrace agent --listen 0.0.0.0:9464 --threshold 60s --log /var/log/tcptrace.jsonl
+      sudo tcptrace agent --threshold 60s --log /var/log/tcptrace/leaks.jsonl
       sudo tcptrace agent --cgroup /kubepods.slice --no-pid-label
       curl -s 127.0.0.1:9464/metrics | grep tcptrace_close_wait
+      sudo tcptrace agent --listen 10.0.0.5:9464 --tls-cert agent.pem --tls-key agent.key \\
+          --tls-client-ca scrapers-ca.pem
     """
     from tcptrace.commands import agent as command
 

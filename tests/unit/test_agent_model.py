@@ -213,11 +213,18 @@ def test_a_failing_refresh_is_logged_counted_and_survived() -> None:
     def broken(now_ns: int) -> None:
         raise KeyError("tw_procs")
 
+    from tcptrace.export.prometheus import sample_value, text_of
+
+    a.collector.publish([], at_s=1234.5)  # a refresh that succeeded, earlier
     a._tick = broken  # type: ignore[method-assign]
     a.tick(0)
     line = log.getvalue().splitlines()[-1]
     assert '"type":"agent_error"' in line and "KeyError" in line
     assert a.tick_errors == 1
+    # A scrape sees the failure at once, and how old the values it gets are.
+    text = text_of(a.registry)
+    assert sample_value(text, "tcptrace_agent_tick_errors_total") == 1
+    assert sample_value(text, "tcptrace_last_successful_refresh_timestamp_seconds") == 1234.5
     # Failing from the start every time: it gives up with one line, not a traceback.
     with pytest.raises(TcptraceError, match="every refresh"):
         for _ in range(MAX_CONSECUTIVE_ERRORS):

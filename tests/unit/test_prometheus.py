@@ -144,42 +144,6 @@ def test_bad_listen_is_a_usage_error(text: str) -> None:
         parse_listen(text)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_the_server_serves_then_stops_and_frees_its_port(host: str) -> None:
-    import socket
-    import urllib.request
-
-    from tcptrace.export.prometheus import MetricsServer
-
-    collector = AgentCollector()
-    collector.publish(families(ExportState(threshold_s=5, events_decoded=7)))
-    try:
-        server = MetricsServer(host, 0, make_registry(collector, process_metrics=False))
-    except Exception as exc:  # no IPv6 loopback on this machine
-        pytest.skip(f"cannot listen on {host}: {exc}")
-    url_host = f"[{host}]" if ":" in host else host
-    with urllib.request.urlopen(f"http://{url_host}:{server.port}/metrics", timeout=5) as resp:
-        assert sample_value(resp.read().decode(), "tcptrace_events_total") == 7
-    assert server.stop(), "the server thread did not end"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with pytest.raises(OSError), socket.socket(family) as s:
-        s.settimeout(2)
-        s.connect((host, server.port))
-
-
-def test_a_busy_port_is_one_line() -> None:
-    import socket
-
-    from tcptrace.errors import TcptraceError
-    from tcptrace.export.prometheus import MetricsServer
-
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        with pytest.raises(TcptraceError, match="cannot listen on 127.0.0.1"):
-            MetricsServer("127.0.0.1", busy.getsockname()[1], make_registry(AgentCollector()))
-
-
 def test_kernel_skipped_runs_are_exported_per_program() -> None:
     text = parsed(ExportState(threshold_s=1, recursion_misses={"timer_start": 3, "tt_lc_process": 0}))
     assert sample_value(text, "tcptrace_bpf_recursion_misses_total", {"program": "timer_start"}) == 3
@@ -210,3 +174,19 @@ def test_hostile_comms_keep_the_exposition_one_sample_a_line(tmp_path) -> None: 
         if s.name == "tcptrace_close_wait_sockets"
     }
     assert comms == {str(pid): printable(comm) for pid, comm in procs}
+
+
+def test_refresh_health_and_build_info() -> None:
+    from tcptrace import __version__
+
+    collector = AgentCollector()
+    text = text_of(make_registry(collector, process_metrics=False))
+    assert sample_value(text, "tcptrace_agent_tick_errors_total") == 0
+    assert sample_value(text, "tcptrace_last_successful_refresh_timestamp_seconds") is None  # none yet
+    assert sample_value(text, "tcptrace_build_info", {"version": __version__}) == 1
+    collector.publish(families(ExportState(threshold_s=1)), at_s=100.0)
+    collector.refresh_failed()
+    collector.refresh_failed()
+    text = text_of(make_registry(collector, process_metrics=False))
+    assert sample_value(text, "tcptrace_agent_tick_errors_total") == 2
+    assert sample_value(text, "tcptrace_last_successful_refresh_timestamp_seconds") == 100.0

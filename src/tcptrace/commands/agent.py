@@ -29,8 +29,9 @@ from tcptrace.commands.closewait import touch_stacks_default
 from tcptrace.commands.options import FilterOptions, FrameRuleOptions, threshold_ns
 from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource, live_session
-from tcptrace.errors import TcptraceError
-from tcptrace.export.prometheus import AgentCollector, MetricsServer, families, make_registry, parse_listen
+from tcptrace.errors import TcptraceError, UsageError
+from tcptrace.export.httpserver import MetricsHttpServer, ServerCollector, TlsOptions
+from tcptrace.export.prometheus import AgentCollector, families, make_registry, parse_listen
 from tcptrace.kernel.agentmaps import AgentMaps, symbol_cache_count
 from tcptrace.kernel.closelat import CLOSE_WAIT_NS, LINGER_NS
 from tcptrace.kernel.cwreader import LiveCloseWait
@@ -70,6 +71,7 @@ class AgentOptions:
     """How often sockets by state are read from /proc (0: never)."""
     rules: Rules | None = None
     """The user's frame rules (--library, --app, --rules) for naming leaks' application code."""
+    tls: TlsOptions | None = None
 
 
 PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
@@ -118,7 +120,7 @@ class Agent:
         self.names = SuspectNames(options.rules, live=True)
         self.collector = AgentCollector()
         self.registry = make_registry(self.collector)
-        self.server: MetricsServer | None = None
+        self.server: MetricsHttpServer | None = None
         self.source: KernelSource | None = None
         self.closewait: LiveCloseWait | None = None
         self._session = ExitStack()
@@ -158,7 +160,8 @@ class Agent:
             # CLOSE_WAIT meanwhile is seen one way or the other (the model keeps one copy).
             self.model.preexisting = self.closewait.add_preexisting()
             self.tick(source.now_ns())
-            self.server = MetricsServer(o.host, o.port, self.registry)
+            self.server = MetricsHttpServer(o.host, o.port, self.registry, tls=o.tls)
+            self.registry.register(ServerCollector(self.server))
         except BaseException:
             self._session.close()
             raise
@@ -227,6 +230,7 @@ class Agent:
             self._tick(now_ns)
         except Exception as exc:  # logged and counted, never silent
             self.tick_errors += 1
+            self.collector.refresh_failed()
             self.log.write(
                 json.dumps(
                     {
@@ -320,9 +324,13 @@ def run(
     no_pid_label: bool,
     buffer_pages: int | None,
     frame_rules: FrameRuleOptions,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
 ) -> None:
     flt = filters.event_filter(live=True)
     host, port = parse_listen(listen)
+    tls = tls_options(tls_cert, tls_key, tls_client_ca)
     options = AgentOptions(
         host=host,
         port=port,
@@ -340,12 +348,27 @@ def run(
         ringbuf_pages=buffer_pages,
         filter=flt,
         rules=frame_rules.rules(),
+        tls=tls,
     )
     if log_file is None:
         run_agent(options)
         return
     with open_append(log_file) as log:
         run_agent(options, log)
+
+
+def tls_options(cert: str | None, key: str | None, client_ca: str | None) -> TlsOptions | None:
+    """--tls-cert, --tls-key and --tls-client-ca, checked (and the files loaded once) before
+    anything is compiled: a typo fails at once, not after the compile."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        raise UsageError("--tls-cert and --tls-key go together")
+    tls = TlsOptions(cert, key, client_ca)
+    tls.context()
+    return tls
 
 
 def run_agent(options: AgentOptions, log: IO[str] | None = None, status: IO[str] | None = None) -> str:

@@ -20,7 +20,9 @@ with it), and no pid with --no-pid-label.
 from __future__ import annotations
 
 import ipaddress
+import platform
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +35,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from tcptrace import __version__
 from tcptrace.errors import UsageError
 from tcptrace.model.agent import ExportState
 from tcptrace.model.histogram import Log2Histogram
@@ -376,11 +379,6 @@ def _health(state: ExportState) -> list[Metric]:
             state.recursion_misses,
         )
     )
-    out.append(
-        _counter(
-            "agent_tick_errors", "Refreshes that failed (logged as agent_error lines).", state.tick_errors
-        )
-    )
     out.append(_gauge("symbol_caches", "bcc per-process symbol caches held (bounded).", state.symbol_caches))
     out.append(
         _gauge(
@@ -390,6 +388,43 @@ def _health(state: ExportState) -> list[Metric]:
         )
     )
     return out
+
+
+def refresh_families(tick_errors: int, last_success_s: float | None) -> list[Metric]:
+    """How the agent's refreshes go: failures, and when one last succeeded (absent before
+    the first: ``time() - tcptrace_last_successful_refresh_timestamp_seconds`` is the age of
+    what a scrape shows)."""
+    out: list[Metric] = [
+        _counter(
+            "agent_tick_errors",
+            "Refreshes that failed (each logged as an agent_error line); the values served are "
+            "then those of the last refresh that succeeded.",
+            tick_errors,
+        )
+    ]
+    if last_success_s is not None:
+        out.append(
+            _gauge(
+                "last_successful_refresh_timestamp_seconds",
+                "When the values served were refreshed (Unix time): alert when it falls behind.",
+                last_success_s,
+            )
+        )
+    return out
+
+
+def build_info() -> GaugeMetricFamily:
+    """``tcptrace_build_info{version, python} 1``, as exporters name their build."""
+    info = GaugeMetricFamily(
+        f"{PREFIX}_build_info",
+        "The tcptrace version and Python running the agent.",
+        labels=["version", "python"],
+    )
+    info.add_metric([__version__, platform.python_version()], 1)
+    return info
+
+
+BUILD_INFO = build_info()
 
 
 def _by_label(
@@ -415,19 +450,30 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 
 class AgentCollector(Collector):
-    """Serves the last published families to every scrape."""
+    """Serves the last published families to every scrape, and the refreshes' own health,
+    which changes when a refresh fails too (so a failing agent is seen failing, not only
+    serving stale values): ``tcptrace_agent_tick_errors_total`` and the time of the last
+    refresh that succeeded."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._families: list[Metric] = []
+        self.tick_errors = 0
+        self.last_success_s: float | None = None
 
-    def publish(self, fams: list[Metric]) -> None:
+    def publish(self, fams: list[Metric], at_s: float | None = None) -> None:
+        """The families of a refresh that succeeded (at ``at_s``, wall-clock seconds)."""
         with self._lock:
             self._families = fams
+            self.last_success_s = time.time() if at_s is None else at_s
+
+    def refresh_failed(self) -> None:
+        with self._lock:
+            self.tick_errors += 1
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
-            return list(self._families)
+            return [*self._families, *refresh_families(self.tick_errors, self.last_success_s), BUILD_INFO]
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -469,29 +515,6 @@ def parse_listen(text: str) -> tuple[str, int]:
         if host != "localhost":
             raise UsageError(f"--listen {text!r}: give an IP address (or localhost)") from None
     return host, port
-
-
-class MetricsServer:
-    """prometheus_client's HTTP server in a thread; stop() ends the thread and closes the socket."""
-
-    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
-        from prometheus_client import start_http_server
-
-        try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
-        except OSError as exc:
-            from tcptrace.errors import TcptraceError
-
-            raise TcptraceError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        self.host = host
-        self.port = int(self._server.server_address[1])
-
-    def stop(self, timeout_s: float = 5.0) -> bool:
-        """Shut the server down; True when its thread ended."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
 
 
 def text_of(registry: CollectorRegistry) -> str:
