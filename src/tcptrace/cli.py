@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, cast
@@ -43,34 +44,52 @@ class OneLineUsageError(click.UsageError):
 
 class TcptraceGroup(click.Group):
     """Turns TcptraceError into one line on stderr and its exit code, and a usage error into
-    one line with exit code 2: never a traceback."""
-
-    def make_context(
-        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
-    ) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.exceptions.NoArgsIsHelpError:
-            raise  # `tcptrace` alone: the help, as click shows it
-        except click.UsageError as exc:
-            raise OneLineUsageError(exc) from None
+    one line with exit code 2: never a traceback; an interruption (Ctrl-C, SIGTERM, SIGHUP)
+    into one line and 128 + the signal's number."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from tcptrace.commands.interrupts import Interrupted, interruptible
+
         try:
-            return super().invoke(ctx)
+            with interruptible():
+                return super().invoke(ctx)
         except OneLineUsageError:
             raise
         except click.UsageError as exc:  # a command's options did not parse
             raise OneLineUsageError(exc) from None
+        except (KeyboardInterrupt, Interrupted) as exc:
+            stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            click.echo(f"tcptrace: interrupted by {stop}", err=True)
+            ctx.exit(stop.exit_code)
         except TcptraceError as exc:
             hint = f" ({exc.hint})" if exc.hint else ""
             click.echo(f"tcptrace: error: {exc}{hint}", err=True)
             ctx.exit(exc.exit_code)
         except BrokenPipeError:
             # The reader went away (`tcptrace states --json | head`): not an error of ours.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            _drop_stdout()
             ctx.exit(0)
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        """--help and --version print while the arguments are parsed: a closed pipe there
+        (`tcptrace --help | head -1`) is exit 0 too, where click would exit 1."""
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # `tcptrace` alone: the help, as click shows it
+        except click.UsageError as exc:
+            raise OneLineUsageError(exc) from None
+        except BrokenPipeError:
+            _drop_stdout()
+            raise click.exceptions.Exit(0) from None
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 @click.group(cls=TcptraceGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -31,3 +31,16 @@ def test_reader_closing_the_pipe_is_exit_0(data_dir: Path, command: str, recordi
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0, err
     assert "Traceback" not in err and "Error" not in err
+
+
+@pytest.mark.parametrize("args", ["--help", "--version", "states --help", "agent --help"])
+def test_help_and_version_into_a_closed_pipe_are_exit_0(args: str) -> None:
+    """Printed while click parses the arguments, where click itself would exit 1."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tcptrace", *args.split()], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert err == ""

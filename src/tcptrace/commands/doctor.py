@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 
@@ -81,12 +82,13 @@ def run_checks() -> list[Check]:
     except TcptraceError as exc:
         btf = None
         checks.append(Check("kernel BTF", False, str(exc), "a kernel built with CONFIG_DEBUG_INFO_BTF=y"))
+    checks.append(path_check())
     release = os.uname().release
     major, minor = (int(x) for x in release.split(".")[:2]) if release[0].isdigit() else (0, 0)
     checks.append(
         Check("ring buffer", (major, minor) >= (5, 8), f"kernel {release} (needs 5.8+)", "a 5.8+ kernel")
     )
-    if all(c.ok for c in checks) and bcc is not None:
+    if all(c.ok for c in checks if c.required) and bcc is not None:
         checks.append(_attach_check(btf))
     return checks
 
@@ -98,10 +100,41 @@ def _tracefs_if_mounted() -> str | None:
     return None
 
 
+def is_tcptrace_script(path: str) -> bool:
+    """Whether ``path`` is a console script of this package (what pip, pipx and
+    scripts/install write: ``from tcptrace.cli import main``), not another program of the
+    same name such as Debian's tcptrace (a tcpdump file analyser, an ELF binary)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return not head.startswith(b"\x7fELF") and b"tcptrace.cli" in head
+
+
+def path_check(path: str | None = None) -> Check:
+    """Which ``tcptrace`` the shell runs: a warning when another program of that name
+    comes first on PATH."""
+    found = shutil.which("tcptrace", path=path)
+    if found is None:
+        return Check("tcptrace on PATH", True, "none (run it as `python -m tcptrace`)", required=False)
+    if is_tcptrace_script(found):
+        return Check("tcptrace on PATH", True, found, required=False)
+    return Check(
+        "tcptrace on PATH",
+        False,
+        f"{found} comes first and is another program (Debian's tcptrace package is a tcpdump file analyser)",
+        "run this one by its full path (scripts/install links /usr/local/bin/tcptrace) or put "
+        "its directory first on PATH",
+        required=False,
+    )
+
+
 def _attach_check(btf: Btf | None) -> Check:
     started = time.monotonic()
     try:
-        program = loader.load(list(loader.PARTS.values()), btf=btf)
+        with make_console(stderr=True).status("compiling and attaching every BPF program…"):
+            program = loader.load(list(loader.PARTS.values()), btf=btf)
     except TcptraceError as exc:
         return Check("compile and attach", False, str(exc), exc.hint or INSTALL)
     program.close()

@@ -1,11 +1,11 @@
 """The loop every command runs: feed events to a handler, tick at intervals, stop cleanly.
 
 Stops on --duration (model time, so a replay of 60 s of events stops where a live run
-would have), at the end of a recording, on Ctrl-C or SIGTERM, and when the traced
+would have), at the end of a recording, on Ctrl-C, SIGTERM or SIGHUP, and when the traced
 process (``watch_pid``) has exited: a grace period later, so that the kernel's last
 transitions of its sockets (closed at exit) are still seen. The caller's ``finally``
-then detaches programs and prints the summary: SIGTERM is turned into a normal stop,
-since Python's default would skip all cleanup.
+then detaches programs and prints the summary: a signal during the loop is a normal stop
+(exit status 0); before or after it, commands/interrupts.py makes it an interruption.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
+from tcptrace.commands.interrupts import STOP_SIGNALS, ignored
 from tcptrace.commands.sources import KernelSource, Source
 from tcptrace.model.events import SocketEvent
 
@@ -41,12 +42,13 @@ class StopFlag:
 
 @contextmanager
 def stop_on_signals(flag: StopFlag) -> Iterator[StopFlag]:
-    """Turn SIGINT and SIGTERM into ``flag`` being set, for the duration of the block."""
+    """Turn SIGINT, SIGTERM and SIGHUP into ``flag`` being set, for the duration of the
+    block (a signal the process was started with ignored stays ignored)."""
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         flag.set(signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS if not ignored(sig)}
     try:
         yield flag
     finally:
@@ -65,7 +67,8 @@ def run(
     watch_pid: int | None = None,
     on_batch: BatchHandler | None = None,
 ) -> str:
-    """Run until stopped; returns why ("duration", "end", "SIGINT", "SIGTERM", "pid exited").
+    """Run until stopped; returns why ("duration", "end", "SIGINT", "SIGTERM", "SIGHUP",
+    "pid exited").
 
     A live source is drained at the end: what the kernel had already sent is handled too,
     so a summary counts it. Ctrl-C arriving before the handlers are in place is a stop

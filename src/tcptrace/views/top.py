@@ -295,4 +295,7 @@ def key_reader(stream: Any = None) -> Iterator[KeyReader | None]:
         tty.setcbreak(fd)
         yield KeyReader(fd)
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        try:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        except termios.error:  # the terminal hung up: nothing left to restore
+            pass
