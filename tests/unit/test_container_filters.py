@@ -146,7 +146,8 @@ def test_container_cgroups_include_monitors_and_children() -> None:
 def test_states_names_owners_in_container_terms(tmp_path: Path) -> None:
     code, out, _ = invoke("states", "--from", str(recording(tmp_path / "r.jsonl")))
     assert code == 0
-    lines = {int(line.split()[1]): line for line in out.splitlines()[1:] if line.strip()}
+    events = out.split("\n\n", 1)[0]  # the summary follows, after a blank line
+    lines = {int(line.split()[1]): line for line in events.splitlines()[1:] if line.strip()}
     assert "[container docker 4f797c539e6c, pid 1 in its namespace, netns 4026532001]" in lines[11]
     assert (
         "[pod shop/web-1 (Burstable) container containerd nginx, pid 7 in its namespace, netns 4026532002]"

@@ -186,7 +186,7 @@ def test_units_ms_makes_plain_numbers_under_a_named_header(data_dir: Path) -> No
     result = CliRunner().invoke(
         cli, ["states", "--units", "ms", "--from", str(data_dir / "lifecycle_basic.jsonl")]
     )
-    lines = result.stdout.splitlines()
+    lines = result.stdout.split("\n\n", 1)[0].splitlines()  # the summary follows a blank line
     assert lines[0].split()[-1] == "PREV(ms)"
     prevs = [line.split()[-1] for line in lines[1:] if line.strip()]
     assert prevs and all(p == "-" or re.fullmatch(r"\d+\.\d{3}", p) for p in prevs)

@@ -120,7 +120,7 @@ def run(
     if writer is not None:
         writer.write({**summary_json(model, counters, reason), **summary_flags(source)})
     else:
-        print_summary(make_console(stderr=True), model, counters, reason, source.clock_offset_ns)
+        print_summary(console, model, counters, reason, source.clock_offset_ns)
 
 
 def kernel_reader(source: Source, model: CloseLatency, stacks: bool) -> CloseLatencyReader | None:

@@ -172,7 +172,7 @@ def stream_events(
             }
         )
     else:
-        print_summary(make_console(stderr=True), summary, counters, reason)
+        print_summary(console, summary, counters, reason)
     return Streamed(summary.events, lost, reason)
 
 

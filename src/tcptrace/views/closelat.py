@@ -10,7 +10,7 @@ from rich.text import Text
 
 from tcptrace.model.closelat import CallStats, CloseLatency, Report
 from tcptrace.model.events import CloseCall, CloseFlag
-from tcptrace.views.common import clock, duration, endpoint, safe, time_cell, time_header
+from tcptrace.views.common import bucket_label, clock, duration, endpoint, safe, time_cell, time_header
 
 BAR_WIDTH = 40
 MAX_ROWS = 10  # rows shown per report in text; --json has them all
@@ -45,11 +45,6 @@ FLAG_STYLE = {
     CloseFlag.LINGERED: "bold yellow",
     CloseFlag.LATE_CLOSE_WAIT: "bold magenta",
 }
-
-
-def bucket_range(low_ns: int, high_ns: int) -> str:
-    """``16us .. 32us``: a bucket's bounds, compactly."""
-    return f"{duration(low_ns)} .. {duration(high_ns)}"
 
 
 def flagged_text(row: CallStats) -> str:
@@ -87,7 +82,7 @@ def bar_lines(row: CallStats, width: int = BAR_WIDTH) -> list[Text]:
     lines = []
     for b in buckets:
         n = max(1, round(width * b.count / most))
-        line = Text(f"{'':>7} {bucket_range(b.low_ns, b.high_ns):>22} {b.count:>8} ")
+        line = Text(f"{'':>7} {bucket_label(b.low_ns, b.high_ns):>22} {b.count:>8} ")
         line.append("█" * n, style="cyan")
         lines.append(line)
     return lines

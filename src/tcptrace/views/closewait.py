@@ -12,7 +12,7 @@ from tcptrace.model.attribution import Attributor, LeakAttribution, RolePath
 from tcptrace.model.closewait import CloseWaitModel, CloseWaitTracker, Interval, SuspectGroup
 from tcptrace.model.histogram import age_histogram
 from tcptrace.model.workload import NOBODY, Whois, whois_text
-from tcptrace.views.common import duration, endpoint, host_text, safe, time_cell, time_header
+from tcptrace.views.common import bucket_label, duration, endpoint, host_text, safe, time_cell, time_header
 
 CloseWaitView = CloseWaitModel | CloseWaitTracker
 """Either model: from the kernel's aggregates (closewait), or from events (top, diagnose)."""
@@ -196,9 +196,7 @@ def render(
     hist = tracker.close_histogram()
     if hist:
         parts.append(
-            _histogram_table(
-                [(f"{duration(b.low_ns)}-{duration(b.high_ns)}", b.count) for b in hist], "time to close"
-            )
+            _histogram_table([(bucket_label(b.low_ns, b.high_ns), b.count) for b in hist], "time to close")
         )
     groups = tracker.suspects(now_ns)
     if groups:

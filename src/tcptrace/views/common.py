@@ -137,6 +137,33 @@ def time_header(name: str) -> str:
     return name if mode == "auto" else f"{name}({mode})"
 
 
+def bound(ns: int) -> str:
+    """A histogram bucket's bound, to three significant digits (a log2 bound such as
+    2**16 ns is 65.5us, not a rounded 66us or a made-up 64us).
+
+    >>> [bound(v) for v in (0, 512, 1024, 65536, 131072, 1 << 30, 1 << 35, 3600 * NS)]
+    ['0', '512ns', '1.02us', '65.5us', '131us', '1.07s', '34.4s', '1h']
+    """
+    if ns == 0:
+        return "0"
+    for unit, size in (("ns", 1), ("us", 1000), ("ms", 1_000_000), ("s", NS)):
+        if ns < size * 1000:
+            return f"{ns / size:.3g}{unit}"
+    if ns < 3600 * NS:
+        return f"{ns / 60 / NS:.3g}m"
+    return f"{ns / 3600 / NS:.3g}h"
+
+
+def bucket_label(low_ns: int, high_ns: int) -> str:
+    """The one label of a histogram bucket holding low <= v < high, in every view:
+    ``65.5us-131us``.
+
+    >>> bucket_label(65536, 131072), bucket_label(0, 1000)
+    ('65.5us-131us', '0-1us')
+    """
+    return f"{bound(low_ns)}-{bound(high_ns)}"
+
+
 def sparkline(values: Iterable[float], width: int = 60) -> str:
     """Recent values as block characters, scaled to the largest.
 
@@ -176,7 +203,20 @@ class _Console(Console):
         raise BrokenPipeError
 
 
+UNWRAPPED = 100_000
+"""The width of a console that is not a terminal: lines are never wrapped for a file or a
+pipe (a sentence cut at column 80 breaks grep and diff)."""
+
+
 def make_console(stderr: bool = False, **kwargs: object) -> Console:
     """A console for tcptrace's output: no highlighting (numbers in names stay plain), no
-    markup or emoji codes in strings (views build ``Text`` anyway; this is a second lock)."""
-    return _Console(stderr=stderr, highlight=False, markup=False, emoji=False, **kwargs)  # type: ignore[arg-type]
+    markup or emoji codes in strings (views build ``Text`` anyway; this is a second lock).
+
+    On a terminal, rich's usual rendering. Anywhere else (a file, a pipe): no colour (rich
+    decides that by the same test), and no wrapping: each line as long as it is. Live
+    views check ``is_terminal`` and print lines instead of redrawing.
+    """
+    console = _Console(stderr=stderr, highlight=False, markup=False, emoji=False, **kwargs)  # type: ignore[arg-type]
+    if not console.is_terminal and "width" not in kwargs:
+        console.width = UNWRAPPED
+    return console

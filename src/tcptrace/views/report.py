@@ -18,7 +18,7 @@ from tcptrace.model.events import STATE_ORDER
 from tcptrace.model.histogram import US, Bucket, log2_buckets
 from tcptrace.model.overview import Overview
 from tcptrace.printable import printable
-from tcptrace.views.common import duration
+from tcptrace.views.common import bucket_label, duration
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:60em;color:#222}
@@ -111,7 +111,7 @@ def _verdicts(d: Diagnosis) -> str:
 
 
 def _bucket_rows(buckets: Sequence[Bucket]) -> list[tuple[str, float]]:
-    return [(f"{duration(b.low_ns)}–{duration(b.high_ns)}", float(b.count)) for b in buckets]
+    return [(bucket_label(b.low_ns, b.high_ns), float(b.count)) for b in buckets]
 
 
 def _states(d: Diagnosis) -> str:
