@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from tcptrace.model.events import TcpState
+from tcptrace.model.events import TcpState, ipv6_text
 from tcptrace.system.tcpsock import TcpSocket
 
 SS_STATES = {
@@ -25,8 +25,8 @@ SS_STATES = {
 def parse_endpoint(text: str) -> tuple[int, str, int]:
     """(family, address as tcptrace writes it, port) of an ss column.
 
-    >>> parse_endpoint("[::ffff:127.0.0.1]:40008")[0]
-    6
+    >>> parse_endpoint("[::ffff:127.0.0.1]:40008")
+    (6, '::ffff:127.0.0.1', 40008)
     >>> parse_endpoint("127.0.0.1:40006"), parse_endpoint("0.0.0.0:*"), parse_endpoint("*:40008")
     ((4, '127.0.0.1', 40006), (4, '0.0.0.0', 0), (6, '::', 40008))
     """
@@ -36,7 +36,7 @@ def parse_endpoint(text: str) -> tuple[int, str, int]:
     if host == "*":  # a dual-stack socket bound to ::
         return 6, "::", number
     if host.startswith("["):
-        return 6, str(ipaddress.IPv6Address(host[1:-1])), number
+        return 6, ipv6_text(ipaddress.IPv6Address(host[1:-1]).packed), number
     return 4, str(ipaddress.IPv4Address(host)), number
 
 

@@ -137,3 +137,19 @@ def test_from_json_rejects_malformed(patch: dict[str, object]) -> None:
     obj.update(patch)
     with pytest.raises((ValueError, TypeError, KeyError)):
         from_json(obj)
+
+
+def test_ipv4_mapped_addresses_are_dotted_everywhere(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """As ss prints them: kernel events, sock_diag and /proc rows agree, and a recording
+    made before (``::ffff:7f00:1``) reads back in the same form."""
+    from tcptrace.model.events import AF_INET6, format_addr, from_json
+    from tcptrace.system.procnet import parse_addr
+    from tcptrace.system.tcpsock import format_ip
+
+    mapped = bytes(10) + bytes([255, 255, 127, 0, 0, 1])
+    assert format_addr(mapped, AF_INET6) == format_ip(mapped, 6) == "::ffff:127.0.0.1"
+    assert parse_addr("0000000000000000FFFF00000100007F:01BB") == ("::ffff:127.0.0.1", 443)
+    old = {"type": "transition", "ts_ns": 1, "skaddr": 1, "family": 6, "saddr": "::ffff:7f00:1"}
+    old |= {"daddr": "::ffff:a00:5", "sport": 80, "dport": 1234, "old": "LISTEN", "new": "SYN_RECV"}
+    event = from_json(old)
+    assert (event.saddr, event.daddr) == ("::ffff:127.0.0.1", "::ffff:10.0.0.5")

@@ -40,9 +40,8 @@ def test_piped_output_is_plain_and_whole(data_dir: Path, command: str, recording
 
 
 def test_a_verdict_is_one_line_however_long(data_dir: Path) -> None:
-    result = run_piped(
-        ["diagnose", "--threshold", "100ms", "--from", str(data_dir / "closewait_leaky.jsonl")]
-    )
+    recording = str(data_dir / "closewait_leaky.jsonl")
+    result = run_piped(["diagnose", "--threshold", "100ms", "--from", recording])
     verdict = next(line for line in result.stdout.splitlines() if line.startswith("PROBLEM"))
     assert len(verdict) > 80
     assert verdict.endswith("look for an error path that skips close()")

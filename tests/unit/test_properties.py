@@ -20,11 +20,17 @@ from tcptrace.model.events import (
     TcpState,
     Touch,
     Transition,
+    canonical_addr,
     from_json,
     from_raw,
     to_json,
 )
 from tcptrace.recording import JsonLinesWriter, make_header, open_recording
+
+
+def written(address: object) -> str:
+    return canonical_addr(str(address))
+
 
 u8 = st.integers(0, 255)
 u16 = st.integers(0, 65535)
@@ -97,8 +103,9 @@ events = st.one_of(
     ),
     st.builds(Touch, op=st.sampled_from(Op), ret=s32, **common),
 ).flatmap(
-    # Recordings hold addresses of the event's family (or "" when unknown).
-    lambda ev: st.tuples(*[st.just("") | st.ip_addresses(v=ev.family).map(str)] * 2).map(
+    # Recordings hold addresses of the event's family (or "" when unknown), as tcptrace
+    # writes them (format_addr: IPv4-mapped ones dotted).
+    lambda ev: st.tuples(*[st.just("") | st.ip_addresses(v=ev.family).map(written)] * 2).map(
         lambda a: dataclasses.replace(ev, saddr=a[0], daddr=a[1])
     )
 )

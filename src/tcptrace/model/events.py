@@ -102,7 +102,36 @@ def format_addr(raw: bytes, family: int) -> str:
     """
     if family == AF_INET:
         return str(ipaddress.IPv4Address(bytes(raw[:4])))
-    return str(ipaddress.IPv6Address(bytes(raw[:16])))
+    return ipv6_text(bytes(raw[:16]))
+
+
+def ipv6_text(packed: bytes) -> str:
+    """An IPv6 address as ``ss`` (glibc's inet_ntop) writes it: an IPv4-mapped one, what a
+    dual-stack server sees of IPv4 clients, in dotted form (Python 3.11's ipaddress writes
+    ``::ffff:7f00:1``). The one rule for every address tcptrace shows or records.
+
+    >>> ipv6_text(bytes(10) + bytes([255, 255, 127, 0, 0, 1])), ipv6_text(bytes(15) + bytes([1]))
+    ('::ffff:127.0.0.1', '::1')
+    """
+    address = ipaddress.IPv6Address(packed)
+    mapped = address.ipv4_mapped
+    return f"::ffff:{mapped}" if mapped is not None else str(address)
+
+
+@functools.lru_cache(maxsize=4096)
+def canonical_addr(text: str) -> str:
+    """An address read back from a recording, written as tcptrace writes it now (recordings
+    made before wrote IPv4-mapped addresses as ``::ffff:7f00:1``); anything else unchanged.
+
+    >>> canonical_addr("::ffff:7f00:1"), canonical_addr("10.0.0.1"), canonical_addr("fe80::1")
+    ('::ffff:127.0.0.1', '10.0.0.1', 'fe80::1')
+    """
+    if not text.startswith("::ffff:") or "." in text:
+        return text
+    try:
+        return ipv6_text(ipaddress.IPv6Address(text).packed)
+    except ValueError:
+        return text
 
 
 @functools.lru_cache(maxsize=4096)
@@ -390,6 +419,8 @@ def from_json(obj: Mapping[str, Any]) -> SocketEvent:
             continue
         if key == "skaddr":
             value = int(value, 16) if isinstance(value, str) else int(value)
+        elif key in ("saddr", "daddr") and isinstance(value, str):
+            value = canonical_addr(value)
         elif key in ("old", "new") or (key == "state" and value is not None):
             value = TcpState.parse(value)
         elif key in ("substate", "created_as") and value is not None:

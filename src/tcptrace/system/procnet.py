@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterable, Iterator
 
 from tcptrace.errors import TcptraceError
-from tcptrace.model.events import TcpState
+from tcptrace.model.events import TcpState, ipv6_text
 from tcptrace.system.tcpsock import TcpSocket
 
 PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
@@ -32,7 +32,7 @@ def parse_addr(text: str) -> tuple[str, int]:
     >>> parse_addr("00000000000000000000000001000000:0050")
     ('::1', 80)
     >>> parse_addr("0000000000000000FFFF00000100007F:01BB")
-    ('::ffff:7f00:1', 443)
+    ('::ffff:127.0.0.1', 443)
     """
     addr_hex, _, port_hex = text.partition(":")
     raw = bytes.fromhex(addr_hex)
@@ -43,7 +43,7 @@ def parse_addr(text: str) -> tuple[str, int]:
     packed = struct.pack(f">{len(words)}I", *words)
     if len(packed) == 4:
         return str(ipaddress.IPv4Address(packed)), int(port_hex, 16)
-    return str(ipaddress.IPv6Address(packed)), int(port_hex, 16)
+    return ipv6_text(packed), int(port_hex, 16)
 
 
 def parse_line(line: str, family: int) -> TcpSocket:
