@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import json
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -296,6 +301,37 @@ def test_report_is_self_contained_and_escapes_hostile_text() -> None:
     assert "leaks" in html and "TIME_WAIT created per second" in html
 
 
+def test_report_plot_has_a_time_axis_and_the_footer_says_what_made_it(tmp_path: Path) -> None:
+    """Replayed through the CLI: ticks in wall-clock time (the recording's clock offset), and
+    a footer with the version, the recording's host, the command line and the window."""
+    from tcptrace import __version__
+
+    rec = DATA / "timewait_mix.jsonl"
+    header = json.loads(rec.read_text().splitlines()[0])
+    out = tmp_path / "r.html"
+    result = subprocess.run(
+        [sys.executable, "-m", "tcptrace", "diagnose", "--from", str(rec), "--report", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    html = out.read_text()
+    plot = html[html.index('aria-label="TIME_WAIT created per second') :]
+    plot = plot[: plot.index("</svg>")]
+    ticks = re.findall(r'text-anchor="middle">(\d\d:\d\d:\d\d)</text>', plot)
+    assert len(ticks) == 5 and ticks == sorted(ticks) and "local time" in plot
+    # The first interval ends 1 s after the first event: its wall-clock time is the first tick.
+    first_ts = json.loads(rec.read_text().splitlines()[1])["ts_ns"]
+    first_end = (first_ts + NS + header["clock_offset_ns"]) / NS
+    assert ticks[0] == time.strftime("%H:%M:%S", time.localtime(first_end))
+    foot = html[html.index("<footer") :]
+    assert f"tcptrace {__version__}" in foot and f"host {header['host']}" in foot
+    assert f"command line: tcptrace diagnose --from {rec} --report {out}" in foot
+    assert f"replayed from {rec}" in foot
+    assert re.search(r"window \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ to \d\d:\d\d:\d\d \(\d+\.\d s\)", foot)
+
+
 def test_cli_diagnose_a_recording_names_the_leaking_pid_and_function() -> None:
     rec = DATA / "closewait_leaky.jsonl"
     header = json.loads(rec.read_text().splitlines()[0])
@@ -378,11 +414,13 @@ def test_cli_diagnose_a_timewait_recording_counts_creators_and_uses_its_settings
     rec = DATA / "timewait_mix.jsonl"
     # Ground truth from the recording itself: TIME_WAIT creations per owner.
     truth: dict[int, int] = {}
+    by_comm: dict[str, set[int]] = {}
     for line in rec.read_text().splitlines():
         obj = json.loads(line)
         if obj.get("type") == "timewait" and obj["substate"] == "TIME_WAIT":
             if obj["what"] in ("CREATED", "CONVERTED") and obj["pid"] is not None:
                 truth[obj["pid"]] = truth.get(obj["pid"], 0) + 1
+                by_comm.setdefault(obj["comm"], set()).add(obj["pid"])
     result = CliRunner().invoke(cli, ["diagnose", "--from", str(rec), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.splitlines()[-1])
@@ -390,5 +428,75 @@ def test_cli_diagnose_a_timewait_recording_counts_creators_and_uses_its_settings
     assert {p["pid"]: p["created"] for p in tw["by_process"]} == truth
     assert tw["created"] == sum(truth.values())
     assert tw["ports"] == 60999 - 32768 + 1  # from the recording's header
+    # One verdict per process name (the recording's two clients share theirs).
     verdicts = [v for v in summary["verdicts"] if v["topic"] == "time_wait"]
-    assert {v["pid"]: v["data"]["created"] for v in verdicts} == truth
+    assert len(by_comm) == 1 and len(next(iter(by_comm.values()))) == 2
+    assert {v["comm"]: sorted(v["data"]["pids"]) for v in verdicts} == {
+        c: sorted(p) for c, p in by_comm.items()
+    }
+    assert {v["comm"]: v["data"]["created"] for v in verdicts} == {
+        c: sum(truth[p] for p in pids) for c, pids in by_comm.items()
+    }
+    assert all(v["pid"] is None for v in verdicts)
+
+
+def test_one_leak_is_one_verdict_whatever_the_kernel_path() -> None:
+    """Sockets of one owner and one application path whose stacks differ only outside the
+    application (the kernel's way into recv(), libc's offsets) were two PROBLEM verdicts
+    ("leaks 16 sockets", "leaks 1 sockets"): one now, counting all of them."""
+    import dataclasses
+
+    ov = Overview(threshold_ns=NS)
+    ov.start(0)
+    libc_slow = ("__libc_recv+0x80 [libc.so.6]", *EOF_AT[1:])
+    for i in range(17):
+        sk, ts = 500 + i, i * 10 * MS
+        leak(ov, sk, 77, ts, last=EOF_AT if i else libc_slow)
+        if i % 2:  # this one's EOF read came by another kernel path
+            ov.feed(dataclasses.replace(touch(ts + 12, sk, Op.RECV, 77, ret=0, ustack=EOF_AT), kstack=("x",)))
+    ov.tick(5 * NS)
+    assert len(ov.closewait.suspects(ov.now_ns)) > 1  # the tracker's groups are by whole stack
+    (v,) = [v for v in diagnose(ov).verdicts if v.topic == "close_wait_leak"]
+    assert v.data["count"] == 17 and v.data["new_in_window"] == 17
+    assert v.text.startswith("pid 77 (p77) leaks 17 sockets in 5.0 s")
+
+
+def tw_of(ts: int, pid: int, comm: str, sport: int, dport: int, daddr: str = "10.0.0.2") -> TimeWaitEvent:
+    return dataclasses.replace(tw_created(ts, pid, dport), comm=comm, sport=sport, daddr=daddr)
+
+
+def test_servers_by_listening_port_and_clients_by_name() -> None:
+    """nginx closes first on port 8080 (its TIME_WAIT sockets point at its clients' ephemeral
+    ports); five short-lived curls close first towards 10.0.0.2:443: one verdict each."""
+    ov = Overview()
+    ov.start(0)
+    for i in range(50):
+        ov.feed(tw_of(i * MS, 5, "nginx", 8080, 50000 + i, daddr="10.0.0.9"))
+    for i in range(40):
+        ov.feed(tw_of(100 * MS + i * MS, 100 + i // 8, "curl", 41000 + i, 443))
+    ov.tick(10 * NS)
+    listener = HostSocket(Endpoint(4, "0.0.0.0", 8080, "0.0.0.0", 0), S.LISTEN, 1, Owner(5, "nginx"))
+    held = [
+        HostSocket(Endpoint(4, "10.0.0.1", 8080, "10.0.0.9", 50000 + i), S.TIME_WAIT, 0, None)
+        for i in range(50)
+    ]
+    end = HostSnapshot(10 * NS, (listener, *held))
+    settings = TcpSettings(port_range=(32768, 60999), tw_reuse=2, max_tw_buckets=262144, fin_timeout=60)
+    d = diagnose(ov, end=end, settings=settings)
+    verdicts = {v.comm: v for v in d.verdicts if v.topic == "time_wait"}
+    assert set(verdicts) == {"nginx", "curl"}
+    nginx, curl = verdicts["nginx"], verdicts["curl"]
+    assert nginx.severity == "info" and nginx.pid == 5
+    assert "as a server, on its listening port 8080" in nginx.text
+    assert "50 in TIME_WAIT there now" in nginx.text
+    assert "busiest destination" not in nginx.text
+    assert curl.pid is None and curl.data["pids"] == [100, 101, 102, 103, 104]
+    assert curl.text.startswith("5 processes named curl (pids 100, 101, 102, 103, …) creates about 4.0")
+    assert "busiest destination 10.0.0.2:443" in curl.text  # not one of nginx's clients
+    assert [f.dest.remote for f in d.forecasts] == ["10.0.0.2:443"]
+    assert d.to_json()["time_wait"]["server_side"] == [
+        {"port": 8080, "held": 50, "listeners": [{"pid": 5, "comm": "nginx"}]}
+    ]
+    # The default tcp_tw_reuse (2) with ports to spare is no warning.
+    assert not any("tcp_tw_reuse" in e for v in d.verdicts for e in v.evidence)
+    assert not any(a.warn for a in d.settings)

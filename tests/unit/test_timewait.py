@@ -239,10 +239,10 @@ def test_model_forecasts_per_destination_from_the_last_minute() -> None:
 
 
 def test_settings_are_explained_with_warnings() -> None:
-    advice = explain_settings((32768, 60999), 2, 131072, 60, steady_total=200000.0, tw_now=5)
+    advice = explain_settings((32768, 60999), 2, 131072, 60, steady_total=200000.0, tw_now=5, utilization=0.9)
     by_name = {a.setting: a for a in advice}
     assert "28232 ephemeral ports" in by_name["net.ipv4.ip_local_port_range"].meaning
-    assert by_name["net.ipv4.tcp_tw_reuse"].warn
+    assert by_name["net.ipv4.tcp_tw_reuse"].warn  # a destination's ports run short
     assert by_name["net.ipv4.tcp_max_tw_buckets"].warn
     assert "200000" in by_name["net.ipv4.tcp_max_tw_buckets"].meaning
     assert "not TIME_WAIT" in by_name["net.ipv4.tcp_fin_timeout"].meaning or "does not" in (
@@ -250,6 +250,12 @@ def test_settings_are_explained_with_warnings() -> None:
     )
     quiet = explain_settings(None, 1, 131072, None, steady_total=10.0, tw_now=5)
     assert [a.warn for a in quiet] == [False, False]
+
+
+def test_the_default_tw_reuse_is_no_warning_when_ports_are_plenty() -> None:
+    for reuse in (0, 2):
+        advice = explain_settings((32768, 60999), reuse, None, None, 600.0, None, utilization=0.02)
+        assert not any(a.warn for a in advice)
 
 
 def test_rfc1337_says_whether_an_rst_can_end_time_wait() -> None:

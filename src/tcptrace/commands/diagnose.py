@@ -8,9 +8,11 @@ commands/top.py), seeded from /proc at the start and compared with /proc at the 
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 from typing import IO, Any
 
+from tcptrace import __version__
 from tcptrace.commands import session
 from tcptrace.commands.attribution import SuspectNames
 from tcptrace.commands.options import FilterOptions, FrameRuleOptions, threshold_ns
@@ -87,6 +89,7 @@ def run_diagnose(
     overview.closelat.filter = flt
     start = end = None
     settings: TcpSettings | None = None
+    recorded: dict[str, Any] = {}  # a recording's header: the host it was made on
     writer = JsonLinesWriter(out) if as_json else None
     with open_feeds(from_file, flt, quiet=as_json, names=names) as feeds:
         source = feeds.source
@@ -95,6 +98,7 @@ def run_diagnose(
             settings = read_settings()
         elif isinstance(source, RecordingSource):
             settings = settings_from_header(source.recording.header)
+            recorded = source.recording.header
         if writer is not None:
             # Written once attached (and seeded): a reader knows the window has begun.
             writer.write(make_header("diagnose", filter=filter_json, duration_s=duration_s))
@@ -118,6 +122,7 @@ def run_diagnose(
         if now > (overview.timewait.last_ns or 0):
             feeds.tick(overview, now)
         counters = source.counters()
+        offset_ns = source.clock_offset_ns
         if source.live:
             end = hostsnap.take(flt)
             overview.now_ns = max(overview.now_ns, end.at_ns)
@@ -134,12 +139,16 @@ def run_diagnose(
         print_diagnosis(console, result, reason)
     if report is not None:
         header = make_header("diagnose")
-        text = render_report(
-            result,
-            overview,
-            {"host": header["host"], "kernel": header["kernel"], "filter": filter_json},
-            names.attributor,
-        )
+        meta = {
+            "host": recorded.get("host") or header["host"],
+            "kernel": recorded.get("kernel") or header["kernel"],
+            "filter": filter_json,
+            "version": __version__,
+            "command": shlex.join(["tcptrace", *sys.argv[1:]]),
+            "clock_offset_ns": offset_ns,
+            "recording": from_file,
+        }
+        text = render_report(result, overview, meta, names.attributor)
         write_atomic(report, text, force)
         make_console(stderr=True).print(f"report written to {report}")
     return 0

@@ -192,6 +192,7 @@ class Counting:
             model.steady_total(),
             model.host.tw_now if model.host is not None else None,
             settings.rfc1337,
+            max((f.utilization for f in forecasts), default=0.0),
         )
         return view.Context(ports or None, advice, forecasts)
 

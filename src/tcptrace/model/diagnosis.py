@@ -16,27 +16,29 @@ with the evidence it rests on. Pure: no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tcptrace.model.attribution import Attributor, LeakAttribution, RolePath
+from tcptrace.model.attribution import Attributor, LeakAttribution, RolePath, role_paths
 from tcptrace.model.closewait import (
     CloseWaitSocket,
     CloseWaitTracker,
     RemoteSummary,
     SuspectGroup,
-    code_path_key,
     post_fin_of,
+    pre_fin_of,
     summarize_remotes,
 )
 from tcptrace.model.endpoint import Owner, OwnerFields
 from tcptrace.model.events import Op, TcpState
+from tcptrace.model.framerules import Rules
 from tcptrace.model.histogram import Log2Histogram
 from tcptrace.model.overview import Overview
 from tcptrace.model.snapshot import HostSnapshot, HostSocket
-from tcptrace.model.timewait import TIMEWAIT_LEN_S, Advice, DestForecast, TwCounts, explain_settings
+from tcptrace.model.timewait import TIMEWAIT_LEN_S, Advice, Dest, DestForecast, TwCounts, explain_settings
 
 NS = 1_000_000_000
 
@@ -138,6 +140,7 @@ class Diagnosis:
     close_wait_entered: int = 0
     close_wait_closed: int = 0
     time_to_close: list[int] = field(default_factory=list)
+    tw_server: list[ServerTimeWait] = field(default_factory=list)
 
     @property
     def worst(self) -> str:
@@ -184,6 +187,14 @@ class Diagnosis:
                 "now": self.tw_now,
                 "ports": self.ports,
                 "by_process": [{"pid": p, "comm": c, "created": n} for p, c, n in self.tw_by_process],
+                "server_side": [
+                    {
+                        "port": p.port,
+                        "held": p.held,
+                        "listeners": [{"pid": o.pid, "comm": o.comm} for o in p.owners],
+                    }
+                    for p in self.tw_server
+                ],
                 "forecasts": [
                     {
                         "local": f.dest.laddr,
@@ -246,13 +257,65 @@ def _owner_text(pid: int | None, comm: str | None) -> str:
 # ---- CLOSE_WAIT -----------------------------------------------------------------------------
 
 
-def _same_path(a: CloseWaitSocket, group: SuspectGroup) -> bool:
-    return (
-        a.pid == group.pid
-        and code_path_key(a.origin) == code_path_key(group.origin)
-        and code_path_key(a.pre_fin_touch) == code_path_key(group.sockets[0].pre_fin_touch)
-        and code_path_key(post_fin_of(a)) in ((), code_path_key(group.post_fin_touch))
+LeakKey = tuple[object, ...]
+
+
+def leak_key(group: SuspectGroup, rules: Rules | None = None) -> LeakKey:
+    """What one leak verdict is about: the owner, and each code path as the verdict words it
+    (its role, the operation, and the function of the application's frame, else a library's).
+    Stacks that differ only below or above that frame (another kernel path into recv(),
+    libc's fast and slow paths) are one code path.
+
+    >>> from tcptrace.model.lifecycle import CodePath
+    >>> a = CodePath(Op.RECV, 0, 1, kstack=("tcp_recvmsg [kernel]",), ustack=("f+0x1 [app]",))
+    >>> b = CodePath(Op.RECV, 0, 1, kstack=("sk_wait_data [kernel]",), ustack=("f+0x9 [app]",))
+    >>> def group(path):
+    ...     return SuspectGroup(None, None, path, [], 0)
+    >>> leak_key(group(a)) == leak_key(group(b))
+    True
+    """
+    words: list[object] = [group.pid, group.comm]
+    for p in role_paths(group, rules):
+        frame = p.stack.app_frame or p.stack.library_frame
+        words.append((p.role, p.path.op.name, p.eof, frame.name if frame is not None else None))
+    return tuple(words)
+
+
+def _counts_towards(sock: CloseWaitSocket, key: LeakKey, rules: Rules | None) -> bool:
+    """Whether a socket is of the leak ``key`` names: the same owner and code paths in words;
+    one the app has not touched since the FIN (yet) counts too."""
+    post_fin = post_fin_of(sock)
+    alone = SuspectGroup(
+        sock.owner,
+        sock.origin,
+        sock.last_touch,
+        [sock],
+        sock.entered_ns,
+        pre_fin_touch=pre_fin_of(sock),
+        post_fin_touch=post_fin,
     )
+    if post_fin is not None:
+        return leak_key(alone, rules) == key
+    without = tuple(w for w in key if not (isinstance(w, tuple) and w[0] == "post_fin_touch"))
+    return leak_key(alone, rules) == without
+
+
+def merge_groups(groups: Sequence[SuspectGroup], rules: Rules | None = None) -> list[SuspectGroup]:
+    """The suspect groups of one (owner, code path) in words, as one group: its origin and
+    last touch are those of its largest part. Worst first, as ``suspects`` orders them."""
+    parts: dict[LeakKey, list[SuspectGroup]] = {}
+    for group in groups:
+        parts.setdefault(leak_key(group, rules), []).append(group)
+    out = []
+    for same in parts.values():
+        if len(same) == 1:
+            out.append(same[0])
+            continue
+        main = max(same, key=lambda g: g.count)
+        sockets = sorted((s for g in same for s in g.sockets), key=lambda s: s.entered_ns)
+        out.append(dataclasses.replace(main, sockets=sockets))
+    out.sort(key=lambda g: (-g.count, -g.oldest_age_ns))
+    return out
 
 
 def _leak_head(group: SuspectGroup, new: int, window_s: float) -> str:
@@ -337,10 +400,13 @@ def _leak_verdict(
 ) -> Verdict:
     # The rate counts every socket of this owner and code path that entered CLOSE_WAIT in
     # the window and is still there, the young ones (below the threshold) too.
+    key = leak_key(group, attributor.rules)
     new = [
         s
         for s in open_now
-        if not s.preexisting and (start_ns is None or s.entered_ns >= start_ns) and _same_path(s, group)
+        if not s.preexisting
+        and (start_ns is None or s.entered_ns >= start_ns)
+        and _counts_towards(s, key, attributor.rules)
     ]
     named = attributor(group)
     remotes = group.remotes
@@ -389,7 +455,8 @@ def leak_verdicts(
     attributor: Attributor | None = None,
 ) -> list[Verdict]:
     """Leaks attributed to an owner and code path (entered CLOSE_WAIT while traced, or found
-    at start), one verdict per group of suspects, each led by its application frame."""
+    at start): one verdict per owner and code path in words (``merge_groups``), each led by
+    its application frame."""
     attribute = attributor or Attributor()
     return [_leak_verdict(g, window_s, start_ns, tracker.open.values(), attribute) for g in groups]
 
@@ -503,6 +570,90 @@ def close_wait_remote_verdicts(cw: CloseWaitAtEnd) -> list[Verdict]:
 
 
 @dataclass(frozen=True)
+class ServerTimeWait:
+    """TIME_WAIT sockets at the end on a port something listens on: a server closed first on
+    connections it accepted. Each keeps its client's port, so none takes a port of the
+    ephemeral range (nothing to exhaust), however many there are."""
+
+    port: int
+    held: int
+    """TIME_WAIT sockets on the port in the last snapshot (those of the last 60 s)."""
+    owners: tuple[Owner, ...]
+    """Who listens on the port."""
+
+
+def server_time_wait(end: HostSnapshot | None) -> tuple[list[ServerTimeWait], set[Dest]]:
+    """Server-side TIME_WAIT by listening port, and those sockets as the model's TIME_WAIT
+    destinations (local ip, remote ip, remote port), which are clients' ports, not
+    destinations (empty without a snapshot: a replay).
+
+    >>> from tcptrace.model.endpoint import Endpoint
+    >>> lst = HostSocket(Endpoint(4, "0.0.0.0", 80, "0.0.0.0", 0), TcpState.LISTEN, 1, Owner(5, "nginx"))
+    >>> tw = [HostSocket(Endpoint(4, "10.0.0.1", 80, "10.0.0.9", p), TcpState.TIME_WAIT) for p in (40, 41)]
+    >>> out = HostSocket(Endpoint(4, "10.0.0.1", 5000, "10.0.0.2", 443), TcpState.TIME_WAIT)
+    >>> ports, dests = server_time_wait(HostSnapshot(0, (lst, *tw, out)))
+    >>> [(s.port, s.held, s.owners[0].comm) for s in ports], len(dests)
+    ([(80, 2, 'nginx')], 2)
+    """
+    if end is None:
+        return [], set()
+    listening: dict[int, list[Owner]] = {}
+    for sock in end.in_state(TcpState.LISTEN):
+        owners = listening.setdefault(sock.sport, [])
+        if sock.owner is not None and sock.owner not in owners:
+            owners.append(sock.owner)
+    held: Counter[int] = Counter()
+    dests: set[Dest] = set()
+    for sock in end.in_state(TcpState.TIME_WAIT):
+        if sock.sport in listening:
+            held[sock.sport] += 1
+            dests.add(Dest(sock.family, sock.saddr, sock.daddr, sock.dport))
+    ports = [ServerTimeWait(port, n, tuple(listening[port])) for port, n in held.items()]
+    ports.sort(key=lambda p: (-p.held, p.port))
+    return ports, dests
+
+
+@dataclass(frozen=True)
+class CommGroup:
+    """The processes of one name that created TIME_WAIT: a short-lived client run many
+    times (each curl a new pid), or a server's workers, is one group."""
+
+    comm: str
+    pids: tuple[int, ...]
+    """Most creations first."""
+    created: int
+
+    def who(self) -> str:
+        """
+        >>> CommGroup("curl", (11, 12, 13, 14, 15), 9).who()
+        '5 processes named curl (pids 11, 12, 13, 14, …)'
+        >>> CommGroup("nginx", (7,), 9).who()
+        'pid 7 (nginx)'
+        """
+        if len(self.pids) == 1:
+            return _owner_text(self.pids[0], self.comm)
+        shown = ", ".join(str(p) for p in self.pids[:4]) + (", …" if len(self.pids) > 4 else "")
+        return f"{len(self.pids)} processes named {self.comm or '?'} (pids {shown})"
+
+
+def by_comm(by_process: Iterable[tuple[int, str, int]]) -> list[CommGroup]:
+    """(pid, comm, created) rows as groups by comm, most creations first.
+
+    >>> [(g.comm, g.pids, g.created) for g in by_comm([(1, "curl", 2), (9, "nginx", 5), (2, "curl", 4)])]
+    [('curl', (2, 1), 6), ('nginx', (9,), 5)]
+    """
+    rows: dict[str, list[tuple[int, int]]] = {}
+    for pid, comm, n in by_process:
+        rows.setdefault(comm, []).append((pid, n))
+    out = []
+    for comm, procs in rows.items():
+        procs.sort(key=lambda pn: (-pn[1], pn[0]))
+        out.append(CommGroup(comm, tuple(p for p, _ in procs), sum(n for _, n in procs)))
+    out.sort(key=lambda g: (-g.created, g.comm))
+    return out
+
+
+@dataclass(frozen=True)
 class TimeWaitFacts:
     """TIME_WAIT over the window: creations, their rate, who made them, the port range."""
 
@@ -511,17 +662,22 @@ class TimeWaitFacts:
     """The span the kernel counted over (attach to the last read), as the forecasts."""
     ports: int | None
     forecasts: list[DestForecast]
+    """Of client-side destinations only (a server's TIME_WAIT, when known, left out)."""
     by_process: list[tuple[int, str, int]]
     """(pid, comm, created), most first."""
     host_now: int | None
     advice: list[Advice]
+    server: list[ServerTimeWait] = field(default_factory=list)
+    server_dests: frozenset[Dest] = frozenset()
 
     @property
     def rate(self) -> float:
         return self.totals.created / self.span_s if self.span_s > 0 else 0.0
 
     @classmethod
-    def of(cls, overview: Overview, window_s: float, settings: Settings | None) -> TimeWaitFacts:
+    def of(
+        cls, overview: Overview, window_s: float, settings: Settings | None, end: HostSnapshot | None = None
+    ) -> TimeWaitFacts:
         tw = overview.timewait
         totals = tw.totals
         span_s = window_s
@@ -534,6 +690,9 @@ class TimeWaitFacts:
             key=lambda x: (-x[2], x[0]),
         )
         host_now = overview.states.host_tw
+        server, server_dests = server_time_wait(end)
+        forecasts = tw.forecasts(ports or 0, tw_reuse, top=5 + len(server_dests)) if ports else []
+        forecasts = [f for f in forecasts if f.dest not in server_dests][:5]
         advice: list[Advice] = []
         if settings is not None:
             advice = explain_settings(
@@ -544,9 +703,18 @@ class TimeWaitFacts:
                 tw.steady_total(),
                 host_now,
                 settings.rfc1337,
+                max((f.utilization for f in forecasts), default=0.0),
             )
-        forecasts = tw.forecasts(ports or 0, tw_reuse) if ports else []
-        return cls(totals, span_s, ports, forecasts, by_process, host_now, advice)
+        return cls(
+            totals, span_s, ports, forecasts, by_process, host_now, advice, server, frozenset(server_dests)
+        )
+
+    def busiest_destination(self) -> str | None:
+        """The client-side destination with the most creations (None when there is none)."""
+        dests = [(d, n) for d, n in self.totals.by_dest.items() if d not in self.server_dests]
+        if not dests:
+            return None
+        return min(dests, key=lambda dc: (-dc[1], dc[0]))[0].remote
 
 
 def _time_wait_outlook(worst: DestForecast | None) -> tuple[str, str]:
@@ -565,26 +733,55 @@ def _time_wait_outlook(worst: DestForecast | None) -> tuple[str, str]:
     return "info", "that is protocol behaviour (it closes first), and the port range holds it"
 
 
+def _server_verdict(group: CommGroup, ports: list[ServerTimeWait], rate: float, tw: TimeWaitFacts) -> Verdict:
+    listed = ", ".join(str(p.port) for p in ports[:5])
+    held = sum(p.held for p in ports)
+    return Verdict(
+        "info",
+        "time_wait",
+        f"{group.who()} creates about {rate:.1f} TIME_WAIT sockets a second ({group.created} in "
+        f"{tw.span_s:.0f} s) as a server, on its listening port{'s' if len(ports) > 1 else ''} {listed}: "
+        f"it closes first on connections it accepted ({held} in TIME_WAIT there now); a server's "
+        "TIME_WAIT sockets keep their clients' ports and take none of the ephemeral range, so "
+        "that is protocol behaviour, not port exhaustion",
+        tuple(f"port {p.port}: {p.held} in TIME_WAIT at the end, by client port" for p in ports[:5]),
+        group.pids[0] if len(group.pids) == 1 else None,
+        group.comm,
+        data={
+            "created": group.created,
+            "rate_per_s": round(rate, 3),
+            "pids": list(group.pids[:20]),
+            "server_ports": [p.port for p in ports],
+        },
+    )
+
+
 def time_wait_verdicts(tw: TimeWaitFacts) -> list[Verdict]:
-    """Who creates TIME_WAIT, at what rate, against the port range (the three busiest
-    processes); and the host's count when it alone is alarming."""
+    """Who creates TIME_WAIT, at what rate, against the port range: the three busiest
+    process names (a client run as many short-lived processes is one verdict), a server
+    closing first apart from clients (grouped by its listening ports; live only, from the
+    last snapshot); and the host's count when it alone is alarming."""
     sev, tail = _time_wait_outlook(max(tw.forecasts, key=lambda f: f.utilization, default=None))
-    dests = sorted(tw.totals.by_dest.items(), key=lambda dc: (-dc[1], dc[0]))
-    towards = f", busiest destination {dests[0][0].remote}" if dests else ""
+    busiest = tw.busiest_destination()
+    towards = f", busiest destination {busiest}" if busiest is not None else ""
     warnings = tuple(f"{a.setting} = {a.value}: {a.meaning}" for a in tw.advice if a.warn)
     out = []
-    for pid, comm, n in tw.by_process[:3]:
-        rate = n / tw.span_s if tw.span_s > 0 else 0.0
+    for group in by_comm(tw.by_process)[:3]:
+        rate = group.created / tw.span_s if tw.span_s > 0 else 0.0
+        ports = [p for p in tw.server if any(o.pid in group.pids for o in p.owners)]
+        if ports:
+            out.append(_server_verdict(group, ports, rate, tw))
+            continue
         out.append(
             Verdict(
                 sev,
                 "time_wait",
-                f"{_owner_text(pid, comm)} creates about {rate:.1f} TIME_WAIT sockets a second "
-                f"({n} in {tw.span_s:.0f} s{towards}): {tail}",
+                f"{group.who()} creates about {rate:.1f} TIME_WAIT sockets a second "
+                f"({group.created} in {tw.span_s:.0f} s{towards}): {tail}",
                 (f"TIME_WAIT held ≈ rate × {TIMEWAIT_LEN_S} s = {rate * TIMEWAIT_LEN_S:.0f}", *warnings),
-                pid,
-                comm,
-                data={"created": n, "rate_per_s": round(rate, 3)},
+                group.pids[0] if len(group.pids) == 1 else None,
+                group.comm,
+                data={"created": group.created, "rate_per_s": round(rate, 3), "pids": list(group.pids[:20])},
             )
         )
     if (
@@ -692,10 +889,10 @@ def diagnose(
     if start is not None and end is not None:
         window_s = max(window_s, (end.at_ns - start.at_ns) / NS)
     tracker = overview.closewait
-    groups = tracker.suspects(overview.now_ns)
+    groups = merge_groups(tracker.suspects(overview.now_ns), attributor.rules if attributor else None)
     stuck = _stuck(start, end) if start is not None and end is not None else []
     cw = CloseWaitAtEnd.of(start, end)
-    tw = TimeWaitFacts.of(overview, window_s, settings)
+    tw = TimeWaitFacts.of(overview, window_s, settings, end)
     hist = overview.close_latency()
     verdicts = [
         *leak_verdicts(groups, tracker, window_s, overview.start_ns, attributor),
@@ -733,6 +930,7 @@ def diagnose(
         close_wait_entered=tracker.entered,
         close_wait_closed=tracker.closed,
         time_to_close=tracker.close_times_sorted(),
+        tw_server=tw.server,
     )
 
 

@@ -24,6 +24,7 @@ from tcptrace.model.events import SocketEvent, TcpState, TimeWaitEvent, TwWhat
 
 NS = 1_000_000_000
 TIMEWAIT_LEN_S = 60  # TCP_TIMEWAIT_LEN: fixed at 60 s in Linux
+REUSE_MATTERS = 0.5  # a destination's TIME_WAIT holding more of its ports makes tcp_tw_reuse matter
 
 
 @dataclass(frozen=True, order=True)
@@ -292,8 +293,14 @@ def explain_settings(
     steady_total: float,
     tw_now: int | None,
     rfc1337: int | None = None,
+    utilization: float = 0.0,
 ) -> list[Advice]:
-    """Each setting that governs TIME_WAIT, its value here, and what it means at this rate."""
+    """Each setting that governs TIME_WAIT, its value here, and what it means at this rate.
+
+    A setting is flagged (``warn``) only when it matters at this rate: tcp_tw_reuse other
+    than 1 when a destination's TIME_WAIT would hold more than half its ports
+    (``utilization``, the busiest forecast's), never for its default alone.
+    """
     out = []
     if port_range is not None:
         ports = port_range[1] - port_range[0] + 1
@@ -311,7 +318,8 @@ def explain_settings(
             1: "on: connect() may reuse a port in TIME_WAIT for more than 1 s (with timestamps)",
             2: "loopback only (the default): connections to other hosts cannot reuse TIME_WAIT ports",
         }.get(tw_reuse, "unknown value")
-        out.append(Advice("net.ipv4.tcp_tw_reuse", str(tw_reuse), meaning, warn=tw_reuse != 1))
+        pressed = tw_reuse != 1 and utilization > REUSE_MATTERS
+        out.append(Advice("net.ipv4.tcp_tw_reuse", str(tw_reuse), meaning, warn=pressed))
     if max_tw_buckets is not None:
         over = steady_total > max_tw_buckets
         meaning = (

@@ -20,6 +20,7 @@ from tcptrace.model.overview import Overview
 from tcptrace.printable import printable
 from tcptrace.views.common import bucket_label, duration
 
+NS = 1_000_000_000
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:60em;color:#222}
 h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -60,22 +61,62 @@ def bar_chart(rows: Sequence[tuple[str, float]], title: str, width: int = 560, c
     return "".join(out)
 
 
-def line_plot(values: Sequence[float], title: str, unit: str, width: int = 560, height: int = 120) -> str:
-    """A line of values over time (one per interval), as inline SVG."""
-    if len(values) < 2:
+def wall_clock(ts_ns: int, offset_ns: int, with_date: bool = False) -> str:
+    """A kernel timestamp as local wall-clock time (``offset_ns``: wall - monotonic)."""
+    fmt = "%Y-%m-%d %H:%M:%S %Z" if with_date else "%H:%M:%S"
+    return time.strftime(fmt, time.localtime((ts_ns + offset_ns) / NS))
+
+
+def time_ticks(first_ns: int, last_ns: int, offset_ns: int | None, count: int = 5) -> list[tuple[float, str]]:
+    """(fraction of the span, label) of ``count`` ticks from ``first_ns`` to ``last_ns``:
+    wall-clock times when the clock offset is known, else seconds since the first.
+
+    >>> time_ticks(0, 10 * NS, None, 3)
+    [(0.0, '+0 s'), (0.5, '+5 s'), (1.0, '+10 s')]
+    """
+    span = max(1, last_ns - first_ns)
+    out = []
+    for i in range(count):
+        at = first_ns + span * i // (count - 1)
+        label = wall_clock(at, offset_ns) if offset_ns is not None else f"+{(at - first_ns) / NS:.3g} s"
+        out.append((i / (count - 1), label))
+    return out
+
+
+def line_plot(
+    points: Sequence[tuple[int, float]],
+    title: str,
+    unit: str,
+    offset_ns: int | None = None,
+    width: int = 560,
+    height: int = 140,
+) -> str:
+    """A line of (time, value) points as inline SVG, with a time axis: wall-clock ticks
+    when ``offset_ns`` is given, else seconds since the first point."""
+    if len(points) < 2:
         return f'<p class="dim">{esc(title)}: not enough intervals to plot</p>'
-    peak = max(values) or 1.0
-    left, top, w, h = 40, 18, width - 50, height - 30
-    pts = " ".join(
-        f"{left + w * i / (len(values) - 1):.1f},{top + h - h * v / peak:.1f}" for i, v in enumerate(values)
-    )
+    peak = max(v for _, v in points) or 1.0
+    first, last = points[0][0], points[-1][0]
+    span = max(1, last - first)
+    left, top, w, h = 48, 18, width - 80, height - 48
+    pts = " ".join(f"{left + w * (t - first) / span:.1f},{top + h - h * v / peak:.1f}" for t, v in points)
+    axis = [
+        f'<line x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" stroke="#999"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" stroke="#999"/>',
+    ]
+    for frac, label in time_ticks(first, last, offset_ns):
+        x = left + w * frac
+        axis.append(f'<line x1="{x:.1f}" y1="{top + h}" x2="{x:.1f}" y2="{top + h + 4}" stroke="#999"/>')
+        axis.append(f'<text x="{x:.1f}" y="{top + h + 16}" text-anchor="middle">{esc(label)}</text>')
+    time_unit = "local time" if offset_ns is not None else "time since the first interval"
     return (
         f'<svg width="{width}" height="{height}" role="img" aria-label="{esc(title)}">'
         f'<text x="0" y="12" font-weight="bold">{esc(title)}</text>'
-        f'<line x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" stroke="#999"/>'
-        f'<text x="0" y="{top + 10}">{esc(f"{peak:,.1f}")}</text><text x="0" y="{top + h}">0</text>'
+        + "".join(axis)
+        + f'<text x="0" y="{top + 10}">{esc(f"{peak:,.1f}")}</text><text x="0" y="{top + h}">0</text>'
+        f'<text x="0" y="{top + h / 2 + 4:.0f}" class="dim">{esc(unit)}</text>'
         f'<polyline fill="none" stroke="#c60" stroke-width="2" points="{pts}"/>'
-        f'<text x="{left + w - 60}" y="{height - 2}">{esc(unit)}</text></svg>'
+        f'<text x="{left + w / 2:.0f}" y="{height - 2}" text-anchor="middle">{esc(time_unit)}</text></svg>'
     )
 
 
@@ -196,14 +237,19 @@ def _leaks(overview: Overview, attributor: Attributor | None) -> str:
     return "".join(parts)
 
 
-def _time_wait(d: Diagnosis, overview: Overview) -> str:
+def _time_wait(d: Diagnosis, overview: Overview, offset_ns: int | None) -> str:
     parts = [
         "<h2>TIME_WAIT</h2>",
         f"<p>{d.tw_created} created ({d.tw_rate:.1f}/s)"
         + (f"; {d.tw_now} timewait sockets on the host now" if d.tw_now is not None else "")
         + (f"; {d.ports} ephemeral ports per destination" if d.ports else "")
         + ".</p>",
-        line_plot(overview.timewait.rates(), "TIME_WAIT created per second, each interval", "per s"),
+        line_plot(
+            [(i.end_ns, i.rate_per_s) for i in overview.timewait.intervals],
+            "TIME_WAIT created per second, each interval",
+            "per s",
+            offset_ns,
+        ),
     ]
     if d.tw_by_process:
         parts.append(
@@ -257,15 +303,16 @@ def render_report(
     d: Diagnosis, overview: Overview, meta: dict[str, Any], attributor: Attributor | None = None
 ) -> str:
     """The whole report as one HTML document: the verdicts, then each section's facts
-    (``attributor``: how leak suspects are attributed, as the verdicts were)."""
-    when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    (``attributor``: how leak suspects are attributed, as the verdicts were), and a footer
+    saying what made it (see ``footer``)."""
     host = meta.get("host") or os.uname().nodename
+    offset = meta.get("clock_offset_ns")
     return "".join(
         [
             "<!DOCTYPE html><html><head><meta charset='utf-8'>",
             f"<title>tcptrace diagnose: {esc(host)}</title><style>{CSS}</style></head><body>",
             f"<h1>tcptrace diagnose — {esc(host)}</h1>",
-            f"<p class='dim'>{esc(when)}; window {d.window_s:.1f} s; kernel {esc(meta.get('kernel', ''))}; "
+            f"<p class='dim'>{esc(_window(d, overview, offset))}; kernel {esc(meta.get('kernel', ''))}; "
             f"filter {esc(filter_text(meta.get('filter')))}; events lost {d.lost}</p>",
             "<h2>Verdicts</h2>",
             _verdicts(d),
@@ -273,10 +320,39 @@ def render_report(
             _states(d),
             _close_wait(d, overview),
             _leaks(overview, attributor),
-            _time_wait(d, overview),
+            _time_wait(d, overview, offset if isinstance(offset, int) else None),
             _close_latency(d, overview),
             _settings(d),
-            "<p class='dim'>Generated by tcptrace diagnose. Self-contained: no script, no external asset.</p>"
+            footer(d, overview, meta, host),
             "</body></html>\n",
         ]
+    )
+
+
+def _window(d: Diagnosis, overview: Overview, offset: object) -> str:
+    """The observed window: from when to when (wall clock, when known) and how long."""
+    if isinstance(offset, int) and overview.start_ns is not None:
+        start = wall_clock(overview.start_ns, offset, with_date=True)
+        end = wall_clock(overview.now_ns, offset)
+        return f"window {start} to {end} ({d.window_s:.1f} s)"
+    return f"window {d.window_s:.1f} s"
+
+
+def footer(d: Diagnosis, overview: Overview, meta: dict[str, Any], host: str) -> str:
+    """Which tcptrace made the report, on which host, with which command line, over which
+    window, and when: what a reader of a ticket needs to redo or trust it."""
+    items = [
+        f"tcptrace {meta.get('version', '?')}",
+        f"host {host}",
+        f"kernel {meta.get('kernel', '?')}",
+        f"command line: {meta.get('command', 'tcptrace diagnose')}",
+        _window(d, overview, meta.get("clock_offset_ns")),
+        f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+    ]
+    if meta.get("recording"):
+        items.insert(4, f"replayed from {meta['recording']}")
+    shown = "".join(f"<li>{esc(item)}</li>" for item in items)
+    return (
+        f"<footer class='dim'><h2>About this report</h2><ul>{shown}</ul>"
+        "<p>Self-contained: no script, no external asset.</p></footer>"
     )
