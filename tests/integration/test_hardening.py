@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -180,6 +181,87 @@ def test_capabilities_instead_of_root(port: int, caps: tuple[str, ...], ok: bool
             "tcptrace: error: tracing needs root (or CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH) "
             "(run it with sudo, e.g. `sudo tcptrace ...`)"
         )
+
+
+NON_ROOT = ("bpf", "perfmon", "dac_read_search", "sys_ptrace", "syslog")
+"""The set README and the DaemonSet document: every command works with it."""
+
+
+def test_the_documented_set_runs_the_timewait_part(port: int) -> None:
+    """timewait (and top, diagnose, record, agent, which load its part) reads one kernel
+    address from /proc/kallsyms: with perf_event_paranoid > 1 it is 0 without CAP_SYSLOG."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    exe = os.path.join(os.path.dirname(sys.executable), "tcptrace")
+    base = [exe, "timewait", "--json", "--port", str(port), "--duration", "2"]
+    without = subprocess.run(
+        [*_setpriv(*(c for c in NON_ROOT if c != "syslog")), *base], capture_output=True, text=True, cwd="/"
+    )
+    paranoid = int(Path("/proc/sys/kernel/perf_event_paranoid").read_text())
+    if paranoid > 1:
+        assert without.returncode == 1 and "kallsyms" in without.stderr, without.stderr
+    done = subprocess.run([*_setpriv(*NON_ROOT), *base], capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["type"] == "summary"
+
+
+# Holds one accepted connection for ever: its socket goes to CLOSE_WAIT when the peer closes.
+HOLDER = """
+import socket, sys, time
+listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+conn, _ = listener.accept()
+print("accepted", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("ptrace", [True, False], ids=["with_sys_ptrace", "without_sys_ptrace"])
+def test_owners_of_other_users_sockets(port: int, ptrace: bool) -> None:
+    """A socket in CLOSE_WAIT held by another user's process, found at start (/proc/PID/fd):
+    its owner is found with CAP_SYS_PTRACE (and CAP_DAC_READ_SEARCH, which lists the fd
+    directory), and without it the view says so rather than showing '-'."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    holder = subprocess.Popen(
+        [
+            "setpriv",
+            "--reuid=1234",
+            "--regid=1234",
+            "--clear-groups",
+            "--",
+            sys.executable,
+            "-c",
+            HOLDER,
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        client = socket.create_connection(("127.0.0.1", port))
+        assert holder.stdout.readline().strip() == "accepted"
+        client.close()
+        time.sleep(0.3)  # the FIN: the holder's socket is in CLOSE_WAIT
+        caps = NON_ROOT if ptrace else tuple(c for c in NON_ROOT if c != "sys_ptrace")
+        exe = os.path.join(os.path.dirname(sys.executable), "tcptrace")
+        cmd = [*_setpriv(*caps), exe, "closewait", "--port", str(port), "--duration", "2", "--recheck", "0"]
+        text = subprocess.run(cmd, capture_output=True, text=True, cwd="/", timeout=120)
+        as_json = subprocess.run([*cmd, "--json"], capture_output=True, text=True, cwd="/", timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert text.returncode == 0 and as_json.returncode == 0, text.stderr + as_json.stderr
+    (sock,) = json.loads(as_json.stdout.splitlines()[-1])["sockets"]
+    row = next(line for line in text.stdout.splitlines() if f":{port}" in line and "127.0.0.1" in line)
+    if ptrace:
+        assert sock["pid"] == holder.pid
+        assert row.split()[0] == str(holder.pid)
+    else:
+        assert sock["pid"] is None
+        assert "unknown (needs CAP_SYS_PTRACE)" in row
 
 
 def test_exception_in_the_consumer_still_detaches(port: int) -> None:

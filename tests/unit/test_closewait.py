@@ -102,7 +102,29 @@ def test_unknown_owner_is_shown_not_dropped() -> None:
     assert group.pid is None and group.count == 1 and group.origin is None
     out = io.StringIO()
     Console(file=out, width=120, color_system=None).print(render(t, 2 * NS))
-    assert "unknown owner" in out.getvalue()
+    assert "owner unknown" in out.getvalue()
+
+
+def test_an_owner_unknown_for_want_of_privileges_says_which() -> None:
+    """Run without CAP_SYS_PTRACE, the owners of other users' sockets found in /proc are
+    unknown: the view says what it would take, never a bare '-'."""
+    from tcptrace.model.endpoint import Endpoint
+    from tcptrace.model.snapshot import HostSocket
+    from tcptrace.views.closewait import print_summary
+    from tcptrace.views.common import explain_unknown_owners
+
+    t = CloseWaitTracker(threshold_ns=NS)
+    t.add_preexisting([HostSocket(Endpoint(4, "10.0.0.1", 80, "10.0.0.9", 4000), S.CLOSE_WAIT)], 0)
+    explain_unknown_owners("needs CAP_SYS_PTRACE")
+    try:
+        out = io.StringIO()
+        print_summary(Console(file=out, width=200, color_system=None), t, 2 * NS, {}, "end")
+    finally:
+        explain_unknown_owners(None)
+    text = out.getvalue()
+    assert "unknown (needs CAP_SYS_PTRACE)" in text
+    row = next(line for line in text.splitlines() if "10.0.0.9:4000" in line)
+    assert not row.lstrip().startswith("-")
 
 
 def test_reused_skaddr_forgets_the_old_socket_and_its_owner() -> None:

@@ -43,6 +43,7 @@ from tcptrace.model.events import SocketEvent, TcpState
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.framerules import Rules
 from tcptrace.model.lifecycle import CodePath
+from tcptrace.system.procfd import fd_access_problem
 from tcptrace.system.safefile import open_append
 from tcptrace.system.whois import HostWhois
 
@@ -379,13 +380,13 @@ def run_agent(options: AgentOptions, log: IO[str] | None = None, status: IO[str]
     try:
         agent.start()
         assert agent.server is not None
-        status.write(
-            json.dumps(
-                {"type": "agent_started", "listen": endpoint(agent.server.host, agent.server.port)},
-                separators=(",", ":"),
-            )
-            + "\n"
-        )
+        started = {"type": "agent_started", "listen": endpoint(agent.server.host, agent.server.port)}
+        if options.tls is not None:
+            started["scheme"] = "https"
+        problem = fd_access_problem()
+        if problem is not None:  # said once, not a silent empty pid label
+            started["owners"] = f"unknown for other users' sockets found at start ({problem})"
+        status.write(json.dumps(started, separators=(",", ":")) + "\n")
         status.flush()
         reason = agent.run()
     finally:

@@ -23,8 +23,9 @@ from tcptrace.model.filters import EventFilter
 from tcptrace.model.workload import Whois
 from tcptrace.recording import Recording, clock_offset_ns, open_recording
 from tcptrace.system.cgroups import CgroupScope
+from tcptrace.system.procfd import fd_access_problem
 from tcptrace.system.whois import HostWhois
-from tcptrace.views.common import make_console
+from tcptrace.views.common import explain_unknown_owners, make_console
 
 if TYPE_CHECKING:  # kernel/ is imported when a live session starts, not for a replay
     from tcptrace.kernel.loader import LoadedProgram
@@ -181,6 +182,9 @@ def live_session(
     from tcptrace.kernel.seeds import seed_owners
     from tcptrace.kernel.stream import KernelStream
 
+    # Owners read from /proc of other users' processes need capabilities a non-root run
+    # may lack: the views then say so, instead of a bare "-".
+    explain_unknown_owners(fd_access_problem())
     console = make_console(stderr=True, quiet=quiet)
     scope = CgroupScope(flt) if flt.by_cgroup else None
     with console.status("compiling and attaching BPF programs…"):

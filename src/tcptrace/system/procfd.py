@@ -29,6 +29,36 @@ class Holder:
     fd: int
 
 
+# Reading another user's /proc/PID/fd: listing the directory (mode 0500) needs
+# CAP_DAC_READ_SEARCH, reading its links (ptrace_may_access) CAP_SYS_PTRACE; both, measured
+# with setpriv (tests/integration/test_hardening.py).
+FD_CAPS = ((2, "CAP_DAC_READ_SEARCH"), (19, "CAP_SYS_PTRACE"))
+
+
+def fd_access_problem(status: str = "/proc/self/status") -> str | None:
+    """What this process lacks to find the owners of other users' sockets ("needs
+    CAP_SYS_PTRACE"); None when it has it all (root, or both capabilities).
+
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".status") as f:
+    ...     _ = f.write("Name: x" + chr(10) + "CapEff: 0000000000000004" + chr(10))
+    ...     f.flush()
+    ...     fd_access_problem(f.name)
+    'needs CAP_SYS_PTRACE'
+    """
+    caps = 0
+    try:
+        with open(status) as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+                    break
+    except (OSError, ValueError):
+        pass
+    missing = [name for bit, name in FD_CAPS if not caps >> bit & 1]
+    return f"needs {' and '.join(missing)}" if missing else None
+
+
 def socket_inode(link: str) -> int | None:
     """The inode of a ``socket:[INODE]`` fd link, None for anything else.
 

@@ -52,7 +52,9 @@ _KINDS = {
 
 
 def _cannot(path: str, exc: OSError) -> TcptraceError:
-    if exc.errno == errno.ELOOP:
+    # fs.protected_symlinks refuses (EACCES) a link of another user in a sticky directory
+    # before O_NOFOLLOW would (ELOOP): either way, the link is what stopped us.
+    if exc.errno == errno.ELOOP or (exc.errno == errno.EACCES and os.path.islink(path)):
         return TcptraceError(f"cannot write {path}: a symbolic link, not followed")
     return TcptraceError(f"cannot write {path}: {exc.strerror}")
 

@@ -12,7 +12,16 @@ from tcptrace.model.attribution import Attributor, LeakAttribution, RolePath
 from tcptrace.model.closewait import CloseWaitModel, CloseWaitTracker, Interval, SuspectGroup
 from tcptrace.model.histogram import age_histogram
 from tcptrace.model.workload import NOBODY, Whois, whois_text
-from tcptrace.views.common import bucket_label, duration, endpoint, host_text, safe, time_cell, time_header
+from tcptrace.views.common import (
+    bucket_label,
+    duration,
+    endpoint,
+    host_text,
+    safe,
+    time_cell,
+    time_header,
+    unknown_owner,
+)
 
 CloseWaitView = CloseWaitModel | CloseWaitTracker
 """Either model: from the kernel's aggregates (closewait), or from events (top, diagnose)."""
@@ -32,7 +41,7 @@ def _bar(count: int, most: int) -> str:
 
 
 def _owner(pid: int | None, comm: str | None) -> str:
-    return "unknown owner" if pid is None else f"{pid} {safe(comm)}"
+    return f"owner {unknown_owner()}" if pid is None else f"{pid} {safe(comm)}"
 
 
 def user_window(count: int, app_index: int | None, full: bool = False) -> tuple[int, int]:
@@ -223,7 +232,7 @@ def sockets_table(tracker: CloseWaitView, now_ns: int, whois: Whois = NOBODY) ->
         age = time_cell(s.age_ns(now_ns))
         extra = [host_text(where or "")] if any(wheres) else []
         table.add_row(
-            Text("-" if s.pid is None else str(s.pid)),
+            Text(unknown_owner() if s.pid is None else str(s.pid)),
             host_text(s.comm, width=15),
             Text(endpoint(s.saddr, s.sport, s.family)),
             Text(endpoint(s.daddr, s.dport, s.family)),

@@ -33,6 +33,23 @@ def safe(text: str | None) -> str:
     return printable(text)
 
 
+_unknown_owner_why: str | None = None
+
+
+def explain_unknown_owners(why: str | None) -> None:
+    """Say, for the rest of the run, why an owner read from /proc may be unknown ("needs
+    CAP_SYS_PTRACE"): set by a live session, None for a replay or a privileged run."""
+    global _unknown_owner_why
+    _unknown_owner_why = why
+
+
+def unknown_owner() -> str:
+    """The text of an owner that is not known: never a bare ``-``, and with what it would
+    take to know it when that is the reason (another user's process, without the
+    capabilities that read its /proc/PID/fd)."""
+    return f"unknown ({_unknown_owner_why})" if _unknown_owner_why else "unknown"
+
+
 def host_text(text: str | None, style: StyleType = "", width: int | None = None) -> Text:
     """Host-supplied text as a rich ``Text``: never markup, non-printables escaped, cut to
     ``width`` characters (of the escaped form) when given.

@@ -8,7 +8,7 @@ from rich.text import Text
 
 from tcptrace.model.diagnosis import Diagnosis, Verdict
 from tcptrace.model.events import STATE_ORDER, TcpState
-from tcptrace.views.common import duration, endpoint, safe
+from tcptrace.views.common import duration, endpoint, safe, unknown_owner
 
 STYLE = {"problem": "bold red", "warning": "yellow", "info": "cyan", "ok": "green"}
 LABEL = {"problem": "PROBLEM", "warning": "WARNING", "info": "info", "ok": "ok"}
@@ -44,7 +44,7 @@ def _print_close_wait(console: Console, d: Diagnosis) -> None:
     if d.close_wait_owners:
         console.print(Text("owners of CLOSE_WAIT sockets at the end:", style="bold"))
         for o in d.close_wait_owners[:8]:
-            who = "unknown owner" if o.pid is None else f"{o.pid} {safe(o.comm)}"
+            who = f"owner {unknown_owner()}" if o.pid is None else f"{o.pid} {safe(o.comm)}"
             console.print(Text(f"  {o.count:>6}  {who}   remotes: {safe(o.remotes.text())}"))
     if d.stuck:
         console.print(
@@ -53,8 +53,8 @@ def _print_close_wait(console: Console, d: Diagnosis) -> None:
         for s in d.stuck[:5]:
             sk = s.sock
             local, remote = endpoint(sk.saddr, sk.sport, sk.family), endpoint(sk.daddr, sk.dport, sk.family)
-            pid = sk.pid if sk.pid is not None else "-"
-            console.print(Text(f"  {local} <- {remote}  pid {pid}  >= {s.at_least_s:.0f} s"))
+            who = f"pid {sk.pid}" if sk.pid is not None else f"owner {unknown_owner()}"
+            console.print(Text(f"  {local} <- {remote}  {who}  >= {s.at_least_s:.0f} s"))
     if d.close_wait_entered:
         times = d.time_to_close
         ttc = f", time to close p50 {duration(times[len(times) // 2])}" if times else ""
