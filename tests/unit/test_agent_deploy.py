@@ -76,7 +76,6 @@ def test_the_daemonset_can_trace() -> None:
     spec = ds["spec"]["template"]["spec"]
     assert spec["hostPID"] is True and spec["hostNetwork"] is True
     (container,) = spec["containers"]
-    assert container["securityContext"]["privileged"] is True
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/sys/kernel/tracing", "/sys/kernel/btf", "/lib/modules", "/usr/src"} <= mounts
     hosts = {v["hostPath"]["path"] for v in spec["volumes"]}
@@ -85,6 +84,64 @@ def test_the_daemonset_can_trace() -> None:
     listen = next(a for a in args if a.startswith("--listen="))
     assert "0.0.0.0" not in listen
     check_agent_options([a.split("=", 1)[0] for a in args])
+
+
+# What tests/integration/test_hardening.py measured as the set that traces without root.
+NON_ROOT_CAPS = {"BPF", "PERFMON", "DAC_READ_SEARCH", "SYS_PTRACE", "SYSLOG"}
+
+
+def test_the_daemonset_has_explicit_capabilities_a_pinned_image_and_no_host_tmp() -> None:
+    from tcptrace import __version__
+
+    ds = next(d for d in yaml_docs(DEPLOY / "kubernetes" / "daemonset.yaml") if d["kind"] == "DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    sc = container["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"] and set(sc["capabilities"]["add"]) == NON_ROOT_CAPS
+    image, _, tag = container["image"].rpartition(":")
+    assert image and tag == __version__
+    assert "/tmp" not in {v.get("hostPath", {}).get("path") for v in spec["volumes"]}
+    assert all(m.get("readOnly") for m in container["volumeMounts"]), "host paths are mounted read-only"
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in (DEPLOY / "systemd" / "tcptrace-agent.service").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_the_systemd_unit_is_unprivileged_and_bounded() -> None:
+    unit = unit_settings()
+    assert unit["DynamicUser"] == ["yes"] and "User" not in unit
+    caps = {c.removeprefix("CAP_") for c in unit["CapabilityBoundingSet"][0].split()}
+    assert caps == NON_ROOT_CAPS
+    assert unit["AmbientCapabilities"] == unit["CapabilityBoundingSet"]
+    assert int(unit["LimitNOFILE"][0]) >= 4096
+    # Documentation= names a file scripts/install puts there.
+    doc = unit["Documentation"][0].removeprefix("file://")
+    install = (DEPLOY.parent / "scripts" / "install").read_text()
+    assert doc.startswith("/usr/local/share/doc/tcptrace/") and "/usr/local/share/doc/tcptrace" in install
+    assert (DEPLOY.parent / "docs" / Path(doc).name).exists()
+
+
+def test_the_systemd_unit_exposure_is_at_most_4() -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("needs systemd-analyze")
+    unit = DEPLOY / "systemd" / "tcptrace-agent.service"
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
+    if match is None:
+        pytest.skip(f"this systemd-analyze cannot score a unit file offline: {result.stderr.strip()}")
+    assert float(match.group(1)) <= 4.0, result.stdout
 
 
 def test_the_systemd_unit_binds_loopback() -> None:
