@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tcptrace.export.prometheus import sample_value
 from tests.integration import helpers
 from tests.integration.test_agent import agent, scrape
-from tests.integration.test_hostile_comm import CHURN
+from tests.integration.test_hostile_comm import churning
 
 NAME = "cr\rx\x1b[2Jy"  # a carriage return and a terminal escape: 11 bytes, kept whole
 SHOWN = "cr\\x0dx\\x1b[2Jy"
@@ -29,14 +28,8 @@ IDLE = 1000
 
 @pytest.fixture
 def hostile_churn(port: int) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen([sys.executable, "-c", CHURN, str(port), NAME], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        assert Path(f"/proc/{proc.pid}/comm").read_bytes() == NAME.encode() + b"\n"
+    with churning(port, NAME) as proc:
         yield proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,16 +39,23 @@ for i in range(100000):
 """
 
 
-@pytest.fixture
-def hostile_process(port: int) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen([sys.executable, "-c", CHURN, str(port), NAME], stdout=subprocess.PIPE, text=True)
+@contextmanager
+def churning(port: int, name: str) -> Iterator[subprocess.Popen[str]]:
+    """CHURN on ``port`` in a process that named itself ``name``, for the block."""
+    proc = subprocess.Popen([sys.executable, "-c", CHURN, str(port), name], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        assert Path(f"/proc/{proc.pid}/comm").read_bytes() == NAME.encode() + b"\n"
+        assert Path(f"/proc/{proc.pid}/comm").read_bytes() == name.encode() + b"\n"
         yield proc
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def hostile_process(port: int) -> Iterator[subprocess.Popen[str]]:
+    with churning(port, NAME) as proc:
+        yield proc
 
 
 @pytest.mark.parametrize(
