@@ -89,8 +89,9 @@ def test_a_signal_during_the_compile(
     tcptrace_cmd: list[str], port: int, sig: signal.Signals, status: int
 ) -> None:
     """Before: Ctrl-C printed "Aborted!" with status 1; SIGTERM killed it silently with the
-    spinner's cursor hidden."""
-    with on_terminal([*tcptrace_cmd, "states", "--port", str(port)]) as run:
+    spinner's cursor hidden. (diagnose compiles all four parts, the longest compile, and
+    would print a diagnosis with status 0 had the signal come after it.)"""
+    with on_terminal([*tcptrace_cmd, "diagnose", "--port", str(port), "--duration", "600"]) as run:
         run.wait_for("compiling")
         run.proc.send_signal(sig)
         assert run.proc.wait(timeout=120) == status
