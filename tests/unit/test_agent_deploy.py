@@ -144,6 +144,33 @@ def test_the_systemd_unit_exposure_is_at_most_4() -> None:
     assert float(match.group(1)) <= 4.0, result.stdout
 
 
+def test_the_systemd_unit_verifies_as_installed(tmp_path: Path) -> None:
+    """systemd-analyze verify on the unit where the install puts it: a root with the
+    system's units, /usr/local/bin/tcptrace and the page Documentation= names."""
+    import shutil
+    import subprocess
+
+    units = Path("/lib/systemd/system")
+    if shutil.which("systemd-analyze") is None or not (units / "sysinit.target").exists():
+        pytest.skip("needs systemd-analyze and the system's units")
+    shutil.copytree(units, tmp_path / "usr/lib/systemd/system", symlinks=True)
+    exe = tmp_path / "usr/local/bin/tcptrace"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    doc = unit_settings()["Documentation"][0].removeprefix("file://")
+    (tmp_path / doc.lstrip("/")).parent.mkdir(parents=True)
+    shutil.copy(DEPLOY.parent / "docs" / Path(doc).name, tmp_path / doc.lstrip("/"))
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)
+    shutil.copy(DEPLOY / "systemd" / "tcptrace-agent.service", tmp_path / "etc/systemd/system")
+    result = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={tmp_path}", "tcptrace-agent.service"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
 def test_the_systemd_unit_binds_loopback() -> None:
     unit = (DEPLOY / "systemd" / "tcptrace-agent.service").read_text()
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
