@@ -108,10 +108,12 @@ def test_table_overflow_is_counted_exactly(port: int, tcptrace_cmd: list[str]) -
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    rows = [line for line in out.splitlines() if " -> " in line and not line.startswith("!!")]
-    announced = [line for line in out.splitlines() if line.startswith("!! ")]
-    match = re.search(r"^(\d+) events, (\d+) lost", err, re.M)
-    assert match is not None, err
+    # The events, then after a blank line the summary, both on stdout (its table has arrows too).
+    stream, _, summary = out.partition("\n\n")
+    rows = [line for line in stream.splitlines() if " -> " in line and not line.startswith("!!")]
+    announced = [line for line in stream.splitlines() if line.startswith("!! ")]
+    match = re.search(r"^(\d+) events, (\d+) lost", summary, re.M)
+    assert match is not None, (summary, err)
     events, lost = int(match[1]), int(match[2])
     assert lost > 0 and announced and f"{lost} in all" in announced[-1]
     assert len(rows) == events
