@@ -322,7 +322,8 @@ def test_netns_in_the_states_view(tcptrace_cmd: list[str]) -> None:
             server.stop()
             host.stop()
     assert proc.returncode == 0, err
-    lines = [line for line in out.splitlines() if "->" in line]
+    events = out.partition("\n\n")[0]  # the summary follows on stdout, after a blank line
+    lines = [line for line in events.splitlines() if "->" in line]
     assert lines and all(f"netns {ns.inode}" in line for line in lines), out
     assert not any(f"{host.pid} python" in line for line in lines), out
     closed = [line for line in lines if "ESTABLISHED -> CLOSE_WAIT" in line]
