@@ -239,6 +239,31 @@ def test_emulator_counts_entries_closes_resets_and_time_to_close() -> None:
     assert owners[7].time_to_close.max_ns == 250 * MS
 
 
+def test_the_touch_after_the_fin_is_the_eof_read_when_one_follows_the_first() -> None:
+    """The peer's FIN came before the app read its request: that read is the first touch
+    after the FIN, but the EOF read after it is where the app learned the peer had closed."""
+    emu = Emulator()
+    emu.feed(tr(1, 1, S.LISTEN, S.SYN_RECV, pid=7))
+    emu.feed(tr(2, 1, S.SYN_RECV, S.ESTABLISHED, pid=7))
+    emu.feed(touch(3, 1, Op.ACCEPT, 7, ustack=("accept", "main")))
+    emu.feed(tr(10, 1, S.ESTABLISHED, S.CLOSE_WAIT, pid=7))
+    emu.feed(touch(11, 1, Op.RECV, 7, ret=1, ustack=("recv", "main")))
+    emu.feed(touch(12, 1, Op.RECV, 7, ret=0, ustack=("recv", "leak_fn")))
+    emu.feed(touch(13, 1, Op.RECV, 7, ret=0, ustack=("recv", "poll_again")))  # EOF again
+    m = model()
+    m.apply(emu.snapshot(5 * NS))
+    (group,) = m.suspects(5 * NS)
+    assert group.post_fin_touch is not None and group.post_fin_touch.ustack == ("recv", "leak_fn")
+    # Without an EOF read, the first touch after the FIN stays.
+    emu = Emulator()
+    leak(emu, 2, 7, 0)
+    emu.feed(touch(20, 2, Op.SEND, 7, ret=5, ustack=("send", "later")))
+    m = model()
+    m.apply(emu.snapshot(5 * NS))
+    (group,) = m.suspects(5 * NS)
+    assert group.post_fin_touch is not None and group.post_fin_touch.ustack == ("recv", "leak_fn")
+
+
 def test_emulator_forgets_a_socket_whose_address_is_reborn() -> None:
     emu = Emulator()
     leak(emu, 1, 7, 0)

@@ -36,7 +36,7 @@ struct tt_cw {
     __u32 flags;            /* TT_CW_PREEXISTING */
     struct tt_code origin;  /* accept or connect */
     struct tt_code pre_fin; /* the last send/recv before the FIN (TT_TOUCH_STACKS) */
-    struct tt_code post_fin;/* the first touch after the FIN, with its user stack */
+    struct tt_code post_fin;/* the EOF read, else the first touch after the FIN; user stack */
     struct tt_code last;    /* the last touch (no stack) */
 };
 
@@ -279,10 +279,14 @@ static __always_inline void tt_cw_touch(void *ctx, __u64 sk, __u8 op, int ret)
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (c->owner.tgid != tgid)
         tt_owner_current(&c->owner);
-    if (!c->post_fin.ts_ns)
+    /* The touch after the FIN that tells where the app went wrong: its EOF read (the recv
+     * that returned 0: the app learned the peer closed, and did not close) when there is
+     * one, else the first touch after the FIN. */
+    int eof = op == TT_OP_RECV && ret == 0 && !c->eof_ns;
+    if (!c->post_fin.ts_ns || eof)
         tt_code_take(ctx, &c->post_fin, op, ret, 1);
     tt_code_take(ctx, &c->last, op, ret, 0);
-    if (op == TT_OP_RECV && ret == 0 && !c->eof_ns)
+    if (eof)
         c->eof_ns = c->last.ts_ns;
 }
 

@@ -101,7 +101,7 @@ class CloseWaitSocket(EndpointFields, OwnerFields):
     ``--touch-stacks`` on events), even when a later touch (the EOF read) became
     ``last_touch``."""
     post_fin_touch: CodePath | None = None
-    """The first touch after the FIN (the EOF read, typically); None: never touched."""
+    """The touch after the FIN: the EOF read, else the first; None: never touched."""
     touches: int = 0
     """Touches after the FIN (send, recv, accept)."""
     last_touch_ns: int | None = None

@@ -62,7 +62,7 @@ class OpenSocket(NamedTuple):
     pre_fin: CodeRef | None = None
     """Its last send/recv before the peer's FIN (kept with --touch-stacks)."""
     post_fin: CodeRef | None = None
-    """Its first touch after the FIN (the EOF read, typically)."""
+    """Its touch after the FIN: the EOF read, else the first touch after the FIN."""
     last: CodeRef | None = None
     """Its last touch after the FIN (no stack kept)."""
 
@@ -269,10 +269,13 @@ class Emulator:
         if e.op == Op.ACCEPT:
             changes["origin"] = sock.origin
         else:
-            if entry.post_fin is None:
+            # The EOF read (the app learned the peer closed), else the first touch after the
+            # FIN, as closewait.bpf.h keeps it.
+            eof = e.op == Op.RECV and e.ret == 0 and entry.eof_ns is None
+            if entry.post_fin is None or eof:
                 changes["post_fin"] = now
             changes["last"] = now._replace(frames=None)
-            if e.op == Op.RECV and e.ret == 0 and entry.eof_ns is None:
+            if eof:
                 changes["eof_ns"] = e.ts_ns
         self._open[e.skaddr] = entry._replace(**changes)  # type: ignore[arg-type]
 
