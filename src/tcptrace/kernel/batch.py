@@ -83,3 +83,13 @@ def percpu_sums(table: Any) -> list[int]:
     for key, per_cpu in BatchReader(table, chunk=len(out)):
         out[scalar(key)] = sum(int(v) for v in per_cpu)
     return out
+
+
+def read_all(table: Any, chunk: int = 4096) -> list[tuple[Any, Any]]:
+    """Every (key, value) of ``table``, copied out of the reader's buffers (so they stay
+    valid after the read): for a table read once an interval and then decoded."""
+    return [(_copy(key), _copy(value)) for key, value in BatchReader(table, chunk)]
+
+
+def _copy(value: Any) -> Any:
+    return value if isinstance(value, int) else type(value).from_buffer_copy(value)
