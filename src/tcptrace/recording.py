@@ -464,6 +464,10 @@ def _one_of(*allowed: int | str | None) -> Check:
     return check
 
 
+def _bool_or_null(value: Any) -> str | None:
+    return None if value is None or type(value) is bool else "expected true, false or null"
+
+
 def _enum(cls: type[Op] | type[TwWhat], what: str) -> Check:
     return _named(frozenset(m.name for m in cls), frozenset(m.value for m in cls), what)
 
@@ -518,6 +522,7 @@ _FIELDS: dict[str, dict[str, Check]] = {
         "created_as": _state(null=True),
         "age_ns": _NS_OR_NULL,
         "how": _one_of(None, "fin", "timer"),
+        "port_bound": _bool_or_null,
     },
 }
 _REQUIRED = {

@@ -426,6 +426,6 @@ def test_counts_stay_exact_when_the_event_stream_overflows(port: int, ss: object
     finally:
         program.close()
     assert lost > 0  # the stream did overflow
-    client = next(c for (pid, _comm), c in counts.by_process.items() if pid == peers.client_pid)
+    client = next(c for proc, c in counts.by_process.items() if proc.pid == peers.client_pid)
     assert client.created == n
     assert sum(c for d, c in counts.by_dest.items() if (d.raddr, d.rport) == (host, port)) == n

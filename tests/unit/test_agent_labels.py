@@ -52,7 +52,7 @@ def lines_of(text: str, name: str) -> list[str]:
 
 def test_process_series_carry_container_pod_and_namespace() -> None:
     m = AgentModel(AgentConfig(), Node())
-    m.tick(0, tw_procs={1: ProcTw("nginx", created=4), 9: ProcTw("curl", created=2)})
+    m.tick(0, tw_procs={(1, 1): ProcTw("nginx", created=4), (9, 1): ProcTw("curl", created=2)})
     text = scrape(m, NS)
     web = {"pid": "1", "comm": "nginx", "container": "nginx", "pod": "web-1", "namespace": "shop"}
     assert sample_value(text, "tcptrace_timewait_created_by_process_total", web) == 4
@@ -62,9 +62,9 @@ def test_process_series_carry_container_pod_and_namespace() -> None:
 
 def test_without_the_pid_label_a_restart_continues_the_series() -> None:
     m = AgentModel(AgentConfig(pid_label=False), Node())
-    m.tick(0, tw_procs={1: ProcTw("nginx", created=4), 2: ProcTw("nginx", created=1)})
+    m.tick(0, tw_procs={(1, 1): ProcTw("nginx", created=4), (2, 1): ProcTw("nginx", created=1)})
     # pid 1 exits; its replacement (pid 3) creates more in the same container
-    m.tick(NS, tw_procs={2: ProcTw("nginx", created=1), 3: ProcTw("nginx", created=5)})
+    m.tick(NS, tw_procs={(2, 1): ProcTw("nginx", created=1), (3, 1): ProcTw("nginx", created=5)})
     text = scrape(m, 2 * NS)
     rows = [line.split("{", 1)[1] for line in lines_of(text, "tcptrace_timewait_created_by_process_total")]
     assert rows == [
@@ -92,6 +92,6 @@ def test_close_wait_series_take_the_sockets_cgroup_and_leak_logs_name_the_pod() 
 def test_container_labels_stay_within_the_process_bound() -> None:
     node = Node(pids={pid: 50 + pid % 7 for pid in range(1, 200)})
     m = AgentModel(AgentConfig(top_processes=5), node)
-    m.tick(0, tw_procs={pid: ProcTw(f"c{pid}", created=pid) for pid in range(1, 200)})
+    m.tick(0, tw_procs={(pid, 1): ProcTw(f"c{pid}", created=pid) for pid in range(1, 200)})
     text = scrape(m, NS)
     assert len(lines_of(text, "tcptrace_timewait_created_by_process_total")) == 5 + 1

@@ -15,6 +15,7 @@ from tcptrace.export.prometheus import AgentCollector, families, make_registry, 
 from tcptrace.model.agent import AgentConfig, AgentModel, ProcTw, RssSeries
 from tcptrace.model.events import Op, TcpState
 from tcptrace.model.histogram import Log2Histogram
+from tcptrace.model.timewait import Dest
 from tests.unit.test_lifecycle import touch, tr
 
 S = TcpState
@@ -82,15 +83,15 @@ def test_close_wait_processes_beyond_the_bound_are_summed_into_other() -> None:
 def test_timewait_totals_are_exact_under_the_label_bound() -> None:
     rng = random.Random(3)
     m = AgentModel(AgentConfig(top_processes=5, top_ports=3))
-    cumulative: dict[int, ProcTw] = {}
-    dests: dict[tuple[int, str, str, int], int] = {}
+    cumulative: dict[tuple[int, int], ProcTw] = {}
+    dests: dict[Dest, int] = {}
     created = 0
     for t in range(40):
         for pid in rng.sample(range(2000, 2030), 10):
             n = rng.randint(1, 5)
-            old = cumulative.get(pid, ProcTw(f"c{pid}"))
-            cumulative[pid] = ProcTw(old.comm, old.created + n, 0, old.resets_sent + 1, 0)
-            key = (4, "127.0.0.1", "127.0.0.1", 9000 + pid % 7)
+            old = cumulative.get((pid, 7), ProcTw(f"c{pid}"))
+            cumulative[(pid, 7)] = ProcTw(old.comm, old.created + n, 0, old.resets_sent + 1, 0)
+            key = Dest(4, "127.0.0.1", "127.0.0.1", 9000 + pid % 7)
             dests[key] = dests.get(key, 0) + n
             created += n
         m.tick(t * NS, tw_procs=dict(cumulative), tw_dests=dict(dests))
@@ -118,15 +119,42 @@ def test_timewait_totals_are_exact_under_the_label_bound() -> None:
 
 def test_idle_map_entries_are_returned_for_deletion_and_counted_once() -> None:
     m = AgentModel(AgentConfig(idle_intervals=2))
-    reads = {1: ProcTw("a", created=3)}
+    reads = {(1, 10): ProcTw("a", created=3)}
     assert m.tick(0, tw_procs=reads)["tw_procs"] == []
     assert m.tick(NS, tw_procs=reads)["tw_procs"] == []
-    assert m.tick(2 * NS, tw_procs=reads)["tw_procs"] == [1]
-    m.forgot("tw_procs", [1])
+    assert m.tick(2 * NS, tw_procs=reads)["tw_procs"] == [(1, 10)]
+    m.forgot("tw_procs", [(1, 10)])
     # The kernel recreates the entry from zero for pid 1's next TIME_WAIT.
-    m.tick(3 * NS, tw_procs={1: ProcTw("a", created=2)})
+    m.tick(3 * NS, tw_procs={(1, 10): ProcTw("a", created=2)})
     assert dict(m.tw_by_proc.items())[(1, "a", "", "", "")] == 5
     assert m.pruned["tw_procs"] == 1
+
+
+def test_a_reused_pid_is_another_process() -> None:
+    """twA (pid 7) makes 50 TIME_WAIT and exits; twB gets pid 7 and makes 50: the kernel
+    keys them (pid, start time) apart, and so does every series."""
+    m = AgentModel(AgentConfig())
+    m.tick(0, tw_procs={(7, 100): ProcTw("twA", created=50)})
+    m.tick(NS, tw_procs={(7, 100): ProcTw("twA", created=50), (7, 900): ProcTw("twB", created=50)})
+    text = scrape(m, 2 * NS)
+    by = "tcptrace_timewait_created_by_process_total"
+    assert sample_value(text, by, {"pid": "7", "comm": "twA"}) == 50
+    assert sample_value(text, by, {"pid": "7", "comm": "twB"}) == 50
+
+
+def test_equal_destinations_in_two_namespaces_add_up_per_port() -> None:
+    """The same addresses in two network namespaces are two kernel keys: both count, and
+    a server's TIME_WAIT (bound local port) is in no remote-port series."""
+    m = AgentModel(AgentConfig())
+    a = Dest(4, "10.0.0.5", "10.0.0.9", 8080, netns=4026532001)
+    b = Dest(4, "10.0.0.5", "10.0.0.9", 8080, netns=4026532002)
+    server = Dest(4, "10.0.0.5", "10.0.0.9", 0, lport=8080, netns=4026532001)
+    m.tick(0, tw_dests={a: 0, b: 0, server: 0})
+    m.tick(NS, tw_dests={a: 30, b: 20, server: 70})
+    text = scrape(m, 2 * NS)
+    by = "tcptrace_timewait_created_by_remote_port_total"
+    assert sample_value(text, by, {"remote_port": "8080"}) == 50
+    assert sample_value(text, by, {"remote_port": "0"}) is None
 
 
 def test_close_histograms_merge_stacks_per_process_and_call() -> None:

@@ -58,6 +58,7 @@ SCALARS = {
     "TT_PORT_LOCAL": loader.PORT_LOCAL,
     "TT_PORT_REMOTE": loader.PORT_REMOTE,
     "TT_OWNER_IN_CGROUP": seeds.OWNER_IN_CGROUP,  # seeded owners carry the filter's answer
+    "TT_TWF_BOUND": events.TW_FLAG_BOUND,
 }
 # #defines with no Python copy: values only the kernel side uses.
 KERNEL_ONLY = {

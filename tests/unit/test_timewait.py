@@ -18,14 +18,18 @@ from tcptrace.model.events import TcpState, TimeWaitEvent, TwWhat
 from tcptrace.model.timewait import (
     Dest,
     EventCounts,
+    Proc,
     ProcCounts,
+    Remote,
     TimewaitModel,
     TwCounts,
     by_remote,
     diff,
     explain_settings,
     forecast_dest,
+    forecast_json,
     interval_json,
+    totals_json,
 )
 from tcptrace.system.netstat import ProcNetError, parse_netstat, parse_sockstat_tw
 from tcptrace.system.sysctl import SysctlError, parse_port_range, read_settings
@@ -47,6 +51,10 @@ def tw(
     dport: int = 80,
     daddr: str = "10.0.0.2",
     skaddr: int = 0x1000,
+    comm: str | None = None,
+    start_ns: int | None = None,
+    netns: int | None = None,
+    bound: bool | None = None,
 ) -> TimeWaitEvent:
     return TimeWaitEvent(
         ts_ns=int(ts * NS),
@@ -56,10 +64,13 @@ def tw(
         daddr=daddr,
         dport=dport,
         pid=pid,
-        comm=f"p{pid}",
+        comm=comm or f"p{pid}",
+        pid_start_ns=start_ns,
+        netns=netns,
         what=what,
         substate=sub,
         how=how,
+        port_bound=bound,
     )
 
 
@@ -123,10 +134,112 @@ def test_counts_only_real_time_wait_entries() -> None:
     assert (t.immediate, t.converted_fin, t.converted_timer) == (1, 1, 1)
     assert t.parked == 4 and t.parked_ended == 1 and t.pending_fin_wait2 == 1
     assert t.killed == 1
-    assert t.by_process[(100, "p100")] == ProcCounts(created=3, parked=4)
-    assert t.by_process[(200, "p200")] == ProcCounts(resets_sent=1)
-    assert t.by_process[(300, "p300")] == ProcCounts(resets_received=1)
+    assert t.by_process[Proc(100, "p100")] == ProcCounts(created=3, parked=4)
+    assert t.by_process[Proc(200, "p200")] == ProcCounts(resets_sent=1)
+    assert t.by_process[Proc(300, "p300")] == ProcCounts(resets_received=1)
     assert t.by_dest == {Dest(4, "10.0.0.1", "10.0.0.2", 80): 3}
+
+
+def test_a_reused_pid_is_another_process() -> None:
+    """twA (pid 7) closes 50 connections and exits; twB gets pid 7 and closes 50 more: the
+    kernel keys processes by (pid, start time), and the replay's counts do too."""
+    c = EventCounts()
+    for i in range(50):
+        c.feed(tw(TwWhat.CREATED, 1 + i / 100, pid=7, comm="twA", start_ns=1_000, skaddr=i))
+    for i in range(50):
+        c.feed(tw(TwWhat.CREATED, 2 + i / 100, pid=7, comm="twB", start_ns=9_000, skaddr=i))
+    # the same comm under a reused pid is still two processes
+    c.feed(tw(TwWhat.CREATED, 3, pid=8, comm="w", start_ns=1))
+    c.feed(tw(TwWhat.CREATED, 4, pid=8, comm="w", start_ns=2))
+    t = c.snapshot()
+    assert {p: n.created for p, n in t.by_process.items()} == {
+        Proc(7, "twA", 1_000): 50,
+        Proc(7, "twB", 9_000): 50,
+        Proc(8, "w", 1): 1,
+        Proc(8, "w", 2): 1,
+    }
+    rows = totals_json(t)["by_process"]
+    assert [(r["pid"], r["pid_start_ns"], r["comm"], r["created"]) for r in rows[:2]] == [
+        (7, 1_000, "twA", 50),
+        (7, 9_000, "twB", 50),
+    ]
+
+
+def test_equal_addresses_in_two_network_namespaces_stay_apart() -> None:
+    c = EventCounts()
+    for i in range(30):
+        c.feed(tw(TwWhat.CREATED, 1 + i / 100, netns=4026532001, skaddr=i))
+    for i in range(20):
+        c.feed(tw(TwWhat.CREATED, 2 + i / 100, netns=4026532002, skaddr=i))
+    t = c.snapshot()
+    assert t.by_dest == {
+        Dest(4, "10.0.0.1", "10.0.0.2", 80, netns=4026532001): 30,
+        Dest(4, "10.0.0.1", "10.0.0.2", 80, netns=4026532002): 20,
+    }
+    assert totals_json(t)["by_remote"] == [
+        {"remote": "10.0.0.2:80", "netns": 4026532001, "created": 30},
+        {"remote": "10.0.0.2:80", "netns": 4026532002, "created": 20},
+    ]
+    m = TimewaitModel()
+    m.start(0)
+    m.tick(10 * NS, kernel=t)
+    forecasts = m.forecasts(ports=28232, tw_reuse=0)
+    assert sorted((f.dest.netns, f.held_now) for f in forecasts) == [(4026532001, 30), (4026532002, 20)]
+    assert {r["netns"] for r in map(forecast_json, forecasts)} == {4026532001, 4026532002}
+
+
+def test_a_servers_time_wait_counts_by_its_port_and_the_clients_ip() -> None:
+    """A tw whose local port was bound (a server's) is keyed (local ip, local port, remote
+    ip): one key per client host, not per client port; it holds no port of this host."""
+    c = EventCounts()
+    for i in range(40):
+        c.feed(tw(TwWhat.CREATED, 1 + i / 100, sport=8080, dport=30000 + i, bound=True, skaddr=i))
+    t = c.snapshot()
+    (dest,) = t.by_dest
+    assert dest == Dest(4, "10.0.0.1", "10.0.0.2", 0, lport=8080) and dest.bound
+    assert totals_json(t)["by_remote"] == [
+        {"remote": "10.0.0.2", "netns": None, "local_port": 8080, "created": 40}
+    ]
+    m = TimewaitModel()
+    m.start(0)
+    m.tick(10 * NS, kernel=t)
+    assert m.forecasts(ports=28232, tw_reuse=0) == []
+
+
+def test_map_keys_decode_as_the_model_keys_them() -> None:
+    """kernel/timewait.py's decoding of tw_dests and tw_procs keys (struct layouts from
+    bpf/timewait.bpf.c), on hand-made ctypes keys."""
+    import ctypes
+    import socket
+
+    from tcptrace.kernel.timewait import dest_of_key, proc_key
+
+    class DestKey(ctypes.Structure):
+        _fields_ = [
+            ("laddr", ctypes.c_ubyte * 16),
+            ("raddr", ctypes.c_ubyte * 16),
+            ("lport", ctypes.c_uint16),
+            ("rport", ctypes.c_uint16),
+            ("family", ctypes.c_uint16),
+            ("pad", ctypes.c_uint16),
+            ("netns", ctypes.c_uint32),
+            ("pad2", ctypes.c_uint32),
+        ]
+
+    class ProcKey(ctypes.Structure):
+        _fields_ = [("tgid", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("start_ns", ctypes.c_uint64)]
+
+    key = DestKey()
+    ctypes.memmove(key.laddr, socket.inet_aton("10.0.0.1"), 4)
+    ctypes.memmove(key.raddr, socket.inet_aton("10.0.0.2"), 4)
+    key.rport, key.family, key.netns = 443, socket.AF_INET, 4026532001
+    assert dest_of_key(key) == Dest(4, "10.0.0.1", "10.0.0.2", 443, netns=4026532001)
+    key6 = DestKey()
+    ctypes.memmove(key6.laddr, socket.inet_pton(socket.AF_INET6, "::1"), 16)
+    ctypes.memmove(key6.raddr, socket.inet_pton(socket.AF_INET6, "::1"), 16)
+    key6.lport, key6.family = 8080, socket.AF_INET6
+    assert dest_of_key(key6) == Dest(6, "::1", "::1", 0, lport=8080)
+    assert proc_key(ProcKey(7, 0, 123)) == (7, 123)
 
 
 @st.composite
@@ -155,18 +268,25 @@ def test_created_equals_the_tws_that_reached_time_wait(lives: list[str]) -> None
 
 def test_diff_keeps_what_changed() -> None:
     d1, d2 = Dest(4, "a", "b", 1), Dest(4, "a", "c", 2)
-    old = TwCounts(immediate=5, by_process={(1, "x"): ProcCounts(created=5)}, by_dest={d1: 5})
+    x, y = Proc(1, "x"), Proc(2, "y")
+    old = TwCounts(immediate=5, by_process={x: ProcCounts(created=5)}, by_dest={d1: 5})
     new = TwCounts(
         immediate=8,
         resets_sent=1,
-        by_process={(1, "x"): ProcCounts(created=5), (2, "y"): ProcCounts(created=3, resets_sent=1)},
+        by_process={x: ProcCounts(created=5), y: ProcCounts(created=3, resets_sent=1)},
         by_dest={d1: 5, d2: 3},
     )
     d = diff(new, old)
     assert d.created == 3 and d.resets_sent == 1
-    assert d.by_process == {(2, "y"): ProcCounts(created=3, resets_sent=1)}
+    assert d.by_process == {y: ProcCounts(created=3, resets_sent=1)}
     assert d.by_dest == {d2: 3}
-    assert by_remote({d1: 2, Dest(4, "z", "b", 1): 3}) == {"b:1": 5}
+    assert by_remote({d1: 2, Dest(4, "z", "b", 1): 3}) == {Remote("b:1"): 5}
+    # ... per network namespace, and the bound side by the client's ip and the local port
+    assert by_remote({d1: 2, Dest(4, "a", "b", 1, netns=9): 3, Dest(4, "a", "b", 0, lport=80): 4}) == {
+        Remote("b:1"): 2,
+        Remote("b:1", netns=9): 3,
+        Remote("b", local_port=80): 4,
+    }
 
 
 def test_ticks_give_rates_per_interval_and_per_process() -> None:
@@ -180,14 +300,22 @@ def test_ticks_give_rates_per_interval_and_per_process() -> None:
     second = m.tick(3 * NS)
     assert first.delta.created == 100 and first.rate_per_s == pytest.approx(100)
     assert second.delta.created == 50 and second.rate_per_s == pytest.approx(25)
-    assert second.delta.by_process == {(1, "p1"): ProcCounts(created=50)}
+    assert second.delta.by_process == {Proc(1, "p1"): ProcCounts(created=50)}
     assert m.rates() == pytest.approx([100, 25])
     obj = interval_json(second)
     assert obj["created"] == 50 and obj["rate_per_s"] == 25.0
     assert obj["by_process"] == [
-        {"pid": 1, "comm": "p1", "created": 50, "rate_per_s": 25.0, "resets_sent": 0, "resets_received": 0}
+        {
+            "pid": 1,
+            "pid_start_ns": None,
+            "comm": "p1",
+            "created": 50,
+            "rate_per_s": 25.0,
+            "resets_sent": 0,
+            "resets_received": 0,
+        }
     ]
-    assert obj["by_remote"] == [{"remote": "10.0.0.2:80", "created": 50, "rate_per_s": 25.0}]
+    assert obj["by_remote"] == [{"remote": "10.0.0.2:80", "netns": None, "created": 50, "rate_per_s": 25.0}]
     assert obj["created_total"] == 150
 
 

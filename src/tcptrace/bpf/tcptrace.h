@@ -44,6 +44,7 @@
 #define TT_TW_RESET_SENT 4     /* an RST sent on a socket; newstate its state */
 #define TT_TW_RESET_RECEIVED 5 /* an RST received on a socket; newstate its state */
 #define TT_TW_KILLED 6         /* a counted TIME_WAIT tw ended early (port reuse, SYN, RST, ss -K) */
+#define TT_TWF_BOUND 1         /* flags of TIMEWAIT events: the local port was bound (a server's), not chosen by connect() */
 #define TT_TW_HOW_FIN 1        /* seen as the FIN arrived (the FIN freed at the tw, or the re-arm) */
 #define TT_TW_HOW_TIMER 2      /* seen at a later cancel or expiry of the tw's timer */
 
@@ -59,11 +60,16 @@
 #define TT_TW_STAT_RESETS_RECEIVED 8
 #define TT_TW_STAT_ANNOUNCED 9      /* timer_start of a new tw (any filter) */
 #define TT_TW_STAT_CONFIRMED 10     /* ... matched with its full socket's CLOSE */
-#define TT_TW_STAT_MAP_FAIL 11      /* tw table or per-process/destination updates that failed */
+#define TT_TW_STAT_TWS_FAIL 11      /* `tws` full: a tw not tracked (uncounted if parked; its end unseen) */
 #define TT_TW_STAT_NO_OWNER 12      /* tws of a socket whose owner was never learned (unattributed) */
 #define TT_TW_STAT_KILLED 13        /* counted tws that ended before their 60 s */
 #define TT_TW_STAT_TIMER_STARTS 14  /* timer_start runs on a tw's timer (new or re-armed), any filter */
-#define TT_TW_STAT_MAX 16
+#define TT_TW_STAT_PENDING_FAIL 15  /* `tw_pending` full: a new tw not announced, so not counted */
+#define TT_TW_STAT_PROCS_FAIL 16    /* `tw_procs` full: a count missing from the by-process table */
+#define TT_TW_STAT_DESTS_FAIL 17    /* `tw_dests` full: a creation missing from the by-destination table */
+#define TT_TW_STAT_PENDING_STALE 18 /* announcements never confirmed, removed at their tw's end */
+#define TT_TW_STAT_HANDLER_LEARNED 19 /* tw_timer_handler's address learned from a confirmed tw (1, or 0 before the first) */
+#define TT_TW_STAT_MAX 24
 
 /* TCP states as the kernel numbers them (include/net/tcp_states.h). */
 #define TT_TCP_ESTABLISHED 1
@@ -152,7 +158,7 @@ struct tt_event {
     char task_comm[TT_COMM_LEN];
     char owner_comm[TT_COMM_LEN];
     __u64 aux_ns;       /* CLOSE: ns the socket had been in oldstate when the call began, 0 unknown */
-    __u32 flags;        /* CLOSE: TT_CLOSE_* bits */
+    __u32 flags;        /* CLOSE: TT_CLOSE_* bits; TIMEWAIT: TT_TWF_* bits */
     __u32 netns;        /* the socket's network namespace inode, 0 unknown */
     __u64 owner_cgroup; /* the owner's cgroup v2 id when learned with it, 0 unknown */
     __u64 owner_start_ns; /* the owner's start time (boot-based ns), 0 unknown */

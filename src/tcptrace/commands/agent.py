@@ -35,6 +35,7 @@ from tcptrace.export.prometheus import AgentCollector, families, make_registry, 
 from tcptrace.kernel.agentmaps import AgentMaps, symbol_cache_count
 from tcptrace.kernel.closelat import CLOSE_WAIT_NS, LINGER_NS
 from tcptrace.kernel.cwreader import LiveCloseWait
+from tcptrace.kernel.timewait import SWEEP_EVERY_NS, sweep_tws
 from tcptrace.model.agent import AgentConfig, AgentModel, states_count
 from tcptrace.model.attribution import group_json
 from tcptrace.model.closewait import SuspectGroup
@@ -129,6 +130,7 @@ class Agent:
         self._ok_ticks = 0
         self._states: dict[str, int] | None = None
         self._states_ns: int | None = None
+        self._swept_ns: int | None = None
 
     # ---- life --------------------------------------------------------------------------
 
@@ -273,6 +275,11 @@ class Agent:
                 maps.delete(table, keys)
             self.model.forgot(table, keys)
         maps.forget_raw()
+        if self._swept_ns is None:
+            self._swept_ns = now_ns
+        elif now_ns - self._swept_ns >= SWEEP_EVERY_NS:
+            self.model.pruned["tws"] += sweep_tws(self.program, now_ns)
+            self._swept_ns = now_ns
         counters = self.source.counters() if self.source is not None else {}
         every = int(self.options.states_interval_s * NS)
         if every > 0 and (self._states_ns is None or now_ns - self._states_ns >= every):

@@ -1,9 +1,11 @@
 """`tcptrace timewait`: a source (kernel or recording), the TIME_WAIT model, the view.
 
 Live, the kernel's exact counters (bpf/timewait.bpf.c) are read at every tick and the model
-takes differences; the event stream carries each tw socket's attribution for --events and
-replays. From a recording (``--from``, written with ``--json --events``), the same model
-derives the counts from the recorded events.
+takes differences: every view and the JSON come from them, so the cost per interval does not
+depend on the connection rate. Only ``--events`` makes the kernel send each tw socket's life
+on the ring buffer (for a recording); without it nothing of a tw crosses. From a recording
+(``--from``, written with ``--json --events``), the same model derives the counts from the
+recorded events.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource, RecordingSource, Source, open_source
 from tcptrace.errors import UsageError
 from tcptrace.kernel.loader import LoadedProgram
-from tcptrace.kernel.timewait import TimewaitReader
+from tcptrace.kernel.timewait import SWEEP_EVERY_NS, TimewaitReader
 from tcptrace.model.events import SocketEvent, TimeWaitEvent
 from tcptrace.model.timewait import (
     REMEDIES,
+    TW_MAP_FAILURES,
     HostSample,
     Interval,
     TimewaitModel,
@@ -40,6 +43,8 @@ NS = 1_000_000_000
 # Owners come from the socket table: the loader adds its writer (SOCKET_OWNERS) by itself.
 PARTS = ("timewait",)
 TOP_N = 5  # destinations forecast
+NO_EVENTS = {"TT_TW_NO_EVENTS": 1}
+"""Compiles the ring-buffer events of timewait.bpf.c out: counting needs only the maps."""
 
 
 def host_sample() -> HostSample:
@@ -78,7 +83,7 @@ def run(
     console = make_console(file=out)
     writer = JsonLinesWriter(out) if as_json else None
     settings = read_settings() if from_file is None else None
-    with open_source(from_file, flt, parts=PARTS) as source:
+    with open_source(from_file, flt, parts=PARTS, defines=None if events else NO_EVENTS) as source:
         counting = Counting.of(source, model, settings)
         if writer is not None:
             writer.write(
@@ -134,9 +139,9 @@ def run(
         writer.write({**summary, **summary_flags(source)})
     else:
         view.print_summary(console, model, ctx, counters, reason, seconds)
-        note = skipped_runs_note(skipped)
-        if note:
-            console.print(note, style="yellow", soft_wrap=True)
+        for note in (skipped_runs_note(skipped), map_failures_note(kernel_stats)):
+            if note:
+                console.print(note, style="yellow", soft_wrap=True)
 
 
 class Counting:
@@ -155,6 +160,7 @@ class Counting:
         self.reader = reader
         self.program = program
         self.ports = settings.ports or 0
+        self.swept_ns: int | None = None
 
     @classmethod
     def of(cls, source: Source, model: TimewaitModel, settings: TcpSettings | None) -> Counting:
@@ -177,6 +183,11 @@ class Counting:
     def tick(self, now_ns: int) -> Interval:
         """End an interval at ``now_ns`` (with the kernel's counts, live)."""
         if self.reader is not None:
+            if self.swept_ns is None:
+                self.swept_ns = now_ns
+            elif now_ns - self.swept_ns >= SWEEP_EVERY_NS:
+                self.reader.sweep()
+                self.swept_ns = now_ns
             return self.model.tick(now_ns, self.reader.counts(), host_sample())
         return self.model.tick(now_ns)
 
@@ -222,9 +233,23 @@ def summary_json(
     }
     if kernel_stats is not None:
         summary["kernel"] = kernel_stats
+        summary["map_failed"] = {name: kernel_stats.get(key, 0) for name, key in TW_MAP_FAILURES.items()}
     if skipped is not None:
         summary["kernel_skipped_runs"] = skipped
     return summary
+
+
+def map_failures_note(kernel_stats: dict[str, int] | None) -> str:
+    """What the summary says when a kernel table was full ("" if none was)."""
+    failed = {name: kernel_stats.get(key, 0) for name, key in TW_MAP_FAILURES.items()} if kernel_stats else {}
+    failed = {name: n for name, n in failed.items() if n}
+    if not failed:
+        return ""
+    text = ", ".join(f"{name} {n}" for name, n in failed.items())
+    return (
+        f"  kernel tables were full ({text} inserts failed): counts above are short by up to that "
+        "many (tws, tw_pending: creations; tw_procs, tw_dests: rows of the tables)"
+    )
 
 
 def skipped_runs_note(skipped: dict[str, int] | None) -> str:

@@ -15,12 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from tcptrace.kernel.batch import BatchReader
+from tcptrace.kernel.batch import BatchReader, read_all
 from tcptrace.kernel.loader import LoadedProgram
+from tcptrace.kernel.timewait import dest_of_key, proc_key, stats_of
 from tcptrace.model.agent import ProcTw
 from tcptrace.model.closelat import CALLS
-from tcptrace.model.events import Op, decode_comm, family_version, format_addr
+from tcptrace.model.events import Op, decode_comm
 from tcptrace.model.histogram import SLOTS, Log2Histogram
+from tcptrace.model.timewait import Dest
 
 
 class AgentMaps:
@@ -38,14 +40,16 @@ class AgentMaps:
 
     # ---- reads, keyed so that entries can be deleted later ------------------------------
 
-    def tw_procs(self) -> dict[int, ProcTw]:
+    def tw_procs(self) -> dict[tuple[int, int], ProcTw]:
+        """(pid, process start time) -> its TIME_WAIT counters: a pid reused by another
+        process is another key."""
         if not self._tw:
             return {}
         out = {}
-        for key, v in self._bpf["tw_procs"].items():
-            pid = int(key.value)
-            self._raw[("tw_procs", pid)] = key
-            out[pid] = ProcTw(
+        for key, v in read_all(self._bpf["tw_procs"]):
+            proc = proc_key(key)
+            self._raw[("tw_procs", proc)] = key
+            out[proc] = ProcTw(
                 decode_comm(bytes(v.comm)),
                 int(v.created),
                 int(v.parked),
@@ -54,21 +58,15 @@ class AgentMaps:
             )
         return out
 
-    def tw_dests(self) -> dict[tuple[int, str, str, int], int]:
-        """(ip version, local ip, remote ip, remote port) -> TIME_WAIT creations."""
+    def tw_dests(self) -> dict[Dest, int]:
+        """Destination (network namespace included) -> TIME_WAIT creations."""
         if not self._tw:
             return {}
         out = {}
-        for key, v in self._bpf["tw_dests"].items():
-            family = int(key.family)
-            dest = (
-                family_version(family),
-                format_addr(bytes(key.laddr), family),
-                format_addr(bytes(key.raddr), family),
-                int(key.rport),
-            )
+        for key, v in read_all(self._bpf["tw_dests"]):
+            dest = dest_of_key(key)
             self._raw[("tw_dests", dest)] = key
-            out[dest] = int(v.value)
+            out[dest] = int(v)
         return out
 
     def cl_hists(self) -> dict[tuple[int, str, int], Log2Histogram]:
@@ -117,10 +115,7 @@ class AgentMaps:
     def tw_stats(self) -> dict[str, int]:
         if not self._tw:
             return {}
-        from tcptrace.kernel.timewait import STAT_NAMES
-
-        table = self._bpf["tw_stats"]
-        return {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        return stats_of(self._program)
 
     def cl_stats(self) -> dict[str, int]:
         if not self._cl:

@@ -192,19 +192,27 @@ class Btf:
 
     def member_offset(self, struct_name: str, path: str) -> int:
         """Byte offset of ``path`` (``a.b.c``, anonymous members crossed) in ``struct struct_name``."""
+        bits, size = self.member_bits(struct_name, path)
+        if size or bits % 8:
+            raise BtfError(f"kernel BTF: {struct_name}.{path} is a bitfield")
+        return bits // 8
+
+    def member_bits(self, struct_name: str, path: str) -> tuple[int, int]:
+        """Bit offset of ``path`` in ``struct struct_name`` and its bitfield size (0: not a
+        bitfield), for a member that is a bitfield in some kernels and not in others."""
         t: BtfType | None = self.struct(struct_name)
         bits = 0
+        size = 0
         parts = path.split(".")
         for i, part in enumerate(parts):
             found = self._find(t, part, 0) if t is not None else None
             if found is None:
                 raise BtfError(f"kernel BTF: struct {struct_name} has no member {'.'.join(parts[: i + 1])}")
             offset, member = found
-            if member.bitfield_size or offset % 8:
-                raise BtfError(f"kernel BTF: {struct_name}.{path} is a bitfield")
             bits += offset
+            size = member.bitfield_size
             t = self._resolve(member.type_id)
-        return bits // 8
+        return bits, size
 
     def enum_value(self, enum_name: str, enumerator: str) -> int:
         for kind in (KIND_ENUM, KIND_ENUM64):

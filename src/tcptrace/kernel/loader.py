@@ -163,8 +163,8 @@ def import_bcc() -> Any:
 class Part:
     """One program file of bpf/ and the tracepoints it attaches to (checked before compiling).
 
-    ``fd_walk``: the part calls tt_fd_to_tcp_sock(), which needs more offsets and a symbol.
-    ``defines``: the part's own -D values (BTF offsets, symbols), computed when it is loaded.
+    ``fd_walk``: the part calls tt_fd_to_tcp_sock(), which needs more offsets.
+    ``defines``: the part's own -D values (BTF offsets, knobs), computed when it is loaded.
     ``raw_attach``: (tracepoint, function) pairs the loader attaches as raw tracepoints
     after compiling: a second program on a tracepoint that already has a
     RAW_TRACEPOINT_PROBE (bcc auto-attaches one per name).
@@ -274,7 +274,9 @@ def timewait_defines(btf: Btf) -> dict[str, int]:
     """What timewait.bpf.c reads of timewait sockets, their timer and tcp_sock (see that file).
 
     Its programs are raw tracepoints (the list in TIMEWAIT is checked all the same). It
-    reads the owners of sockets past their CLOSE (TT_CLOSED_OWNERS, bpf/sock.bpf.h)."""
+    reads the owners of sockets past their CLOSE (TT_CLOSED_OWNERS, bpf/sock.bpf.h). No
+    symbol address: the tw timer's handler is learned in the kernel."""
+    userlocks_bits, _size = btf.member_bits("sock", "sk_userlocks")
     return {
         "TT_CLOSED_OWNERS": 1,
         "TT_TW_SND_NXT_OFF": btf.member_offset("sock_common", "skc_tw_snd_nxt"),
@@ -282,7 +284,9 @@ def timewait_defines(btf: Btf) -> dict[str, int]:
         "TT_TW_TIMER_OFF": btf.member_offset("inet_timewait_sock", "tw_timer"),
         "TT_TIMER_FUNCTION_OFF": btf.member_offset("timer_list", "function"),
         "TT_TCP_SND_NXT_OFF": btf.member_offset("tcp_sock", "snd_nxt"),
-        "TT_TW_TIMER_FN": kallsyms_address("tw_timer_handler"),
+        # a u8 (a 4-bit field in older kernels): read as 16 bits from its byte
+        "TT_SK_USERLOCKS_OFF": userlocks_bits // 8,
+        "TT_SK_USERLOCKS_SHIFT": userlocks_bits % 8,
     }
 
 
@@ -347,21 +351,6 @@ def fd_walk_defines(btf: Btf) -> dict[str, int]:
         "TT_SOCKET_SK_OFF": btf.member_offset("socket", "sk"),
         "TT_SK_TYPE_OFF": btf.member_offset("sock", "sk_type"),
     }
-
-
-def kallsyms_address(name: str) -> int:
-    """Address of a kernel symbol from /proc/kallsyms (needs root to be non-zero)."""
-    try:
-        with open("/proc/kallsyms") as fh:
-            for line in fh:
-                fields = line.split()
-                if len(fields) >= 3 and fields[2] == name:
-                    address = int(fields[0], 16)
-                    if address:
-                        return address
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot read /proc/kallsyms: {exc.strerror}") from None
-    raise EnvironmentProblem(f"kernel symbol {name} not found in /proc/kallsyms (needs root)")
 
 
 # Bits of a port_filter entry (TT_PORT_* in bpf/tcptrace.h): which option named the port.

@@ -2,7 +2,9 @@
 
 The maps are cumulative from load and never cleared: every read is a "since start"
 snapshot and the model takes differences, so no creation is lost to a clear racing the
-kernel, nor to an overflowing event stream.
+kernel, nor to an overflowing event stream. Tables are read whole with batch lookups
+(kernel/batch.py): what a read costs depends on how many processes and destinations made
+TIME_WAIT, never on how many connections they made.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from tcptrace.kernel.batch import read_all
 from tcptrace.kernel.loader import LoadedProgram
 from tcptrace.model.events import decode_comm, family_version, format_addr
-from tcptrace.model.timewait import Dest, ProcCounts, TwCounts
+from tcptrace.model.timewait import TW_MAP_FAILURES, Dest, Proc, ProcCounts, TwCounts
 
 # Indexes of `tw_stats`: TT_TW_STAT_* in bpf/tcptrace.h.
 STAT_NAMES = (
@@ -27,25 +30,64 @@ STAT_NAMES = (
     "resets_received",
     "announced",
     "confirmed",
-    "map_failed",
+    "tws_failed",
     "no_owner",
     "killed",
     "timer_starts",
+    "pending_failed",
+    "procs_failed",
+    "dests_failed",
+    "pending_stale",
+    "handler_learned",
 )
 
 
 # A cancel pending longer than this is a kill (see TimewaitReader.unsettled_kills).
 STALE_CANCEL_NS = 1_000_000
+SWEEP_EVERY_NS = 180 * 1_000_000_000
+"""How often a long run sweeps `tws` (sweep_tws)."""
+# No tw lives longer than this after its timer's last start: a parked one at most
+# tcp_fin_timeout's share (<= 60 s), a TIME_WAIT one 60 s, the timer wheel's rounding on
+# top. An entry of `tws` older than that is one whose end the kernel side missed.
+TW_MAX_ARMED_NS = 180 * 1_000_000_000
+
+
+def stats_of(program: LoadedProgram) -> dict[str, int]:
+    """The `tw_stats` counters summed over CPUs, and ``map_failed``: every failed insert."""
+    table = program.bpf["tw_stats"]
+    out = {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+    out["map_failed"] = sum(out[name] for name in TW_MAP_FAILURES.values())
+    return out
+
+
+def proc_key(key: Any) -> tuple[int, int]:
+    """(tgid, start time) of a `tw_procs` key."""
+    return int(key.tgid), int(key.start_ns)
+
+
+def dest_of_key(key: Any) -> Dest:
+    """The model's Dest of a `tw_dests` key."""
+    family = int(key.family)
+    return Dest(
+        family_version(family),
+        format_addr(bytes(key.laddr), family),
+        format_addr(bytes(key.raddr), family),
+        int(key.rport),
+        int(key.lport),
+        int(key.netns),
+    )
 
 
 class TimewaitReader:
     """Snapshots of a loaded timewait program's maps."""
 
     def __init__(self, program: LoadedProgram) -> None:
-        self._stats = program.bpf["tw_stats"]
+        self._program = program
         self._procs = program.bpf["tw_procs"]
         self._dests = program.bpf["tw_dests"]
         self._cancelled = program.bpf["tw_cancelled"]
+        self.swept = 0
+        """`tws` entries the sweep removed (their end went unseen)."""
 
     def unsettled_kills(self, now_ns: int | None = None) -> int:
         """Kills the kernel side has not settled yet.
@@ -61,21 +103,23 @@ class TimewaitReader:
         return sum(
             1
             for slot in self._cancelled[self._cancelled.Key(0)]
-            if slot.valid and now_ns - int(slot.ts_ns) >= STALE_CANCEL_NS
+            if slot.valid and slot.w.kept and now_ns - int(slot.ts_ns) >= STALE_CANCEL_NS
         )
 
     def stats(self) -> dict[str, int]:
-        return {name: int(self._stats.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        out = stats_of(self._program)
+        out["tws_swept"] = self.swept
+        return out
 
     def counts(self) -> TwCounts:
-        s = self.stats()
-        procs: dict[tuple[int, str], ProcCounts] = {}
-        for key, value in self._procs.items():
-            pk = (int(key.value), decode_comm(bytes(value.comm)))
-            procs[pk] = procs.get(pk, ProcCounts()) + ProcCounts(
+        s = stats_of(self._program)
+        procs: dict[Proc, ProcCounts] = {}
+        for key, value in read_all(self._procs):
+            tgid, start_ns = proc_key(key)
+            procs[Proc(tgid, decode_comm(bytes(value.comm)), start_ns)] = ProcCounts(
                 int(value.created), int(value.parked), int(value.resets_sent), int(value.resets_received)
             )
-        dests = {self._dest(k): int(v.value) for k, v in self._dests.items()}
+        dests = {dest_of_key(k): int(v) for k, v in read_all(self._dests)}
         return TwCounts(
             immediate=s["immediate"],
             parked=s["parked"],
@@ -89,12 +133,31 @@ class TimewaitReader:
             by_dest=dests,
         )
 
-    @staticmethod
-    def _dest(key: Any) -> Dest:
-        family = int(key.family)
-        return Dest(
-            family_version(family),
-            format_addr(bytes(key.laddr), family),
-            format_addr(bytes(key.raddr), family),
-            int(key.rport),
-        )
+    def sweep(self, now_ns: int | None = None) -> int:
+        """sweep_tws() on this program; the count is kept (``tws_swept`` in stats())."""
+        gone = sweep_tws(self._program, now_ns)
+        self.swept += gone
+        return gone
+
+
+def sweep_tws(program: LoadedProgram, now_ns: int | None = None) -> int:
+    """Delete the `tws` entries whose tw cannot be alive any more (the kernel side missed
+    its end: without this they would fill the table over weeks); returns how many. Costs a
+    read of the table (one entry per live tw): run it every few minutes."""
+    tws = program.bpf["tws"]
+    now_ns = time.monotonic_ns() if now_ns is None else now_ns
+    gone = 0
+    for key, value in read_all(tws):
+        if now_ns - int(value.armed_ns) <= TW_MAX_ARMED_NS:
+            continue
+        # Read again just before deleting: a new tw at that address replaces the entry
+        # (its timer start is recent), and must stay.
+        current = tws.get(key)
+        if current is None or now_ns - int(current.armed_ns) <= TW_MAX_ARMED_NS:
+            continue
+        try:
+            del tws[key]
+            gone += 1
+        except KeyError:
+            pass  # its end came meanwhile
+    return gone

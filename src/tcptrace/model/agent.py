@@ -23,6 +23,7 @@ from tcptrace.model.closewait import CloseWaitModel, SuspectGroup, code_path_key
 from tcptrace.model.cwagg import CwSnapshot, Emulator, OwnerCounts, OwnerKey
 from tcptrace.model.events import SocketEvent
 from tcptrace.model.histogram import EMPTY, Log2Histogram
+from tcptrace.model.timewait import TW_MAP_FAILURES, Dest
 from tcptrace.model.workload import NOBODY, Whois, whois_json
 
 NS = 1_000_000_000
@@ -34,7 +35,8 @@ container (or unknown); pid 0 when the pid label is left out (--no-pid-label: on
 per name and container, whatever the restarts). (0, "other", "", "", "") stands for the
 aggregate of the rest."""
 AGGREGATE: Proc = (0, OTHER, "", "", "")
-Dest = tuple[int, str, str, int]
+ProcKey = tuple[int, int]
+"""(pid, process start time) of a tw_procs entry: a reused pid is another process."""
 ClKey = tuple[int, str, int]
 
 
@@ -178,7 +180,7 @@ class AgentModel:
             call: BoundedCounters(c.top_processes, zero=EMPTY, weight=_hist_weight, idle_ns=c.label_idle_ns)
             for call in CALL_NAMES
         }
-        self.tw_procs: MapDeltas[int, ProcTw] = MapDeltas(
+        self.tw_procs: MapDeltas[ProcKey, ProcTw] = MapDeltas(
             idle_reads=c.idle_intervals, subtract=ProcTw.minus, weight=lambda p: p.weight
         )
         self.tw_dests: MapDeltas[Dest, int] = MapDeltas(
@@ -208,7 +210,7 @@ class AgentModel:
         self,
         now_ns: int,
         *,
-        tw_procs: Mapping[int, ProcTw] | None = None,
+        tw_procs: Mapping[ProcKey, ProcTw] | None = None,
         tw_dests: Mapping[Dest, int] | None = None,
         cl_hists: Mapping[ClKey, Log2Histogram] | None = None,
         cl_comm: Mapping[ClKey, str] | None = None,
@@ -226,7 +228,7 @@ class AgentModel:
         prune["cw_owners"] = cw_idle
         if tw_procs is not None:
             deltas, idle = self.tw_procs.update(tw_procs)
-            for pid, d in deltas.items():
+            for (pid, _start_ns), d in deltas.items():
                 proc = self.proc(pid, d.comm)
                 self.tw_by_proc.add(proc, d.created, now_ns)
                 self.rs_by_proc.add(proc, d.resets_sent, now_ns)
@@ -235,7 +237,8 @@ class AgentModel:
         if tw_dests is not None:
             ddeltas, didle = self.tw_dests.update(tw_dests)
             for dest, n in ddeltas.items():
-                self.tw_by_port.add(dest[3], n, now_ns)
+                if not dest.bound:  # a server's TIME_WAIT has no one remote port
+                    self.tw_by_port.add(dest.rport, n, now_ns)
             prune["tw_dests"] = didle
         if cl_hists is not None:
             hdeltas, hidle = self.cl_hists.update(cl_hists)
@@ -333,7 +336,7 @@ class AgentModel:
             "close_wait_open": cw.open_failed,
             "close_wait_owners": cw.owner_failed,
             "seeds": seed_failures,
-            "timewait": tw_stats.get("map_failed", 0),
+            **{name: tw_stats.get(key, 0) for name, key in TW_MAP_FAILURES.items()},
             "closelat_hists": cl_stats.get("hist_failed", 0),
             "closelat_calls": cl_stats.get("call_failed", 0),
         }

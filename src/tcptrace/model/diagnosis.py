@@ -686,7 +686,7 @@ class TimeWaitFacts:
         ports = settings.ports if settings is not None else None
         tw_reuse = settings.tw_reuse if settings is not None else None
         by_process = sorted(
-            ((p, c, n.created) for (p, c), n in totals.by_process.items() if n.created),
+            ((proc.pid, proc.comm, n.created) for proc, n in totals.by_process.items() if n.created),
             key=lambda x: (-x[2], x[0]),
         )
         host_now = overview.states.host_tw

@@ -251,6 +251,8 @@ class TwWhat(enum.IntEnum):
 
 
 TW_HOW = {1: "fin", 2: "timer"}
+TW_FLAG_BOUND = 1
+"""Bit of ``tt_event.flags`` of TIMEWAIT events: the local port was bound (TT_TWF_BOUND)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,7 +266,8 @@ class TimeWaitEvent(SocketEvent):
     KILLED: a counted TIME_WAIT tw ended before its 60 s (port reuse, a SYN, an RST).
     RESET_SENT/RESET_RECEIVED: an RST on a socket in state ``substate``. ``age_ns``: time
     since the tw was created. ``pid``/``comm``: the socket's owner, for a tw the process
-    that closed first.
+    that closed first. ``port_bound``: the tw's local port was bound by its application (a
+    server's), not chosen by connect(); None for resets (and in older recordings).
     """
 
     what: TwWhat
@@ -272,6 +275,7 @@ class TimeWaitEvent(SocketEvent):
     created_as: TcpState | None = None
     age_ns: int | None = None
     how: str | None = None
+    port_bound: bool | None = None
 
 
 _TYPES: dict[str, type[SocketEvent]] = {
@@ -348,6 +352,7 @@ def _timewait_from_raw(raw: Any) -> TimeWaitEvent:
         created_as=TcpState(old) if old and is_tw else None,
         age_ns=int(raw.value_ns) or None,
         how=TW_HOW.get(int(raw.ret)),
+        port_bound=bool(int(raw.flags) & TW_FLAG_BOUND) if is_tw else None,
     )
 
 
@@ -375,7 +380,7 @@ def from_raw(raw: Any) -> SocketEvent:
 
 
 _JSON_FIELDS: dict[type, tuple[str, ...]] = {}
-_OPTIONAL = frozenset({"cgroup", "netns", "pid_start_ns"})  # left out of JSON when unknown
+_OPTIONAL = frozenset({"cgroup", "netns", "pid_start_ns", "port_bound"})  # left out of JSON when unknown
 _PLAIN = (int, str, type(None))  # exact types: enums (int subclasses) are named below
 
 
@@ -451,3 +456,6 @@ def _check_types(event: SocketEvent) -> None:
         value = getattr(event, name)
         if value is not None and not isinstance(value, int):
             raise TypeError(f"{name} must be an integer or null")
+    bound = getattr(event, "port_bound", None)
+    if bound is not None and not isinstance(bound, bool):
+        raise TypeError("port_bound must be true, false or null")

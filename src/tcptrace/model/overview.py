@@ -301,15 +301,15 @@ class Overview:
                 cgroups.setdefault(sock.pid, sock.cgroup)
         totals = self.timewait.totals
         tw_total: dict[int, int] = {}
-        for (p, comm), c in totals.by_process.items():
+        for proc, c in totals.by_process.items():
             if c.created:
-                tw_total[p] = tw_total.get(p, 0) + c.created
-                comms.setdefault(p, comm)
+                tw_total[proc.pid] = tw_total.get(proc.pid, 0) + c.created
+                comms.setdefault(proc.pid, proc.comm)
         tw_rate: dict[int, float] = {}
         last = next((i for i in reversed(self.timewait.intervals) if i.seconds >= MIN_RATE_S), None)
         if last is not None:
-            for (p, _comm), c in last.delta.by_process.items():
-                tw_rate[p] = tw_rate.get(p, 0.0) + c.created / last.seconds
+            for proc, c in last.delta.by_process.items():
+                tw_rate[proc.pid] = tw_rate.get(proc.pid, 0.0) + c.created / last.seconds
         lat: dict[int, Log2Histogram] = {}
         for (p, comm), row in by_process(self.closelat.totals().rows).items():
             lat[p] = row.hist

@@ -10,6 +10,11 @@ arrived). ``converted_fin``: an orphaned FIN_WAIT2 socket parked as a timewait s
 became TIME_WAIT when the FIN arrived (counted then). ``converted_timer``: the same, seen
 only later at its timer. ``pending_fin_wait2``: parked sockets not resolved yet.
 ``parked_ended``: parked sockets that died without the FIN: never TIME_WAIT.
+
+Keys are the kernel's: a process is (pid, start time), so a reused pid is another process;
+a destination carries its network namespace, so equal addresses in two namespaces (two
+containers) stay apart. The same counts come from the kernel's maps (live) and from
+``EventCounts`` (a replay of ``--events``), which derives them the way the kernel does.
 """
 
 from __future__ import annotations
@@ -18,26 +23,49 @@ import ipaddress
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from tcptrace.model.events import SocketEvent, TcpState, TimeWaitEvent, TwWhat
 
 NS = 1_000_000_000
 TIMEWAIT_LEN_S = 60  # TCP_TIMEWAIT_LEN: fixed at 60 s in Linux
 REUSE_MATTERS = 0.5  # a destination's TIME_WAIT holding more of its ports makes tcp_tw_reuse matter
+TW_MAP_FAILURES = {
+    "tws": "tws_failed",
+    "tw_pending": "pending_failed",
+    "tw_procs": "procs_failed",
+    "tw_dests": "dests_failed",
+}
+"""timewait.bpf.c's maps (none evicts) -> the tw_stats counter of their failed inserts."""
 
 
 @dataclass(frozen=True, order=True)
 class Dest:
-    """One (local ip, remote ip, remote port): each TIME_WAIT socket holds one local port of it."""
+    """Where TIME_WAIT sockets hold ports, in one network namespace (``netns``, 0 unknown).
+
+    A socket whose local port connect() chose holds one port of (local ip, remote ip,
+    remote port): ``lport`` is 0. A socket with a bound local port (a server's accepted
+    connection) is counted by (local ip, local port, remote ip): ``rport`` is 0, since its
+    remote ports are the clients' ephemeral ones.
+    """
 
     family: int
     laddr: str
     raddr: str
     rport: int
+    lport: int = 0
+    netns: int = 0
+
+    @property
+    def bound(self) -> bool:
+        """The local port was bound (a server's): no port of this host is at stake."""
+        return self.lport != 0
 
     @property
     def remote(self) -> str:
+        """``ip:port`` (``[ip]:port`` for IPv6); the bare ip on the bound side."""
+        if self.bound:
+            return self.raddr
         return f"[{self.raddr}]:{self.rport}" if self.family == 6 else f"{self.raddr}:{self.rport}"
 
     @property
@@ -46,6 +74,19 @@ class Dest:
             return ipaddress.ip_address(self.raddr).is_loopback
         except ValueError:
             return False
+
+
+class Remote(NamedTuple):
+    """What the by-remote tables group by: the remote endpoint (a bare ip for the bound
+    side), the bound local port (0 on the connect() side) and the network namespace."""
+
+    remote: str
+    local_port: int = 0
+    netns: int = 0
+
+
+def remote_of(dest: Dest) -> Remote:
+    return Remote(dest.remote, dest.lport, dest.netns)
 
 
 @dataclass(frozen=True)
@@ -72,7 +113,13 @@ class ProcCounts:
         )
 
 
-Proc = tuple[int, str]  # (pid, comm)
+class Proc(NamedTuple):
+    """A process as TIME_WAIT is counted by: its pid and its start time (``start_ns``, 0
+    unknown), so that a new process that reuses a pid is another key, and its comm."""
+
+    pid: int
+    comm: str
+    start_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,6 +149,14 @@ class TwCounts:
         return max(0, self.parked - self.converted_fin - self.converted_timer - self.parked_ended)
 
 
+def dest_of(event: TimeWaitEvent) -> Dest:
+    """The destination a tw's creation counts for, as the kernel keys it (tw_dests)."""
+    netns = event.netns or 0
+    if event.port_bound:
+        return Dest(event.family, event.saddr, event.daddr, 0, event.sport, netns)
+    return Dest(event.family, event.saddr, event.daddr, event.dport, 0, netns)
+
+
 class EventCounts:
     """TwCounts accumulated from TimeWaitEvents (what a replay has instead of kernel maps)."""
 
@@ -125,11 +180,11 @@ class EventCounts:
     def _proc(self, event: SocketEvent, delta: ProcCounts) -> None:
         if event.pid is None:
             return
-        key = (event.pid, event.comm or "")
+        key = Proc(event.pid, event.comm or "", event.pid_start_ns or 0)
         self.by_process[key] = self.by_process.get(key, ProcCounts()) + delta
 
-    def _created(self, event: SocketEvent) -> None:
-        dest = Dest(event.family, event.saddr, event.daddr, event.dport)
+    def _created(self, event: TimeWaitEvent) -> None:
+        dest = dest_of(event)
         self.by_dest[dest] = self.by_dest.get(dest, 0) + 1
         self._proc(event, ProcCounts(created=1))
 
@@ -218,12 +273,24 @@ def diff(new: TwCounts, old: TwCounts) -> TwCounts:
     )
 
 
-def by_remote(by_dest: Mapping[Dest, int]) -> dict[str, int]:
-    """Counts by remote endpoint (ip:port), summed over local addresses."""
-    out: dict[str, int] = {}
+def by_remote(by_dest: Mapping[Dest, int]) -> dict[Remote, int]:
+    """Counts by remote endpoint (ip:port; the ip and the local port on the bound side) and
+    network namespace, summed over local addresses."""
+    out: dict[Remote, int] = {}
     for dest, count in by_dest.items():
-        out[dest.remote] = out.get(dest.remote, 0) + count
+        key = remote_of(dest)
+        out[key] = out.get(key, 0) + count
     return out
+
+
+def remote_json(remote: Remote, created: int) -> dict[str, Any]:
+    """One by_remote row: ``remote``, ``netns`` (null when unknown), ``local_port`` on the
+    bound side (a server's port: ``remote`` is then the client's ip), ``created``."""
+    row: dict[str, Any] = {"remote": remote.remote, "netns": remote.netns or None}
+    if remote.local_port:
+        row["local_port"] = remote.local_port
+    row["created"] = created
+    return row
 
 
 @dataclass(frozen=True)
@@ -434,7 +501,7 @@ class TimewaitModel:
         rows = []
         for dest, count in new.items():
             held = count - old.get(dest, 0)
-            if held > 0:
+            if held > 0 and not dest.bound:  # the bound side holds no port of this host
                 rows.append(forecast_dest(dest, held / seconds, held, ports, tw_reuse))
         rows.sort(key=lambda f: (-f.rate_per_s, f.dest))
         return rows[:top]
@@ -450,6 +517,12 @@ class TimewaitModel:
 
 def top(mapping: Mapping[Any, int], n: int) -> list[tuple[Any, int]]:
     return sorted(mapping.items(), key=lambda kv: (-kv[1], str(kv[0])))[:n]
+
+
+def process_json(proc: Proc) -> dict[str, Any]:
+    """The identity fields of a by_process row: pid, its start time (null when unknown:
+    a pid reused by another process is another row), comm."""
+    return {"pid": proc.pid, "pid_start_ns": proc.start_ns or None, "comm": proc.comm}
 
 
 def interval_json(interval: Interval, top_n: int = 20) -> dict[str, Any]:
@@ -474,17 +547,16 @@ def interval_json(interval: Interval, top_n: int = 20) -> dict[str, Any]:
         "ended_early": d.killed,
         "by_process": [
             {
-                "pid": pid,
-                "comm": comm,
+                **process_json(proc),
                 "created": c.created,
                 "rate_per_s": round(c.created / interval.seconds, 3),
                 "resets_sent": c.resets_sent,
                 "resets_received": c.resets_received,
             }
-            for (pid, comm), c in procs
+            for proc, c in procs
         ],
         "by_remote": [
-            {"remote": remote, "created": count, "rate_per_s": round(count / interval.seconds, 3)}
+            {**remote_json(remote, count), "rate_per_s": round(count / interval.seconds, 3)}
             for remote, count in top(by_remote(d.by_dest), top_n)
         ],
         "created_total": interval.totals.created,
@@ -511,16 +583,15 @@ def totals_json(totals: TwCounts, top_n: int = 50) -> dict[str, Any]:
         "ended_early": totals.killed,
         "by_process": [
             {
-                "pid": pid,
-                "comm": comm,
+                **process_json(proc),
                 "created": c.created,
                 "parked_fin_wait2": c.parked,
                 "resets_sent": c.resets_sent,
                 "resets_received": c.resets_received,
             }
-            for (pid, comm), c in procs
+            for proc, c in procs
         ],
-        "by_remote": [{"remote": r, "created": c} for r, c in top(by_remote(totals.by_dest), top_n)],
+        "by_remote": [remote_json(r, c) for r, c in top(by_remote(totals.by_dest), top_n)],
     }
 
 
@@ -528,6 +599,7 @@ def forecast_json(f: DestForecast) -> dict[str, Any]:
     return {
         "local": f.dest.laddr,
         "remote": f.dest.remote,
+        "netns": f.dest.netns or None,
         "rate_per_s": round(f.rate_per_s, 3),
         "held_last_60s": f.held_now,
         "held_steady": round(f.held_steady, 1),

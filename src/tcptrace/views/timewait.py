@@ -15,6 +15,7 @@ from tcptrace.model.timewait import (
     Advice,
     DestForecast,
     Interval,
+    Remote,
     TimewaitModel,
     TwCounts,
     by_remote,
@@ -59,15 +60,15 @@ def process_table(interval: Interval | None, totals: TwCounts, n: int = 8) -> Ta
     for name, justify in columns:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     rows = sorted(totals.by_process.items(), key=lambda kv: (-kv[1].created, -kv[1].resets_sent, kv[0]))
-    for (pid, comm), c in rows[:n]:
+    for proc, c in rows[:n]:
         now = 0.0
         if interval is not None:
-            d = interval.delta.by_process.get((pid, comm))
+            d = interval.delta.by_process.get(proc)
             now = d.created / interval.seconds if d is not None else 0.0
         now_cell = [Text(f"{now:,.1f}")] if interval is not None else []
         table.add_row(
-            Text(str(pid)),
-            host_text(comm, width=15),
+            Text(str(proc.pid)),
+            host_text(proc.comm, width=15),
             *now_cell,
             Text(str(c.created)),
             Text(str(c.resets_sent)),
@@ -76,20 +77,35 @@ def process_table(interval: Interval | None, totals: TwCounts, n: int = 8) -> Ta
     return table
 
 
+def remote_text(remote: Remote) -> Text:
+    """The remote endpoint; on the bound side (a server's port), the client's ip and the
+    server's port it came to."""
+    text = host_text(remote.remote)
+    if remote.local_port:
+        text.append(f" (to local port {remote.local_port})", style="dim")
+    return text
+
+
 def remote_table(interval: Interval | None, totals: TwCounts, n: int = 8) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
     table.title = "by remote endpoint"
+    rows = top(by_remote(totals.by_dest), n)
+    # Two network namespaces (two containers) may use the same addresses: say which.
+    with_netns = len({remote.netns for remote, _ in rows}) > 1
+    if with_netns:
+        table.add_column("NETNS", justify="right")
     table.add_column("REMOTE")
     if interval is not None:
         table.add_column("NOW/s", justify="right")
     table.add_column("TOTAL", justify="right")
     now = by_remote(interval.delta.by_dest) if interval is not None else {}
-    for remote, count in top(by_remote(totals.by_dest), n):
+    for remote, count in rows:
+        cells = [Text(str(remote.netns or "?"))] if with_netns else []
+        cells.append(remote_text(remote))
         if interval is not None:
-            rate = now.get(remote, 0) / interval.seconds
-            table.add_row(host_text(remote), Text(f"{rate:,.1f}"), Text(str(count)))
-        else:
-            table.add_row(host_text(remote), Text(str(count)))
+            cells.append(Text(f"{now.get(remote, 0) / interval.seconds:,.1f}"))
+        cells.append(Text(str(count)))
+        table.add_row(*cells)
     return table
 
 
