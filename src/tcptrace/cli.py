@@ -98,7 +98,8 @@ def cli() -> None:
     """Trace TCP socket lifecycles from the kernel with eBPF.
 
     Finds the process and code path behind sockets stuck in CLOSE_WAIT, counts TIME_WAIT
-    creation exactly, and times close(). Tracing needs root (or CAP_BPF + CAP_PERFMON).
+    creation exactly, and times close(). Tracing needs root (or CAP_BPF, CAP_PERFMON and
+    CAP_DAC_READ_SEARCH).
 
     \b
     Start with:

@@ -11,6 +11,7 @@ is still listed when it checks).
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -27,7 +28,9 @@ from typing import Any
 
 import pytest
 
+from tcptrace.export.prometheus import sample_value
 from tcptrace.system.netstat import parse_netstat, parse_sockstat_tw
+from tests.integration import helpers
 from tests.integration.helpers import free_port
 
 PEER = Path(__file__).parent / "fixtures" / "tw_peer.py"
@@ -61,14 +64,19 @@ class Run:
 
 
 class Tracer:
-    """`tcptrace timewait --json --events` as a subprocess, stopped with SIGINT."""
+    """`tcptrace timewait --json --events` as a subprocess, stopped with SIGINT. Without
+    ``events`` it counts from the kernel's maps alone (no event crosses)."""
 
-    def __init__(self, cmd: list[str], port: int, interval: float = 1.0) -> None:
+    def __init__(
+        self, cmd: list[str], port: int, interval: float = 1.0, events: bool = True, cwd: str | None = None
+    ) -> None:
+        args = [*cmd, "timewait", "--port", str(port), "--json", "--interval", str(interval)]
         self.proc = subprocess.Popen(
-            [*cmd, "timewait", "--port", str(port), "--json", "--events", "--interval", str(interval)],
+            [*args, "--events"] if events else args,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            cwd=cwd,
         )
         assert self.proc.stdout is not None
         first = self.proc.stdout.readline()  # written once the programs are attached
@@ -429,3 +437,153 @@ def test_counts_stay_exact_when_the_event_stream_overflows(port: int, ss: object
     client = next(c for proc, c in counts.by_process.items() if proc.pid == peers.client_pid)
     assert client.created == n
     assert sum(c for d, c in counts.by_dest.items() if (d.raddr, d.rport) == (host, port)) == n
+
+
+# --- pid reuse, network namespaces, no symbol address, capabilities -------------------------
+
+
+def test_a_reused_pid_is_counted_as_another_process(
+    tcptrace_cmd: list[str], port: int, fixture_bin: helpers.FixtureBuilder
+) -> None:
+    """Process twA makes 50 TIME_WAIT sockets and exits; twB gets its pid and makes 50
+    more: `timewait` (from its maps, no events) and the agent report twA 50 and twB 50.
+
+    The pid reused is the kernel's (what BPF sees), so it is taken with clone3's set_tid
+    (fixtures/pid_exec.c): a pid namespace's ns_last_pid only picks the pid inside that
+    namespace, while the process gets a new one in the host's."""
+    from tests.integration.test_agent import agent, scrape
+
+    pid_exec = fixture_bin("pid_exec")
+    host = loopback_host()
+    metrics = helpers.free_port()
+    client = [sys.executable, str(PEER), "client", host, str(port), "50", "first"]
+    with agent(tcptrace_cmd, metrics, "--port", str(port)):
+        tracer = Tracer(tcptrace_cmd, port, events=False)
+        server = subprocess.Popen(
+            [sys.executable, str(PEER), "server", host, str(port), "100", "eof"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        tw_a = subprocess.Popen(client, env={**os.environ, "TW_PEER_COMM": "twA"}, stdout=subprocess.PIPE)
+        tw_a.communicate(timeout=60)
+        assert tw_a.returncode == 0
+        reuse = subprocess.run(
+            [str(pid_exec), str(tw_a.pid), *client],
+            env={**os.environ, "TW_PEER_COMM": "twB"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert reuse.returncode == 0, reuse.stderr
+        server.communicate(timeout=60)
+        time.sleep(1.0)  # the last FINs; the agent's next refresh
+        metrics_text = scrape(metrics)
+        run = tracer.stop()
+
+    rows = [r for r in run.summary["by_process"] if r["pid"] == tw_a.pid]
+    assert sorted((r["comm"], r["created"]) for r in rows) == [("twA", 50), ("twB", 50)], breakdown(run)
+    starts = {r["pid_start_ns"] for r in rows}
+    assert len(starts) == 2 and None not in starts
+    assert run.summary["events_created"] == 0  # counted from the maps: no event crossed
+    created = "tcptrace_timewait_created_by_process_total"
+    assert sample_value(metrics_text, created, {"pid": str(tw_a.pid), "comm": "twA"}) == 50
+    assert sample_value(metrics_text, created, {"pid": str(tw_a.pid), "comm": "twB"}) == 50
+
+
+@pytest.fixture
+def two_netns() -> Iterator[tuple[str, str]]:
+    """Two network namespaces with lo up: the same addresses (127.0.0.1) in both."""
+    if shutil.which("ip") is None:
+        pytest.skip("needs ip (iproute2)")
+    base = f"tcptrace-tw-{random.randint(0, 1 << 30)}"
+    names = (f"{base}-a", f"{base}-b")
+    made: list[str] = []
+    try:
+        for name in names:
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            made.append(name)
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield names
+    finally:
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_equal_addresses_in_two_network_namespaces_stay_apart(
+    tcptrace_cmd: list[str], port: int, two_netns: tuple[str, str]
+) -> None:
+    """Issue 17: a client and a server on 127.0.0.1:PORT in each of two namespaces (two
+    pods with the same addresses): timewait's remotes carry each namespace's inode with its
+    own count, and the agent's per-port series holds both (not one written over the other)."""
+    from tests.integration.test_agent import agent, scrape
+
+    a, b = two_netns
+    inode = {name: os.stat(f"/run/netns/{name}").st_ino for name in two_netns}
+    metrics = helpers.free_port()
+    with agent(tcptrace_cmd, metrics, "--port", str(port)):
+        tracer = Tracer(tcptrace_cmd, port, events=False)
+        peers_a = run_peers("127.0.0.1", port, 30, "eof", "first", prefix=("ip", "netns", "exec", a))
+        peers_b = run_peers("127.0.0.1", port, 20, "eof", "first", prefix=("ip", "netns", "exec", b))
+        time.sleep(1.0)
+        metrics_text = scrape(metrics)
+        run = tracer.stop()
+
+    ours = sorted(
+        (r["netns"], r["created"]) for r in run.summary["by_remote"] if r["remote"] == f"127.0.0.1:{port}"
+    )
+    assert ours == sorted([(inode[a], 30), (inode[b], 20)]), breakdown(run)
+    assert run.process(peers_a.client_pid)["created"] == 30
+    assert run.process(peers_b.client_pid)["created"] == 20
+    forecasts = {f["netns"] for f in run.summary["forecast"] if f["remote"] == f"127.0.0.1:{port}"}
+    assert forecasts <= {inode[a], inode[b]}
+    by_port = "tcptrace_timewait_created_by_remote_port_total"
+    assert sample_value(metrics_text, by_port, {"remote_port": str(port)}) == 50
+
+
+def kallsyms_address(name: str) -> int:
+    with open("/proc/kallsyms") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] == name and int(fields[0], 16):
+                return int(fields[0], 16)
+    raise AssertionError(f"{name} not in /proc/kallsyms")
+
+
+def test_the_tw_timer_handler_is_learned_in_the_kernel(port: int) -> None:
+    """No symbol address is read: the first tw's confirmation teaches the program
+    tw_timer_handler's address, the one /proc/kallsyms gives root."""
+    from tcptrace.kernel.timewait import stats_of
+    from tcptrace.model.filters import EventFilter
+    from tests.integration.helpers import load_parts
+
+    program = load_parts(("timewait",), EventFilter(ports=frozenset([port])))
+    try:
+        run_peers(loopback_host(), port, 5, "eof", "first")
+        time.sleep(0.3)
+        table = program.bpf["tw_fn"]
+        learned = int(table[table.Key(0)].value)
+        stats = stats_of(program)
+    finally:
+        program.close()
+    assert learned == kallsyms_address("tw_timer_handler")
+    assert stats["handler_learned"] == 1
+    assert stats["created"] >= 5
+
+
+def test_runs_with_the_documented_capabilities(tcptrace_cmd: list[str], port: int, ss: object) -> None:
+    """As nobody with CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH only (no CAP_SYSLOG,
+    so /proc/kallsyms shows zeros), timewait counts every creation."""
+    from tests.integration.test_hardening import _setpriv
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    exe = os.path.join(os.path.dirname(sys.executable), "tcptrace")
+    host = loopback_host()
+    tracer = Tracer([*_setpriv("bpf", "perfmon", "dac_read_search"), exe], port, events=False, cwd="/")
+    peers = run_peers(host, port, 40, "eof", "first")
+    time.sleep(0.5)
+    run = tracer.stop()
+    assert run.process(peers.client_pid)["created"] == 40, breakdown(run)
+    assert run.remote(f"{host}:{port}") == 40
+    assert run.summary["kernel"]["handler_learned"] == 1

@@ -280,13 +280,18 @@ static __always_inline void tt_tw_converted(void *ctx, __u64 tw, struct tt_tw *w
     tt_tw_emit(ctx, TT_TW_CONVERTED, tw, w, TT_TCP_TIME_WAIT, bpf_ktime_get_ns() - w->created_ns, how);
 }
 
-/* Whether a socket's local port was bound by its application (sk_userlocks has
- * SOCK_BINDPORT_LOCK; a bitfield in older kernels, hence a 16-bit read). */
-static __always_inline __u8 tt_sk_port_bound(const char *sk)
+/* Whether a socket's local port is a server's rather than one connect() chose:
+ * bound by its application (sk_userlocks has SOCK_BINDPORT_LOCK, which accepted
+ * sockets inherit from their listener; a bitfield in older kernels, hence a
+ * 16-bit read), or a listener's port (one that listen() picked itself). */
+static __always_inline __u8 tt_sk_port_bound(const char *sk, const struct tt_tuple *t)
 {
     __u16 locks = 0;
     bpf_probe_read_kernel(&locks, sizeof(locks), sk + TT_SK_USERLOCKS_OFF);
-    return (locks >> TT_SK_USERLOCKS_SHIFT) & TT_SOCK_BINDPORT_LOCK ? 1 : 0;
+    if ((locks >> TT_SK_USERLOCKS_SHIFT) & TT_SOCK_BINDPORT_LOCK)
+        return 1;
+    __u64 lkey = tt_listener_key(t->netns, t->family, t->sport);
+    return listeners.lookup(&lkey) ? 1 : 0;
 }
 
 /* The first confirmation gives tw_timer_handler's address (see tt_tw_timer). */
@@ -324,7 +329,7 @@ static __always_inline void tt_tw_confirm(void *ctx, const char *sk)
     w.armed_ns = w.created_ns;
     w.snd_nxt = ann.snd_nxt;
     w.substate = ann.substate;
-    w.bound = tt_sk_port_bound(sk);
+    w.bound = tt_sk_port_bound(sk, &t);
     w.t = t;
     w.kept = tt_keep(t.family, t.sport, t.dport, t.netns, &w.owner);
     if (w.kept) {

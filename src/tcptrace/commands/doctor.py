@@ -31,10 +31,8 @@ def run_checks() -> list[Check]:
         Check(
             "privileges",
             privileged,
-            "root"
-            if os.geteuid() == 0
-            else ("CAP_BPF + CAP_PERFMON" if privileged else f"uid {os.geteuid()}"),
-            "run as root (sudo tcptrace ...) or grant CAP_BPF and CAP_PERFMON",
+            "root" if os.geteuid() == 0 else (loader.CAPS_NEEDED if privileged else f"uid {os.geteuid()}"),
+            f"run as root (sudo tcptrace ...) or grant {loader.CAPS_NEEDED}",
         )
     )
     try:

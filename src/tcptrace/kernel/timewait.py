@@ -86,6 +86,9 @@ class TimewaitReader:
         self._procs = program.bpf["tw_procs"]
         self._dests = program.bpf["tw_dests"]
         self._cancelled = program.bpf["tw_cancelled"]
+        # Keys decoded once: a read then costs a dict lookup per row (tw_dests holds one
+        # row per destination for the whole run, and is never pruned by the command).
+        self._dest_keys: dict[bytes, Dest] = {}
         self.swept = 0
         """`tws` entries the sweep removed (their end went unseen)."""
 
@@ -119,7 +122,14 @@ class TimewaitReader:
             procs[Proc(tgid, decode_comm(bytes(value.comm)), start_ns)] = ProcCounts(
                 int(value.created), int(value.parked), int(value.resets_sent), int(value.resets_received)
             )
-        dests = {dest_of_key(k): int(v) for k, v in read_all(self._dests)}
+        dests: dict[Dest, int] = {}
+        known = self._dest_keys
+        for key, value in read_all(self._dests):
+            raw = bytes(key)
+            dest = known.get(raw)
+            if dest is None:
+                dest = known[raw] = dest_of_key(key)
+            dests[dest] = int(value)
         return TwCounts(
             immediate=s["immediate"],
             parked=s["parked"],
