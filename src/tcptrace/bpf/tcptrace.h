@@ -69,6 +69,7 @@
 #define TT_TW_STAT_DESTS_FAIL 17    /* `tw_dests` full: a creation missing from the by-destination table */
 #define TT_TW_STAT_PENDING_STALE 18 /* announcements never confirmed, removed at their tw's end */
 #define TT_TW_STAT_HANDLER_LEARNED 19 /* tw_timer_handler's address learned from a confirmed tw (1, or 0 before the first) */
+#define TT_TW_STAT_CLOSED_NO_TW 20  /* FIN_WAIT2/CLOSING -> CLOSE with no tw announced (none made, or one unseen) */
 #define TT_TW_STAT_MAX 24
 
 /* TCP states as the kernel numbers them (include/net/tcp_states.h). */

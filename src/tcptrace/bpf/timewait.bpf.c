@@ -215,7 +215,7 @@ static __always_inline struct tt_tw_proc *tt_tw_proc_of(const struct tt_owner *o
     struct tt_tw_proc_key key = {.tgid = owner->tgid, .start_ns = owner->start_ns};
     struct tt_tw_proc *p = tw_procs.lookup_or_try_init(&key, &fresh);
     if (!p)
-        tw_stats.increment(TT_TW_STAT_PROCS_FAIL);
+        tw_stats.atomic_increment(TT_TW_STAT_PROCS_FAIL);
     return p;
 }
 
@@ -245,7 +245,7 @@ static __always_inline void tt_tw_emit(void *ctx, __u8 op, __u64 tw, const struc
 /* Count one TIME_WAIT creation of tw `w`: globally, for its owner, for its destination. */
 static __always_inline void tt_tw_count(const struct tt_tw *w)
 {
-    tw_stats.increment(TT_TW_STAT_CREATED);
+    tw_stats.atomic_increment(TT_TW_STAT_CREATED);
     if (w->owner.tgid) {
         struct tt_tw_proc *p = tt_tw_proc_of(&w->owner);
         if (p)
@@ -265,7 +265,7 @@ static __always_inline void tt_tw_count(const struct tt_tw *w)
     if (c)
         __sync_fetch_and_add(c, 1);
     else
-        tw_stats.increment(TT_TW_STAT_DESTS_FAIL);
+        tw_stats.atomic_increment(TT_TW_STAT_DESTS_FAIL);
 }
 
 /* A parked tw is seen in TIME_WAIT: count it once. `how`: TT_TW_HOW_*. Two CPUs can
@@ -275,7 +275,7 @@ static __always_inline void tt_tw_converted(void *ctx, __u64 tw, struct tt_tw *w
 {
     if (!w->kept || w->counted || __sync_val_compare_and_swap(&w->counted, 0, 1) != 0)
         return;
-    tw_stats.increment(how == TT_TW_HOW_FIN ? TT_TW_STAT_CONVERTED_FIN : TT_TW_STAT_CONVERTED_TIMER);
+    tw_stats.atomic_increment(how == TT_TW_HOW_FIN ? TT_TW_STAT_CONVERTED_FIN : TT_TW_STAT_CONVERTED_TIMER);
     tt_tw_count(w);
     tt_tw_emit(ctx, TT_TW_CONVERTED, tw, w, TT_TCP_TIME_WAIT, bpf_ktime_get_ns() - w->created_ns, how);
 }
@@ -300,27 +300,47 @@ static __always_inline void tt_tw_learn(__u64 fn)
     int zero = 0;
     __u64 *known = tw_fn.lookup(&zero);
     if (known && *known == 0 && fn && __sync_val_compare_and_swap(known, 0, fn) == 0)
-        tw_stats.increment(TT_TW_STAT_HANDLER_LEARNED);
+        tw_stats.atomic_increment(TT_TW_STAT_HANDLER_LEARNED);
+}
+
+/* A full socket of the filter reaches CLOSE from FIN_WAIT2 or CLOSING with no tw
+ * announced for it: either no tw replaced it (a reset, an orphan's FIN_WAIT2
+ * timeout, past tcp_max_tw_buckets, an abort) or one did whose timer_start never
+ * reached timer_start's program (docs/timewait.md, "Still open"). Counted as
+ * `closed_no_tw`: the bound of what created_total may lack where no such close was
+ * expected. (At this tracepoint every closing socket is already out of the hash,
+ * tw or not: tcp_set_state unhashes before it stores the state.) Only the main copy
+ * counts: the loader attaches it first, and the backup finds an announcement the
+ * main copy consumed; a run of the main copy the kernel skipped is counted as such. */
+static __always_inline void tt_tw_closed_no_tw(const char *sk, const struct tt_tuple *t)
+{
+    struct tt_owner owner = {};
+    tt_owner_of((__u64)sk, &owner);
+    if (tt_keep(t->family, t->sport, t->dport, t->netns, &owner))
+        tw_stats.atomic_increment(TT_TW_STAT_CLOSED_NO_TW);
 }
 
 /* A full socket reaches CLOSE from FIN_WAIT2 or CLOSING: if timer_start announced
  * a tw for its 4-tuple and snd_nxt, that tw replaced it (tcp_time_wait calls
  * tcp_done right after). */
-static __always_inline void tt_tw_confirm(void *ctx, const char *sk)
+static __always_inline void tt_tw_confirm(void *ctx, const char *sk, int main_copy)
 {
     struct tt_tuple t = {};
     tt_read_tuple(sk, &t, TT_SPORT_INET);
     struct tt_tw_pending *p = tw_pending.lookup(&t);
-    if (!p)
-        return;
     __u32 snd_nxt = 0;
-    bpf_probe_read_kernel(&snd_nxt, sizeof(snd_nxt), sk + TT_TCP_SND_NXT_OFF);
-    if (p->snd_nxt != snd_nxt)
-        return; /* a stale announcement for an older socket of this 4-tuple */
+    if (p)
+        bpf_probe_read_kernel(&snd_nxt, sizeof(snd_nxt), sk + TT_TCP_SND_NXT_OFF);
+    if (!p || p->snd_nxt != snd_nxt) {
+        /* none, or a stale announcement for an older socket of this 4-tuple */
+        if (main_copy)
+            tt_tw_closed_no_tw(sk, &t);
+        return;
+    }
     struct tt_tw_pending ann = *p;
     if (tw_pending.delete(&t))
         return; /* the other copy of this program confirmed it meanwhile */
-    tw_stats.increment(TT_TW_STAT_CONFIRMED);
+    tw_stats.atomic_increment(TT_TW_STAT_CONFIRMED);
     tt_tw_learn(ann.fn);
 
     struct tt_tw w = {};
@@ -334,13 +354,13 @@ static __always_inline void tt_tw_confirm(void *ctx, const char *sk)
     w.kept = tt_keep(t.family, t.sport, t.dport, t.netns, &w.owner);
     if (w.kept) {
         if (!w.owner.tgid)
-            tw_stats.increment(TT_TW_STAT_NO_OWNER);
+            tw_stats.atomic_increment(TT_TW_STAT_NO_OWNER);
         if (ann.substate == TT_TCP_TIME_WAIT) {
             w.counted = 1;
-            tw_stats.increment(TT_TW_STAT_IMMEDIATE);
+            tw_stats.atomic_increment(TT_TW_STAT_IMMEDIATE);
             tt_tw_count(&w);
         } else {
-            tw_stats.increment(TT_TW_STAT_PARKED);
+            tw_stats.atomic_increment(TT_TW_STAT_PARKED);
             if (w.owner.tgid) {
                 struct tt_tw_proc *pp = tt_tw_proc_of(&w.owner);
                 if (pp)
@@ -349,7 +369,7 @@ static __always_inline void tt_tw_confirm(void *ctx, const char *sk)
         }
     }
     if (tws.update(&ann.tw, &w))
-        tw_stats.increment(TT_TW_STAT_TWS_FAIL);
+        tw_stats.atomic_increment(TT_TW_STAT_TWS_FAIL);
     if (!w.kept)
         return;
     tt_tw_emit(ctx, TT_TW_CREATED, ann.tw, &w, ann.substate, 0, 0);
@@ -375,7 +395,7 @@ static __always_inline void tt_tw_confirm(void *ctx, const char *sk)
  * the second finds the announcement consumed by the first. The loader reports
  * min(skips of the two) as the bound on what was lost. Owners are learned by
  * lifecycle.bpf.c (the socket table's one writer), never here. */
-static __always_inline int tt_tw_other(struct bpf_raw_tracepoint_args *ctx)
+static __always_inline int tt_tw_other(struct bpf_raw_tracepoint_args *ctx, int main_copy)
 {
     int o = (int)ctx->args[1];
     if ((int)ctx->args[2] != TT_TCP_CLOSE || (o != TT_TCP_FIN_WAIT2 && o != TT_TCP_CLOSING))
@@ -383,18 +403,18 @@ static __always_inline int tt_tw_other(struct bpf_raw_tracepoint_args *ctx)
     const char *skp = (const char *)ctx->args[0];
     if (!tt_sk_is_tcp(skp))
         return 0;
-    tt_tw_confirm(ctx, skp);
+    tt_tw_confirm(ctx, skp, main_copy);
     return 0;
 }
 
 int tt_tw_other_main(struct bpf_raw_tracepoint_args *ctx)
 {
-    return tt_tw_other(ctx);
+    return tt_tw_other(ctx, 1);
 }
 
 int tt_tw_other_backup(struct bpf_raw_tracepoint_args *ctx)
 {
-    return tt_tw_other(ctx);
+    return tt_tw_other(ctx, 0);
 }
 
 /* A tw timer event on this CPU: settles the cancel before it (see tw_cancelled). */
@@ -409,7 +429,7 @@ static __always_inline void tt_tw_settle(void *ctx, __u64 twaddr, __u32 snd_nxt)
         return; /* its re-arm or expiry */
     __u64 prev = c->tw;
     if (c->w.kept) {
-        tw_stats.increment(TT_TW_STAT_KILLED);
+        tw_stats.atomic_increment(TT_TW_STAT_KILLED);
         tt_tw_emit(ctx, TT_TW_KILLED, prev, &c->w, TT_TCP_TIME_WAIT, c->ts_ns - c->w.created_ns, 0);
     }
     /* Unless a new tw at that address has replaced it there already. */
@@ -477,7 +497,7 @@ static __always_inline void tt_tw_unknown_ends(const char *tw, __u32 snd_nxt)
     tt_read_tuple(tw, &t, TT_SPORT_NUM);
     struct tt_tw_pending *p = tw_pending.lookup(&t);
     if (p && p->tw == (__u64)tw && p->snd_nxt == snd_nxt && tw_pending.delete(&t) == 0)
-        tw_stats.increment(TT_TW_STAT_PENDING_STALE);
+        tw_stats.atomic_increment(TT_TW_STAT_PENDING_STALE);
 }
 
 /* timer_start(timer, bucket_expiry): a new tw is announced; a known one re-armed. */
@@ -488,7 +508,7 @@ RAW_TRACEPOINT_PROBE(timer_start)
     const char *tw = tt_tw_timer_event(ctx, (const char *)ctx->args[0], &snd_nxt, &fn, 1);
     if (!tw)
         return 0;
-    tw_stats.increment(TT_TW_STAT_TIMER_STARTS);
+    tw_stats.atomic_increment(TT_TW_STAT_TIMER_STARTS);
     __u64 twaddr = (__u64)tw;
     __u8 sub = tt_tw_substate(tw);
 
@@ -505,9 +525,9 @@ RAW_TRACEPOINT_PROBE(timer_start)
     tt_read_tuple(tw, &t, TT_SPORT_NUM);
     struct tt_tw_pending ann = {.tw = twaddr, .fn = fn, .snd_nxt = snd_nxt, .substate = sub};
     if (tw_pending.update(&t, &ann))
-        tw_stats.increment(TT_TW_STAT_PENDING_FAIL);
+        tw_stats.atomic_increment(TT_TW_STAT_PENDING_FAIL);
     else
-        tw_stats.increment(TT_TW_STAT_ANNOUNCED);
+        tw_stats.atomic_increment(TT_TW_STAT_ANNOUNCED);
     return 0;
 }
 
@@ -542,7 +562,7 @@ RAW_TRACEPOINT_PROBE(timer_cancel)
     /* Still FIN_WAIT2: a parked tw dies (timeout or kill), never TIME_WAIT (a
      * re-arm only follows the change to TIME_WAIT). */
     if (w->kept) {
-        tw_stats.increment(TT_TW_STAT_PARKED_ENDED);
+        tw_stats.atomic_increment(TT_TW_STAT_PARKED_ENDED);
         tt_tw_emit(ctx, TT_TW_PARKED_ENDED, twaddr, w, sub, bpf_ktime_get_ns() - w->created_ns, 0);
     }
     tws.delete(&twaddr);
@@ -564,7 +584,7 @@ RAW_TRACEPOINT_PROBE(timer_expire_entry)
         return 0;
     }
     if (w->counted && w->kept)
-        tw_stats.increment(TT_TW_STAT_EXPIRED);
+        tw_stats.atomic_increment(TT_TW_STAT_EXPIRED);
     tws.delete(&twaddr);
     return 0;
 }
@@ -612,7 +632,7 @@ static __always_inline void tt_tw_reset(void *ctx, __u64 sk, __u8 op, __u32 stat
                   state != TT_TCP_TIME_WAIT && state != TT_TCP_NEW_SYN_RECV ? TT_SPORT_INET : TT_SPORT_NUM);
     if (!tt_keep(w.t.family, w.t.sport, w.t.dport, w.t.netns, &owner))
         return;
-    tw_stats.increment(stat);
+    tw_stats.atomic_increment(stat);
     if (owner.tgid) {
         struct tt_tw_proc *p = tt_tw_proc_of(&owner);
         if (p) {

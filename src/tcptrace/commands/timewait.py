@@ -234,6 +234,7 @@ def summary_json(
     if kernel_stats is not None:
         summary["kernel"] = kernel_stats
         summary["map_failed"] = {name: kernel_stats.get(key, 0) for name, key in TW_MAP_FAILURES.items()}
+        summary["closed_no_tw"] = kernel_stats.get("closed_no_tw", 0)
     if skipped is not None:
         summary["kernel_skipped_runs"] = skipped
     return summary

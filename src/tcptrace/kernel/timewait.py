@@ -39,6 +39,7 @@ STAT_NAMES = (
     "dests_failed",
     "pending_stale",
     "handler_learned",
+    "closed_no_tw",
 )
 
 
