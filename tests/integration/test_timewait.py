@@ -460,6 +460,28 @@ def test_counts_stay_exact_when_the_event_stream_overflows(port: int, ss: object
     assert sum(c for d, c in counts.by_dest.items() if (d.raddr, d.rport) == (host, port)) == n
 
 
+def test_a_full_tw_table_is_counted_never_silent(port: int, ss: object) -> None:
+    """`tws` with 16 entries and 50 TIME_WAIT sockets alive at once: 34 inserts fail, each
+    counted (`tws_failed`, the summary's `map_failed`), and the creations short are no more
+    than those failures (a tw created in TIME_WAIT is counted before its insert)."""
+    from tcptrace.kernel.timewait import TimewaitReader
+    from tcptrace.model.filters import EventFilter
+    from tests.integration.helpers import load_parts
+
+    host, n, size = loopback_host(), 50, 16
+    program = load_parts(("timewait",), EventFilter(ports=frozenset([port])), defines={"TT_MAX_TW": size})
+    try:
+        reader = TimewaitReader(program)
+        run_peers(host, port, n, "eof", "first")
+        time.sleep(0.5)
+        stats = reader.stats()
+    finally:
+        program.close()
+    assert stats["tws_failed"] >= n - size, stats
+    assert stats["map_failed"] >= stats["tws_failed"]
+    assert n - stats["created"] <= stats["tws_failed"], stats
+
+
 # --- pid reuse, network namespaces, no symbol address, capabilities -------------------------
 
 
