@@ -169,6 +169,15 @@ struct tt_tw_proc {
  * summed over CPUs and never reset by the user side. */
 BPF_PERCPU_ARRAY(tw_stats, __u64, TT_TW_STAT_MAX);
 
+/* The socket whose FIN_WAIT2/CLOSING -> CLOSE the main copy of tt_tw_other ran for
+ * last on this CPU; the backup, which runs right after it on the same transition,
+ * clears it. A backup that finds another socket here runs for a transition the
+ * main copy was skipped on (it was busy on this CPU), and counts its close with
+ * no tw itself. (A transition interrupting the pair between its two copies can
+ * make the backup count a close with no tw the main copy counted too: an
+ * overcount, never a miss.) */
+BPF_PERCPU_ARRAY(tw_close_main, __u64, 1);
+
 /* tw_timer_handler's address (0 until learned, see tt_tw_timer): written once,
  * at the first confirmation. */
 BPF_ARRAY(tw_fn, __u64, 1);
@@ -309,9 +318,9 @@ static __always_inline void tt_tw_learn(__u64 fn)
  * reached timer_start's program (docs/timewait.md, "Still open"). Counted as
  * `closed_no_tw`: the bound of what created_total may lack where no such close was
  * expected. (At this tracepoint every closing socket is already out of the hash,
- * tw or not: tcp_set_state unhashes before it stores the state.) Only the main copy
- * counts: the loader attaches it first, and the backup finds an announcement the
- * main copy consumed; a run of the main copy the kernel skipped is counted as such. */
+ * tw or not: tcp_set_state unhashes before it stores the state.) Counted once: by
+ * the main copy, or by the backup when the main copy did not run for this socket
+ * (see tw_close_main). */
 static __always_inline void tt_tw_closed_no_tw(const char *sk, const struct tt_tuple *t)
 {
     struct tt_owner owner = {};
@@ -323,7 +332,7 @@ static __always_inline void tt_tw_closed_no_tw(const char *sk, const struct tt_t
 /* A full socket reaches CLOSE from FIN_WAIT2 or CLOSING: if timer_start announced
  * a tw for its 4-tuple and snd_nxt, that tw replaced it (tcp_time_wait calls
  * tcp_done right after). */
-static __always_inline void tt_tw_confirm(void *ctx, const char *sk, int main_copy)
+static __always_inline void tt_tw_confirm(void *ctx, const char *sk, int count_no_tw)
 {
     struct tt_tuple t = {};
     tt_read_tuple(sk, &t, TT_SPORT_INET);
@@ -333,7 +342,7 @@ static __always_inline void tt_tw_confirm(void *ctx, const char *sk, int main_co
         bpf_probe_read_kernel(&snd_nxt, sizeof(snd_nxt), sk + TT_TCP_SND_NXT_OFF);
     if (!p || p->snd_nxt != snd_nxt) {
         /* none, or a stale announcement for an older socket of this 4-tuple */
-        if (main_copy)
+        if (count_no_tw)
             tt_tw_closed_no_tw(sk, &t);
         return;
     }
@@ -403,7 +412,17 @@ static __always_inline int tt_tw_other(struct bpf_raw_tracepoint_args *ctx, int 
     const char *skp = (const char *)ctx->args[0];
     if (!tt_sk_is_tcp(skp))
         return 0;
-    tt_tw_confirm(ctx, skp, main_copy);
+    int zero = 0, count_no_tw = 1;
+    __u64 *handled = tw_close_main.lookup(&zero);
+    if (handled) {
+        if (main_copy) {
+            *handled = (__u64)skp;
+        } else if (*handled == (__u64)skp) {
+            *handled = 0;
+            count_no_tw = 0; /* the main copy ran for it (and counted) */
+        }
+    }
+    tt_tw_confirm(ctx, skp, count_no_tw);
     return 0;
 }
 
