@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from tcptrace.model.events import (
     AF_INET6,
+    TW_FLAG_BOUND,
     TW_HOW,
     CloseFlag,
     Kind,
@@ -277,6 +278,7 @@ class RawBatches:
 _TW_STATES = (TwWhat.CREATED, TwWhat.CONVERTED, TwWhat.PARKED_ENDED, TwWhat.KILLED)
 _FLAGS_JSON = tuple(_dumps([m.name for m in CloseFlag if m in CloseFlag(v)]) for v in range(8))
 _HOW_JSON = {value: _dumps(name) for value, name in TW_HOW.items()}
+_BOUND_JSON = (',"port_bound":false', ',"port_bound":true')
 _NO_STACKS = '"kstack":[],"ustack":[],'
 
 
@@ -327,6 +329,7 @@ class JsonLines(RawBatches):
             sub = f'"{TcpState(new).name}"' if new else "null"
             created = f'"{TcpState(old).name}"' if old and what in _TW_STATES else "null"
             text = f'"what":"{what.name}","substate":{sub},"created_as":{created},"age_ns":'
+            state = "tw" if what in _TW_STATES else ""  # a tw's event says whether its port was bound
         return (*head, text, state)
 
     def _endpoint_text(self, raw: bytes) -> str:
@@ -480,9 +483,12 @@ class JsonLines(RawBatches):
                     f"{entry[4]}{ret}}}\n"
                 )
             elif kind == 3:  # Kind.TIMEWAIT
+                bound = ""
+                if entry[5]:
+                    bound = _BOUND_JSON[self._more.unpack(more)[0] & TW_FLAG_BOUND]
                 append(
                     f'{{"type":"timewait","ts_ns":{ts},"skaddr":"0x{skaddr:x}",{ep},{owner},{stacks}'
-                    f'{entry[4]}{value or "null"},"how":{_HOW_JSON.get(ret, "null")}}}\n'
+                    f'{entry[4]}{value or "null"},"how":{_HOW_JSON.get(ret, "null")}{bound}}}\n'
                 )
             else:  # Kind.CLOSE
                 append(
