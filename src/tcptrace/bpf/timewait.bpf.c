@@ -299,7 +299,8 @@ static __always_inline __u8 tt_sk_port_bound(const char *sk, const struct tt_tup
     bpf_probe_read_kernel(&locks, sizeof(locks), sk + TT_SK_USERLOCKS_OFF);
     if ((locks >> TT_SK_USERLOCKS_SHIFT) & TT_SOCK_BINDPORT_LOCK)
         return 1;
-    __u64 lkey = tt_listener_key(t->netns, t->family, t->sport);
+    struct tt_listener_key lkey = {};
+    tt_listener_key_of(&lkey, t);
     return listeners.lookup(&lkey) ? 1 : 0;
 }
 
