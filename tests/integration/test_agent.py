@@ -171,6 +171,32 @@ def test_scrape_matches_ss_and_the_connections_made(
     assert sorted(last["ports"]) == [port]
 
 
+def test_an_overflowing_socket_table_counts_what_it_evicted(
+    fixture_bin: helpers.FixtureBuilder, tcptrace_cmd: list[str], ss: helpers.SS, port: int
+) -> None:
+    """More live sockets than --max-sockets holds (issue 18, item 5): the LRU table evicts
+    owners, and every leak whose owner the kernel met evicted is counted in
+    tcptrace_kernel_map_evictions_total{map="socks"}; none is silently without its owner."""
+    n = 600  # 1,200 sockets on the port (client and server side) in a table of 1,024
+    metrics = helpers.free_port()
+    exe = fixture_bin("leaky_server")
+    with (
+        agent(tcptrace_cmd, metrics, "--port", str(port), "--max-sockets", "1024", "--threshold", "1s"),
+        leaky_server(exe, port) as server,
+    ):
+        conns = connect_all(port, "L" * n)
+        close_all(port, ss, conns)
+        assert helpers.wait_for(lambda: len(server_side(ss, port, "close-wait")) == n, timeout=20)
+        assert eventually(metrics, "tcptrace_close_wait_entered_total", n, timeout=20) == n
+        text = scrape(metrics)
+        srv = {"pid": str(server.pid), "comm": "leaky_server"}
+        owned = int(sample_value(text, "tcptrace_close_wait_sockets", srv) or 0)
+        evicted = int(sample_value(text, "tcptrace_kernel_map_evictions_total", {"map": "socks"}) or 0)
+    assert evicted > 0, "1,200 sockets in a table of 1,024 and no eviction counted"
+    # Each leak has its owner (kept, or relearned at the app's EOF read), or its loss counted.
+    assert owned + evicted >= n, (owned, evicted)
+
+
 def test_sigterm_stops_cleanly_and_detaches_everything(tcptrace_cmd: list[str], port: int) -> None:
     metrics = helpers.free_port()
     with agent(tcptrace_cmd, metrics, "--port", str(port)) as proc:
