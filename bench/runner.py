@@ -592,6 +592,8 @@ class Bench:
             run.lost_reported = int(summary["lost"])
         if summary.get("kernel_transitions") is not None:
             run.kernel_transitions = int(summary["kernel_transitions"])
+        if summary.get("skipped_transitions") is not None:
+            run.skipped_reported = int(summary["skipped_transitions"])
 
     def first_event(self, name: str, reps: int) -> Startup:
         """Spawn the tracer with a trickle of connections running; time its first event line.
