@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tcptrace.kernel.batch import BatchReader
 from tcptrace.kernel.loader import LoadedProgram
 from tcptrace.kernel.stream import Symbolizer
 from tcptrace.model.closelat import CallKey, CallStats
@@ -37,13 +38,14 @@ class CloseLatencyReader:
         self._hists = program.bpf["cl_hists"]
         self._stats = program.bpf["cl_stats"]
         self._symbolizer = symbolizer
+        self._reader: BatchReader | None = None
 
     def rows(self) -> list[CallStats]:
-        """One row per kernel key (process, call, user stack), cumulative since load."""
-        out = []
-        for key, value in self._hists.items():
-            out.append(self._row(key, value))
-        return out
+        """One row per kernel key (process, call, user stack), cumulative since load; read
+        with batch lookups (kernel/batch.py)."""
+        if self._reader is None:
+            self._reader = BatchReader(self._hists)
+        return [self._row(key, value) for key, value in self._reader]
 
     def _row(self, key: Any, value: Any) -> CallStats:
         pid = int(key.tgid)
