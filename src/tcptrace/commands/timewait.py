@@ -20,7 +20,7 @@ from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource, RecordingSource, Source, open_source
 from tcptrace.errors import UsageError
 from tcptrace.kernel.loader import LoadedProgram
-from tcptrace.kernel.timewait import SWEEP_EVERY_NS, TimewaitReader
+from tcptrace.kernel.timewait import TimewaitReader
 from tcptrace.model.events import SocketEvent, TimeWaitEvent
 from tcptrace.model.timewait import (
     REMEDIES,
@@ -160,7 +160,6 @@ class Counting:
         self.reader = reader
         self.program = program
         self.ports = settings.ports or 0
-        self.swept_ns: int | None = None
 
     @classmethod
     def of(cls, source: Source, model: TimewaitModel, settings: TcpSettings | None) -> Counting:
@@ -183,11 +182,7 @@ class Counting:
     def tick(self, now_ns: int) -> Interval:
         """End an interval at ``now_ns`` (with the kernel's counts, live)."""
         if self.reader is not None:
-            if self.swept_ns is None:
-                self.swept_ns = now_ns
-            elif now_ns - self.swept_ns >= SWEEP_EVERY_NS:
-                self.reader.sweep()
-                self.swept_ns = now_ns
+            self.reader.sweep_if_due(now_ns)
             return self.model.tick(now_ns, self.reader.counts(), host_sample())
         return self.model.tick(now_ns)
 

@@ -92,6 +92,7 @@ class TimewaitReader:
         self._dest_keys: dict[bytes, Dest] = {}
         self.swept = 0
         """`tws` entries the sweep removed (their end went unseen)."""
+        self._swept_ns: int | None = None
 
     def unsettled_kills(self, now_ns: int | None = None) -> int:
         """Kills the kernel side has not settled yet.
@@ -143,6 +144,16 @@ class TimewaitReader:
             by_process=procs,
             by_dest=dests,
         )
+
+    def sweep_if_due(self, now_ns: int) -> int:
+        """sweep() when SWEEP_EVERY_NS have passed since the last one (or since the first
+        call): for a command that runs long, at each tick; returns how many went."""
+        if self._swept_ns is None:
+            self._swept_ns = now_ns
+        elif now_ns - self._swept_ns >= SWEEP_EVERY_NS:
+            self._swept_ns = now_ns
+            return self.sweep()
+        return 0
 
     def sweep(self, now_ns: int | None = None) -> int:
         """sweep_tws() on this program; the count is kept (``tws_swept`` in stats())."""
