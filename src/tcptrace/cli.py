@@ -726,11 +726,12 @@ def agent(**given: Any) -> None:
 def top(**given: Any) -> None:
     """One live screen: sockets per state, rates, the processes behind them, close() times.
 
-    Counts per state start from /proc/net/tcp{,6} and follow every transition after
-    (labelled "seed + transitions"); TIME_WAIT is the kernel's own count (sockstat) when no
-    filter is given. Processes: CLOSE_WAIT sockets held and the oldest, TIME_WAIT created
-    per second and in total (exact, counted in the kernel), close() calls with p99 and max.
-    Lost events are shown. Keys: c, t, l sort; p filters a pid; q quits.
+    Counts per state start from a snapshot of the host's sockets and follow the transitions
+    the kernel counts after it (labelled "seed + transitions"); TIME_WAIT is the kernel's
+    own count (sockstat) when no filter is given. Processes: CLOSE_WAIT sockets held and the
+    oldest, TIME_WAIT created per second and in total, close() calls with p99 and max.
+    Everything is counted in the kernel and read once per interval: nothing is lost and the
+    cost does not grow with the connection rate. Keys: c, t, l sort; p filters a pid; q quits.
 
     \b
     Examples:
@@ -766,7 +767,8 @@ def diagnose(**given: Any) -> None:
     function of its code, with file:line (where the app read EOF and did not close, where
     it accepted the socket), or to a runtime's known pattern;
     TIME_WAIT creation by process against the ephemeral port range; close() latency; the
-    settings. See docs/diagnose.md.
+    settings. Counted in the kernel and read once per interval, as `top`: nothing is lost
+    under churn. See docs/diagnose.md.
 
     \b
     Examples:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import doctest
 import json
+import random
 import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,14 @@ from click.testing import CliRunner
 import tcptrace.model.diagnosis
 import tcptrace.views.report
 from tcptrace.cli import cli
-from tcptrace.model.closewait import SkaddrKey
+from tcptrace.model.closelat import CallKey, CallStats
+from tcptrace.model.cwagg import Emulator
 from tcptrace.model.diagnosis import HostSnapshot, HostSocket, Verdict, diagnose
 from tcptrace.model.endpoint import Endpoint, Owner, owner_of
-from tcptrace.model.events import Op, TcpState, TimeWaitEvent, TwWhat
-from tcptrace.model.overview import Overview, StateCounts
+from tcptrace.model.events import STATE_ORDER, Op, TcpState, TimeWaitEvent, TwWhat
+from tcptrace.model.histogram import Log2Histogram
+from tcptrace.model.overview import Emulation, Overview, StateCounts
+from tcptrace.model.timewait import TwCounts
 from tcptrace.system.sysctl import TcpSettings
 from tcptrace.views.report import render_report
 from tests.unit.test_lifecycle import touch, tr
@@ -116,7 +121,8 @@ def test_healthy_when_every_socket_is_closed() -> None:
     d = diagnose(ov)
     assert [v.severity for v in d.verdicts] == ["ok"]
     assert d.verdicts[0].evidence == ("5 sockets entered CLOSE_WAIT, 5 were closed by their app",)
-    assert len(d.time_to_close) == 5
+    # The kernel's histogram of the times to close: exact count and extremes.
+    assert d.time_to_close.count == 5 and d.time_to_close.min_ns == d.time_to_close.max_ns == 20 * MS - 10
 
 
 def cw(sport: int, dport: int, daddr: str, pid: int | None = 42, inode: int = 0) -> HostSocket:
@@ -216,48 +222,140 @@ def test_losses_make_a_warning() -> None:
     assert d.worst == "warning"
 
 
+def test_flagged_close_calls_are_counted_from_the_kernels_rows_live() -> None:
+    """Live, no close() event is sent: the calls that reset, lingered or closed late in
+    CLOSE_WAIT are counted in the kernel's histogram rows."""
+    ov = Overview()
+    ov.start(0)
+    hist = Log2Histogram.of([MS] * 4)
+    rows = [CallStats(CallKey(5, "srv", Op.CLOSE), hist, resets=2, late_close_wait=1)]
+    ov.tick(NS, closelat_rows=rows)
+    assert ov.close_flags() == Counter({"reset": 2, "lingered": 0, "late_close_wait": 1})
+    (v,) = [v for v in diagnose(ov).verdicts if v.topic == "close_reset"]
+    assert v.text.startswith("2 close() calls sent a reset")
+    from tcptrace.views.top import latency_text
+
+    assert "resets 2  lingered 0  late CLOSE_WAIT 1" in latency_text(ov).plain
+
+
+def test_a_full_kernel_table_makes_a_warning_and_is_reported() -> None:
+    ov = Overview(threshold_ns=NS, emulation=Emulation(Emulator(max_open=1)))
+    ov.start(0)
+    leak(ov, 1, 7, 0)
+    leak(ov, 2, 7, MS)  # the table of sockets in CLOSE_WAIT holds one: counted, not kept
+    ov.tick(10 * NS, tw_failed={"tw_dests": 3})
+    d = diagnose(ov)
+    (v,) = [v for v in d.verdicts if v.topic == "table_full"]
+    assert v.severity == "warning" and v.data == {"close_wait_open": 1, "tw_dests": 3}
+    assert "4 inserts refused" in v.text
+    assert d.close_wait_entered == 2 and len(ov.closewait.open) == 1
+    assert d.to_json()["table_failures"] == {"close_wait_open": 1, "tw_dests": 3}
+    assert "table full 4" in " ".join(text_of_top(ov).split())
+
+
+def text_of_top(ov: Overview) -> str:
+    from tcptrace.views.top import headline
+
+    return headline(ov).plain
+
+
 def test_state_counts_seed_plus_transitions() -> None:
+    """A snapshot plus the kernel's transition counts since: those it had counted when the
+    snapshot was read are its base (already in the snapshot), and are not applied again."""
     sc = StateCounts()
-    sc.seed([S.LISTEN, S.ESTABLISHED, S.ESTABLISHED, S.TIME_WAIT], at_ns=100)
-    sc.feed(tr(50, 1, S.ESTABLISHED, S.CLOSE_WAIT))  # before the seed: already in it
-    sc.feed(tr(200, 2, S.LISTEN, S.SYN_RECV))  # a child is born; the listener stays
-    sc.feed(tr(201, 2, S.SYN_RECV, S.ESTABLISHED))
-    sc.feed(tr(202, 3, S.ESTABLISHED, S.CLOSE_WAIT))
-    sc.feed(tr(203, 4, S.ESTABLISHED, S.FIN_WAIT1))
-    sc.feed(tr(204, 4, S.FIN_WAIT1, S.FIN_WAIT2))
-    sc.feed(tr(205, 4, S.FIN_WAIT2, S.CLOSE))
-    sc.feed(tw_created(206, 1))
+    moves: Counter[tuple[TcpState, TcpState]] = Counter({(S.ESTABLISHED, S.CLOSE_WAIT): 1})
+    sc.seed([S.LISTEN, S.ESTABLISHED, S.ESTABLISHED, S.TIME_WAIT], 100, moves, TwCounts())
+    moves.update(
+        {
+            (S.LISTEN, S.SYN_RECV): 1,  # a child is born; the listener stays
+            (S.SYN_RECV, S.ESTABLISHED): 1,
+            (S.ESTABLISHED, S.CLOSE_WAIT): 1,
+            (S.ESTABLISHED, S.FIN_WAIT1): 1,
+            (S.FIN_WAIT1, S.FIN_WAIT2): 1,
+            (S.FIN_WAIT2, S.CLOSE): 1,
+        }
+    )
+    sc.apply(moves, 200)
+    sc.timewait(TwCounts(immediate=1), 206)
     counts = dict(sc.rows())
     assert counts[S.LISTEN] == 1 and counts[S.ESTABLISHED] == 1 and counts[S.CLOSE_WAIT] == 1
     assert counts[S.FIN_WAIT2] == 0 and counts[S.TIME_WAIT] == 2
-    assert sc.how(S.TIME_WAIT).startswith("seed + created")
+    assert sc.how(S.TIME_WAIT).startswith("seed + created") and sc.applied == 6
     sc.host_tw = 17
     assert sc.get(S.TIME_WAIT) == 17 and "sockstat" in sc.how(S.TIME_WAIT)
-    sc.feed(tr(300, 9, S.CLOSE_WAIT, S.LAST_ACK))
-    sc.feed(tr(301, 10, S.CLOSE_WAIT, S.LAST_ACK))
+    moves[(S.CLOSE_WAIT, S.LAST_ACK)] += 2
+    sc.apply(moves, 300)
     assert sc.get(S.CLOSE_WAIT) == 0  # drift (unseen sockets) shows as 0, never negative
+    # A second seed (top's re-read) starts again from the counts read with it.
+    sc.seed([S.LISTEN, S.CLOSE_WAIT], 400, moves)
+    moves[(S.ESTABLISHED, S.CLOSE_WAIT)] += 3
+    sc.apply(moves, 500)
+    assert (sc.get(S.CLOSE_WAIT), sc.get(S.ESTABLISHED), sc.get(S.LISTEN)) == (4, 0, 1)
+    assert sc.seeds == 2 and sc.applied == 11  # since the first seed
 
 
-def tw_event(ts: int, sk: int, what: TwWhat, substate: TcpState) -> TimeWaitEvent:
-    return TimeWaitEvent(ts_ns=ts, skaddr=sk, pid=1, comm="c", what=what, substate=substate)
+def test_state_counts_equal_the_truth_for_any_snapshot_time() -> None:
+    """Random socket lives (accepted, connected, closed either side first, reset, listeners
+    opening and closing) through the emulated kernel counts: a snapshot of the true states
+    taken at any point, plus the counts since, gives the true states at every later read."""
+    rng = random.Random(14)
+    paths = [
+        [S.SYN_RECV, S.ESTABLISHED, S.CLOSE_WAIT, S.LAST_ACK, S.CLOSE],
+        [S.SYN_SENT, S.ESTABLISHED, S.FIN_WAIT1, S.FIN_WAIT2, S.CLOSE],
+        [S.SYN_SENT, S.ESTABLISHED, S.CLOSE_WAIT, S.CLOSE],
+        [S.SYN_RECV, S.CLOSE],
+        [S.SYN_SENT, S.ESTABLISHED, S.FIN_WAIT1, S.CLOSING, S.CLOSE],
+        [S.LISTEN, S.CLOSE],
+    ]
+    for trial in range(20):
+        emulation = Emulation()
+        truth: dict[int, TcpState] = {}
+        socks: dict[int, list[TcpState]] = {}
+        next_sk, ts = 1, 0
+        sc = StateCounts()
+        seed_at = rng.randrange(50, 400)
+        for step in range(500):
+            ts += 1
+            if step == seed_at:
+                sc.seed(truth.values(), ts, emulation.moves)
+            if rng.random() < 0.3 or not socks:
+                sk, next_sk = next_sk, next_sk + 1
+                socks[sk] = list(rng.choice(paths))
+                old = S.LISTEN if socks[sk][0] == S.SYN_RECV else S.CLOSE
+            else:
+                sk = rng.choice(list(socks))
+                old = truth[sk]
+            new = socks[sk].pop(0)
+            emulation.feed(tr(ts, sk, old, new))
+            if new == S.CLOSE:
+                truth.pop(sk, None)
+                del socks[sk]
+            else:
+                truth[sk] = new
+            if step > seed_at and rng.random() < 0.1:
+                sc.apply(emulation.moves, ts)
+                want = Counter(truth.values())
+                assert {s: sc.get(s) for s in STATE_ORDER if s != S.TIME_WAIT} == {
+                    s: want[s] for s in STATE_ORDER if s != S.TIME_WAIT
+                }, (trial, step)
 
 
 def test_parked_fin_wait2_and_time_wait_ageing() -> None:
     sc = StateCounts()
-    sc.seed([S.TIME_WAIT, S.TIME_WAIT, S.ESTABLISHED, S.ESTABLISHED], at_ns=0)
+    sc.seed([S.TIME_WAIT, S.TIME_WAIT, S.ESTABLISHED, S.ESTABLISHED], 0, Counter(), TwCounts())
     # An orphaned FIN_WAIT2 socket is parked as a tw: still FIN_WAIT2, as ss shows it.
-    sc.feed(tr(1, 1, S.ESTABLISHED, S.FIN_WAIT1))
-    sc.feed(tr(2, 1, S.FIN_WAIT1, S.FIN_WAIT2))
-    sc.feed(tw_event(3, 101, TwWhat.CREATED, S.FIN_WAIT2))
-    sc.feed(tr(3, 1, S.FIN_WAIT2, S.CLOSE))
+    closing = Counter(
+        {(S.ESTABLISHED, S.FIN_WAIT1): 1, (S.FIN_WAIT1, S.FIN_WAIT2): 1, (S.FIN_WAIT2, S.CLOSE): 1}
+    )
+    sc.apply(closing, 3)
+    sc.timewait(TwCounts(parked=1), 3)
     assert (sc.get(S.FIN_WAIT2), sc.get(S.TIME_WAIT)) == (1, 2)
-    sc.feed(tw_event(10 * NS, 101, TwWhat.CONVERTED, S.TIME_WAIT))  # its FIN came
+    sc.timewait(TwCounts(parked=1, converted_fin=1), 10 * NS)  # its FIN came
     assert (sc.get(S.FIN_WAIT2), sc.get(S.TIME_WAIT)) == (0, 3)
-    sc.feed(tr(11 * NS, 2, S.ESTABLISHED, S.FIN_WAIT1))
-    sc.feed(tr(11 * NS + 1, 2, S.FIN_WAIT1, S.FIN_WAIT2))
-    sc.feed(tw_event(11 * NS + 2, 102, TwWhat.CREATED, S.FIN_WAIT2))
-    sc.feed(tr(11 * NS + 2, 2, S.FIN_WAIT2, S.CLOSE))
-    sc.feed(tw_event(20 * NS, 102, TwWhat.PARKED_ENDED, S.FIN_WAIT2))  # never TIME_WAIT
+    sc.apply(closing + closing, 11 * NS)
+    sc.timewait(TwCounts(parked=2, converted_fin=1), 11 * NS)
+    assert sc.get(S.FIN_WAIT2) == 1
+    sc.timewait(TwCounts(parked=2, converted_fin=1, parked_ended=1), 20 * NS)  # never TIME_WAIT
     assert (sc.get(S.FIN_WAIT2), sc.get(S.TIME_WAIT)) == (0, 3)
     sc.advance(60 * NS)  # the seeded ones have ended; the one made at 10 s has not
     assert sc.get(S.TIME_WAIT) == 1
@@ -266,19 +364,22 @@ def test_parked_fin_wait2_and_time_wait_ageing() -> None:
 
 
 def test_time_wait_ended_early_leaves_the_count() -> None:
+    """TIME_WAIT sockets that ended early (the kernel counts them, without their age) leave
+    the count, the oldest first: the seed's, then the earliest creations."""
     sc = StateCounts()
-    sc.seed([S.TIME_WAIT, S.TIME_WAIT], at_ns=0)
-    for i in range(3):
-        sc.feed(tw_event(NS + i, 200 + i, TwWhat.CREATED, S.TIME_WAIT))
+    sc.seed([S.TIME_WAIT, S.TIME_WAIT], 0, Counter(), TwCounts())
+    sc.timewait(TwCounts(immediate=3), NS)
     assert sc.get(S.TIME_WAIT) == 5
-    killed = TimeWaitEvent(ts_ns=5 * NS, skaddr=200, what=TwWhat.KILLED, substate=S.TIME_WAIT, age_ns=4 * NS)
-    sc.feed(killed)  # one made at 1 s, ended by a reused port at 5 s
-    assert sc.get(S.TIME_WAIT) == 4
-    seeded = TimeWaitEvent(ts_ns=6 * NS, skaddr=9, what=TwWhat.KILLED, substate=S.TIME_WAIT, age_ns=30 * NS)
-    sc.feed(seeded)  # one of the seed
-    assert sc.get(S.TIME_WAIT) == 3
-    sc.advance(61 * NS + 5)  # the seed's and the 1 s ones' 60 s are over
-    assert sc.get(S.TIME_WAIT) == 0 and not sc.tw_killed
+    sc.timewait(TwCounts(immediate=3, killed=2), 5 * NS)
+    assert sc.get(S.TIME_WAIT) == 3 and sc.tw_seed_left == 0
+    sc.timewait(TwCounts(immediate=3, killed=3), 6 * NS)
+    assert sc.get(S.TIME_WAIT) == 2
+    sc.timewait(TwCounts(immediate=3, killed=9), 7 * NS)  # more than it knew of: none left
+    assert sc.get(S.TIME_WAIT) == 0 and not sc.tw_recent
+    sc.timewait(TwCounts(immediate=4, killed=9), 8 * NS)
+    assert sc.get(S.TIME_WAIT) == 1
+    sc.advance(68 * NS + 1)  # its 60 s are over
+    assert sc.get(S.TIME_WAIT) == 0
 
 
 def test_report_is_self_contained_and_escapes_hostile_text() -> None:
@@ -371,15 +472,18 @@ def test_cli_bad_threshold_is_one_line() -> None:
 
 def test_a_socket_both_in_the_snapshot_and_seen_entering_is_counted_once() -> None:
     ov = Overview(threshold_ns=NS)
-    # The stream's events up to the snapshot are polled after it was read.
-    ov.states.seed([S.CLOSE_WAIT], at_ns=100)
-    ov.start(100)
-    ov.closewait.add_preexisting(
-        [HostSocket(Endpoint(4, "10.0.0.1", 80, "10.0.0.5", 40000), S.CLOSE_WAIT, owner=Owner(7, "p7"))], 100
-    )
+    ov.start(0)
+    # It entered CLOSE_WAIT after the programs were attached, before the snapshot was read:
+    # the kernel counted it (before the counts were read with the snapshot) and holds it.
     ov.feed(tr(1, 5, S.LISTEN, S.SYN_RECV, pid=7, daddr="10.0.0.5"))
     ov.feed(tr(2, 5, S.SYN_RECV, S.ESTABLISHED, pid=7, daddr="10.0.0.5"))
     ov.feed(tr(50, 5, S.ESTABLISHED, S.CLOSE_WAIT, pid=7, daddr="10.0.0.5"))
+    assert ov.emulation is not None
+    ov.states.seed([S.CLOSE_WAIT], 100, ov.emulation.moves)
+    ov.closewait.add_preexisting(
+        [HostSocket(Endpoint(4, "10.0.0.1", 80, "10.0.0.5", 40000), S.CLOSE_WAIT, owner=Owner(7, "p7"))], 100
+    )
+    ov.tick(200)
     assert len(ov.closewait.open) == 1 and not next(iter(ov.closewait.open.values())).preexisting
     assert ov.states.get(S.CLOSE_WAIT) == 1
 
@@ -396,8 +500,9 @@ def test_stacks_without_an_application_frame_still_say_what_happened() -> None:
     assert "the app read the EOF without closing" in v.text
     ov2 = Overview(threshold_ns=NS)
     ov2.start(0)
-    leak(ov2, 1, 5, 0, last=libc_only)
-    ov2.closewait.open[SkaddrKey(1)].origin = None  # no origin seen either
+    # No origin seen either: born before tracing, its accept unseen.
+    ov2.feed(tr(10, 1, S.ESTABLISHED, S.CLOSE_WAIT, pid=5, daddr="10.0.0.1"))
+    ov2.feed(touch(11, 1, Op.RECV, 5, ret=0, ustack=libc_only))
     ov2.tick(20 * NS)
     (v2,) = [v for v in diagnose(ov2).verdicts if v.topic == "close_wait_leak"]
     assert (

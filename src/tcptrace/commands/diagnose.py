@@ -1,8 +1,10 @@
 """`tcptrace diagnose`: watch for a while (or replay a recording), then the verdicts with
 their evidence, and optionally a self-contained HTML report.
 
-It runs what `top` runs (one program of four parts, the Overview model; see
-commands/top.py), seeded from /proc at the start and compared with /proc at the end.
+It runs what `top` runs (one program of four parts aggregating in the kernel, the
+Overview model read from it at each interval; see commands/top.py), seeded from a snapshot
+of the host's sockets at the start and compared with another at the end. A recording
+replays through the emulation of the kernel's aggregation, into the same model.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from tcptrace.commands.attribution import SuspectNames
 from tcptrace.commands.options import FilterOptions, FrameRuleOptions, threshold_ns
 from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import RecordingSource
-from tcptrace.commands.top import open_feeds, seed_from_host
+from tcptrace.commands.top import open_feeds
 from tcptrace.model.diagnosis import Diagnosis, diagnose
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.overview import Overview
@@ -85,16 +87,14 @@ def run_diagnose(
         check_output(report, force)  # now, not after --duration
     names = names if names is not None else SuspectNames(live=from_file is None)
     console = make_console(file=out) if not as_json else make_console(stderr=True)
-    overview = Overview(threshold_ns=threshold_ns)
-    overview.closelat.filter = flt
     start = end = None
     settings: TcpSettings | None = None
     recorded: dict[str, Any] = {}  # a recording's header: the host it was made on
     writer = JsonLinesWriter(out) if as_json else None
-    with open_feeds(from_file, flt, quiet=as_json, names=names) as feeds:
-        source = feeds.source
+    with open_feeds(from_file, flt, threshold_ns, quiet=as_json, names=names) as feeds:
+        source, overview = feeds.source, feeds.overview
         if source.live:
-            start = seed_from_host(overview, flt)
+            start = feeds.seed(flt)
             settings = read_settings()
         elif isinstance(source, RecordingSource):
             settings = settings_from_header(source.recording.header)
@@ -107,7 +107,7 @@ def run_diagnose(
             status.print(f"observing for {duration_s:g} s (Ctrl-C to stop early)…", style="dim")
 
         def on_tick(now_ns: int) -> None:
-            feeds.tick(overview, now_ns)
+            feeds.tick(now_ns)
 
         reason = session.run(
             source,
@@ -120,7 +120,7 @@ def run_diagnose(
 
         now = source.now_ns()
         if now > (overview.timewait.last_ns or 0):
-            feeds.tick(overview, now)
+            feeds.tick(now)
         counters = source.counters()
         offset_ns = source.clock_offset_ns
         if source.live:

@@ -2,11 +2,13 @@
 program of four parts, the Overview model, and a tick.
 
 Live, one BPF program is compiled from the lifecycle, owner, closelat and timewait parts
-(kernel/loader.py inlines them into one translation unit): transitions and CLOSE_WAIT
-touches arrive on the event stream; TIME_WAIT creations and close() latency are counted
-exactly in the kernel and read at each tick. From a recording (``--from``), the same
-Overview model is fed the recorded events (TIME_WAIT counts then come from timewait
-events, when the recording has them).
+(kernel/loader.py inlines them into one translation unit), aggregating in the kernel:
+transitions counted by (old, new) state, CLOSE_WAIT (counts, time to close, the sockets
+there now with their code paths), TIME_WAIT creations and close() latency. Nothing
+crosses the ring buffer, and every tick reads the maps, so the cost does not grow with the
+connection rate. Counts per state are a host snapshot at start (and every 10 s) plus
+the transitions counted since. From a recording (``--from``), the same Overview model is
+fed the recorded events, which it aggregates as the kernel would (model/overview.Emulation).
 """
 
 from __future__ import annotations
@@ -14,42 +16,84 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tcptrace.commands import session
 from tcptrace.commands.attribution import SuspectNames
+from tcptrace.commands.closewait import touch_stacks_default
 from tcptrace.commands.options import FilterOptions, FrameRuleOptions, threshold_ns
 from tcptrace.commands.session import StopFlag
 from tcptrace.commands.sources import KernelSource, Source, open_source
 from tcptrace.errors import TcptraceError
-from tcptrace.kernel.closelat import CloseLatencyReader, closelat_defines
+from tcptrace.kernel.closelat import CLOSE_WAIT_NS, LINGER_NS, CloseLatencyReader
 from tcptrace.kernel.timewait import TimewaitReader
-from tcptrace.model.events import TcpState
 from tcptrace.model.filters import EventFilter
-from tcptrace.model.overview import Overview
+from tcptrace.model.overview import Emulation, Overview
 from tcptrace.model.snapshot import HostSnapshot
+from tcptrace.model.timewait import TW_MAP_FAILURES
 from tcptrace.system import hostsnap
 from tcptrace.system.netstat import sockstat_tw
 from tcptrace.views import top as view
 from tcptrace.views.common import make_console, start_live, use_units
 
+if TYPE_CHECKING:  # kernel/cwreader imports bcc: only for a live run
+    from tcptrace.kernel.cwreader import LiveCloseWait
+
 PARTS = ("lifecycle", "owner", "closelat", "timewait")
-RESEED_NS = 10_000_000_000  # top re-reads /proc this often, so a missed transition heals
+RESEED_NS = 10_000_000_000  # top re-reads the host's sockets this often, so a missed transition heals
 CLOSE_WAIT_LATE_NS = 1_000_000_000
 
 
 @dataclass
 class Feeds:
-    """A source and, live, the readers of the kernel's exact aggregates."""
+    """A source, the model it fills and, live, the readers of the kernel's aggregates."""
 
     source: Source
+    overview: Overview
+    closewait: LiveCloseWait | None = None
+    """Live: reads the kernel's CLOSE_WAIT aggregates into ``overview.closewait``, and its
+    transition counts (``reader.state_moves``)."""
     timewait: TimewaitReader | None = None
     closelat: CloseLatencyReader | None = None
     host_tw: bool = False
     """Read the host's TIME_WAIT count (sockstat): only when nothing is filtered out."""
 
-    def tick(self, overview: Overview, now_ns: int) -> None:
-        """End an interval of ``overview`` at ``now_ns`` with what the kernel counted."""
+    def seed(self, flt: EventFilter) -> HostSnapshot | None:
+        """Live: the sockets in CLOSE_WAIT before start (from the session's snapshot), counts
+        per state from a snapshot of the host's sockets with the kernel's counts read right
+        after it, and the model started there; returns that snapshot (None in a replay)."""
+        if self.closewait is None:
+            return None
+        self.closewait.add_preexisting()
+        snap = self.reseed(flt, owners=True)
+        self.closewait.refresh(self.source.now_ns())
+        self.overview.start(snap.at_ns)
+        return snap
+
+    def reseed(self, flt: EventFilter, owners: bool = False) -> HostSnapshot:
+        """Counts per state from the host's sockets again: what the kernel did not count (a
+        skipped run, a socket a filter could not tell then) stops counting. ``owners``: read
+        the holders of every socket (else only when a filter needs them)."""
+        assert self.closewait is not None
+        snap = hostsnap.take(flt, owners=owners or flt.by_owner)
+        moves = self.closewait.reader.state_moves()
         tw = self.timewait.counts() if self.timewait is not None else None
+        self.overview.states.seed((s.state for s in snap.sockets), snap.at_ns, moves, tw)
+        return snap
+
+    def tick(self, now_ns: int) -> None:
+        """End an interval of the model at ``now_ns`` with what the kernel counted (in a
+        replay: with what the emulation aggregated)."""
+        moves = None
+        if self.closewait is not None:
+            self.closewait.refresh(now_ns)  # into overview.closewait
+            moves = self.closewait.reader.state_moves()
+        tw = tw_failed = None
+        if self.timewait is not None:
+            self.timewait.sweep_if_due(now_ns)  # as `timewait` does, for a long run
+            tw = self.timewait.counts()
+            stats = self.timewait.stats()
+            tw_failed = {name: stats.get(key, 0) for name, key in TW_MAP_FAILURES.items()}
         rows = self.closelat.rows() if self.closelat is not None else None
         host_tw = None
         if self.host_tw:
@@ -61,48 +105,61 @@ class Feeds:
         skipped = None
         if isinstance(self.source, KernelSource):
             skipped = self.source.program.skipped_transitions()
-        overview.tick(now_ns, tw_counts=tw, closelat_rows=rows, host_tw=host_tw, lost=lost, skipped=skipped)
+        self.overview.tick(
+            now_ns,
+            moves=moves,
+            tw_counts=tw,
+            closelat_rows=rows,
+            host_tw=host_tw,
+            lost=lost,
+            skipped=skipped,
+            tw_failed=tw_failed,
+        )
 
 
-def program_defines() -> dict[str, int]:
-    defines = closelat_defines(CLOSE_WAIT_LATE_NS)
-    # Unlike `closelat` and `timewait`, these commands want the transition events.
-    defines.pop("TT_NO_TRANSITION_EVENTS", None)
-    defines["TT_PROC_STACKS_ONLY"] = 1
+def program_defines(flt: EventFilter) -> dict[str, int]:
+    """Everything aggregated in the kernel, no event sent: CLOSE_WAIT (with the last
+    send/recv before the FIN when a filter narrows what is traced, as closewait keeps it),
+    TIME_WAIT from its counters only, close() latency per (process, call) with the counts of
+    the calls flagged (late, lingering, resetting) and no stack per call."""
+    defines = {
+        "TT_CW_AGG": 1,
+        "TT_TW_NO_EVENTS": 1,
+        "TT_CL_NO_EVENTS": 1,
+        CLOSE_WAIT_NS: CLOSE_WAIT_LATE_NS,
+        LINGER_NS: 1_000_000,
+    }
+    if touch_stacks_default(flt):
+        defines["TT_TOUCH_STACKS"] = 1
     return defines
 
 
 @contextmanager
 def open_feeds(
-    from_file: str | None, flt: EventFilter, quiet: bool = False, names: SuspectNames | None = None
+    from_file: str | None,
+    flt: EventFilter,
+    threshold_ns: int,
+    quiet: bool = False,
+    names: SuspectNames | None = None,
 ) -> Iterator[Feeds]:
-    """The live kernel (all four parts, stacks where they attribute) or a recording; with
-    ``names``, the stacks' source lines are located as they are symbolized."""
+    """The live kernel (all four parts, stacks where they attribute) or a recording, and
+    the model they fill (leak suspects from ``threshold_ns``); with ``names``, the stacks'
+    source lines are located as they are symbolized."""
     lines = names.lines if names is not None else None
     with open_source(
-        from_file, flt, parts=PARTS, stacks=True, defines=program_defines(), quiet=quiet, lines=lines
+        from_file, flt, parts=PARTS, stacks=True, defines=program_defines(flt), quiet=quiet, lines=lines
     ) as source:
-        feeds = Feeds(source)
+        overview = Overview(threshold_ns=threshold_ns, emulation=None if source.live else Emulation())
+        overview.closelat.filter = flt
+        feeds = Feeds(source, overview)
         if isinstance(source, KernelSource):
-            feeds = Feeds(
-                source,
-                timewait=TimewaitReader(source.program),
-                closelat=CloseLatencyReader(source.program),
-                host_tw=flt.empty,
-            )
+            from tcptrace.kernel.cwreader import LiveCloseWait
+
+            feeds.closewait = LiveCloseWait(source.program, overview.closewait, flt, 0, source.seeding, lines)
+            feeds.timewait = TimewaitReader(source.program)
+            feeds.closelat = CloseLatencyReader(source.program)
+            feeds.host_tw = flt.empty
         yield feeds
-
-
-def seed_from_host(overview: Overview, flt: EventFilter) -> HostSnapshot:
-    """Seed the model from a /proc snapshot taken after attaching; returns the snapshot."""
-    snap = hostsnap.take(flt)
-    overview.states.seed((s.state for s in snap.sockets), snap.at_ns)
-    overview.start(snap.at_ns)
-    overview.closewait.add_preexisting(
-        snap.in_state(TcpState.CLOSE_WAIT),
-        snap.at_ns,
-    )
-    return snap
 
 
 @dataclass
@@ -112,13 +169,6 @@ class TopResult:
     start: HostSnapshot | None = None
     names: SuspectNames | None = None
     """How the leak suspects were attributed (refreshed at the end, while their owners lived)."""
-
-
-def _reseed(overview: Overview, flt: EventFilter) -> None:
-    """Counts per state from /proc again: what the transitions missed (a skipped run, a
-    lost event) stops counting. Owners are read only when a filter needs them."""
-    snap = hostsnap.take(flt, owners=flt.by_owner)
-    overview.states.seed((s.state for s in snap.sockets), snap.at_ns)
 
 
 def run(
@@ -165,18 +215,14 @@ def run_top(
     """
     names = names if names is not None else SuspectNames(live=from_file is None)
     console = make_console()
-    overview = Overview(threshold_ns=threshold_ns)
-    overview.closelat.filter = flt
     state = view.TopState(sort=sort, pid=flt.pid)
     flag = flag if flag is not None else StopFlag()
-    with open_feeds(from_file, flt, names=names) as feeds:
-        source = feeds.source
+    with open_feeds(from_file, flt, threshold_ns, names=names) as feeds:
+        source, overview = feeds.source, feeds.overview
         live = source.live
-        start_snap = None
         if before_start is not None:
             before_start()
-        if live:
-            start_snap = seed_from_host(overview, flt)
+        start_snap = feeds.seed(flt)
         show_live = live and console.is_terminal
         with view.key_reader() as keys:
             live_view = None
@@ -203,9 +249,9 @@ def run_top(
                     if state.quit:
                         flag.set("quit")
                 if live and now_ns - (overview.states.seeded_ns or now_ns) >= RESEED_NS:
-                    _reseed(overview, flt)
+                    feeds.reseed(flt)
                 if not live or now_ns - last_tick >= interval_s * 1e9:
-                    feeds.tick(overview, now_ns)
+                    feeds.tick(now_ns)
                     last_tick = now_ns
                     changed = True
                     if not show_live and live:
@@ -233,7 +279,7 @@ def run_top(
             finally:
                 if live_view is not None:
                     live_view.stop()
-        feeds.tick(overview, source.now_ns())
+        feeds.tick(source.now_ns())
         names.refresh(overview.closewait, overview.now_ns)  # while the traced processes live
     if not show_live:
         console.print(

@@ -10,9 +10,10 @@ Two models answer the same reports:
 
 - ``CloseWaitModel``, fed ``CwSnapshot``s once per interval: what the kernel aggregates
   (bpf/closewait.bpf.h, read by kernel/cwreader.py), or the same aggregation emulated on a
-  recording (model/cwagg.Emulator). `closewait` and the agent use it: their cost does not
-  grow with the connection rate.
-- ``CloseWaitTracker``, fed the event stream one event at a time (`top` and `diagnose`).
+  recording (model/cwagg.Emulator). `closewait`, `top`, `diagnose` and the agent use it:
+  their cost does not grow with the connection rate.
+- ``CloseWaitTracker``, fed the event stream one event at a time: no command uses it any
+  more; the unit tests compare the other with it.
 
 Pure: fed snapshots or events (and the host snapshot) by the caller, asked for reports at
 model times.
@@ -749,13 +750,16 @@ class CloseWaitModel(CloseWaitReports):
             if entry.preexisting:
                 live_pre[(entry.netns, entry.endpoint)] = sock
         self.dismissed &= present
+        live_at = {(e.netns, e.endpoint) for e in snap.open}
         found: dict[OpenKey, CloseWaitSocket] = {}
         for old, sock in self.open.items():
             if not isinstance(old, FoundKey):
                 continue
             where = (old.netns, old.endpoint)
-            if where in live_pre:
-                continue  # the kernel took its seed: the live entry is the same socket
+            if where in live_pre or where in live_at:
+                # The kernel took its seed, or saw it enter CLOSE_WAIT after attaching but
+                # before the snapshot was read: the live entry is the same socket.
+                continue
             if sock.seeded and where not in snap.untouched:
                 continue  # its seed was taken and it left CLOSE_WAIT (counted by the kernel)
             found[old] = sock

@@ -6,8 +6,9 @@ settings) is computed here from what a run gathered:
 
 - two host snapshots (/proc/net/tcp{,6} with the owner of each socket's fd), at the start
   and at the end of the window; a replay has none;
-- the Overview model fed the event stream of the window (CLOSE_WAIT timing and code
-  paths, TIME_WAIT creations by process and destination, close() latency);
+- the Overview model, read from the kernel's aggregates through the window (CLOSE_WAIT
+  counts, time to close and the sockets there with their code paths, TIME_WAIT creations
+  by process and destination, close() latency), or from their emulation on a recording;
 - the TCP settings.
 
 ``diagnose()`` turns them into a Diagnosis: the facts, and verdicts in plain words, each
@@ -24,6 +25,8 @@ from typing import Any, Protocol
 
 from tcptrace.model.attribution import Attributor, LeakAttribution, RolePath, role_paths
 from tcptrace.model.closewait import (
+    CloseTimes,
+    CloseWaitModel,
     CloseWaitSocket,
     CloseWaitTracker,
     RemoteSummary,
@@ -49,6 +52,8 @@ SLOW_CLOSE_NS = 100_000_000  # a p99 close() above this blocks request handling 
 HIGH_UTILIZATION = 0.5
 
 SEVERITIES = ("problem", "warning", "info", "ok")
+CloseWaits = CloseWaitModel | CloseWaitTracker
+"""Either CLOSE_WAIT model: the kernel's aggregates (top, diagnose), or the event-fed one."""
 
 
 class Settings(Protocol):
@@ -139,7 +144,11 @@ class Diagnosis:
     skipped: int | None = None
     close_wait_entered: int = 0
     close_wait_closed: int = 0
-    time_to_close: list[int] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)
+    """Inserts the kernel's tables refused, by table (Overview.failures)."""
+    time_to_close: CloseTimes = CloseTimes()
+    """From the peer's FIN to the app's close(), of the sockets closed in the window (the
+    kernel's log2 histogram: exact count, minimum and maximum; percentiles within a slot)."""
     tw_server: list[ServerTimeWait] = field(default_factory=list)
 
     @property
@@ -220,6 +229,7 @@ class Diagnosis:
             },
             "lost": self.lost,
             "skipped": self.skipped,
+            "table_failures": self.failures,
         }
 
 
@@ -449,7 +459,7 @@ def _leak_verdict(
 
 def leak_verdicts(
     groups: Sequence[SuspectGroup],
-    tracker: CloseWaitTracker,
+    tracker: CloseWaits,
     window_s: float,
     start_ns: int | None,
     attributor: Attributor | None = None,
@@ -461,7 +471,7 @@ def leak_verdicts(
     return [_leak_verdict(g, window_s, start_ns, tracker.open.values(), attribute) for g in groups]
 
 
-def young_verdicts(tracker: CloseWaitTracker, now_ns: int) -> list[Verdict]:
+def young_verdicts(tracker: CloseWaits, now_ns: int) -> list[Verdict]:
     """Sockets open at the end but younger than the threshold: too early to call."""
     young = [
         s for s in tracker.open.values() if not s.preexisting and s.age_ns(now_ns) < tracker.threshold_ns
@@ -831,9 +841,21 @@ def close_verdicts(hist: Log2Histogram, flags: Counter[str]) -> list[Verdict]:
     return out
 
 
-def loss_verdicts(lost: int, skipped: int | None) -> list[Verdict]:
-    """Events the ring buffer lost and hook runs the kernel skipped: counts are lower bounds."""
+def loss_verdicts(lost: int, skipped: int | None, failures: dict[str, int] | None = None) -> list[Verdict]:
+    """Events the ring buffer lost, hook runs the kernel skipped and inserts its tables
+    refused: counts are lower bounds."""
     out = []
+    if failures:
+        out.append(
+            Verdict(
+                "warning",
+                "table_full",
+                f"kernel tables were full ({sum(failures.values())} inserts refused): the counts above "
+                "are short by up to that many",
+                tuple(f"{name}: {n}" for name, n in failures.items()),
+                data=dict(failures),
+            )
+        )
     if lost:
         out.append(
             Verdict(
@@ -857,7 +879,7 @@ def loss_verdicts(lost: int, skipped: int | None) -> list[Verdict]:
     return out
 
 
-def healthy_verdicts(verdicts: Sequence[Verdict], tracker: CloseWaitTracker) -> list[Verdict]:
+def healthy_verdicts(verdicts: Sequence[Verdict], tracker: CloseWaits) -> list[Verdict]:
     """ "Healthy", when no other verdict is a problem or a warning."""
     if any(v.severity in ("problem", "warning") for v in verdicts):
         return []
@@ -894,14 +916,15 @@ def diagnose(
     cw = CloseWaitAtEnd.of(start, end)
     tw = TimeWaitFacts.of(overview, window_s, settings, end)
     hist = overview.close_latency()
+    failures = overview.failures()
     verdicts = [
         *leak_verdicts(groups, tracker, window_s, overview.start_ns, attributor),
         *young_verdicts(tracker, overview.now_ns),
         *stuck_verdicts(stuck, groups, window_s),
         *close_wait_remote_verdicts(cw),
         *time_wait_verdicts(tw),
-        *close_verdicts(hist, overview.closelat.flag_counts),
-        *loss_verdicts(lost, overview.skipped),
+        *close_verdicts(hist, overview.close_flags()),
+        *loss_verdicts(lost, overview.skipped, failures),
     ]
     verdicts += healthy_verdicts(verdicts, tracker)
     verdicts.sort(key=lambda v: SEVERITIES.index(v.severity))
@@ -927,9 +950,10 @@ def diagnose(
         lost=lost,
         verdicts=verdicts,
         skipped=overview.skipped,
+        failures=failures,
         close_wait_entered=tracker.entered,
         close_wait_closed=tracker.closed,
-        time_to_close=tracker.close_times_sorted(),
+        time_to_close=tracker.close_times(),
         tw_server=tw.server,
     )
 

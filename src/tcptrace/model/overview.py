@@ -1,130 +1,205 @@
 """One model of everything `tcptrace top` and `tcptrace diagnose` show.
 
-Composes the other models rather than restating them: the CLOSE_WAIT tracker
-(model/closewait.py), the TIME_WAIT counts and forecasts (model/timewait.py) and the close()
-latency histograms (model/closelat.py), plus what only this model keeps:
+Composes the other models rather than restating them: CLOSE_WAIT (model/closewait.py's
+CloseWaitModel, fed what the kernel aggregates), the TIME_WAIT counts and forecasts
+(model/timewait.py) and the close() latency histograms (model/closelat.py), plus what only
+this model keeps:
 
-- counts per state now: a snapshot of /proc/net/tcp{,6} at start (the *seed*), then every
-  transition applied to it. They are "seed + deltas", and say so: a socket the kernel did
-  not report (a lost event, a filter) makes them drift, and TIME_WAIT is not a state the
-  transition tracepoint shows (a timewait socket replaces the full one), so it is given by
-  the host's count (sockstat ``tw``) when one is read, else by the seed and the creations
-  seen;
-- transition rates per interval, by (old, new) and by state entered.
+- counts per state now: a snapshot of the host's sockets (the *seed*), then the kernel's
+  counts of transitions by (old, new) state since (lifecycle.bpf.c's ``state_moves``, read
+  once per interval) applied to it. They are "seed + transitions", and say so: a
+  transition the kernel skipped, or a filter, makes them drift until the next seed; and
+  TIME_WAIT is not a state the transition tracepoint shows (a timewait socket replaces the
+  full one), so it is given by the host's count (sockstat ``tw``) when one is read, else
+  by the seed and the creations the kernel counted in the last 60 s;
+- transition rates per interval, by (old, new) and by state entered: differences of
+  ``state_moves`` between two reads.
 
-Pure: fed events, snapshots and counters by the caller.
+Nothing here is fed per connection live: every input is a cumulative count or a small
+table read once per interval, so the cost does not grow with the connection rate. A
+recording is fed event by event to ``Emulation``, the same aggregation in Python
+(model/cwagg.py for CLOSE_WAIT), whose reads at each tick go through the same code.
+
+Pure: fed snapshots and counters by the caller (or events, through the emulation).
 """
 
 from __future__ import annotations
 
-import heapq
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tcptrace.model.closelat import CloseLatency, by_process
-from tcptrace.model.closewait import CloseWaitTracker
-from tcptrace.model.events import STATE_ORDER, SocketEvent, TcpState, TimeWaitEvent, Transition, TwWhat
+from tcptrace.model.closewait import CloseWaitModel
+from tcptrace.model.cwagg import CwSnapshot, Emulator
+from tcptrace.model.events import STATE_ORDER, SocketEvent, TcpState, Transition
 from tcptrace.model.histogram import Log2Histogram
 from tcptrace.model.timewait import TimewaitModel, TwCounts
 
 NS = 1_000_000_000
 TIMEWAIT_NS = 60 * NS  # TCP_TIMEWAIT_LEN
-TW_BUCKET_NS = 10_000_000
 MIN_RATE_S = 0.25  # intervals shorter than this do not replace the rates shown
+
+Move = tuple[TcpState, TcpState]
+"""A transition as the kernel counts it: (old state, new state)."""
+
+
+def moves_between(now: Mapping[Move, int], before: Mapping[Move, int]) -> Counter[Move]:
+    """Transitions counted between two reads of the cumulative counts (never negative).
+
+    >>> S = TcpState
+    >>> moves_between({(S.ESTABLISHED, S.CLOSE_WAIT): 5}, {(S.ESTABLISHED, S.CLOSE_WAIT): 2})
+    Counter({(<TcpState.ESTABLISHED: 1>, <TcpState.CLOSE_WAIT: 8>): 3})
+    """
+    out: Counter[Move] = Counter()
+    for move, n in now.items():
+        d = n - before.get(move, 0)
+        if d > 0:
+            out[move] = d
+    return out
+
+
+def apply_moves(counts: Counter[TcpState], moves: Mapping[Move, int]) -> None:
+    """Apply transitions to counts per state: each leaves its old state and enters its new
+    one, except that a birth (``CLOSE -> *``, ``LISTEN -> SYN_RECV``) takes nothing from its
+    old state (the listener stays), and CLOSE is not counted."""
+    for (old, new), n in moves.items():
+        if old != TcpState.CLOSE and new != TcpState.SYN_RECV:
+            counts[old] -= n
+        if new != TcpState.CLOSE:
+            counts[new] += n
 
 
 @dataclass
 class StateCounts:
-    """Sockets per state: a seed (a /proc snapshot) plus the transitions since.
+    """Sockets per state: a seed (a host snapshot) plus the transitions the kernel counted
+    since (``apply``: its cumulative counts by (old, new), read after the snapshot).
 
-    Transitions at or before ``seeded_ns`` (the end of the snapshot's read) are already in
-    the seed and are not applied again. A birth (``CLOSE -> *``, ``LISTEN -> SYN_RECV``)
-    takes nothing from its old state: the listener stays.
-    """
+    The counts read right after the snapshot are the seed's *base*: transitions counted
+    before it are already in the seed and are not applied again. TIME_WAIT (and the
+    orphaned FIN_WAIT2 sockets the kernel parks as timewait sockets, which ss and /proc
+    show as FIN_WAIT2) come from the kernel's TIME_WAIT counts (``timewait``)."""
 
     counts: Counter[TcpState] = field(default_factory=Counter)
+    """The seed: sockets per state in the snapshot."""
     seeded: bool = False
     seeded_ns: int | None = None
     seed_total: int = 0
     seeds: int = 0
-    applied: int = 0
+    base: Counter[Move] = field(default_factory=Counter)
+    """The kernel's transition counts when the seed was taken."""
+    moves: Counter[Move] = field(default_factory=Counter)
+    """The kernel's transition counts at the last read (cumulative since it started)."""
+    origin: Counter[Move] | None = None
+    """The counts at the first seed (or read): ``applied`` counts from there."""
+    tw: TwCounts | None = None
+    """The kernel's TIME_WAIT counts at the last read (cumulative)."""
+    tw_base: TwCounts | None = None
+    """... and when the seed was taken."""
     tw_created: int = 0
     tw_recent: deque[list[int]] = field(default_factory=deque)
-    """TIME_WAIT creations of the last 60 s (each lasts 60 s), as [time, count] per
-    10 ms: bounded whatever the rate."""
-    tw_killed: list[int] = field(default_factory=list)
-    """A heap of the times TIME_WAIT sockets ended early (port reuse, a SYN, an RST) would
-    have expired: each counts against ``tw_recent`` until then."""
+    """TIME_WAIT creations of the last 60 s (each lasts 60 s), as [read time, count] per
+    read: bounded by the number of reads in 60 s, whatever the rate."""
+    tw_seed_left: int = 0
+    """TIME_WAIT sockets of the seed not known to have ended early."""
     now_ns: int = 0
     host_tw: int | None = None
     """sockstat ``tw`` (exact, host-wide) when the caller reads it."""
+    _now: Counter[TcpState] = field(default_factory=Counter)
 
-    def seed(self, states: Iterable[TcpState], at_ns: int) -> None:
+    def seed(
+        self,
+        states: Iterable[TcpState],
+        at_ns: int,
+        moves: Mapping[Move, int] | None = None,
+        tw: TwCounts | None = None,
+    ) -> None:
+        """A snapshot of the sockets' states taken at ``at_ns``; ``moves`` and ``tw``: the
+        kernel's counts read right after it (None: the last ones applied)."""
         self.counts = Counter(s for s in states if s != TcpState.CLOSE)
         self.seed_total = sum(self.counts.values())
         self.seeded = True
         self.seeded_ns = at_ns
         self.seeds += 1
+        if moves is not None:
+            self.moves = Counter(moves)
+        self.base = Counter(self.moves)
+        if self.origin is None:
+            self.origin = Counter(self.moves)
+        if tw is not None:
+            self.tw = tw
+        self.tw_base = self.tw
         self.now_ns = max(self.now_ns, at_ns)
         while self.tw_recent and self.tw_recent[0][0] <= at_ns:  # in the seed now
             self.tw_recent.popleft()
-        self.tw_killed.clear()  # their ends are in the seed too
+        self.tw_seed_left = self.counts[TcpState.TIME_WAIT]
+        self._recount()
 
-    def feed(self, event: SocketEvent) -> None:
-        if self.seeded_ns is not None and event.ts_ns <= self.seeded_ns:
-            return
-        self.advance(event.ts_ns)
-        if isinstance(event, Transition):  # (inline: every transition of the host passes here)
-            self.applied += 1
-            old, new = event.old, event.new
-            # A birth (CLOSE -> *, LISTEN -> SYN_RECV) takes nothing from the old state.
-            if old != TcpState.CLOSE and new != TcpState.SYN_RECV:
-                self.counts[old] -= 1
-            if new != TcpState.CLOSE:
-                self.counts[new] += 1
-        elif isinstance(event, TimeWaitEvent):
-            self._timewait(event)
+    def apply(self, moves: Mapping[Move, int], at_ns: int) -> None:
+        """The kernel's transition counts by (old, new) read at ``at_ns`` (cumulative)."""
+        self.moves = Counter(moves)
+        if self.origin is None:
+            self.origin = Counter()  # not seeded: every transition counted is applied
+        self.advance(at_ns)
+        self._recount()
 
-    def _timewait(self, event: TimeWaitEvent) -> None:
-        # A parked tw (an orphaned FIN_WAIT2 socket, the full one gone) is FIN_WAIT2
-        # still, as ss and /proc show it, until it gets the FIN or dies.
-        if event.what == TwWhat.CREATED and event.substate == TcpState.FIN_WAIT2:
-            self.counts[TcpState.FIN_WAIT2] += 1
-        elif event.what in (TwWhat.CONVERTED, TwWhat.PARKED_ENDED):
-            self.counts[TcpState.FIN_WAIT2] -= 1
-        if event.substate == TcpState.TIME_WAIT and event.what in (TwWhat.CREATED, TwWhat.CONVERTED):
-            self.tw_created += 1
-            if self.tw_recent and event.ts_ns - self.tw_recent[-1][0] < TW_BUCKET_NS:
-                self.tw_recent[-1][1] += 1
-            else:
-                self.tw_recent.append([event.ts_ns, 1])
-        elif event.what == TwWhat.KILLED:
-            created = event.ts_ns - (event.age_ns or 0)
-            if self.seeded_ns is not None and created <= self.seeded_ns:
-                self.counts[TcpState.TIME_WAIT] -= 1  # one of the seed
-            elif created + TIMEWAIT_NS > self.now_ns:
-                heapq.heappush(self.tw_killed, created + TIMEWAIT_NS)
+    def timewait(self, totals: TwCounts, at_ns: int) -> None:
+        """The kernel's TIME_WAIT counts read at ``at_ns`` (cumulative): creations count
+        for 60 s, and sockets that ended early leave the count (the oldest first)."""
+        before = self.tw or TwCounts()
+        self.tw = totals
+        self.advance(at_ns)
+        created = totals.created - before.created
+        if created > 0:
+            self.tw_created += created
+            self.tw_recent.append([at_ns, created])
+        killed = totals.killed - before.killed
+        if killed > 0:
+            self._killed(killed)
+        self._recount()
+
+    def _killed(self, n: int) -> None:
+        take = min(n, self.tw_seed_left)
+        self.tw_seed_left -= take
+        n -= take
+        while n > 0 and self.tw_recent:
+            oldest = self.tw_recent[0]
+            take = min(n, oldest[1])
+            oldest[1] -= take
+            n -= take
+            if not oldest[1]:
+                self.tw_recent.popleft()
+
+    def _recount(self) -> None:
+        now = Counter(self.counts)
+        apply_moves(now, moves_between(self.moves, self.base))
+        if self.tw is not None:
+            base = self.tw_base.pending_fin_wait2 if self.tw_base is not None else 0
+            now[TcpState.FIN_WAIT2] += self.tw.pending_fin_wait2 - base
+        self._now = now
 
     def advance(self, now_ns: int) -> None:
         """Model time moves on: TIME_WAIT sockets older than 60 s have ended."""
         self.now_ns = max(self.now_ns, now_ns)
         while self.tw_recent and self.tw_recent[0][0] <= self.now_ns - TIMEWAIT_NS:
             self.tw_recent.popleft()
-        while self.tw_killed and self.tw_killed[0] <= self.now_ns:
-            heapq.heappop(self.tw_killed)
+
+    @property
+    def applied(self) -> int:
+        """Transitions applied since the first seed (or since the kernel started counting)."""
+        return sum(moves_between(self.moves, self.origin or Counter()).values())
 
     def get(self, state: TcpState) -> int:
         """The count shown for ``state`` (never below 0: drift shows as 0, not as a debt)."""
         if state == TcpState.TIME_WAIT:
             if self.host_tw is not None:
                 return self.host_tw
-            seeded = self.counts[TcpState.TIME_WAIT]
+            seeded = self.tw_seed_left
             if self.seeded_ns is not None and self.now_ns >= self.seeded_ns + TIMEWAIT_NS:
                 seeded = 0  # every one found at start has ended by now
-            return max(0, seeded + sum(n for _, n in self.tw_recent) - len(self.tw_killed))
-        return max(0, self.counts[state])
+            return max(0, seeded + sum(n for _, n in self.tw_recent))
+        return max(0, self._now[state])
 
     def how(self, state: TcpState) -> str:
         """Where a count comes from, in a few words."""
@@ -155,7 +230,7 @@ class RateInterval:
 
     start_ns: int
     end_ns: int
-    transitions: Counter[tuple[TcpState, TcpState]] = field(default_factory=Counter)
+    transitions: Counter[Move] = field(default_factory=Counter)
 
     @property
     def seconds(self) -> float:
@@ -170,6 +245,25 @@ class RateInterval:
     @property
     def total_rate(self) -> float:
         return sum(self.transitions.values()) / self.seconds
+
+
+class Emulation:
+    """What the kernel aggregates for top and diagnose, done in Python on a recording's
+    events: transitions counted by (old, new) as ``state_moves`` counts them, and
+    CLOSE_WAIT as bpf/closewait.bpf.h keeps it (model/cwagg.Emulator). A replay reads it
+    at each tick as a live run reads the kernel's maps."""
+
+    def __init__(self, closewait: Emulator | None = None) -> None:
+        self.moves: Counter[Move] = Counter()
+        self.closewait = closewait if closewait is not None else Emulator()
+
+    def feed(self, event: SocketEvent) -> None:
+        if isinstance(event, Transition):
+            self.moves[(event.old, event.new)] += 1
+        self.closewait.feed(event)
+
+    def snapshot(self, at_ns: int) -> tuple[Counter[Move], CwSnapshot]:
+        return Counter(self.moves), self.closewait.snapshot(at_ns)
 
 
 @dataclass(frozen=True)
@@ -198,13 +292,18 @@ SORT_KEYS = {
 
 @dataclass
 class Overview:
-    """Everything top and diagnose show, fed the stream and ticked at intervals."""
+    """Everything top and diagnose show, read from the kernel's aggregates at each tick;
+    or, when ``emulation`` is set (a replay, the tests), fed events that the emulation
+    aggregates as the kernel would, and read from it at each tick."""
 
     threshold_ns: int = 5 * NS
     states: StateCounts = field(default_factory=StateCounts)
-    closewait: CloseWaitTracker = field(init=False)
+    closewait: CloseWaitModel = field(init=False)
     timewait: TimewaitModel = field(default_factory=TimewaitModel)
     closelat: CloseLatency = field(default_factory=lambda: CloseLatency(cumulative=True))
+    emulation: Emulation | None = field(default_factory=Emulation)
+    """The kernel's aggregation done in Python on the events fed; None live (the kernel
+    does it, and ``tick`` is given what it counted)."""
     current: RateInterval | None = None
     last: RateInterval | None = None
     events: int = 0
@@ -213,60 +312,84 @@ class Overview:
     lost: int = 0
     skipped: int | None = None
     """Runs of the transition hook the kernel skipped (any socket of the host); None: unknown."""
+    tw_failed: dict[str, int] = field(default_factory=dict)
+    """Inserts timewait's kernel tables refused, by table (live)."""
+    _moves_mark: Counter[Move] | None = None
 
     def __post_init__(self) -> None:
-        self.closewait = CloseWaitTracker(threshold_ns=self.threshold_ns)
+        self.closewait = CloseWaitModel(threshold_ns=self.threshold_ns)
 
     def start(self, now_ns: int) -> None:
         self.start_ns = self.now_ns = now_ns
         self.current = RateInterval(now_ns, now_ns)
         self.closewait.begin_interval(now_ns)
         self.closelat.start(now_ns)
+        if self._moves_mark is None:
+            self._moves_mark = Counter(self.states.moves)
 
     def feed(self, event: SocketEvent) -> None:
+        """An event of a recording (or, live, one of the few still sent: flagged close()
+        calls): into the emulation, the TIME_WAIT and close() models."""
         if self.start_ns is None:
             self.start(event.ts_ns)
         self.events += 1
         self.now_ns = max(self.now_ns, event.ts_ns)
-        self.states.feed(event)
-        self.closewait.feed(event)  # (it keeps one copy of a socket /proc also found at start)
+        if self.emulation is not None:
+            self.emulation.feed(event)
         self.timewait.feed(event)
         self.closelat.feed(event)
-        if self.current is not None and isinstance(event, Transition):
-            self.current.transitions[(event.old, event.new)] += 1
 
     def tick(
         self,
         now_ns: int,
         *,
+        moves: Mapping[Move, int] | None = None,
+        closewait: CwSnapshot | None = None,
         tw_counts: TwCounts | None = None,
         closelat_rows: Iterable[Any] | None = None,
         host_tw: int | None = None,
         lost: int | None = None,
         skipped: int | None = None,
+        tw_failed: dict[str, int] | None = None,
     ) -> RateInterval | None:
-        """End the interval at ``now_ns``; live, with the kernel's exact aggregates."""
+        """End the interval at ``now_ns`` with the kernel's aggregates read now: its
+        transition counts (``moves``), CLOSE_WAIT (``closewait``; live, the caller may
+        have applied it to ``self.closewait`` already), TIME_WAIT and close() counts, and
+        what the kernel lost (``lost``, ``skipped``, ``tw_failed``).
+        With an emulation, what it aggregated stands in for ``moves`` and ``closewait``."""
         if self.start_ns is None:
             self.start(now_ns)
         self.now_ns = max(self.now_ns, now_ns)
+        if self.emulation is not None and moves is None and closewait is None:
+            moves, closewait = self.emulation.snapshot(now_ns)
+        if closewait is not None:
+            self.closewait.apply(closewait)
+        if moves is not None:
+            self.states.apply(moves, now_ns)
         done = self.current
         if done is not None:
             done.end_ns = now_ns
+            if moves is not None:
+                done.transitions = moves_between(moves, self._moves_mark or Counter())
             # A sliver (the final tick right after the last one) keeps the previous rates.
             if self.last is None or done.seconds >= MIN_RATE_S:
                 self.last = done
+        if moves is not None:
+            self._moves_mark = Counter(moves)
         self.current = RateInterval(now_ns, now_ns)
         self.closewait.begin_interval(now_ns)
-        self.timewait.tick(now_ns, tw_counts)
+        interval = self.timewait.tick(now_ns, tw_counts)
+        self.states.timewait(interval.totals, now_ns)
         if closelat_rows is not None:
             self.closelat.snapshot(now_ns, closelat_rows)
-        self.states.advance(now_ns)
         if host_tw is not None:
             self.states.host_tw = host_tw
         if lost is not None:
             self.lost = lost
         if skipped is not None:
             self.skipped = skipped
+        if tw_failed is not None:
+            self.tw_failed = tw_failed
         return done
 
     # ---- reports -------------------------------------------------------------------------
@@ -277,6 +400,19 @@ class Overview:
             return 0.0
         return max(0.0, (self.now_ns - self.start_ns) / NS)
 
+    def failures(self) -> dict[str, int]:
+        """Inserts the kernel's bounded tables refused, by table (non-zero ones): what
+        they count is short by up to that many (a socket table entry refused leaves a
+        socket's owner and code paths unknown)."""
+        c = self.closewait.counters
+        found = {
+            "close_wait_open": c.open_failed,
+            "close_wait_owners": c.owner_failed,
+            "socket_table": c.sock_update_failed,
+            **self.tw_failed,
+        }
+        return {name: n for name, n in found.items() if n}
+
     def tw_rate(self) -> float:
         """TIME_WAIT creations per second in the last interval long enough to tell."""
         for interval in reversed(self.timewait.intervals):
@@ -286,6 +422,21 @@ class Overview:
 
     def close_latency(self) -> Log2Histogram:
         return self.closelat.totals().total
+
+    def close_flags(self) -> Counter[str]:
+        """close() calls flagged ``reset``, ``lingered``, ``late_close_wait``: counted in
+        the kernel's histogram rows (live, where no event is sent), else (a replay) from the
+        recorded flagged calls."""
+        if not self.closelat.reports:
+            return Counter(self.closelat.flag_counts)
+        rows = self.closelat.totals().rows
+        return Counter(
+            {
+                "reset": sum(r.resets for r in rows),
+                "lingered": sum(r.lingered for r in rows),
+                "late_close_wait": sum(r.late_close_wait for r in rows),
+            }
+        )
 
     def processes(self, pid: int | None = None) -> list[ProcessRow]:
         """One row per process seen holding CLOSE_WAIT, creating TIME_WAIT, or closing."""

@@ -57,7 +57,7 @@ def _print_close_wait(console: Console, d: Diagnosis) -> None:
             console.print(Text(f"  {local} <- {remote}  {who}  >= {s.at_least_s:.0f} s"))
     if d.close_wait_entered:
         times = d.time_to_close
-        ttc = f", time to close p50 {duration(times[len(times) // 2])}" if times else ""
+        ttc = f", time to close p50 {duration(times.p50_ns)}" if times.p50_ns is not None else ""
         console.print(
             Text(
                 f"CLOSE_WAIT during the window: {d.close_wait_entered} entered, "
@@ -110,3 +110,6 @@ def print_diagnosis(console: Console, d: Diagnosis, reason: str = "duration") ->
             )
     lost = Text(f"events lost: {d.lost}", style="bold red" if d.lost else "dim")
     console.print(lost)
+    if d.failures:
+        full = ", ".join(f"{name} {n}" for name, n in d.failures.items())
+        console.print(Text(f"kernel tables full (inserts refused): {full}", style="yellow"))

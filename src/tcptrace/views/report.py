@@ -192,10 +192,10 @@ def _close_wait(d: Diagnosis, overview: Overview) -> str:
                 color="#c33",
             )
         )
-    if d.time_to_close:
+    if d.time_to_close.count:
         parts.append(
             bar_chart(
-                _bucket_rows(log2_buckets(d.time_to_close, unit_ns=US)),
+                _bucket_rows(d.time_to_close.buckets),
                 "time from the peer's FIN to the app's close()",
             )
         )

@@ -126,6 +126,10 @@ def headline(overview: Overview) -> Text:
     if overview.skipped:
         text.append("  skipped ")
         text.append(str(overview.skipped), style="yellow")
+    failed = sum(overview.failures().values())
+    if failed:
+        text.append("  table full ")
+        text.append(str(failed), style="yellow")
     if overview.states.seeds > 1:
         text.append(f"  /proc re-read {overview.states.seeds - 1}x", style="dim")
     return text
@@ -135,7 +139,7 @@ def latency_text(overview: Overview) -> Text:
     hist = overview.close_latency()
     if not hist.count:
         return Text("close(): no call on a TCP socket yet", style="dim")
-    flags = overview.closelat.flag_counts
+    flags = +overview.close_flags()
     text = Text(
         f"close(): {hist.count:,} calls  p50 {duration(hist.percentile(50))}  "
         f"p90 {duration(hist.percentile(90))}  p99 {duration(hist.percentile(99))}  "
