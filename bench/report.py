@@ -247,6 +247,7 @@ class Run:
     bpf_runs: int | None = None  # how many times they ran
     recursion_misses: int | None = None  # program runs the kernel skipped (BPF already running)
     skipped_reported: int | None = None  # transitions the tracer said the kernel skipped
+    unseen_ends: int | None = None  # sockets whose last transitions the tracer said it missed
     summary: dict[str, Any] | None = None
     error: str | None = None
 
@@ -425,9 +426,14 @@ def states_verdicts(runs: Sequence[Run]) -> list[Verdict]:
                 misses = r.recursion_misses
                 skipped = f", {misses:,} program runs skipped by the kernel" if misses else ""
                 short = r.should_deliver - accounted - skipped_said
+                unseen = (
+                    f" ({r.unseen_ends:,} sockets reported with their last transitions unseen)"
+                    if r.unseen_ends
+                    else ""
+                )
                 problems.append(
                     f"{r.scenario}: {short:,} of the load's transitions "
-                    f"neither received nor counted lost{skipped}"
+                    f"neither received nor counted lost{skipped}{unseen}"
                 )
             elif r.recursion_misses and skipped_said < r.recursion_misses:
                 # Not a loss by itself: tcptrace leaves out the skips of its process-context

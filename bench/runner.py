@@ -562,6 +562,8 @@ class Bench:
             run.skipped_reported = sum(int(v) for v in summary["kernel_skipped_runs"].values())
         if summary.get("kernel_transitions") is not None:
             run.kernel_transitions = int(summary["kernel_transitions"])
+        if summary.get("unseen_ends") is not None:
+            run.unseen_ends = int(summary["unseen_ends"])
         if tracer.name == "states":
             run.events_received = tracer.reader.transitions
 

@@ -376,3 +376,20 @@ def test_a_recording_is_charged_per_event_of_every_kind() -> None:
     record = run("record", 1, cpu_s=3.6, events_received=600_000, events_delivered=900_000, lost_reported=0)
     v = by_target([ref, record], ["record"])
     assert v["states, record: CPU per delivered event <= 0.5x tcpstates'"].met is True  # 0.40x
+
+
+def test_sockets_whose_end_went_unseen_are_named_with_the_shortfall() -> None:
+    total = expected_transitions(1_000)
+    r = run(
+        "states",
+        1,
+        connections=1_000,
+        events_received=total - 4,
+        lost_reported=0,
+        kernel_transitions=total - 4,
+        unseen_ends=2,
+    )
+    (v,) = [v for v in evaluate_targets([r], ["states"]) if v.target == "states reports every loss"]
+    assert v.met is False
+    assert "4 of the load's transitions neither received nor counted lost" in v.detail
+    assert "(2 sockets reported with their last transitions unseen)" in v.detail

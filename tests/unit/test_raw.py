@@ -483,3 +483,12 @@ def test_bcc_padding_members_are_padding() -> None:
             fields.append(("__pad_22", ctypes.c_uint8 * 4))
     padded = type("tt_event", (ctypes.Structure,), {"_fields_": fields, "_pack_": 1})
     assert RawLayout.of(padded).record_format() == LAYOUT.record_format()
+
+
+def test_the_summary_says_how_many_sockets_ended_unseen() -> None:
+    con, buf = console(False)
+    print_summary(con, StatesSummary(), {"lost": 0, "unseen_end": 3}, "end")
+    assert "3 sockets whose last transitions went unseen" in buf.getvalue()
+    con, buf = console(False)
+    print_summary(con, StatesSummary(), {"lost": 0, "unseen_end": 0}, "end")
+    assert "unseen" not in buf.getvalue()

@@ -79,6 +79,11 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
          * unless the other copy wrote it for this very birth. */
         if (!proc && s && s->state == (__u64)n && s->born_ns == s->since_ns && now - s->born_ns < TT_BIRTH_WINDOW_NS)
             return 0;
+        /* Every TCP socket passes X -> CLOSE before it is freed, and that transition leaves
+         * its entry in CLOSE or deletes it: an entry in another state belongs to a socket
+         * whose last transitions the programs never saw (counted, so no loss is silent). */
+        if (s && s->state != TT_TCP_CLOSE)
+            stats.increment(TT_STAT_UNSEEN_END);
         struct tt_sock *fresh = sock_scratch.lookup(&zero);
         if (!fresh)
             return 0;

@@ -102,6 +102,8 @@
                                    * was evicted (LRU) or it is older than tracing, unseeded */
 #define TT_STAT_SEEDS_USED 6    /* seeds (pre-existing sockets' owners) taken into `socks` */
 #define TT_STAT_ADOPTED 7       /* sockets first seen at a send/recv/accept, taken into `socks` */
+#define TT_STAT_UNSEEN_END 8    /* a socket born where `socks` still held a socket not in CLOSE:
+                                 * the old socket's last transitions were never seen */
 #define TT_STAT_MAX 16
 
 /* Indexes of closelat.bpf.c's per-CPU array `cl_stats`. */

@@ -167,6 +167,7 @@ def stream_events(
                 "kernel_transitions": counters.get("transitions"),
                 "kernel_events": counters.get("emitted"),
                 "skipped_transitions": counters.get("skipped_transitions"),
+                "unseen_ends": counters.get("unseen_end"),
                 **summary.to_json(),
                 **summary_flags(source),
             }

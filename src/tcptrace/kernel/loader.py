@@ -42,6 +42,7 @@ STAT_NAMES = (
     "owner_forgotten",
     "seeds_used",
     "adopted",
+    "unseen_end",
 )
 
 

@@ -120,6 +120,9 @@ def print_summary(console: Console, summary: StatesSummary, counters: dict[str, 
     skipped = int(counters.get("skipped_transitions") or 0)
     if skipped:
         head.append(f", {skipped} transition hook runs skipped by the kernel", style="bold yellow")
+    unseen = int(counters.get("unseen_end") or 0)
+    if unseen:
+        head.append(f", {unseen} sockets whose last transitions went unseen", style="bold yellow")
     head.append(f" (stopped: {reason})")
     console.print(head)
     if not summary.transitions:
