@@ -9,11 +9,26 @@ import os
 import select
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from tests.integration import helpers
 from tests.integration.test_closewait import close_all, connect_all, leaky_server, server_side
+
+
+def exact_but_for_the_open_gap(counted: int, truth: int) -> int:
+    """How many TIME_WAIT creations tcptrace missed: 0, or 1 with a warning naming the open
+    gap (docs/timewait.md "Still open": the kernel does not run the timer_start program
+    for about 1 tw in 30,000 and counts no skip). Any other difference fails."""
+    assert counted in (truth, truth - 1), (counted, truth)
+    if counted != truth:
+        warnings.warn(
+            f"TIME_WAIT created {counted} of {truth}: the open gap of docs/timewait.md",
+            stacklevel=2,
+        )
+    return truth - counted
+
 
 CHURN = r"""
 import ctypes, socket, sys, time
@@ -138,10 +153,12 @@ def test_diagnose_names_the_leaking_code_path_and_the_time_wait_creator(
     # server's FIN, so they wait in FIN_WAIT2, not TIME_WAIT.
     (tw,) = [v for v in verdicts if v["topic"] == "time_wait" and v["comm"] == "tw_churner"]
     assert tw["pid"] == churn.pid
-    assert tw["data"]["created"] == n_churn
+    assert len(truth_tw) == n_churn + 2
+    short = exact_but_for_the_open_gap(summary["time_wait"]["created"], len(truth_tw))
+    assert tw["data"]["created"] == n_churn - short
     by_pid = {p["pid"]: p["created"] for p in summary["time_wait"]["by_process"]}
-    assert by_pid == {churn.pid: n_churn, os.getpid(): 2}
-    assert summary["time_wait"]["created"] == len(truth_tw) == n_churn + 2
+    assert by_pid[os.getpid()] + by_pid[churn.pid] == n_churn + 2 - short, by_pid
+    assert set(by_pid) == {churn.pid, os.getpid()}
     assert summary["time_wait"]["ports"] and summary["settings"]
 
     html = report.read_text()

@@ -456,12 +456,17 @@ def _open_regular(path: str) -> IO[bytes]:
     file should be, a device) is refused without blocking."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path}: not a regular file")
-        return os.fdopen(fd, "rb")
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
     except BaseException:
         os.close(fd)
         raise
+    if not regular:
+        os.close(fd)
+        raise OSError(f"{path}: not a regular file")
+    # From here the file object owns the fd: closing it here too, after an exception that
+    # came once fdopen had taken it (a KeyboardInterrupt), would close it twice, the second
+    # time under whatever then held that number (a BPF program's fd).
+    return os.fdopen(fd, "rb")
 
 
 def _has_lines(elf: ELFFile) -> bool:
