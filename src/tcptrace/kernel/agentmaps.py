@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from tcptrace.kernel.batch import BatchReader, read_all
+from tcptrace.kernel.batch import BatchReader
 from tcptrace.kernel.loader import LoadedProgram
 from tcptrace.kernel.timewait import dest_of_key, proc_key, stats_of
 from tcptrace.model.agent import ProcTw
@@ -36,7 +36,7 @@ class AgentMaps:
         self._cl = "closelat.bpf.c" in names
         self._raw: dict[tuple[str, Any], Any] = {}
         self.cl_comm: dict[tuple[int, str, int], str] = {}
-        self._cl_reader: BatchReader | None = None
+        self._readers: dict[str, BatchReader] = {}  # one per table: buffers made once
 
     # ---- reads, keyed so that entries can be deleted later ------------------------------
 
@@ -46,7 +46,7 @@ class AgentMaps:
         if not self._tw:
             return {}
         out = {}
-        for key, v in read_all(self._bpf["tw_procs"]):
+        for key, v in self._read("tw_procs"):
             proc = proc_key(key)
             self._raw[("tw_procs", proc)] = key
             out[proc] = ProcTw(
@@ -63,7 +63,7 @@ class AgentMaps:
         if not self._tw:
             return {}
         out = {}
-        for key, v in read_all(self._bpf["tw_dests"]):
+        for key, v in self._read("tw_dests"):
             dest = dest_of_key(key)
             self._raw[("tw_dests", dest)] = key
             out[dest] = int(v)
@@ -76,10 +76,7 @@ class AgentMaps:
             return {}
         out = {}
         self.cl_comm = {}
-        if self._cl_reader is None:
-            self._cl_reader = BatchReader(self._bpf["cl_hists"])
-        for raw, v in self._cl_reader:
-            key = type(raw).from_buffer_copy(raw)  # the reader's buffer is reused
+        for key, v in self._read("cl_hists"):
             try:
                 call = CALLS[Op(int(key.op))]
             except (ValueError, KeyError):
@@ -90,6 +87,13 @@ class AgentMaps:
             out[k] = Log2Histogram.from_slots(counts, int(v.sum_ns), int(v.max_ns))
             self.cl_comm[k] = decode_comm(bytes(v.comm))
         return out
+
+    def _read(self, table: str) -> list[tuple[Any, Any]]:
+        """Every entry of ``table``, copied (its keys are kept to delete entries later)."""
+        reader = self._readers.get(table)
+        if reader is None:
+            reader = self._readers[table] = BatchReader(self._bpf[table])
+        return reader.copied()
 
     def delete(self, table: str, keys: Iterable[Any]) -> int:
         """Delete entries read earlier by their keys; returns how many went."""

@@ -61,6 +61,11 @@ class BatchReader:
             token_in.value = token_out.value
             first = False
 
+    def copied(self) -> list[tuple[Any, Any]]:
+        """Every (key, value), copied out of the buffers: valid after the next read (keys
+        kept to delete the entries later, values decoded later)."""
+        return [(_copy(key), _copy(value)) for key, value in self]
+
 
 def scalar(value: Any) -> int:
     """An integer key or value as batch reads yield it: an int, or a ctypes integer."""
@@ -87,8 +92,9 @@ def percpu_sums(table: Any) -> list[int]:
 
 def read_all(table: Any, chunk: int = 4096) -> list[tuple[Any, Any]]:
     """Every (key, value) of ``table``, copied out of the reader's buffers (so they stay
-    valid after the read): for a table read once an interval and then decoded."""
-    return [(_copy(key), _copy(value)) for key, value in BatchReader(table, chunk)]
+    valid after the read): for a table read once and then decoded. A table read every
+    interval keeps its BatchReader and calls ``copied()``, so its buffers are made once."""
+    return BatchReader(table, chunk).copied()
 
 
 def _copy(value: Any) -> Any:
