@@ -70,6 +70,26 @@ TRANSITION = b'{"type":"transition"'
 # Every kind of event line a recording holds (the others name stacks, owners, settings).
 EVENT_KINDS = (TRANSITION, b'{"type":"touch"', b'{"type":"timewait"', b'{"type":"close"')
 
+
+class PatternCounts:
+    """Occurrences of byte patterns in a stream read in chunks, a pattern cut by a chunk
+    boundary included: each pattern keeps its own length less one byte of what came before
+    (no more, or a shorter pattern kept whole in it would be counted twice)."""
+
+    def __init__(self, patterns: tuple[bytes, ...]) -> None:
+        self.counts = dict.fromkeys(patterns, 0)
+        self._before = b""
+        self._keep = max(len(p) for p in patterns) - 1
+
+    def feed(self, chunk: bytes) -> None:
+        for pattern in self.counts:
+            cut = len(pattern) - 1
+            self.counts[pattern] += (
+                (self._before[-cut:] + chunk).count(pattern) if cut else chunk.count(pattern)
+            )
+        self._before = (self._before + chunk)[-self._keep :]
+
+
 FULL = [
     Scenario("client-first", 0, 6.0),
     Scenario("server-first", 0, 6.0),
@@ -118,9 +138,8 @@ class OutputReader(threading.Thread):
         self.lines = 0
         self.bytes = 0
         # JSON transition lines (states --json also writes the cgroup/process lines that name
-        # owners): counted across chunk boundaries with the pattern's length less one kept.
-        self.transitions = 0
-        self._seam = b""
+        # owners).
+        self.transitions = PatternCounts((TRANSITION,))
         self.first_line_t: float | None = None
         self.first_event_t: float | None = None
         # The last complete lines, whole however long (a summary listing thousands of
@@ -144,9 +163,7 @@ class OutputReader(threading.Thread):
             now = time.monotonic()
             self.bytes += len(chunk)
             self.lines += chunk.count(b"\n")
-            seam = self._seam + chunk
-            self.transitions += seam.count(TRANSITION)
-            self._seam = seam[-(len(TRANSITION) - 1) :]
+            self.transitions.feed(chunk)
             if self.first_event_t is None:
                 data = self._partial + chunk
                 *complete, self._partial = data.split(b"\n")
@@ -565,20 +582,16 @@ class Bench:
         if summary.get("unseen_ends") is not None:
             run.unseen_ends = int(summary["unseen_ends"])
         if tracer.name == "states":
-            run.events_received = tracer.reader.transitions
+            run.events_received = tracer.reader.transitions.counts[TRANSITION]
 
     @staticmethod
     def _read_recording(path: Path, run: Run) -> None:
         """record's outcome: the summary line it ends its file with, and the transitions in it."""
-        counts, seam, tail = dict.fromkeys(EVENT_KINDS, 0), b"", b""
-        keep = max(len(k) for k in EVENT_KINDS) - 1
+        events, tail = PatternCounts(EVENT_KINDS), b""
         try:
             with open(path, "rb") as fh:
                 while chunk := fh.read(1 << 20):
-                    joined = seam + chunk
-                    for kind in EVENT_KINDS:
-                        counts[kind] += joined.count(kind)
-                    seam = joined[-keep:]
+                    events.feed(chunk)
                     tail = (tail + chunk)[-(1 << 20) :]
         except OSError as exc:
             run.error = f"cannot read the recording: {exc.strerror}"
@@ -588,8 +601,8 @@ class Bench:
             run.error = "the recording has no summary line"
             return
         run.summary = scalar_fields(summary)
-        run.events_received = counts[TRANSITION]
-        run.events_delivered = sum(counts.values())
+        run.events_received = events.counts[TRANSITION]
+        run.events_delivered = sum(events.counts.values())
         if "lost" in summary:
             run.lost_reported = int(summary["lost"])
         if summary.get("kernel_transitions") is not None:

@@ -393,3 +393,19 @@ def test_sockets_whose_end_went_unseen_are_named_with_the_shortfall() -> None:
     assert v.met is False
     assert "4 of the load's transitions neither received nor counted lost" in v.detail
     assert "(2 sockets reported with their last transitions unseen)" in v.detail
+
+
+def test_patterns_are_counted_across_chunk_boundaries_and_never_twice() -> None:
+    from bench.runner import EVENT_KINDS, PatternCounts
+
+    text = b'{"type":"transition"}\n{"type":"close"}\n{"type":"transition"}\n{"type":"touch"}\n' * 3
+    for size in (1, 5, 15, 16, 19, 64, len(text)):
+        counted = PatternCounts(EVENT_KINDS)
+        for i in range(0, len(text), size):
+            counted.feed(text[i : i + size])
+        assert counted.counts == {
+            b'{"type":"transition"': 6,
+            b'{"type":"touch"': 3,
+            b'{"type":"timewait"': 0,
+            b'{"type":"close"': 3,
+        }, size
