@@ -283,8 +283,16 @@ static __always_inline void tt_cw_touch(void *ctx, __u64 sk, __u8 op, int ret)
      * that returned 0: the app learned the peer closed, and did not close) when there is
      * one, else the first touch after the FIN. */
     int eof = op == TT_OP_RECV && ret == 0 && !c->eof_ns;
-    if (!c->post_fin.ts_ns || eof)
+    if (!c->post_fin.ts_ns) {
         tt_code_take(ctx, &c->post_fin, op, ret, 1);
+    } else if (eof) {
+        /* Replace the first touch only with a stack to show for it: a failed take (the
+         * stack map full or a bucket taken) would leave the touch with none. */
+        struct tt_code now = {};
+        tt_code_take(ctx, &now, op, ret, 1);
+        if (now.ustack >= 0)
+            c->post_fin = now;
+    }
     tt_code_take(ctx, &c->last, op, ret, 0);
     if (eof)
         c->eof_ns = c->last.ts_ns;

@@ -272,7 +272,7 @@ class Emulator:
             # The EOF read (the app learned the peer closed), else the first touch after the
             # FIN, as closewait.bpf.h keeps it.
             eof = e.op == Op.RECV and e.ret == 0 and entry.eof_ns is None
-            if entry.post_fin is None or eof:
+            if entry.post_fin is None or (eof and now.frames):
                 changes["post_fin"] = now
             changes["last"] = now._replace(frames=None)
             if eof:
