@@ -123,7 +123,7 @@ def stacks_of(group: dict[str, Any]) -> list[list[str]]:
 
 def assert_no_tracer_frames(group: dict[str, Any]) -> None:
     for stack in stacks_of(group):
-        assert stack, group
+        assert stack, json.dumps(group, indent=1)
         assert not [f for f in stack if TRACER_FRAME.match(f)], stack
 
 

@@ -193,25 +193,31 @@ struct tt_code {
 };
 
 /* `c` for operation `op` of the calling process, now; with its user stack when
- * `with_stack` (and the program has stacks). Process context only. */
+ * `with_stack` (and the program has stacks). Process context only. The code path is
+ * built whole and stored at once: `c` lives in a map value that a softirq on another
+ * CPU copies (the peer's FIN copies `pre_fin` into cw_open), and written in place it
+ * would be seen with its time set and its stack not yet taken (a touch with no stack)
+ * for as long as the stack walk takes. Stored at once, a reader gets the old code path
+ * or the new one, at worst the new time with the old stack for the few stores it takes. */
 static __always_inline void tt_code_take(void *ctx, struct tt_code *c, __u8 op, int ret, int with_stack)
 {
-    c->ts_ns = bpf_ktime_get_ns();
-    c->ret = ret;
-    c->tgid = bpf_get_current_pid_tgid() >> 32;
-    c->op = op;
-    c->ustack = -1;
-    c->gen = 0;
+    struct tt_code now = {};
+    now.ustack = -1;
 #ifdef TT_WITH_STACKS
     if (with_stack) {
         int zero = 0;
         __u32 *gen = stack_gen.lookup(&zero);
-        c->gen = gen ? (__u8)*gen : 0;
-        c->ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
-        if (c->ustack < 0)
+        now.gen = gen ? (__u8)*gen : 0;
+        now.ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+        if (now.ustack < 0)
             stats.increment(TT_STAT_STACK_FAIL);
     }
 #endif
+    now.ret = ret;
+    now.tgid = bpf_get_current_pid_tgid() >> 32;
+    now.op = op;
+    now.ts_ns = bpf_ktime_get_ns();
+    *c = now;
 }
 
 /* ---- the socket table -------------------------------------------------- */
