@@ -640,10 +640,13 @@ def _open(path: str) -> IO[bytes]:
         if kind == stat.S_IFIFO:
             _wait_for_writer(fd, path)
         os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    # The file object owns the fd from here: closed here too after an exception that came
+    # once fdopen had it (a KeyboardInterrupt), it would be closed twice, the second time
+    # under whatever then held that number (a BPF program's fd in a live command).
+    return os.fdopen(fd, "rb")
 
 
 def _wait_for_writer(fd: int, path: str) -> None:
