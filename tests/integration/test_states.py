@@ -183,7 +183,17 @@ def test_no_loss_and_exact_counts_at_a_modest_rate(port: int) -> None:
         expected = n * 10 + 1
         events = collect(stream, lambda evs: len(evs) >= expected, timeout=10)
         counters = stream.counters()
+        # Each program run takes a scratch depth of its CPU and gives it back: one left
+        # taken would show in every read, a run under way (other traffic) in one only.
+        depth = program.bpf[b"scratch_depth"]
+        reads = []
+        for _ in range(3):
+            reads.append([int(v) for v in depth.getvalue(depth.Key(0))])
+            time.sleep(0.01)
+        in_use = [min(per_cpu) for per_cpu in zip(*reads, strict=True)]
     assert counters["lost"] == 0
+    assert in_use == [0] * len(in_use), reads
+    assert counters["sock_update_failed"] == 0, counters
     assert (len(events), counters["decoded"], counters["transitions"]) == (expected,) * 3, counters
     # 600 sockets born and freed, their addresses reused at once: every end was seen, and
     # an entry left behind by a healthy socket is never taken for an unseen end.

@@ -113,11 +113,11 @@ static __always_inline int tt_cl_begin(void *ctx, struct tt_cl_call *c, __u8 op)
 #if defined(TT_WITH_STACKS) && !defined(TT_CL_NO_EVENTS)
     c->ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
     if (c->ustack < 0)
-        stats.increment(TT_STAT_STACK_FAIL);
+        stats.atomic_increment(TT_STAT_STACK_FAIL);
 #endif
     c->start_ns = bpf_ktime_get_ns();
     if (cl_calls.update(&tid, c))
-        cl_stats.increment(TT_CL_STAT_CALL_FAIL);
+        cl_stats.atomic_increment(TT_CL_STAT_CALL_FAIL);
     return 0;
 }
 
@@ -146,7 +146,7 @@ static __always_inline void tt_cl_count(struct tt_cl_key *key, __u64 d, __u32 fl
         bpf_get_current_comm(&z->comm, sizeof(z->comm));
         h = cl_hists.lookup_or_try_init(key, z);
         if (!h) {
-            cl_stats.increment(TT_CL_STAT_HIST_FAIL);
+            cl_stats.atomic_increment(TT_CL_STAT_HIST_FAIL);
             return;
         }
     }
@@ -191,10 +191,10 @@ static __always_inline int tt_cl_exit(void *ctx, long ret)
     key.op = c.op;
     key.ustack = c.ustack;
     tt_cl_count(&key, d, flags);
-    cl_stats.increment(TT_CL_STAT_CALLS);
+    cl_stats.atomic_increment(TT_CL_STAT_CALLS);
     if (!flags)
         return 0;
-    cl_stats.increment(TT_CL_STAT_FLAGGED);
+    cl_stats.atomic_increment(TT_CL_STAT_FLAGGED);
 #ifdef TT_CL_NO_EVENTS
     return 0;
 #endif

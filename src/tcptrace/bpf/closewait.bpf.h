@@ -94,9 +94,10 @@ BPF_PERCPU_ARRAY(cw_hist, struct tt_cw_hist, 1);
  * reset by the user side. */
 BPF_PERCPU_ARRAY(cw_stats, __u64, TT_CW_STAT_MAX);
 
-/* Scratch values too large for the BPF stack: one per CPU, never inserted or deleted. */
-BPF_PERCPU_ARRAY(cw_scratch, struct tt_cw, 1);
-BPF_PERCPU_ARRAY(cw_owner_zero, struct tt_cw_owner, 1);
+/* Scratch values too large for the BPF stack: one per CPU and nesting depth (common.bpf.h
+ * tt_scratch_take), never inserted or deleted. */
+BPF_PERCPU_ARRAY(cw_scratch, struct tt_cw, TT_SCRATCH_DEPTH);
+BPF_PERCPU_ARRAY(cw_owner_zero, struct tt_cw_owner, TT_SCRATCH_DEPTH);
 
 /* *p = max(*p, v), atomically against other CPUs (a few tries: a loser of every one
  * lost to larger values). */
@@ -122,8 +123,8 @@ static __always_inline void tt_atomic_min_plus1(__u64 *p, __u64 v)
 }
 
 /* The counts of `owner`, inserted zeroed (named after it) at its first use; NULL when
- * the map is full (counted). */
-static __always_inline struct tt_cw_owner *tt_cw_owner_of(const struct tt_owner *owner)
+ * the map is full (counted). `depth`: the caller's scratch depth. */
+static __always_inline struct tt_cw_owner *tt_cw_owner_of(const struct tt_owner *owner, int depth)
 {
     struct tt_cw_owner_key key = {};
     key.tgid = owner->tgid;
@@ -131,25 +132,29 @@ static __always_inline struct tt_cw_owner *tt_cw_owner_of(const struct tt_owner 
     struct tt_cw_owner *c = cw_owners.lookup(&key);
     if (c)
         return c;
-    int zero = 0;
-    struct tt_cw_owner *z = cw_owner_zero.lookup(&zero);
-    if (!z)
+    struct tt_cw_owner *z = cw_owner_zero.lookup(&depth);
+    if (!z) {
+        cw_stats.atomic_increment(TT_CW_STAT_OWNER_FAIL);
         return 0;
+    }
     __builtin_memcpy(z->comm, owner->comm, TT_COMM_LEN);
     z->cgroup = owner->cgroup;
     c = cw_owners.lookup_or_try_init(&key, z);
     if (!c)
-        cw_stats.increment(TT_CW_STAT_OWNER_FAIL);
+        cw_stats.atomic_increment(TT_CW_STAT_OWNER_FAIL);
     return c;
 }
 
 /* Socket `sk` (its table entry `s`, tuple `t`) enters CLOSE_WAIT now. */
-static __always_inline void tt_cw_enter(__u64 sk, const struct tt_sock *s, const struct tt_tuple *t, __u64 now)
+static __always_inline void tt_cw_enter(__u64 sk, const struct tt_sock *s, const struct tt_tuple *t, __u64 now,
+                                        int depth)
 {
-    int zero = 0;
-    struct tt_cw *c = cw_scratch.lookup(&zero);
-    if (!c)
+    struct tt_cw *c = cw_scratch.lookup(&depth);
+    if (!c) {
+        cw_stats.atomic_increment(TT_CW_STAT_ENTERED);
+        cw_stats.atomic_increment(TT_CW_STAT_OPEN_FAIL);
         return;
+    }
     __builtin_memset(c, 0, sizeof(*c));
     c->entered_ns = now;
     c->born_ns = s->born_ns;
@@ -159,8 +164,8 @@ static __always_inline void tt_cw_enter(__u64 sk, const struct tt_sock *s, const
     c->pre_fin = s->pre_fin;
     c->post_fin.ustack = -1;
     c->last.ustack = -1;
-    cw_stats.increment(TT_CW_STAT_ENTERED);
-    struct tt_cw_owner *o = tt_cw_owner_of(&c->owner);
+    cw_stats.atomic_increment(TT_CW_STAT_ENTERED);
+    struct tt_cw_owner *o = tt_cw_owner_of(&c->owner, depth);
     if (o)
         __sync_fetch_and_add(&o->entered, 1);
     if (cw_open.insert(&sk, c) == 0)
@@ -171,18 +176,18 @@ static __always_inline void tt_cw_enter(__u64 sk, const struct tt_sock *s, const
     if (old) {
         struct tt_owner was = old->owner;
         if (cw_open.delete(&sk) == 0) {
-            cw_stats.increment(TT_CW_STAT_FORGOTTEN);
-            struct tt_cw_owner *w = tt_cw_owner_of(&was);
+            cw_stats.atomic_increment(TT_CW_STAT_FORGOTTEN);
+            struct tt_cw_owner *w = tt_cw_owner_of(&was, depth);
             if (w)
                 __sync_fetch_and_add(&w->forgotten, 1);
         }
     }
     if (cw_open.insert(&sk, c))
-        cw_stats.increment(TT_CW_STAT_OPEN_FAIL);
+        cw_stats.atomic_increment(TT_CW_STAT_OPEN_FAIL);
 }
 
 /* Socket `sk` leaves CLOSE_WAIT for `n` now: closed by its app (LAST_ACK) or reset. */
-static __always_inline void tt_cw_leave(__u64 sk, int n, __u64 now)
+static __always_inline void tt_cw_leave(__u64 sk, int n, __u64 now, int depth)
 {
     struct tt_cw *c = cw_open.lookup(&sk);
     if (!c)
@@ -193,10 +198,10 @@ static __always_inline void tt_cw_leave(__u64 sk, int n, __u64 now)
     if (cw_open.delete(&sk))
         return; /* the other copy counted it */
     int closed = n == TT_TCP_LAST_ACK;
-    cw_stats.increment(closed ? TT_CW_STAT_CLOSED : TT_CW_STAT_RESET);
+    cw_stats.atomic_increment(closed ? TT_CW_STAT_CLOSED : TT_CW_STAT_RESET);
     if (pre)
-        cw_stats.increment(closed ? TT_CW_STAT_CLOSED_PREEXISTING : TT_CW_STAT_RESET_PREEXISTING);
-    struct tt_cw_owner *o = tt_cw_owner_of(&owner);
+        cw_stats.atomic_increment(closed ? TT_CW_STAT_CLOSED_PREEXISTING : TT_CW_STAT_RESET_PREEXISTING);
+    struct tt_cw_owner *o = tt_cw_owner_of(&owner, depth);
     if (o) {
         __sync_fetch_and_add(closed ? &o->closed : &o->reset, 1);
         if (pre)
@@ -228,7 +233,7 @@ static __always_inline void tt_cw_leave(__u64 sk, int n, __u64 now)
 
 /* A socket is born at `sk`: an entry there is an older socket's, whose exit was never
  * seen (both copies of the transition program skipped, or it was filtered out). */
-static __always_inline void tt_cw_reborn(__u64 sk)
+static __always_inline void tt_cw_reborn(__u64 sk, int depth)
 {
     struct tt_cw *c = cw_open.lookup(&sk);
     if (!c)
@@ -236,8 +241,8 @@ static __always_inline void tt_cw_reborn(__u64 sk)
     struct tt_owner owner = c->owner;
     if (cw_open.delete(&sk))
         return;
-    cw_stats.increment(TT_CW_STAT_FORGOTTEN);
-    struct tt_cw_owner *o = tt_cw_owner_of(&owner);
+    cw_stats.atomic_increment(TT_CW_STAT_FORGOTTEN);
+    struct tt_cw_owner *o = tt_cw_owner_of(&owner, depth);
     if (o)
         __sync_fetch_and_add(&o->forgotten, 1);
 }
@@ -246,15 +251,16 @@ static __always_inline void tt_cw_reborn(__u64 sk)
  * tt_sock_meet): while it is still there (`state_before`, the state it left or is in),
  * it is kept as a pre-existing one, its age counted from the snapshot. Not an entry. */
 static __always_inline void tt_cw_seed_taken(__u64 sk, struct tt_tuple *t, const struct tt_seed *seed,
-                                             __u32 state_before)
+                                             __u32 state_before, int depth)
 {
     cw_seeds.delete(t);
     if (state_before != TT_TCP_CLOSE_WAIT)
         return; /* it left CLOSE_WAIT before the seed was planted */
-    int zero = 0;
-    struct tt_cw *c = cw_scratch.lookup(&zero);
-    if (!c)
+    struct tt_cw *c = cw_scratch.lookup(&depth);
+    if (!c) {
+        cw_stats.atomic_increment(TT_CW_STAT_OPEN_FAIL);
         return;
+    }
     __builtin_memset(c, 0, sizeof(*c));
     c->entered_ns = seed->at_ns;
     c->owner = seed->owner;
@@ -265,7 +271,7 @@ static __always_inline void tt_cw_seed_taken(__u64 sk, struct tt_tuple *t, const
     c->post_fin.ustack = -1;
     c->last.ustack = -1;
     if (cw_open.insert(&sk, c) && !cw_open.lookup(&sk))
-        cw_stats.increment(TT_CW_STAT_OPEN_FAIL);
+        cw_stats.atomic_increment(TT_CW_STAT_OPEN_FAIL);
 }
 
 /* A send or recv (`op`, result `ret`) by the calling process on `sk`, in CLOSE_WAIT. */
@@ -274,7 +280,7 @@ static __always_inline void tt_cw_touch(void *ctx, __u64 sk, __u8 op, int ret)
     struct tt_cw *c = cw_open.lookup(&sk);
     if (!c)
         return;
-    cw_stats.increment(TT_CW_STAT_TOUCHES);
+    cw_stats.atomic_increment(TT_CW_STAT_TOUCHES);
     __sync_fetch_and_add(&c->touches, 1);
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (c->owner.tgid != tgid)
@@ -305,7 +311,7 @@ static __always_inline void tt_cw_accepted(__u64 sk, const struct tt_sock *s)
     struct tt_cw *c = cw_open.lookup(&sk);
     if (!c)
         return;
-    cw_stats.increment(TT_CW_STAT_TOUCHES);
+    cw_stats.atomic_increment(TT_CW_STAT_TOUCHES);
     __sync_fetch_and_add(&c->touches, 1);
     c->owner = s->owner;
     c->origin = s->origin;

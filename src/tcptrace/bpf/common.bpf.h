@@ -7,8 +7,12 @@
  * because bcc rewrites map calls only in the main file.
  *
  * Two map operations have one copy, bcc's own, and are used everywhere:
- *   COUNTERS.increment(IDX)        a per-CPU counter array (`stats`, `tw_stats`,
- *                                  `cl_stats`): lookup and add, no atomics needed
+ *   COUNTERS.atomic_increment(IDX) a per-CPU counter array (`stats`, `tw_stats`,
+ *                                  `cl_stats`, ...): lookup and an atomic add. Per CPU,
+ *                                  yet atomic: a program in process context interrupted
+ *                                  by a softirq whose program adds to the same counter
+ *                                  would lose that add with bcc's increment(), a plain
+ *                                  load-add-store
  *   MAP.lookup_or_try_init(&k, &zero)  the entry of `k`, inserted from `zero`
  *                                  with BPF_NOEXIST when missing (a racing CPU's
  *                                  insert wins); NULL only when the map is full,
@@ -77,6 +81,42 @@ struct tt_comm { char c[TT_COMM_LEN]; };
 /* One entry: the comm to keep; filled by the loader before attaching. */
 BPF_ARRAY(comm_filter, struct tt_comm, 1);
 #endif
+
+/* Scratch space (an entry built before it is inserted: sock.bpf.h, closewait.bpf.h) is
+ * per CPU and per nesting depth. A raw tracepoint program holds no bpf_prog_active, so
+ * one running in process context (connect, close, a send) can be interrupted on its CPU
+ * by a softirq whose programs build entries too: with one slot per CPU, the softirq
+ * would write over the entry being built (during a stack walk, for microseconds), and
+ * the interrupted program would insert another socket's fields. So each program run
+ * takes the next depth of its CPU and gives it back before it returns; interrupts nest,
+ * so the depth taken last is the first given back. */
+#define TT_SCRATCH_DEPTH 8
+BPF_PERCPU_ARRAY(scratch_depth, __u64, 1); /* 64 bits: 32-bit atomics with a result do not compile */
+
+/* The next free depth of this CPU (an index into the scratch arrays), or -1 when all are
+ * taken: the caller counts the entry it cannot build. Give it back on every path. */
+static __always_inline int tt_scratch_take(void)
+{
+    int zero = 0;
+    __u64 *d = scratch_depth.lookup(&zero);
+    if (!d)
+        return -1;
+    __u64 depth = __sync_fetch_and_add(d, 1); /* one instruction: no nested run between */
+    if (depth < TT_SCRATCH_DEPTH)
+        return (int)depth;
+    __sync_fetch_and_sub(d, 1);
+    return -1;
+}
+
+static __always_inline void tt_scratch_give(int depth)
+{
+    if (depth < 0)
+        return;
+    int zero = 0;
+    __u64 *d = scratch_depth.lookup(&zero);
+    if (d)
+        __sync_fetch_and_sub(d, 1);
+}
 
 #ifdef TT_WITH_STACKS
 /* Stack traces by id. Ids are referenced from events; entries are never
@@ -197,7 +237,7 @@ static __always_inline struct tt_event *tt_reserve_stacks(void *ctx, __u8 kind, 
 {
     struct tt_event *e = events.ringbuf_reserve(sizeof(struct tt_event));
     if (!e) {
-        stats.increment(TT_STAT_LOST);
+        stats.atomic_increment(TT_STAT_LOST);
         return 0;
     }
     __builtin_memset(e, 0, sizeof(*e));
@@ -213,11 +253,11 @@ static __always_inline struct tt_event *tt_reserve_stacks(void *ctx, __u8 kind, 
     if (want_stacks) {
         e->kstack = stacks.get_stackid(ctx, 0);
         if (e->kstack < 0)
-            stats.increment(TT_STAT_STACK_FAIL);
+            stats.atomic_increment(TT_STAT_STACK_FAIL);
         if (process_ctx) {
             e->ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
             if (e->ustack < 0)
-                stats.increment(TT_STAT_STACK_FAIL);
+                stats.atomic_increment(TT_STAT_STACK_FAIL);
         }
     }
 #endif
@@ -233,7 +273,7 @@ static __always_inline struct tt_event *tt_reserve(void *ctx, __u8 kind, int pro
 static __always_inline void tt_submit(struct tt_event *e)
 {
     events.ringbuf_submit(e, 0);
-    stats.increment(TT_STAT_EMITTED);
+    stats.atomic_increment(TT_STAT_EMITTED);
 }
 
 /* sk->sk_flags, raw, when the loader passed its BTF offset; else 0. */

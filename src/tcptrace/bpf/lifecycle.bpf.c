@@ -58,9 +58,10 @@ BPF_PERCPU_ARRAY(state_moves, __u64, 256);
 #endif
 
 /* One transition of socket `skp`. `proc`: made in the owner's process context (the
- * program without a second copy). `backup`: the second copy of the softirq side. */
-static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int o, int n, int proc,
-                                        int backup)
+ * program without a second copy). `backup`: the second copy of the softirq side.
+ * `depth`: this run's scratch depth (tt_lifecycle), -1 when none was free. */
+static __always_inline int tt_lifecycle_at(struct bpf_raw_tracepoint_args *ctx, int o, int n, int proc,
+                                           int backup, int depth)
 {
     const char *skp = (const char *)ctx->args[0];
     __u64 sk = (__u64)skp;
@@ -72,7 +73,6 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
     struct tt_tuple t = {};
     int have_t = 0;
     __u64 prev_ns = 0;
-    int zero = 0;
 
     if (o == TT_TCP_CLOSE || n == TT_TCP_SYN_RECV) {
         /* Born now: whatever the table holds at this address belongs to a freed socket,
@@ -83,10 +83,12 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
          * its entry in CLOSE or deletes it: an entry in another state belongs to a socket
          * whose last transitions the programs never saw (counted, so no loss is silent). */
         if (s && s->state != TT_TCP_CLOSE)
-            stats.increment(TT_STAT_UNSEEN_END);
-        struct tt_sock *fresh = sock_scratch.lookup(&zero);
-        if (!fresh)
+            stats.atomic_increment(TT_STAT_UNSEEN_END);
+        struct tt_sock *fresh = sock_scratch.lookup(&depth);
+        if (!fresh) {
+            stats.atomic_increment(TT_STAT_SOCK_UPDATE_FAIL);
             return 0;
+        }
         __builtin_memset(fresh, 0, sizeof(*fresh));
         tt_read_tuple(skp, &t, TT_SPORT_INET);
         have_t = 1;
@@ -111,12 +113,12 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
 #ifdef TT_CW_AGG
         if (n == TT_TCP_SYN_SENT)
             tt_code_take(ctx, &fresh->origin, TT_OP_CONNECT, 0, 1);
-        tt_cw_reborn(sk);
+        tt_cw_reborn(sk, depth);
 #endif
         if (n == TT_TCP_LISTEN && listeners.update(&lk, &fresh->owner))
-            stats.increment(TT_STAT_SOCK_UPDATE_FAIL);
+            stats.atomic_increment(TT_STAT_SOCK_UPDATE_FAIL);
         if (socks.update(&sk, fresh))
-            stats.increment(TT_STAT_SOCK_UPDATE_FAIL);
+            stats.atomic_increment(TT_STAT_SOCK_UPDATE_FAIL);
         s = fresh;
     } else if (s) {
         __u64 cur = s->state;
@@ -141,13 +143,15 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
         }
     } else {
         /* Met for the first time: older than tracing, or its entry was evicted. */
-        struct tt_sock *met = sock_scratch.lookup(&zero);
-        if (!met)
+        struct tt_sock *met = sock_scratch.lookup(&depth);
+        if (!met) {
+            stats.atomic_increment(TT_STAT_SOCK_UPDATE_FAIL);
             return 0;
+        }
         __builtin_memset(met, 0, sizeof(*met));
         tt_read_tuple(skp, &t, TT_SPORT_INET);
         have_t = 1;
-        if (!tt_sock_meet(sk, &t, n, o, now, proc, 0, met))
+        if (!tt_sock_meet(sk, &t, n, o, now, proc, 0, met, depth))
             return 0; /* the other copy inserted it */
         s = met;
     }
@@ -174,17 +178,17 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
         return 0;
 #ifdef TT_CW_AGG
     if (o == TT_TCP_CLOSE_WAIT)
-        tt_cw_leave(sk, n, now); /* any socket cw_open holds: it passed at its entry */
+        tt_cw_leave(sk, n, now, depth); /* any socket cw_open holds: it passed at its entry */
     if (n == TT_TCP_CLOSE_WAIT && keep) {
         if (!have_t)
             tt_read_tuple(skp, &t, TT_SPORT_INET);
-        tt_cw_enter(sk, s, &t, now);
+        tt_cw_enter(sk, s, &t, now, depth);
     }
 #endif
     if (!keep)
         return 0;
-    stats.increment(TT_STAT_TRANSITIONS);
-    state_moves.increment((o << 4) | n);
+    stats.atomic_increment(TT_STAT_TRANSITIONS);
+    state_moves.atomic_increment((o << 4) | n);
 #if defined(TT_NO_TRANSITION_EVENTS) || defined(TT_CW_AGG)
     /* The command reads the kernel's tables only: no event to decode. */
     return 0;
@@ -211,6 +215,17 @@ static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int
     tt_submit(e);
 #endif /* !TT_LC_OWNERS_ONLY */
     return 0;
+}
+
+/* tt_lifecycle_at() with a scratch depth of this CPU, taken for the whole run (the entry
+ * it builds is read until the end) and always given back. */
+static __always_inline int tt_lifecycle(struct bpf_raw_tracepoint_args *ctx, int o, int n, int proc,
+                                        int backup)
+{
+    int depth = tt_scratch_take();
+    int ret = tt_lifecycle_at(ctx, o, n, proc, backup, depth);
+    tt_scratch_give(depth);
+    return ret;
 }
 
 /* inet_sock_set_state(sk, oldstate, newstate): the transitions made in the

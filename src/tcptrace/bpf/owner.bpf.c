@@ -39,17 +39,20 @@ static __always_inline struct tt_sock *tt_sock_held(__u64 sk)
     struct tt_sock *s = socks.lookup(&sk);
     if (s)
         return s;
-    int zero = 0;
-    struct tt_sock *met = sock_scratch.lookup(&zero);
-    if (!met)
-        return 0;
-    __builtin_memset(met, 0, sizeof(*met));
-    const char *p = (const char *)sk;
-    __u8 state = 0;
-    bpf_probe_read_kernel(&state, sizeof(state), p + TT_SKC_STATE_OFF);
-    struct tt_tuple t = {};
-    tt_read_tuple(p, &t, TT_SPORT_INET);
-    tt_sock_meet(sk, &t, state, state, 0, 1, 1, met);
+    int depth = tt_scratch_take();
+    struct tt_sock *met = sock_scratch.lookup(&depth);
+    if (met) {
+        __builtin_memset(met, 0, sizeof(*met));
+        const char *p = (const char *)sk;
+        __u8 state = 0;
+        bpf_probe_read_kernel(&state, sizeof(state), p + TT_SKC_STATE_OFF);
+        struct tt_tuple t = {};
+        tt_read_tuple(p, &t, TT_SPORT_INET);
+        tt_sock_meet(sk, &t, state, state, 0, 1, 1, met, depth);
+    } else {
+        stats.atomic_increment(TT_STAT_SOCK_UPDATE_FAIL);
+    }
+    tt_scratch_give(depth);
     return socks.lookup(&sk);
 }
 

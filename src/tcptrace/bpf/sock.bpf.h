@@ -210,7 +210,7 @@ static __always_inline void tt_code_take(void *ctx, struct tt_code *c, __u8 op, 
         now.gen = gen ? (__u8)*gen : 0;
         now.ustack = stacks.get_stackid(ctx, BPF_F_USER_STACK);
         if (now.ustack < 0)
-            stats.increment(TT_STAT_STACK_FAIL);
+            stats.atomic_increment(TT_STAT_STACK_FAIL);
     }
 #endif
     now.ret = ret;
@@ -286,9 +286,9 @@ BPF_F_TABLE("hash", struct tt_tuple, struct tt_seed, seeds, TT_MAX_SEEDS, BPF_F_
 BPF_TABLE("lru_hash", __u64, struct tt_owner, closed_owners, TT_MAX_CLOSED);
 #endif
 
-/* Scratch for a socket's entry being built (lifecycle.bpf.c, owner.bpf.c): one per CPU,
- * never inserted or deleted. */
-BPF_PERCPU_ARRAY(sock_scratch, struct tt_sock, 1);
+/* Scratch for a socket's entry being built (lifecycle.bpf.c, owner.bpf.c): one per CPU
+ * and nesting depth (common.bpf.h tt_scratch_take), never inserted or deleted. */
+BPF_PERCPU_ARRAY(sock_scratch, struct tt_sock, TT_SCRATCH_DEPTH);
 
 static __always_inline void tt_listener_key_of(struct tt_listener_key *k, const struct tt_tuple *t)
 {
@@ -322,7 +322,7 @@ static __always_inline int tt_owner_of(__u64 sk, struct tt_owner *out)
 #ifdef TT_CW_AGG
 /* closewait.bpf.h: a seed of a socket that was in CLOSE_WAIT was taken. */
 static __always_inline void tt_cw_seed_taken(__u64 sk, struct tt_tuple *t, const struct tt_seed *seed,
-                                             __u32 state_before);
+                                             __u32 state_before, int depth);
 #endif
 
 /* A socket `socks` does not hold, met live in state `state` (at a transition into it,
@@ -333,7 +333,7 @@ static __always_inline void tt_cw_seed_taken(__u64 sk, struct tt_tuple *t, const
  * Without a seed, a socket met at a transition lost its entry (LRU eviction) or is
  * older than tracing and was not seeded: counted, its owner is unknown from now on. */
 static __always_inline int tt_sock_meet(__u64 sk, struct tt_tuple *t, __u32 state, __u32 state_before,
-                                        __u64 since_ns, int proc, int touch, struct tt_sock *out)
+                                        __u64 since_ns, int proc, int touch, struct tt_sock *out, int depth)
 {
     struct tt_seed seed = {};
     struct tt_seed *planted = seeds.lookup(t);
@@ -354,14 +354,14 @@ static __always_inline int tt_sock_meet(__u64 sk, struct tt_tuple *t, __u32 stat
     if (socks.insert(&sk, out))
         return 0;
     if (planted) {
-        stats.increment(TT_STAT_SEEDS_USED);
+        stats.atomic_increment(TT_STAT_SEEDS_USED);
         seeds.delete(t);
 #ifdef TT_CW_AGG
         if (seed.state == TT_TCP_CLOSE_WAIT)
-            tt_cw_seed_taken(sk, t, &seed, state_before);
+            tt_cw_seed_taken(sk, t, &seed, state_before, depth);
 #endif
     } else {
-        stats.increment(touch ? TT_STAT_ADOPTED : TT_STAT_OWNER_FORGOTTEN);
+        stats.atomic_increment(touch ? TT_STAT_ADOPTED : TT_STAT_OWNER_FORGOTTEN);
     }
     return 1;
 }
