@@ -374,6 +374,90 @@ def test_go_server_leaking_on_an_error_path_is_named_by_its_handler_and_line(
         assert_no_tracer_frames(g)
 
 
+WIRE = """\
+package wire
+
+import (
+	"fmt"
+	"net"
+)
+
+// Reject answers a bad request; closing the connection is the caller's job.
+//
+//go:noinline
+func Reject(conn net.Conn) {
+	fmt.Fprintf(conn, "ERR bad request\\n")
+}
+"""
+
+GO_SERVER_WITH_A_DEPENDENCY = """\
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+
+	"example.com/wire"
+)
+
+func handleConn(conn net.Conn) {
+	line, _ := bufio.NewReader(conn).ReadString('\\n')
+	if strings.TrimSpace(line) != "hello" {
+		wire.Reject(conn)
+		return // the leak: conn never closed on this path
+	}
+	fmt.Fprintf(conn, "OK\\n")
+	conn.Close()
+}
+
+func main() {
+	ln, err := net.Listen("tcp", "127.0.0.1:"+os.Args[1])
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println("ready")
+	for {
+		conn, err := ln.Accept()
+		if err == nil {
+			go handleConn(conn)
+		}
+	}
+}
+"""
+
+
+@needs_go
+def test_go_leak_inside_a_dependency_is_named_by_the_apps_caller(
+    tcptrace_cmd: list[str], port: int, tmp_path: Path
+) -> None:
+    with (
+        go_binary(tmp_path, GO_SERVER_WITH_A_DEPENDENCY, deps={"example.com/wire": WIRE}) as exe,
+        closewait(tcptrace_cmd, port) as cw,
+        diagnose(tcptrace_cmd, port) as dg,
+        started([str(exe), str(port)]) as server,
+    ):
+        for line in (b"bad\n", b"hello\n", b"bad\n"):
+            with socket.create_connection(("127.0.0.1", port)) as c:
+                c.sendall(line)
+                assert c.recv(100) in (b"OK\n", b"ERR bad request\n")
+        summary, diagnosis = summaries_once_leaked(port, 2, cw, dg)
+        pid = server.pid
+
+    # The reply was written in the dependency (its frames are in the stack), but the
+    # module is library code by the binary's build info: the app's caller leads.
+    line = line_of(GO_SERVER_WITH_A_DEPENDENCY, "wire.Reject(conn)")
+    for g in groups_of(summary, pid, 2):
+        assert g["app"] == f"main.handleConn (main.go:{line})", g
+        assert g["app_from"] == "pre_fin_touch"
+        assert any(f.startswith("example.com/wire.Reject") for f in g["pre_fin_touch"]["stack"])
+        assert_no_tracer_frames(g)
+    verdicts = leak_verdicts(diagnosis, pid)
+    assert verdicts and all(f"main.handleConn (main.go:{line})" in v["text"] for v in verdicts), verdicts
+
+
 PY_SERVER = """\
 import socket, sys
 

@@ -166,6 +166,30 @@ def test_user_rules_move_the_application_frame() -> None:
     assert named.headline() == "no frame of the application's code"
 
 
+def test_go_dependencies_are_library_code_so_the_caller_leads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The error path's reply written by a dependency module's function, not fmt.Fprintf.
+    case = json.loads(json.dumps(STACKS["go_server_error_path"]))
+    for sample in case["samples"]:
+        sample["ustack"] = [f.replace("fmt.Fprintf", "github.com/acme/wire.Reply") for f in sample["ustack"]]
+    monkeypatch.setitem(STACKS, "go_server_error_path", case)
+    group = group_of(tracker_of("go_server_error_path"))
+    exe = "/srv/demo/go/goserver"
+    # Without the executable's build info the dependency's frame is taken for the app's.
+    assert (
+        Attributor(facts={PID: ProcessFacts(exe)})(group).headline()
+        == "github.com/acme/wire.Reply [goserver]"
+    )
+    built_with = ProcessFacts(exe, go_deps=("github.com/acme/wire", "golang.org/x/net"))
+    attributor = Attributor(facts={PID: built_with})
+    assert attributor(group).headline() == "main.handleConn [goserver]"
+    # The user's rules come first: an --app rule makes the dependency the app's again.
+    mine = Attributor(rules_from_options(app=["github.com/acme/*"]), facts={PID: built_with})
+    assert mine(group).headline() == "github.com/acme/wire.Reply [goserver]"
+    # Another executable's build info says nothing of this one's frames.
+    other = Attributor(facts={PID: ProcessFacts("/srv/other", go_deps=("github.com/acme/wire",))})
+    assert other(group).headline() == "github.com/acme/wire.Reply [goserver]"
+
+
 def test_top_and_the_report_name_the_frame() -> None:
     overview = Overview(threshold_ns=tracker_of("c_leaky_server").threshold_ns)
     overview.closewait = tracker_of("node_half_open_named")

@@ -25,6 +25,7 @@ from tcptrace.system.symbols import (
     LineResolver,
     StackLines,
     find_mapping,
+    go_dependencies,
     parse_maps,
     process_facts,
 )
@@ -416,6 +417,59 @@ def test_stack_lines_locate_while_the_process_lives_and_annotate_after(tmp_path:
     other = CodePath(Op.RECV, 0, p.pid + 1, ustack=frames)
     assert lines.annotate_path(other) is other
     assert lines.annotate(p.pid, ["leaky_handler+0x9 [leaky]"]) == (at,)
+
+
+WIRE = """\
+package wire
+
+import "time"
+
+//go:noinline
+func Wait(d time.Duration) {
+	time.Sleep(d)
+}
+"""
+
+GO_USING_A_DEPENDENCY = """\
+package main
+
+import (
+	"fmt"
+	"time"
+
+	"example.com/wire"
+)
+
+func main() {
+	fmt.Println("ready")
+	wire.Wait(time.Minute)
+}
+"""
+
+
+@needs_go
+def test_process_facts_of_a_go_program_name_its_dependency_modules(tmp_path: Path) -> None:
+    deps = {"example.com/wire": WIRE}
+    with go_binary(tmp_path, GO_USING_A_DEPENDENCY, deps=deps) as binary:
+        assert go_dependencies(str(binary)) == ("example.com/wire",)
+        proc = subprocess.Popen([str(binary)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+            facts = process_facts(proc.pid)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert facts.exe == str(binary) and facts.go_deps == ("example.com/wire",)
+
+
+def test_go_dependencies_of_anything_else_are_none(tmp_path: Path) -> None:
+    assert go_dependencies("/proc/self/exe") == ()  # python: an ELF without Go build info
+    fake = tmp_path / "fake"
+    fake.write_bytes(b"\x7fELF" + b"\xff" * 200)  # an ELF header that lies
+    assert go_dependencies(str(fake)) == ()
+    os.mkfifo(tmp_path / "fifo")  # never blocks on a FIFO planted where a binary should be
+    assert go_dependencies(str(tmp_path / "fifo")) == ()
+    assert go_dependencies(str(tmp_path / "missing")) == ()
 
 
 def test_process_facts(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from tcptrace.model.closewait import SuspectGroup
 from tcptrace.model.events import Op
-from tcptrace.model.framerules import Rules
+from tcptrace.model.framerules import Rules, library_prefixes
 from tcptrace.model.frames import ClassifiedStack, Frame, classify, without_tracer_frames
 from tcptrace.model.hints import Attribution, Hint, StackSample, attribute
 from tcptrace.model.lifecycle import CodePath
@@ -36,6 +36,7 @@ ROLE_TITLES = {
     "origin": "origin",
 }
 NO_APP_FRAME = "no frame of the application's code"
+MAX_GO_EXECUTABLES = 256  # Go executables whose dependency rules are kept
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class ProcessFacts:
     exe: str | None = None
     perf_map: bool | None = None
     """Whether the process writes /tmp/perf-PID.map (Node.js --perf-basic-prof, Python -X perf)."""
+    go_deps: tuple[str, ...] = ()
+    """The modules a Go executable was built with (its build info): their frames are library
+    code, so a leak inside a driver or framework is named by the caller in the app's code."""
 
 
 @dataclass(frozen=True)
@@ -197,13 +201,36 @@ class Attributor:
     def __init__(self, rules: Rules | None = None, facts: Mapping[int, ProcessFacts] | None = None) -> None:
         self.rules = rules if rules is not None and len(rules) else None
         self.facts: dict[int, ProcessFacts] = dict(facts or {})
+        self._with_deps: dict[tuple[str, tuple[str, ...]], Rules] = {}
 
     def __call__(self, group: SuspectGroup) -> LeakAttribution:
-        paths = role_paths(group, self.rules)
-        samples = [StackSample(p.path.op.name, p.stack, eof=p.eof) for p in paths]
         facts = self.facts.get(group.pid, ProcessFacts()) if group.pid is not None else ProcessFacts()
+        paths = role_paths(group, self.rules_for(facts))
+        samples = [StackSample(p.path.op.name, p.stack, eof=p.eof) for p in paths]
         result = attribute(group.comm, facts.exe, samples, perf_map=facts.perf_map)
         return LeakAttribution(result, paths, leak_scope(group))
+
+    def rules_for(self, facts: ProcessFacts) -> Rules | None:
+        """The user's rules, then (for a Go executable) its dependencies as library code: one
+        Rules per executable, kept, so that caches keyed by rules keep working.
+
+        >>> a = Attributor()
+        >>> a.rules_for(ProcessFacts("/srv/svc")) is None
+        True
+        >>> r = a.rules_for(ProcessFacts("/srv/svc", go_deps=("github.com/lib/pq",)))
+        >>> r is a.rules_for(ProcessFacts("/srv/svc", go_deps=("github.com/lib/pq",))), len(r)
+        (True, 1)
+        """
+        if not facts.go_deps or facts.exe is None:
+            return self.rules
+        key = (facts.exe, facts.go_deps)
+        rules = self._with_deps.get(key)
+        if rules is None:
+            if len(self._with_deps) >= MAX_GO_EXECUTABLES:
+                self._with_deps.clear()
+            deps = library_prefixes(facts.exe.rsplit("/", 1)[-1], facts.go_deps)
+            rules = self._with_deps[key] = self.rules + deps if self.rules is not None else deps
+        return rules
 
 
 def group_json(group: SuspectGroup, attributed: LeakAttribution) -> dict[str, Any]:

@@ -57,6 +57,7 @@ MAX_FILES = 32  # open ELF files (each holds an fd and its decoded units)
 MAX_UNITS_PER_FILE = 64  # decoded line tables per file
 MAX_RESULTS = 65_536  # (file, address) -> line
 MAX_MAPS_BYTES = 8 * 1024 * 1024
+MAX_GO_BUILDINFO = 65_536  # bytes of a .go.buildinfo section read
 MAX_DWARF_BYTES = 512 * 1024 * 1024  # a file's DWARF sections, decompressed; larger: no lines
 # The frames whose lines annotate() looks up.
 _SOURCE_WANTED = (Category.APP, Category.LIBRARY)
@@ -196,9 +197,31 @@ def parse_go_buildinfo(data: bytes) -> GoBuildInfo | None:
             path = parts[1]
         elif len(parts) >= 2 and parts[0] == "mod":
             main = parts[1]
-        elif len(parts) >= 2 and parts[0] in ("dep", "=>"):
+        elif len(parts) >= 2 and parts[0] == "dep":
+            # A replacement ("=>", a fork or a local directory) follows its "dep" line: the
+            # code keeps the import path it is compiled under, the one "dep" names.
             deps.append(parts[1])
     return GoBuildInfo(version, path, main, tuple(dict.fromkeys(deps)))
+
+
+def _go_info(elf: ELFFile) -> GoBuildInfo | None:
+    """An ELF file's Go build info, its head read only (a section's size is the file's word)."""
+    section = elf.get_section_by_name(".go.buildinfo")
+    if section is None or section["sh_type"] == "SHT_NOBITS":
+        return None
+    elf.stream.seek(int(section["sh_offset"]))
+    return parse_go_buildinfo(elf.stream.read(min(int(section["sh_size"]), MAX_GO_BUILDINFO)))
+
+
+def go_dependencies(path: str) -> tuple[str, ...]:
+    """The modules the Go executable at ``path`` was built with, from its build info; () for
+    anything else, and for a file that cannot be read or parsed (a host's file: hostile)."""
+    try:
+        with _open_regular(path) as f:
+            info = _go_info(ELFFile(f))
+    except Exception:  # not an ELF, unreadable, malformed
+        return ()
+    return info.deps if info is not None else ()
 
 
 def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
@@ -255,8 +278,7 @@ class ElfLines:
             for s in elf.iter_segments()
             if s["p_type"] == "PT_LOAD"
         ]
-        info = elf.get_section_by_name(".go.buildinfo")
-        self.go_info = parse_go_buildinfo(info.data()[:65536]) if info is not None else None
+        self.go_info = _go_info(elf)
         # The debug file is found now (in the process's root, while it lives); its DWARF, the
         # costly part, is read at the first line asked for.
         if name is None:
@@ -828,21 +850,24 @@ def _is_jit(frame: str) -> bool:
 
 
 def process_facts(pid: int, proc: str = "/proc") -> ProcessFacts:
-    """What attribution wants to know of a live process: its executable, and whether it
-    writes a perf map (``/tmp/perf-PID.map`` in its own root, PID as its namespace numbers it)."""
+    """What attribution wants to know of a live process: its executable (with the modules it
+    was built with, for Go), and whether it writes a perf map (``/tmp/perf-PID.map`` in its
+    own root, PID as its namespace numbers it)."""
     try:
         exe: str | None = os.readlink(f"{proc}/{pid}/exe").removesuffix(" (deleted)")
     except OSError:
         exe = None
+    # Read through the link: the process's own file, in its own root, even deleted.
+    deps = go_dependencies(f"{proc}/{pid}/exe") if exe is not None else ()
     try:
         with open(f"{proc}/{pid}/status", "rb") as f:
             nspid = parse_nspid(f.read(64 * 1024))
     except (OSError, ValueError):
-        return ProcessFacts(exe, None)
+        return ProcessFacts(exe, None, deps)
     try:
         perf_map = stat.S_ISREG(os.stat(f"{proc}/{pid}/root/tmp/perf-{nspid or pid}.map").st_mode)
     except FileNotFoundError:
         perf_map = False
     except OSError:
-        return ProcessFacts(exe, None)
-    return ProcessFacts(exe, perf_map)
+        return ProcessFacts(exe, None, deps)
+    return ProcessFacts(exe, perf_map, deps)
