@@ -510,7 +510,7 @@ def doctor() -> None:
     default=None,
     help="Keep the user stack of each traced socket's last send/recv before the peer's FIN "
     "(~0.8 us more BPF time per send/recv of every traced socket). Default: on with --pid or "
-    "--port, off otherwise.",
+    "a port option (--port, -L, -D), off otherwise.",
 )
 @stacks_option("Show every frame of each code path (by default, those around the application's).")
 @frame_rule_options
@@ -712,7 +712,7 @@ def agent(**given: Any) -> None:
 @filter_options
 @interval_option()
 @duration_option()
-@from_option("Replay a recording (from `tcptrace record --stacks`) instead of tracing the kernel.")
+@from_option("Replay a recording (from `tcptrace record`) instead of tracing the kernel.")
 @threshold_option()
 @click.option(
     "--sort",
@@ -755,7 +755,7 @@ def top(**given: Any) -> None:
     help="Also write a self-contained HTML report (plots inline, no external asset) to FILE.",
 )
 @force_option("Overwrite the --report file if it exists.")
-@from_option("Diagnose a recording (from `tcptrace record --stacks`) instead of the live kernel.")
+@from_option("Diagnose a recording (from `tcptrace record`) instead of the live kernel.")
 @frame_rule_options
 @threshold_option()
 def diagnose(**given: Any) -> None:
