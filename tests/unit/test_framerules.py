@@ -95,6 +95,25 @@ def test_backslashes_and_hashes_are_kept() -> None:
     assert cond_m.pattern == "{lambda()#2}"
 
 
+def test_a_rule_file_on_disk_is_never_quoted_in_errors(tmp_path: Path) -> None:
+    # tcptrace runs as root: --rules PATH must not print a line of a file the user cannot read.
+    secret = tmp_path / "shadow"
+    lines = {
+        "root:$y$j9T$Qk3:19000:0:99999:7:::": "root",
+        "library function=re:hunter2[": "hunter2",
+        "hunter2": "hunter2",
+        "app hunter2=token": "hunter2",
+        "app hunter2": "hunter2",
+    }
+    for line, secret_word in lines.items():
+        secret.write_text(line + "\n")
+        with pytest.raises(FrameRulesError) as e:
+            load_rules(str(secret))
+        shown = str(e.value)
+        assert shown.startswith(f"{secret}:1: ") and "\n" not in shown
+        assert secret_word not in shown.removeprefix(f"{secret}:1: "), shown
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

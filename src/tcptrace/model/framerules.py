@@ -106,7 +106,7 @@ def _value(frame: Frame, field: str) -> str | None:
     return frame.file
 
 
-def parse_condition(text: str, where: str, default_field: str | None = None) -> Condition:
+def parse_condition(text: str, where: str, default_field: str | None = None, quote: bool = True) -> Condition:
     """``FIELD=PATTERN`` (or a bare pattern when ``default_field`` is given).
 
     >>> c = parse_condition("module=libacme*.so*", "x")
@@ -125,10 +125,12 @@ module or file)
     # always taken as a field, so a misspelt one is an error rather than a function pattern.
     if not sep or (default_field is not None and not _WORD.fullmatch(name)):
         if default_field is None:
-            raise FrameRulesError(f"{where}: expected FIELD=PATTERN, got {text!r}")
+            raise FrameRulesError(f"{where}: expected FIELD=PATTERN" + _got(text, quote))
         name, pattern = default_field, text
     if name not in FIELDS:
-        raise FrameRulesError(f"{where}: unknown field {name!r} (expected function, module or file)")
+        raise FrameRulesError(
+            f"{where}: unknown field{_quoted(name, quote)} (expected function, module or file)"
+        )
     if not pattern:
         raise FrameRulesError(f"{where}: empty pattern for {name}")
     if len(pattern) > MAX_PATTERN:
@@ -137,8 +139,25 @@ module or file)
         try:
             return Condition(name, pattern, re.compile(pattern[3:]), searched=True)
         except re.error as e:
-            raise FrameRulesError(f"{where}: bad regular expression {pattern[3:]!r}: {e}") from None
+            raise FrameRulesError(
+                f"{where}: bad regular expression{_quoted(pattern[3:], quote)}: {e}"
+            ) from None
     return Condition(name, pattern, re.compile(fnmatch.translate(pattern)))
+
+
+def _quoted(text: str, quote: bool) -> str:
+    """The offending text for an error message, or nothing where it came from a file: the
+    file is whatever path was given to a command that runs as root (``--rules /etc/shadow``),
+    and its lines are not the user's to see.
+
+    >>> _quoted("libary", True), _quoted("root:$y$j9T$...", False)
+    (" 'libary'", '')
+    """
+    return f" {text!r}" if quote else ""
+
+
+def _got(text: str, quote: bool) -> str:
+    return f", got{_quoted(text, quote)}" if quote else ""
 
 
 def _split(text: str, where: str) -> list[str]:
@@ -152,7 +171,7 @@ def _split(text: str, where: str) -> list[str]:
         raise FrameRulesError(f"{where}: {e}") from None
 
 
-def parse_rule_line(line: str, where: str) -> Rule | None:
+def parse_rule_line(line: str, where: str, quote: bool = True) -> Rule | None:
     """One line of a rule file; None for a blank line or a comment.
 
     >>> parse_rule_line("library function=github.com/acme/kit/* module=svc", "r:1").category
@@ -171,21 +190,22 @@ library)
     words = _split(stripped, where)
     kind, conds = words[0], words[1:]
     if kind not in CATEGORIES:
-        raise FrameRulesError(f"{where}: unknown category {kind!r} (expected app or library)")
+        raise FrameRulesError(f"{where}: unknown category{_quoted(kind, quote)} (expected app or library)")
     if not conds:
         raise FrameRulesError(f"{where}: a rule needs at least one FIELD=PATTERN")
-    return Rule(CATEGORIES[kind], tuple(parse_condition(c, where) for c in conds), where)
+    return Rule(CATEGORIES[kind], tuple(parse_condition(c, where, quote=quote) for c in conds), where)
 
 
-def parse_rules(text: str, source: str) -> Rules:
-    """A rule file's text; ``source`` names it in errors (``rules.txt:3: ...``).
+def parse_rules(text: str, source: str, quote: bool = True) -> Rules:
+    """A rule file's text; ``source`` names it in errors (``rules.txt:3: ...``), which quote
+    the offending text only when ``quote``.
 
     >>> len(parse_rules("# ours\\napp module=libplugin.so\\n\\nlibrary file=*/vendor/*\\n", "r"))
     2
     """
     rules = []
     for n, line in enumerate(text.splitlines(), 1):
-        rule = parse_rule_line(line, f"{source}:{n}")
+        rule = parse_rule_line(line, f"{source}:{n}", quote)
         if rule is not None:
             rules.append(rule)
             if len(rules) > MAX_RULES:
@@ -194,7 +214,8 @@ def parse_rules(text: str, source: str) -> Rules:
 
 
 def load_rules(path: str) -> Rules:
-    """A rule file from disk; a missing or unreadable file is a one-line error."""
+    """A rule file from disk; a missing or unreadable file is a one-line error, and an error
+    in a line says where and what, never the line's text (see ``_quoted``)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read(4 * 1024 * 1024 + 1)
@@ -204,7 +225,7 @@ def load_rules(path: str) -> Rules:
         raise FrameRulesError(f"{path}: not UTF-8 text") from None
     if len(text) > 4 * 1024 * 1024:
         raise FrameRulesError(f"{path}: larger than 4 MiB")
-    return parse_rules(text, path)
+    return parse_rules(text, path, quote=False)
 
 
 def rules_from_options(library: Sequence[str] = (), app: Sequence[str] = ()) -> Rules:
