@@ -402,13 +402,21 @@ def loss_verdicts(runs: Sequence[Run], commands: Sequence[str]) -> list[Verdict]
 
 
 def states_verdicts(runs: Sequence[Run]) -> list[Verdict]:
-    """states accounts for every transition: received, counted lost, or counted skipped."""
+    """states and record account for every transition: received, counted lost, or counted
+    skipped (one verdict each)."""
     verdicts: list[Verdict] = []
-    states = [r for r in runs if r.tracer == "states" and r.error is None]
-    if states:
+    for tracer in ("states", "record"):
+        verdict = _accounting_verdict(tracer, [r for r in runs if r.tracer == tracer and r.error is None])
+        if verdict is not None:
+            verdicts.append(verdict)
+    return verdicts
+
+
+def _accounting_verdict(tracer: str, runs: Sequence[Run]) -> Verdict | None:
+    if runs:
         problems: list[str] = []
         notes = []
-        for r in states:
+        for r in runs:
             if r.events_received is None or r.lost_reported is None or r.kernel_transitions is None:
                 problems.append(f"{r.scenario}: no summary")
                 continue
@@ -449,8 +457,8 @@ def states_verdicts(runs: Sequence[Run]) -> list[Verdict]:
         )
         if notes:
             detail += "; " + "; ".join(notes)
-        verdicts.append(Verdict("states reports every loss", not problems, detail))
-    return verdicts
+        return Verdict(f"{tracer} reports every loss", not problems, detail)
+    return None
 
 
 def throughput_verdicts(runs: Sequence[Run]) -> list[Verdict]:

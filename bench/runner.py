@@ -609,6 +609,8 @@ class Bench:
             run.kernel_transitions = int(summary["kernel_transitions"])
         if summary.get("skipped_transitions") is not None:
             run.skipped_reported = int(summary["skipped_transitions"])
+        if summary.get("unseen_ends") is not None:
+            run.unseen_ends = int(summary["unseen_ends"])
 
     def first_event(self, name: str, reps: int) -> Startup:
         """Spawn the tracer with a trickle of connections running; time its first event line.

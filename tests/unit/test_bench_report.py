@@ -197,6 +197,26 @@ def test_states_loss_outside_its_counters_is_a_miss() -> None:
     assert "7 program runs skipped by the kernel" in verdict.detail
 
 
+def test_record_is_held_to_the_same_accounting_as_states() -> None:
+    n = 1_000
+    total = expected_transitions(n)
+    short = run("record", 1_000, connections=n, events_received=total - 14, lost_reported=0)
+    short.kernel_transitions = total - 14
+    short.unseen_ends = 7
+    whole = run("record", 1_000, connections=n, events_received=total, lost_reported=0)
+    whole.kernel_transitions = total
+    by = {v.target: v for v in evaluate_targets([short], ["record"])}
+    assert by["record reports every loss"].met is False
+    assert (
+        "14 of the load's transitions neither received nor counted lost"
+        in by["record reports every loss"].detail
+    )
+    assert "(7 sockets reported with their last transitions unseen)" in by["record reports every loss"].detail
+    assert "states reports every loss" not in by
+    (ok,) = [v for v in evaluate_targets([whole], ["record"]) if v.target == "record reports every loss"]
+    assert ok.met is True
+
+
 def test_scenario_table_rows() -> None:
     runs = [
         run("untraced", 14_000),

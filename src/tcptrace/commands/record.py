@@ -60,7 +60,7 @@ def run(
                 live.stop()
         out.flush()
         size = _size(out)
-    print(record_done(output, done.events, done.lost, size), file=sys.stderr)
+    print(record_done(output, done.events, done.lost, size, done.skipped, done.unseen), file=sys.stderr)
 
 
 def _size(out: IO[str]) -> int:

@@ -54,6 +54,10 @@ class Streamed:
     events: int
     lost: int
     reason: str
+    skipped: int = 0
+    """Runs of the transition programs the kernel skipped (each may have lost one)."""
+    unseen: int = 0
+    """Sockets whose last transitions the programs never saw (kernel counter unseen_end)."""
 
 
 Progress = Callable[[int, int], None]
@@ -174,7 +178,8 @@ def stream_events(
         )
     else:
         print_summary(console, summary, counters, reason)
-    return Streamed(summary.events, lost, reason)
+    skipped = int(counters.get("skipped_transitions") or 0)
+    return Streamed(summary.events, lost, reason, skipped, int(counters.get("unseen_end") or 0))
 
 
 def _fast_path(source: Source) -> KernelStream | None:

@@ -104,11 +104,24 @@ def record_progress(events: int, lost: int, size: int) -> Text:
     return text
 
 
-def record_done(path: str, events: int, lost: int, size: int) -> str:
-    """`record`'s last line: what the file holds and what the kernel could not hand over."""
+def record_done(path: str, events: int, lost: int, size: int, skipped: int = 0, unseen: int = 0) -> str:
+    """`record`'s last line: what the file holds and what the kernel could not hand over,
+    or did not see (the counters states' summary names too).
+
+    >>> record_done("x.jsonl", 1200, 0, 5000)
+    'recorded 1,200 events to x.jsonl (5.0 kB), 0 lost'
+    >>> record_done("x.jsonl", 1200, 3, 5000, skipped=2, unseen=1)  # doctest: +NORMALIZE_WHITESPACE
+    'recorded 1,200 events to x.jsonl (5.0 kB), 3 lost (the ring buffer was full: raise --buffer
+    or narrow the filters), 2 transition hook runs skipped by the kernel, 1 socket whose last
+    transitions went unseen'
+    """
     line = f"recorded {events:,} events to {safe(path)} ({_size(size)}), {lost:,} lost"
     if lost:
         line += " (the ring buffer was full: raise --buffer or narrow the filters)"
+    if skipped:
+        line += f", {skipped:,} transition hook runs skipped by the kernel"
+    if unseen:
+        line += f", {unseen:,} socket{'s' if unseen != 1 else ''} whose last transitions went unseen"
     return line
 
 
