@@ -21,7 +21,7 @@ import pytest
 from bench.netns_sockets import namespace_with_sockets
 
 from tcptrace.model.events import TcpState
-from tcptrace.system import cgroups, hostsnap, netns, sockdiag, sockets
+from tcptrace.system import cgroups, hostsnap, netns, netstat, sockdiag, sockets
 from tcptrace.system.containers import identify
 from tcptrace.system.netns import NetNamespace
 from tcptrace.system.tcpsock import TcpSocket
@@ -139,6 +139,16 @@ def test_two_namespaces_with_the_same_addresses_each_equal_to_ss_there() -> None
         assert owner_b.nspid == 1 and owner_b.pid != 1, "the pid it has in its own pid namespace"
         assert host.processes[pid_a].nspid == pid_a
         assert all(s.inode == 0 and not host.owners(s) for s in host.sockets if s.state == S.TIME_WAIT)
+
+        # sockstat's tw of another namespace, read from a thread that entered it (`top`'s
+        # TIME_WAIT count sums every namespace's, as the kernel's programs count them).
+        # Both timewait substates: ss shows the FIN_WAIT2 one as FIN-WAIT-2, with no inode.
+        for name, ns in ((a, nsa), (b, nsb)):
+            in_ss = sum(
+                1 for s in ss_in(name) if s.state == S.TIME_WAIT or (s.state == S.FIN_WAIT2 and not s.inode)
+            )
+            assert in_ss > 0 and netstat.sockstat_tw_all([ns]) == in_ss
+        assert netstat.sockstat_tw_all([nsa, nsb]) == 2 * in_ss
 
 
 ID_DOCKER = "4f797c539e6c745de61a93ca3ff892358ecbcaccd8414d5db545c38428142970"

@@ -4,6 +4,7 @@ is tested) equal `ss`'s at the end, for sockets made before and during the run."
 
 from __future__ import annotations
 
+import os
 import re
 import select
 import socket
@@ -12,8 +13,10 @@ import termios
 import time
 from collections import Counter
 
+from tcptrace.system import netns
 from tests.integration import helpers
 from tests.integration.test_closewait import close_all, connect_all, leaky_server, server_side
+from tests.integration.test_container_filters import namespace
 
 SS_NAMES = {
     "ESTAB": "ESTABLISHED",
@@ -117,6 +120,69 @@ def test_state_counts_match_ss(
     # The leaky server holds the five in CLOSE_WAIT (process table).
     row = next(line for line in out.splitlines() if "leaky_server" in line)
     assert row.split()[2] == "5", out
+
+
+def shown_counts(out: str) -> dict[str, int]:
+    shown: dict[str, int] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] in SS_NAMES.values() and fields[1].replace(",", "").isdigit():
+            shown[fields[0]] = int(fields[1].replace(",", ""))
+    return shown
+
+
+def test_state_counts_cover_every_network_namespace_as_the_kernel_does(tcptrace_cmd: list[str]) -> None:
+    """The kernel counts transitions in every namespace: top's seed must count the sockets
+    that were there before it started in every namespace too, or a namespace's closes are
+    taken from the host's counts."""
+    port = helpers.free_port()
+    name = f"tcptrace-top-{os.getpid()}"
+    with namespace(name) as ns:
+
+        def listen_and_hold(n: int) -> list[socket.socket]:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen(8)
+            return [listener, *(c for _ in range(n) for c in hold(listener))]
+
+        host = listen_and_hold(1)  # LISTEN + 2 ESTABLISHED here
+        inside = netns.call_in(ns, lambda: listen_and_hold(3))  # LISTEN + 6 ESTABLISHED there
+        try:
+            proc = subprocess.Popen(
+                [*tcptrace_cmd, "top", "--port", str(port), "--duration", "5", "--interval", "0.5"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            assert ready and proc.stdout.readline().startswith("tcptrace top")
+            # While traced, in the namespace: two connections end (the client closes first).
+            for client, server in (inside[1:3], inside[3:5]):
+                client.close()
+                server.close()
+            time.sleep(1.0)
+            truth = ss_states_in(None, port) + ss_states_in(name, port)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            for sock in host + inside:
+                sock.close()
+    assert proc.returncode == 0, err
+    assert truth["ESTABLISHED"] == 4 and truth["LISTEN"] == 2 and truth["TIME_WAIT"] == 2, truth
+    shown = shown_counts(out)
+    m = re.findall(r"skipped (\d+)", " ".join(out.split()))
+    skipped = int(m[-1]) if m else 0
+    off = sum(abs(shown.get(state, 0) - n) for state, n in truth.items())
+    assert off <= 2 * skipped, (shown, truth, out)
+
+
+def ss_states_in(name: str | None, port: int) -> Counter[str]:
+    """``ss_states`` of one namespace (None: this one)."""
+    prefix = ["ip", "netns", "exec", name] if name is not None else []
+    expr = f"( sport = :{port} or dport = :{port} )"
+    out = subprocess.run([*prefix, "ss", "-tanH", expr], capture_output=True, text=True, check=True).stdout
+    return Counter(SS_NAMES[line.split()[0]] for line in out.splitlines() if line.strip())
 
 
 def test_keys_in_a_terminal_and_q_quits(tcptrace_cmd: list[str], port: int) -> None:

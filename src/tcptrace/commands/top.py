@@ -32,7 +32,7 @@ from tcptrace.model.overview import Emulation, Overview
 from tcptrace.model.snapshot import HostSnapshot
 from tcptrace.model.timewait import TW_MAP_FAILURES
 from tcptrace.system import hostsnap
-from tcptrace.system.netstat import sockstat_tw
+from tcptrace.system.netstat import sockstat_tw_all
 from tcptrace.views import top as view
 from tcptrace.views.common import make_console, start_live, use_units
 
@@ -56,7 +56,8 @@ class Feeds:
     timewait: TimewaitReader | None = None
     closelat: CloseLatencyReader | None = None
     host_tw: bool = False
-    """Read the host's TIME_WAIT count (sockstat): only when nothing is filtered out."""
+    """Read the host's TIME_WAIT count (sockstat, every namespace): only when nothing is
+    filtered out."""
 
     def seed(self, flt: EventFilter) -> HostSnapshot | None:
         """Live: the sockets in CLOSE_WAIT before start (from the session's snapshot), counts
@@ -98,7 +99,7 @@ class Feeds:
         host_tw = None
         if self.host_tw:
             try:
-                host_tw = sockstat_tw()
+                host_tw = sockstat_tw_all()
             except TcptraceError:
                 host_tw = None
         lost = int(self.source.counters().get("lost", 0))

@@ -205,7 +205,7 @@ class StateCounts:
         """Where a count comes from, in a few words."""
         if state == TcpState.TIME_WAIT:
             if self.host_tw is not None:
-                return "sockstat tw (host, both substates)"
+                return "sockstat tw (every namespace, both substates)"
             if self.seeded:
                 return "seed + created in the last 60 s"
             return "created in the last 60 s"

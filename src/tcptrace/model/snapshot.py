@@ -28,9 +28,10 @@ class HostSocket(EndpointFields, OwnerFields):
     """Inode of its network namespace; 0 when unknown."""
 
     @property
-    def key(self) -> tuple[Endpoint, int]:
-        """What identifies the same socket in two snapshots (the inode tells a reuse apart)."""
-        return (self.endpoint, self.inode)
+    def key(self) -> tuple[Endpoint, int, int]:
+        """What identifies the same socket in two snapshots (the inode tells a reuse apart,
+        the namespace two sockets of one address in two namespaces)."""
+        return (self.endpoint, self.inode, self.netns)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 ``take`` is what `tcptrace diagnose` takes at the start and at the end of its window
 (sockets present in both are stuck) and `tcptrace top` seeds its state counts from: the
-sockets of tcptrace's own network namespace, in the model's HostSnapshot.
+sockets of every network namespace the filter keeps, in the model's HostSnapshot, so that
+they are counted where the kernel's transitions are (its programs see every namespace).
 
 ``collect`` is the same for every network namespace on the host, with who holds each
 socket: pid, start time, name, cgroup (hence container and pod) and pid inside its own
@@ -20,7 +21,7 @@ from tcptrace.model.endpoint import owner_of
 from tcptrace.model.events import TcpState
 from tcptrace.model.filters import EventFilter
 from tcptrace.model.snapshot import HostSnapshot, HostSocket
-from tcptrace.system import cgroups, process, sockdiag, sockets
+from tcptrace.system import cgroups, netns, process, sockdiag, sockets
 from tcptrace.system.containers import CgroupIdentity, identify
 from tcptrace.system.netns import NetNamespace
 from tcptrace.system.process import ProcessInfo
@@ -29,25 +30,30 @@ from tcptrace.system.tcpsock import TcpSocket
 
 
 def take(flt: EventFilter | None = None, owners: bool = True) -> HostSnapshot:
-    """Every TCP socket now (of this network namespace) that passes ``flt``.
+    """Every TCP socket now, of every network namespace (``--netns``: of those), that passes
+    ``flt``.
 
     ``owners``: find the process holding each socket's fd (a walk of /proc/*/fd); sockets
     no file refers to (timewait sockets, orphans) have none, so an owner filter (--pid,
     --comm) leaves them out. ``at_ns`` is CLOCK_MONOTONIC right after the sockets were
-    listed (the walk of /proc/*/fd after it changes no state).
+    listed (the walk of /proc/*/fd after it changes no state). A namespace that went away
+    while it was listed is left out; tcptrace's own failing to list is an error.
     """
     flt = flt or EventFilter()
     families = (flt.family,) if flt.family is not None else (4, 6)
-    snap = sockets.own_namespace(families=families)
-    if not snap.complete:
-        raise TcptraceError(f"cannot list the host's TCP sockets: {snap.namespaces[0].error}")
+    where = [ns for ns in netns.namespaces() if not flt.netns or ns.inode in flt.netns]
+    snap = sockets.snapshot(namespaces=where, families=families)
+    own = netns.own()
+    for dump in snap.namespaces:
+        if dump.source is None and dump.netns.inode == own:
+            raise TcptraceError(f"cannot list the host's TCP sockets: {dump.error}")
     held = holders(s.inode for s in snap.sockets if s.inode) if owners else {}
     out = []
     for s in snap.sockets:
         chosen = matching_holder(s, held.get(s.inode, []) if s.inode else [], flt)
         if chosen is None:
             continue
-        out.append(HostSocket(s.endpoint, s.state, s.inode, owner_of(*chosen)))
+        out.append(HostSocket(s.endpoint, s.state, s.inode, owner_of(*chosen), netns=s.netns))
     return HostSnapshot(snap.at_ns, tuple(out))
 
 

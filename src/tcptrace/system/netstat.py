@@ -11,8 +11,11 @@ Both are of the reader's network namespace.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from tcptrace.errors import TcptraceError
+from tcptrace.system import netns
+from tcptrace.system.netns import NetNamespace
 
 SOCKSTAT = "/proc/net/sockstat"
 NETSTAT = "/proc/net/netstat"
@@ -60,6 +63,24 @@ def _read(path: str) -> str:
 
 def sockstat_tw(path: str = SOCKSTAT) -> int:
     return parse_sockstat_tw(_read(path), path)
+
+
+def sockstat_tw_all(namespaces: Iterable[NetNamespace] | None = None) -> int:
+    """TIME_WAIT sockets of every network namespace (each one's sockstat ``tw``, summed): the
+    scope tcptrace's programs count in, since they see every namespace. Another namespace is
+    read from a thread that entered it (``/proc/thread-self/net``); one gone meanwhile, or
+    that cannot be entered, counts 0. Only tcptrace's own failing to read is an error."""
+    own = netns.own()
+    total = 0
+    for ns in netns.namespaces() if namespaces is None else namespaces:
+        if ns.inode == own:
+            total += sockstat_tw()
+            continue
+        try:
+            total += netns.call_in(ns, lambda: sockstat_tw("/proc/thread-self/net/sockstat"))
+        except TcptraceError:
+            continue
+    return total
 
 
 def tcpext(path: str = NETSTAT) -> dict[str, int]:
