@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from tests.integration import helpers
 from tests.integration import workloads as w
 from tests.integration.helpers import wait_for
+from tests.integration.test_agent import agent, eventually, scrape
 
 
 def churn(port: int, n: int) -> None:
@@ -185,7 +187,11 @@ def test_capabilities_instead_of_root(port: int, caps: tuple[str, ...], ok: bool
 
 
 NON_ROOT = ("bpf", "perfmon", "dac_read_search", "sys_ptrace", "syslog")
-"""The set README and the DaemonSet document: every command works with it."""
+"""The set README documents: every command works with it (CAP_SYSLOG only names kernel
+stack frames, which `--stacks` shows)."""
+
+AGENT = tuple(c for c in NON_ROOT if c != "syslog")
+"""The set the systemd unit and the DaemonSet give the agent (tests/unit/test_agent_deploy.py)."""
 
 
 def test_the_documented_set_runs_the_timewait_part(port: int) -> None:
@@ -200,6 +206,44 @@ def test_the_documented_set_runs_the_timewait_part(port: int) -> None:
         done = subprocess.run([*_setpriv(*caps), *base], capture_output=True, text=True, cwd="/")
         assert done.returncode == 0, (caps, done.stderr)
         assert json.loads(done.stdout.splitlines()[-1])["type"] == "summary"
+
+
+def test_the_agent_runs_with_its_deployments_capabilities(port: int) -> None:
+    """As nobody with the unit's and the DaemonSet's four capabilities: it loads, counts a
+    leak and names its owner (another user's process, found at start), and serves it."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    holder = subprocess.Popen(
+        [
+            "setpriv",
+            "--reuid=1234",
+            "--regid=1234",
+            "--clear-groups",
+            "--",
+            sys.executable,
+            "-c",
+            HOLDER,
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    metrics = helpers.free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "tcptrace")
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        client = socket.create_connection(("127.0.0.1", port))
+        assert holder.stdout.readline().strip() == "accepted"
+        client.close()
+        time.sleep(0.3)  # the FIN: the holder's socket is in CLOSE_WAIT before the agent starts
+        with agent([*_setpriv(*AGENT), exe], metrics, "--port", str(port), "--threshold", "1s"):
+            labels = {"pid": str(holder.pid)}
+            assert eventually(metrics, "tcptrace_close_wait_sockets", 1, **labels) == 1
+            assert "tcptrace_build_info" in scrape(metrics)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # Holds one accepted connection for ever: its socket goes to CLOSE_WAIT when the peer closes.
