@@ -261,7 +261,9 @@ def render_all(tmp_path: Path, data_dir: Path, name: str) -> Iterator[Rendered]:
 
     # doctor: details carry paths and error messages of bcc and the kernel
     checks = [Check(name, False, name, name), Check("bcc", True, name)]
-    yield capture("doctor.print_checks", lambda c: v_doctor.print_checks(c, checks), shown)
+    width = v_doctor.names_width(checks)
+    yield capture("doctor.print_check_lines", lambda c: v_doctor.print_check_lines(c, checks, width), shown)
+    yield capture("doctor.print_verdict", lambda c: v_doctor.print_verdict(c, checks))  # counts only
 
 
 COVERED = {
@@ -278,7 +280,8 @@ COVERED = {
     "closelat.print_report",
     "closelat.print_flag",
     "closelat.print_summary",
-    "doctor.print_checks",
+    "doctor.print_check_lines",
+    "doctor.print_verdict",
 }
 # Live screens: rendered without a Console (then shown by rich's Live).
 LIVE = {"closewait.render", "timewait.render", "top.render", "report.render_report"}

@@ -11,20 +11,30 @@ from tcptrace.errors import TcptraceError
 from tcptrace.kernel import headers, loader
 from tcptrace.kernel.btf import Btf
 from tcptrace.views.common import make_console
-from tcptrace.views.doctor import Check, print_checks
+from tcptrace.views.doctor import ATTACH_NAME, Check, names_width, print_check_lines, print_verdict
 
 INSTALL = "run scripts/install as root"
 
 
 def run() -> None:
-    """Print every check; exit 1 when one that tracing needs failed."""
-    checks = run_checks()
-    print_checks(make_console(), checks)
+    """Print every check, the quick ones before the compile (seconds); exit 1 when one that
+    tracing needs failed."""
+    console = make_console()
+    checks, btf, can_attach = quick_checks()
+    width = names_width(checks)
+    print_check_lines(console, checks, width)
+    console.file.flush()  # seen now, also through a pipe
+    if can_attach:
+        attach = _attach_check(btf)
+        print_check_lines(console, [attach], width)
+        checks.append(attach)
+    print_verdict(console, checks)
     if any(c.required and not c.ok for c in checks):
         sys.exit(1)
 
 
-def run_checks() -> list[Check]:
+def quick_checks() -> tuple[list[Check], Btf | None, bool]:
+    """The checks that take no compile; the BTF read; whether the compile can be tried."""
     checks: list[Check] = []
     privileged = loader.has_tracing_privileges()
     checks.append(
@@ -86,9 +96,7 @@ def run_checks() -> list[Check]:
     checks.append(
         Check("ring buffer", (major, minor) >= (5, 8), f"kernel {release} (needs 5.8+)", "a 5.8+ kernel")
     )
-    if all(c.ok for c in checks if c.required) and bcc is not None:
-        checks.append(_attach_check(btf))
-    return checks
+    return checks, btf, all(c.ok for c in checks if c.required) and bcc is not None
 
 
 def _tracefs_if_mounted() -> str | None:
@@ -134,6 +142,6 @@ def _attach_check(btf: Btf | None) -> Check:
         with make_console(stderr=True).status("compiling and attaching every BPF program…"):
             program = loader.load(list(loader.PARTS.values()), btf=btf)
     except TcptraceError as exc:
-        return Check("compile and attach", False, str(exc), exc.hint or INSTALL)
+        return Check(ATTACH_NAME, False, str(exc), exc.hint or INSTALL)
     program.close()
-    return Check("compile and attach", True, f"all programs in {time.monotonic() - started:.1f}s")
+    return Check(ATTACH_NAME, True, f"all programs in {time.monotonic() - started:.1f}s")

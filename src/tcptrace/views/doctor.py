@@ -32,10 +32,20 @@ def check_line(check: Check, width: int = 38) -> Text:
     return text
 
 
-def print_checks(console: Console, checks: list[Check]) -> None:
-    width = max((len(safe(c.name)) for c in checks), default=0)
+ATTACH_NAME = "compile and attach"
+
+
+def names_width(checks: list[Check]) -> int:
+    """The name column's width: the longest name, the last check's (compile) included."""
+    return max([len(ATTACH_NAME), *(len(safe(c.name)) for c in checks)])
+
+
+def print_check_lines(console: Console, checks: list[Check], width: int) -> None:
     for check in checks:
         console.print(check_line(check, width), soft_wrap=True)
+
+
+def print_verdict(console: Console, checks: list[Check]) -> None:
     failed = [c for c in checks if c.required and not c.ok]
     console.print()
     if failed:
