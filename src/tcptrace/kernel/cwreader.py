@@ -49,6 +49,11 @@ CW_STAT_NAMES = (
 )
 PREEXISTING = 1  # TT_CW_PREEXISTING (tt_cw.flags)
 STACK_EXPIRED = "[stack expired]"
+RECYCLE_EVERY_NS = 10_000_000_000
+"""At most one emptying of the stack map this often: each one costs two syscalls a stack
+(~30 ms for a full map), and under churn whose stacks all differ (code without frame
+pointers) the map refuses stacks again within a second, so emptying it at every refusal
+made user-space CPU grow with the connection rate. Meanwhile refusals are counted."""
 
 
 class CloseWaitReader:
@@ -266,7 +271,8 @@ class LiveCloseWait:
     every ``recheck_ns`` compares it with /proc (model.heal); the sockets found in
     CLOSE_WAIT at start come from the session's seeding snapshot (every network
     namespace). Stacks resolve through ``stacks``; when the stack map refuses stacks,
-    every open socket's are resolved and the map is emptied."""
+    every open socket's are resolved and the map is emptied (at most every
+    ``RECYCLE_EVERY_NS``)."""
 
     def __init__(
         self,
@@ -286,6 +292,7 @@ class LiveCloseWait:
         self.recheck_ns = int(recheck_s * 1e9)
         self.next_recheck_ns: int | None = None
         self._stack_failed = 0
+        self._recycled_ns: int | None = None
 
     def add_preexisting(self) -> int:
         """The sockets in CLOSE_WAIT when the session's snapshot was taken; how many."""
@@ -309,8 +316,10 @@ class LiveCloseWait:
             self.model.apply(self.reader.snapshot(now_ns))
         self.stacks.forget_gone()
         failed = self.model.counters.stack_failed
-        if failed > self._stack_failed:
+        due = self._recycled_ns is None or now_ns - self._recycled_ns >= RECYCLE_EVERY_NS
+        if failed > self._stack_failed and due:
             self._stack_failed = failed
+            self._recycled_ns = now_ns
             self.model.resolve_all()
             self.stacks.recycle()
 
