@@ -652,7 +652,7 @@ def timewait(**given: Any) -> None:
     type=click.IntRange(min=1024),
     default=262144,
     show_default=True,
-    help="Size of the kernel's and the agent's socket tables (LRU).",
+    help="Size of the kernel's socket table (LRU): sockets whose owner it keeps.",
 )
 @click.option(
     "--log",

@@ -394,3 +394,22 @@ def test_rewrite_code_paths_touches_only_sockets_old_enough() -> None:
     assert young.origin is not None and young.origin.ustack == ("accept", "main")
     t.rewrite_code_paths(upper)  # no age given: every socket
     assert young.last_touch is not None and young.last_touch.ustack == ("RECV", "LEAK_FN")
+
+
+def test_the_summary_says_what_the_kernels_tables_had_no_room_for() -> None:
+    from tcptrace.model.closewait import CloseWaitModel
+    from tcptrace.model.cwagg import CwCounters
+    from tcptrace.views.closewait import print_summary
+
+    def shown(counters: CwCounters) -> str:
+        m = CloseWaitModel(threshold_ns=NS)
+        m.counters = counters
+        out = io.StringIO()
+        print_summary(Console(file=out, width=400, color_system=None), m, 2 * NS, {}, "end")
+        return out.getvalue().splitlines()[1]
+
+    assert "room" not in shown(CwCounters()) and "evicted" not in shown(CwCounters())
+    head = shown(CwCounters(open_failed=3, owner_failed=2, owner_forgotten=1_500))
+    assert "3 sockets in CLOSE_WAIT the kernel's table had no room for" in head
+    assert "2 owners the kernel's owner table had no room for" in head
+    assert "1,500 sockets whose owner was evicted from the kernel's socket table" in head

@@ -263,6 +263,16 @@ def print_summary(
     skipped = int(counters.get("skipped_transitions") or 0)
     if skipped:
         head.append(f", {skipped} transitions of the host skipped by the kernel", style="yellow")
+    if isinstance(tracker, CloseWaitModel):
+        # The kernel's tables refusing entries, or evicting owners: what the counts above miss.
+        c = tracker.counters
+        for n, what in (
+            (c.open_failed, "sockets in CLOSE_WAIT the kernel's table had no room for"),
+            (c.owner_failed, "owners the kernel's owner table had no room for"),
+            (c.owner_forgotten, "sockets whose owner was evicted from the kernel's socket table"),
+        ):
+            if n:
+                head.append(f", {n:,} {what}", style="yellow")
     console.print(head)
     console.print(render(tracker, now_ns, whois=whois, attributor=attributor, full=full))
     if tracker.open:
