@@ -534,6 +534,11 @@ def test_a_reused_pid_is_counted_as_another_process(
     created = "tcptrace_timewait_created_by_process_total"
     assert sample_value(metrics_text, created, {"pid": str(tw_a.pid), "comm": "twA"}) == 50
     assert sample_value(metrics_text, created, {"pid": str(tw_a.pid), "comm": "twB"}) == 50
+    # close() latency is keyed by the process's start too: each program's 50 calls its own.
+    closes = "tcptrace_close_duration_seconds_count"
+    for comm in ("twA", "twB"):
+        labels = {"pid": str(tw_a.pid), "comm": comm, "call": "close"}
+        assert sample_value(metrics_text, closes, labels) == 50, (comm, metrics_text)
 
 
 @pytest.fixture

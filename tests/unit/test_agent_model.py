@@ -162,13 +162,27 @@ def test_close_histograms_merge_stacks_per_process_and_call() -> None:
     h1, h2 = Log2Histogram.of([1000, 2000]), Log2Histogram.of([3000])
     m.tick(
         0,
-        cl_hists={(5, "close", 11): h1, (5, "close", 12): h2, (5, "shutdown", -1): h2},
-        cl_comm={(5, "close", 11): "srv", (5, "close", 12): "srv", (5, "shutdown", -1): "srv"},
+        cl_hists={(5, 9, "close", 11): h1, (5, 9, "close", 12): h2, (5, 9, "shutdown", -1): h2},
+        cl_comm={(5, 9, "close", 11): "srv", (5, 9, "close", 12): "srv", (5, 9, "shutdown", -1): "srv"},
     )
     text = scrape(m, NS)
     srv = {"pid": "5", "comm": "srv"}
     assert sample_value(text, "tcptrace_close_duration_seconds_count", {**srv, "call": "close"}) == 3
     assert sample_value(text, "tcptrace_close_duration_seconds_count", {**srv, "call": "shutdown"}) == 1
+
+
+def test_close_histograms_of_a_reused_pid_go_to_the_new_process() -> None:
+    m = AgentModel(AgentConfig())
+    old = {(5, 9, "close", -1): Log2Histogram.of([1000] * 4)}
+    m.tick(0, cl_hists=old, cl_comm={k: "nginx" for k in old})
+    # pid 5 exited and was reused by another program: the kernel keys its calls apart.
+    both = {**old, (5, 77, "close", -1): Log2Histogram.of([1000] * 2)}
+    comms = {(5, 9, "close", -1): "nginx", (5, 77, "close", -1): "cron"}
+    m.tick(NS, cl_hists=both, cl_comm=comms)
+    text = scrape(m, 2 * NS)
+    count = "tcptrace_close_duration_seconds_count"
+    assert sample_value(text, count, {"pid": "5", "comm": "nginx", "call": "close"}) == 4
+    assert sample_value(text, count, {"pid": "5", "comm": "cron", "call": "close"}) == 2
 
 
 def test_suspects_are_logged_when_new_or_grown_only() -> None:
@@ -216,11 +230,11 @@ def test_agent_usage_errors(args: list[str], message: str) -> None:
 
 def test_close_calls_stay_exact_while_per_process_series_come_and_go() -> None:
     m = AgentModel(AgentConfig(top_processes=2, label_idle_ns=3 * NS))
-    hists: dict[tuple[int, str, int], Log2Histogram] = {}
+    hists: dict[tuple[int, int, str, int], Log2Histogram] = {}
     made = 0
     for t in range(30):
         pid = 100 + t  # a new process every interval, each closing t + 1 sockets
-        hists[(pid, "close", -1)] = Log2Histogram.of([1000] * (t + 1))
+        hists[(pid, t, "close", -1)] = Log2Histogram.of([1000] * (t + 1))
         made += t + 1
         m.tick(t * NS, cl_hists=dict(hists), cl_comm={k: "worker" for k in hists})
     text = scrape(m, 30 * NS)

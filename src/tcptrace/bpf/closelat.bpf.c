@@ -44,6 +44,7 @@ struct tt_cl_key {
     __u32 op;                     /* TT_OP_CLOSE, TT_OP_SHUTDOWN, TT_OP_CLOSE_RANGE */
     __s32 ustack;                 /* user stack id at entry; -1 without TT_WITH_STACKS */
     __u32 pad;
+    __u64 start_ns;               /* the process's start: a reused pid is another key */
 };
 
 struct tt_cl_hist {
@@ -190,6 +191,7 @@ static __always_inline int tt_cl_exit(void *ctx, long ret)
     key.tgid = id >> 32;
     key.op = c.op;
     key.ustack = c.ustack;
+    key.start_ns = tt_current_start_ns();
     tt_cl_count(&key, d, flags);
     cl_stats.atomic_increment(TT_CL_STAT_CALLS);
     if (!flags)

@@ -120,18 +120,26 @@ struct tt_owner {
 };
 
 /* The calling process as an owner: only meaningful in process context. */
+/* The calling process's start (its leader's start_boottime; 0 when unreadable): with the
+ * tgid, what tells a process from a later one that reuses its pid. */
+static __always_inline __u64 tt_current_start_ns(void)
+{
+    const char *task = (const char *)bpf_get_current_task();
+    const char *leader = 0;
+    __u64 start_ns = 0;
+    bpf_probe_read_kernel(&leader, sizeof(leader), task + TT_TASK_GROUP_LEADER_OFF);
+    if (leader)
+        bpf_probe_read_kernel(&start_ns, sizeof(start_ns), leader + TT_TASK_START_BOOTTIME_OFF);
+    return start_ns;
+}
+
 static __always_inline void tt_owner_current(struct tt_owner *o)
 {
     o->tgid = bpf_get_current_pid_tgid() >> 32;
     bpf_get_current_comm(&o->comm, sizeof(o->comm));
     o->cgroup = bpf_get_current_cgroup_id();
     o->flags = tt_cgroup_member() ? TT_OWNER_IN_CGROUP : 0;
-    const char *task = (const char *)bpf_get_current_task();
-    const char *leader = 0;
-    o->start_ns = 0;
-    bpf_probe_read_kernel(&leader, sizeof(leader), task + TT_TASK_GROUP_LEADER_OFF);
-    if (leader)
-        bpf_probe_read_kernel(&o->start_ns, sizeof(o->start_ns), leader + TT_TASK_START_BOOTTIME_OFF);
+    o->start_ns = tt_current_start_ns();
 }
 
 /* Whether the calling process is not `o` as it was learned: another process, or the

@@ -35,7 +35,7 @@ class AgentMaps:
         self._tw = "timewait.bpf.c" in names
         self._cl = "closelat.bpf.c" in names
         self._raw: dict[tuple[str, Any], Any] = {}
-        self.cl_comm: dict[tuple[int, str, int], str] = {}
+        self.cl_comm: dict[tuple[int, int, str, int], str] = {}
         self._readers: dict[str, BatchReader] = {}  # one per table: buffers made once
 
     # ---- reads, keyed so that entries can be deleted later ------------------------------
@@ -69,9 +69,10 @@ class AgentMaps:
             out[dest] = int(v)
         return out
 
-    def cl_hists(self) -> dict[tuple[int, str, int], Log2Histogram]:
-        """(pid, call, user stack id) -> cumulative close() latency histogram; the comm is
-        kept aside (``cl_comm``)."""
+    def cl_hists(self) -> dict[tuple[int, int, str, int], Log2Histogram]:
+        """(pid, process start time, call, user stack id) -> cumulative close() latency
+        histogram; the comm (the process's, whose pid may be reused) is kept aside
+        (``cl_comm``)."""
         if not self._cl:
             return {}
         out = {}
@@ -81,7 +82,7 @@ class AgentMaps:
                 call = CALLS[Op(int(key.op))]
             except (ValueError, KeyError):
                 call = "close"
-            k = (int(key.tgid), call, int(key.ustack))
+            k = (int(key.tgid), int(key.start_ns), call, int(key.ustack))
             self._raw[("cl_hists", k)] = key
             counts = [int(v.slots[i]) for i in range(min(SLOTS, len(v.slots)))]
             out[k] = Log2Histogram.from_slots(counts, int(v.sum_ns), int(v.max_ns))

@@ -37,7 +37,8 @@ aggregate of the rest."""
 AGGREGATE: Proc = (0, OTHER, "", "", "")
 ProcKey = tuple[int, int]
 """(pid, process start time) of a tw_procs entry: a reused pid is another process."""
-ClKey = tuple[int, str, int]
+ClKey = tuple[int, int, str, int]
+"""(pid, process start time, call, user stack id) of a cl_hists entry."""
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,7 @@ class AgentModel:
             hdeltas, hidle = self.cl_hists.update(cl_hists)
             comms = cl_comm or {}
             for key, h in hdeltas.items():
-                pid, call, _stack = key
+                pid, _start_ns, call, _stack = key
                 limiter = self.close_by_proc.get(call)
                 if limiter is not None:
                     limiter.add(self.proc(pid, comms.get(key, "?")), h, now_ns)
