@@ -13,6 +13,7 @@ inside the session's block, so they are covered too.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -157,6 +158,21 @@ class KernelSource:
         self.program.close()
 
 
+def seed_note(failed: int) -> str:
+    """The line a session prints when owners of sockets found at start did not fit the
+    kernel's tables (the agent counts them in its metrics instead).
+
+    >>> seed_note(1200).split(":")[1]
+    ' note'
+    >>> seed_note(1200).split(":")[2]
+    " 1,200 owners of sockets found at start did not fit the kernel's tables"
+    """
+    return (
+        f"tcptrace: note: {failed:,} owners of sockets found at start did not fit the kernel's "
+        "tables: their sockets show no owner until a process touches them"
+    )
+
+
 @contextmanager
 def live_session(
     parts: Sequence[str],
@@ -200,6 +216,8 @@ def live_session(
         source = KernelSource(program, KernelStream(program, flt, symbolize=symbolize, lines=lines), scope)
         if seed:
             source.seeding = seed_owners(program, flt)
+            if source.seeding.planted.failed and not quiet:
+                print(seed_note(source.seeding.planted.failed), file=sys.stderr)
     except BaseException:
         program.close()
         raise
