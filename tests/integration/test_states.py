@@ -372,6 +372,7 @@ def test_a_server_started_before_tracing_owns_its_new_connections(port: int, tcp
         if o["type"] == "transition" and o["sport"] == port and o["dport"] in client_ports
     }
     for client in client_ports:
+        assert moves.get((client, "LISTEN", "SYN_RECV")) == server.pid, moves  # the child's birth
         assert moves.get((client, "SYN_RECV", "ESTABLISHED")) == server.pid, moves
         assert moves.get((client, "ESTABLISHED", "CLOSE_WAIT")) == server.pid, moves
     assert objs[-1]["type"] == "summary" and objs[-1]["lost"] == 0
