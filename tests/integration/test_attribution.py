@@ -88,6 +88,7 @@ class Traced:
 
 
 def closewait(cmd: list[str], port: int, touch_stacks: bool = True) -> Traced:
+    """``touch_stacks``: pass --touch-stacks; else no flag, the default (on: --port is given)."""
     return Traced(cmd, ["closewait", *(["--touch-stacks"] if touch_stacks else [])], port)
 
 
@@ -223,13 +224,18 @@ def test_node_server_leaking_on_one_route_is_named_by_that_routes_function(
     script.write_text(NODE_SERVER)
     node = ["node", "--perf-basic-prof", "--interpreted-frames-native-stack", str(script), str(port)]
     # In tmp_path: --perf-basic-prof also writes V8's isolate-*-v8.log into the working directory.
-    with closewait(tcptrace_cmd, port) as cw, started(node, cwd=tmp_path) as server:
+    # Both as a user runs them: --port alone keeps the touch before the FIN (no flag given).
+    with (
+        closewait(tcptrace_cmd, port, touch_stacks=False) as cw,
+        diagnose(tcptrace_cmd, port) as dg,
+        started(node, cwd=tmp_path) as server,
+    ):
         for _ in range(3):
             assert request(port, "/health").startswith(b"HTTP/1.1 200")
             assert request(port, "/upload", b"x" * 10).startswith(b"HTTP/1.1 201")
         for _ in range(2):
             assert request(port, "/upload", b"x" * 100).startswith(b"HTTP/1.1 413")
-        (summary,) = summaries_once_leaked(port, 2, cw)
+        summary, diagnosis = summaries_once_leaked(port, 2, cw, dg)
         pid = server.pid
 
     mine = groups_of(summary, pid, 2)
@@ -241,6 +247,8 @@ def test_node_server_leaking_on_one_route_is_named_by_that_routes_function(
         assert g["app_from"] == "pre_fin_touch" and g["pre_fin_touch"]["op"] == "SEND"
         assert "node-end-not-called" in [h["code"] for h in g["hints"]]
         assert_no_tracer_frames(g)
+    verdicts = leak_verdicts(diagnosis, pid)
+    assert verdicts and all(f"rejectTooLarge (server.js:{line}:" in v["text"] for v in verdicts), verdicts
 
 
 GO_PROGRAM = """\
