@@ -80,6 +80,14 @@ def test_the_daemonset_can_trace() -> None:
     assert {"/sys/kernel/tracing", "/sys/kernel/btf", "/lib/modules", "/usr/src"} <= mounts
     hosts = {v["hostPath"]["path"] for v in spec["volumes"]}
     assert {"/sys/kernel/tracing", "/sys/kernel/btf", "/lib/modules", "/usr/src"} <= hosts
+    # Pod and container names (system/containers.KubeletPods reads them at these paths, root /),
+    # and never the kubelet's pod directories, which hold every pod's secrets.
+    by_name = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
+    for path in ("/var/log/pods", "/var/log/containers"):
+        assert path in hosts and any(
+            m["mountPath"] == path and by_name[m["name"]] == path for m in container["volumeMounts"]
+        )
+    assert not any(h.startswith("/var/lib/kubelet") for h in hosts)
     args = container["args"]
     listen = next(a for a in args if a.startswith("--listen="))
     assert "0.0.0.0" not in listen
