@@ -10,8 +10,10 @@ here is removed however a test ends.
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -132,6 +134,53 @@ def cgroup_top() -> Iterator[Path]:
     finally:
         helpers.remove_cgroups(top)
     assert not top.exists()
+
+
+IN_A_PRIVATE_CGROUP_NAMESPACE = """
+import json, os, sys
+from tcptrace.system import cgroups, process
+target = int(sys.argv[1])
+seen = cgroups.parse_proc_cgroup(open(f"/proc/{target}/cgroup").read())
+own = cgroups.id_of_pid(os.getpid())
+path = process.read(target).cgroup
+print(json.dumps({"seen": seen, "id": cgroups.id_of_pid(target), "own": own, "path": path}))
+"""
+
+
+def test_a_process_outside_a_private_cgroup_namespace_is_found_by_its_cgroup(cgroup_top: Path) -> None:
+    """From a pod's private cgroup namespace, another pod's process reads /../../x in
+    /proc/PID/cgroup: resolved in the cgroup tree, not lost (a DaemonSet's view)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    pod = cgroup_top / "kubepods.slice" / "pod-a"
+    other = cgroup_top / "kubepods.slice" / "pod-b"
+    pod.mkdir(parents=True)
+    other.mkdir()
+    target = Server(other)  # a process of another pod
+    try:
+        run = subprocess.run(
+            [
+                "sh",
+                "-c",
+                f'echo $$ > {pod}/cgroup.procs && exec unshare --cgroup "$0" -c "$1" "$2"',
+                sys.executable,
+                IN_A_PRIVATE_CGROUP_NAMESPACE,
+                str(target.pid),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert run.returncode == 0, run.stderr
+        inside = json.loads(run.stdout)
+        assert inside["seen"] == "/../pod-b", inside  # as the namespace shows it
+        assert inside["id"] == other.stat().st_ino == cgroups.id_of_pid(target.pid)
+        assert inside["own"] == pod.stat().st_ino
+        # Named by its whole path (its pod and QoS are in the upper components).
+        assert inside["path"] == f"/{cgroup_top.name}/kubepods.slice/pod-b"
+    finally:
+        target.stop()
 
 
 @contextmanager

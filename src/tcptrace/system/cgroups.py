@@ -9,6 +9,7 @@ the path says which one owns a socket when pids alone do not (pid namespaces).
 from __future__ import annotations
 
 import os
+import posixpath
 import time
 from collections.abc import Iterator
 from functools import lru_cache
@@ -62,9 +63,79 @@ def id_of_pid(pid: int) -> int | None:
             path = parse_proc_cgroup(fh.read())
         if path is None:
             return None
-        return os.stat(os.path.join(root, path.lstrip("/"))).st_ino
+        mounted = mounted_path(path, root)
+        if mounted is None:
+            return None
+        return os.stat(os.path.join(root, mounted.lstrip("/"))).st_ino
     except OSError:
         return None
+
+
+def mounted_path(path: str, root: str) -> str | None:
+    """A cgroup path as /proc shows it, relative to this process's cgroup namespace (from a
+    pod's private namespace another pod's process reads ``/../../x``), as a path in the tree
+    mounted at ``root`` (which may be the host's whole tree); None when that tree does not
+    reach it or the namespace's root cannot be found in it. Outside a private namespace the
+    path is the same."""
+    if not _private_namespace():
+        return path
+    base = _namespace_root(root)
+    if base is None:
+        return None
+    resolved = posixpath.normpath(posixpath.join(base, path.lstrip("/")))
+    return None if resolved.startswith("/..") else resolved
+
+
+def host_path(path: str | None) -> str | None:
+    """A process's cgroup path as /proc shows it, with a ``/..``-relative one (a process
+    outside this process's cgroup namespace) made whole where the mounted tree holds it, so
+    that its upper components (pod, QoS) name it too; else as it is.
+
+    >>> host_path("/system.slice/x.service"), host_path(None)
+    ('/system.slice/x.service', None)
+    """
+    if path is None or not path.startswith("/.."):
+        return path
+    root = cgroup2_root()
+    whole = mounted_path(path, root) if root is not None else None
+    return whole if whole is not None else path
+
+
+@lru_cache(maxsize=1)
+def _private_namespace() -> bool:
+    """Whether this process has a cgroup namespace of its own (not init's)."""
+    try:
+        return os.stat("/proc/self/ns/cgroup").st_ino != os.stat("/proc/1/ns/cgroup").st_ino
+    except OSError:
+        return True  # init's is not readable: find the namespace's root in the tree
+
+
+@lru_cache(maxsize=4)
+def _namespace_root(root: str) -> str | None:
+    """Where this process's cgroup namespace root is in the tree mounted at ``root``: the
+    cgroup that lists this process (it reads its own cgroup as ``/SUB`` in its namespace),
+    less ``SUB``. Looked for once; None when the tree does not hold it."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            own = parse_proc_cgroup(fh.read())
+    except OSError:
+        return None
+    if own is None or own.startswith("/.."):
+        return None
+    me = str(os.getpid())
+    for path, _ in walk(root):
+        try:
+            with open(os.path.join(root, path.lstrip("/"), "cgroup.procs")) as fh:
+                if me not in fh.read().split():
+                    continue
+        except OSError:
+            continue
+        if own == "/":
+            return path
+        if path == own or path.endswith(own):
+            return path[: len(path) - len(own)] or "/"
+        return None
+    return None
 
 
 def id_of_path(path: str) -> int | None:

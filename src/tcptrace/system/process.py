@@ -108,7 +108,7 @@ def read(pid: int, proc: str = "/proc") -> ProcessInfo | None:
     except (OSError, ValueError, IndexError):
         return None
     try:
-        cgroup = parse_cgroup(_read(f"{proc}/{pid}/cgroup"))
+        cgroup = cgroups.host_path(parse_cgroup(_read(f"{proc}/{pid}/cgroup")))
     except OSError:
         cgroup = None
     try:

@@ -219,6 +219,6 @@ def _named(path: str | None) -> Callable[[int], str | None]:
 def _cgroup_path(pid: int, proc: str = "/proc") -> str | None:
     try:
         with open(f"{proc}/{pid}/cgroup", "rb") as fh:
-            return cgroups.parse_proc_cgroup(os.fsdecode(fh.read()))
+            return cgroups.host_path(cgroups.parse_proc_cgroup(os.fsdecode(fh.read())))
     except OSError:
         return None
