@@ -53,6 +53,14 @@ def test_bcc_short_forms_and_comma_lists(monkeypatch: pytest.MonkeyPatch, comman
     assert flt.pids == {3, 4, 5} and flt.remote_ports == {53, 5353} and flt.netns == {4026532281}
 
 
+@pytest.mark.parametrize("command", FILTERED)
+def test_6_keeps_ipv6_only(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    filters = given(monkeypatch, command, "-6")["filters"]
+    assert filters.ipv6 and not filters.ipv4
+    assert filters.event_filter(live=False).family == 6
+    assert given(monkeypatch, command)["filters"].event_filter(live=False).family is None
+
+
 @pytest.mark.parametrize("command", WITH_JSON)
 def test_j_is_json(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     assert given(monkeypatch, command, "-j")["as_json"] is True
