@@ -429,3 +429,33 @@ def test_patterns_are_counted_across_chunk_boundaries_and_never_twice() -> None:
             b'{"type":"timewait"': 0,
             b'{"type":"close"': 3,
         }, size
+
+
+def snapshot_of(sockets: int, every_ms: float) -> dict[str, Any]:
+    case = {"median_ms": every_ms, "best_ms": every_ms - 2, "cpu_median_ms": every_ms, "count": sockets}
+    held = {"median_ms": 250.0, "best_ms": 246.0, "cpu_median_ms": 250.0, "count": sockets}
+    return {
+        "states": {"ESTABLISHED": sockets - 100, "LISTEN": 100},
+        "snapshot_every_namespace": case,
+        "sock_diag_all": case,
+        "collect_all_with_owners": held,
+    }
+
+
+def test_the_snapshot_target_is_judged_on_50k_sockets_only() -> None:
+    def verdict(snapshot: dict[str, Any] | None) -> Any:
+        (v,) = [
+            v for v in evaluate_targets([], [], (), snapshot) if v.target.startswith("snapshot of a host")
+        ]
+        return v
+
+    assert verdict(snapshot_of(50_000, 82.0)).met is True
+    assert (
+        "82 ms for every namespace (50,000 sockets, median); 250 ms with their holders"
+        in verdict(snapshot_of(50_000, 82.0)).detail
+    )
+    assert verdict(snapshot_of(50_000, 120.0)).met is False
+    assert verdict(snapshot_of(5_000, 9.0)).met is None  # --quick: too few sockets to judge
+    assert verdict(None).met is None
+    table = render_markdown({"snapshot_cost": snapshot_of(50_000, 82.0)}, [], [], [], [])
+    assert "### Host snapshot: 50,000 sockets" in table and "| every namespace on the host | 82.0 |" in table
