@@ -384,20 +384,26 @@ SNAPSHOT_CASES = {
 
 
 def snapshot_verdicts(snapshot: Mapping[str, Any] | None) -> list[Verdict]:
-    """Issue 15: a snapshot of a host with 50k sockets in under 100 ms (the sock_diag dump of
-    every namespace, median of the runs)."""
+    """Issue 15: a snapshot of a host with 50k sockets in under 100 ms: the sock_diag dump of
+    the bench's namespace of 50k sockets (median of the runs). Every namespace of the host
+    (the bench's loads leave their TIME_WAIT sockets there) and the holders' walk are said."""
     target = f"snapshot of a host with {SNAPSHOT_TARGET_SOCKETS:,} sockets < {SNAPSHOT_TARGET_MS:.0f} ms"
-    if not snapshot or "snapshot_every_namespace" not in snapshot:
+    one = snapshot.get("sock_diag_all") if snapshot else None
+    if not isinstance(one, Mapping):
         return [Verdict(target, None, "not measured")]
-    made = sum(snapshot.get("states", {}).values())
-    every = snapshot["snapshot_every_namespace"]["median_ms"]
+    made, ms = int(one["count"]), float(one["median_ms"])
     if made < SNAPSHOT_TARGET_SOCKETS * 0.99:
-        return [Verdict(target, None, f"measured with {made:,} sockets only ({every:.0f} ms)")]
-    held = snapshot.get("collect_all_with_owners", {}).get("median_ms")
-    detail = f"{every:.0f} ms for every namespace ({made:,} sockets, median)"
-    if held is not None:
-        detail += f"; {held:.0f} ms with their holders, as seeding reads them"
-    return [Verdict(target, every < SNAPSHOT_TARGET_MS, detail)]
+        return [Verdict(target, None, f"measured with {made:,} sockets only ({ms:.0f} ms)")]
+    detail = f"{ms:.0f} ms for {made:,} sockets (median)"
+    every = snapshot.get("snapshot_every_namespace") if snapshot else None
+    if isinstance(every, Mapping):
+        detail += (
+            f"; every namespace of the host ({int(every['count']):,} sockets): {every['median_ms']:.0f} ms"
+        )
+    held = snapshot.get("collect_all_with_owners") if snapshot else None
+    if isinstance(held, Mapping):
+        detail += f"; with the holders, as seeding reads them: {held['median_ms']:.0f} ms"
+    return [Verdict(target, ms < SNAPSHOT_TARGET_MS, detail)]
 
 
 def snapshot_table(snapshot: Mapping[str, Any]) -> str:
