@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -213,37 +215,14 @@ def test_the_agent_runs_with_its_deployments_capabilities(port: int) -> None:
     leak and names its owner (another user's process, found at start), and serves it."""
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux)")
-    holder = subprocess.Popen(
-        [
-            "setpriv",
-            "--reuid=1234",
-            "--regid=1234",
-            "--clear-groups",
-            "--",
-            sys.executable,
-            "-c",
-            HOLDER,
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd="/",
-    )
     metrics = helpers.free_port()
     exe = os.path.join(os.path.dirname(sys.executable), "tcptrace")
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        client = socket.create_connection(("127.0.0.1", port))
-        assert holder.stdout.readline().strip() == "accepted"
-        client.close()
-        time.sleep(0.3)  # the FIN: the holder's socket is in CLOSE_WAIT before the agent starts
+    # The holder's socket is in CLOSE_WAIT before the agent starts.
+    with another_users_close_wait(port) as holder:
         with agent([*_setpriv(*AGENT), exe], metrics, "--port", str(port), "--threshold", "1s"):
             labels = {"pid": str(holder.pid)}
             assert eventually(metrics, "tcptrace_close_wait_sockets", 1, **labels) == 1
             assert "tcptrace_build_info" in scrape(metrics)
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 # Holds one accepted connection for ever: its socket goes to CLOSE_WAIT when the peer closes.
@@ -257,13 +236,10 @@ time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("ptrace", [True, False], ids=["with_sys_ptrace", "without_sys_ptrace"])
-def test_owners_of_other_users_sockets(port: int, ptrace: bool) -> None:
-    """A socket in CLOSE_WAIT held by another user's process, found at start (/proc/PID/fd):
-    its owner is found with CAP_SYS_PTRACE (and CAP_DAC_READ_SEARCH, which lists the fd
-    directory), and without it the view says so rather than showing '-'."""
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv (util-linux)")
+@contextlib.contextmanager
+def another_users_close_wait(port: int) -> Iterator[subprocess.Popen[str]]:
+    """HOLDER run as uid 1234, its one accepted connection in CLOSE_WAIT (the peer closed);
+    killed on the way out."""
     holder = subprocess.Popen(
         [
             "setpriv",
@@ -286,14 +262,25 @@ def test_owners_of_other_users_sockets(port: int, ptrace: bool) -> None:
         assert holder.stdout.readline().strip() == "accepted"
         client.close()
         time.sleep(0.3)  # the FIN: the holder's socket is in CLOSE_WAIT
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("ptrace", [True, False], ids=["with_sys_ptrace", "without_sys_ptrace"])
+def test_owners_of_other_users_sockets(port: int, ptrace: bool) -> None:
+    """A socket in CLOSE_WAIT held by another user's process, found at start (/proc/PID/fd):
+    its owner is found with CAP_SYS_PTRACE (and CAP_DAC_READ_SEARCH, which lists the fd
+    directory), and without it the view says so rather than showing '-'."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    with another_users_close_wait(port) as holder:
         caps = NON_ROOT if ptrace else tuple(c for c in NON_ROOT if c != "sys_ptrace")
         exe = os.path.join(os.path.dirname(sys.executable), "tcptrace")
         cmd = [*_setpriv(*caps), exe, "closewait", "--port", str(port), "--duration", "2", "--recheck", "0"]
         text = subprocess.run(cmd, capture_output=True, text=True, cwd="/", timeout=120)
         as_json = subprocess.run([*cmd, "--json"], capture_output=True, text=True, cwd="/", timeout=120)
-    finally:
-        holder.kill()
-        holder.wait()
     assert text.returncode == 0 and as_json.returncode == 0, text.stderr + as_json.stderr
     (sock,) = json.loads(as_json.stdout.splitlines()[-1])["sockets"]
     row = next(line for line in text.stdout.splitlines() if f":{port}" in line and "127.0.0.1" in line)
