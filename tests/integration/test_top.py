@@ -32,10 +32,25 @@ SS_NAMES = {
 }
 
 
-def ss_states(*ports: int) -> Counter[str]:
+def ss_states(*ports: int, netns: str | None = None) -> Counter[str]:
+    """Sockets per state of ``ports``, as ss lists them in this network namespace or in the
+    one named ``netns``."""
     expr = " or ".join(f"sport = :{p} or dport = :{p}" for p in ports)
-    out = subprocess.run(["ss", "-tanH", f"( {expr} )"], capture_output=True, text=True, check=True).stdout
+    prefix = ["ip", "netns", "exec", netns] if netns is not None else []
+    out = subprocess.run(
+        [*prefix, "ss", "-tanH", f"( {expr} )"], capture_output=True, text=True, check=True
+    ).stdout
     return Counter(SS_NAMES[line.split()[0]] for line in out.splitlines() if line.strip())
+
+
+def shown_counts(out: str) -> dict[str, int]:
+    """top's count per state, from its last screen's rows."""
+    shown: dict[str, int] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] in SS_NAMES.values() and fields[1].replace(",", "").isdigit():
+            shown[fields[0]] = int(fields[1].replace(",", ""))
+    return shown
 
 
 def hold(listener: socket.socket) -> list[socket.socket]:
@@ -100,11 +115,7 @@ def test_state_counts_match_ss(
             for c in held:
                 c.close()
     assert proc.returncode == 0, err
-    shown: dict[str, int] = {}
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[0] in SS_NAMES.values() and fields[1].replace(",", "").isdigit():
-            shown[fields[0]] = int(fields[1].replace(",", ""))
+    shown = shown_counts(out)
     assert truth["CLOSE_WAIT"] == 5 and truth["TIME_WAIT"] == 2 and truth["ESTABLISHED"] == 4
     assert truth["FIN_WAIT2"] == 5 and truth["LISTEN"] == 2
     assert set(truth) <= set(shown)
@@ -120,15 +131,6 @@ def test_state_counts_match_ss(
     # The leaky server holds the five in CLOSE_WAIT (process table).
     row = next(line for line in out.splitlines() if "leaky_server" in line)
     assert row.split()[2] == "5", out
-
-
-def shown_counts(out: str) -> dict[str, int]:
-    shown: dict[str, int] = {}
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[0] in SS_NAMES.values() and fields[1].replace(",", "").isdigit():
-            shown[fields[0]] = int(fields[1].replace(",", ""))
-    return shown
 
 
 def test_state_counts_cover_every_network_namespace_as_the_kernel_does(tcptrace_cmd: list[str]) -> None:
@@ -163,7 +165,7 @@ def test_state_counts_cover_every_network_namespace_as_the_kernel_does(tcptrace_
                 client.close()
                 server.close()
             time.sleep(1.0)
-            truth = ss_states_in(None, port) + ss_states_in(name, port)
+            truth = ss_states(port) + ss_states(port, netns=name)
             out, err = proc.communicate(timeout=60)
         finally:
             for sock in host + inside:
@@ -175,14 +177,6 @@ def test_state_counts_cover_every_network_namespace_as_the_kernel_does(tcptrace_
     skipped = int(m[-1]) if m else 0
     off = sum(abs(shown.get(state, 0) - n) for state, n in truth.items())
     assert off <= 2 * skipped, (shown, truth, out)
-
-
-def ss_states_in(name: str | None, port: int) -> Counter[str]:
-    """``ss_states`` of one namespace (None: this one)."""
-    prefix = ["ip", "netns", "exec", name] if name is not None else []
-    expr = f"( sport = :{port} or dport = :{port} )"
-    out = subprocess.run([*prefix, "ss", "-tanH", expr], capture_output=True, text=True, check=True).stdout
-    return Counter(SS_NAMES[line.split()[0]] for line in out.splitlines() if line.strip())
 
 
 def test_keys_in_a_terminal_and_q_quits(tcptrace_cmd: list[str], port: int) -> None:
