@@ -31,7 +31,8 @@ from tcptrace.model.filters import EventFilter
 from tcptrace.model.overview import Emulation, Overview
 from tcptrace.model.snapshot import HostSnapshot
 from tcptrace.model.timewait import TW_MAP_FAILURES
-from tcptrace.system import hostsnap
+from tcptrace.system import hostsnap, netns
+from tcptrace.system.netns import NetNamespace
 from tcptrace.system.netstat import sockstat_tw_all
 from tcptrace.views import top as view
 from tcptrace.views.common import make_console, start_live, use_units
@@ -58,6 +59,9 @@ class Feeds:
     host_tw: bool = False
     """Read the host's TIME_WAIT count (sockstat, every namespace): only when nothing is
     filtered out."""
+    namespaces: list[NetNamespace] | None = None
+    """The host's network namespaces, listed at each reseed (a walk of /proc/*/ns/net): what
+    the snapshot and, at every tick, the TIME_WAIT count read."""
 
     def seed(self, flt: EventFilter) -> HostSnapshot | None:
         """Live: the sockets in CLOSE_WAIT before start (from the session's snapshot), counts
@@ -76,7 +80,8 @@ class Feeds:
         skipped run, a socket a filter could not tell then) stops counting. ``owners``: read
         the holders of every socket (else only when a filter needs them)."""
         assert self.closewait is not None
-        snap = hostsnap.take(flt, owners=owners or flt.by_owner)
+        self.namespaces = netns.namespaces()
+        snap = hostsnap.take(flt, owners=owners or flt.by_owner, namespaces=self.namespaces)
         moves = self.closewait.reader.state_moves()
         tw = self.timewait.counts() if self.timewait is not None else None
         self.overview.states.seed((s.state for s in snap.sockets), snap.at_ns, moves, tw)
@@ -99,7 +104,7 @@ class Feeds:
         host_tw = None
         if self.host_tw:
             try:
-                host_tw = sockstat_tw_all()
+                host_tw = sockstat_tw_all(self.namespaces)
             except TcptraceError:
                 host_tw = None
         lost = int(self.source.counters().get("lost", 0))

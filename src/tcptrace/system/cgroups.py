@@ -87,15 +87,15 @@ def mounted_path(path: str, root: str) -> str | None:
 
 
 def host_path(path: str | None) -> str | None:
-    """A process's cgroup path as /proc shows it, with a ``/..``-relative one (a process
-    outside this process's cgroup namespace) made whole where the mounted tree holds it, so
-    that its upper components (pod, QoS) name it too; else as it is.
+    """A process's cgroup path as /proc shows it, as a path of the mounted tree
+    (``mounted_path``: from a private cgroup namespace, another pod's ``/../../x`` made whole,
+    so that its upper components, pod and QoS, name it too); else as it is.
 
     >>> host_path("/system.slice/x.service"), host_path(None)
     ('/system.slice/x.service', None)
     """
-    if path is None or not path.startswith("/.."):
-        return path
+    if path is None:
+        return None
     root = cgroup2_root()
     whole = mounted_path(path, root) if root is not None else None
     return whole if whole is not None else path

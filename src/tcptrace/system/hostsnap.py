@@ -29,9 +29,11 @@ from tcptrace.system.procfd import Holder, holders, matching_holder
 from tcptrace.system.tcpsock import TcpSocket
 
 
-def take(flt: EventFilter | None = None, owners: bool = True) -> HostSnapshot:
-    """Every TCP socket now, of every network namespace (``--netns``: of those), that passes
-    ``flt``.
+def take(
+    flt: EventFilter | None = None, owners: bool = True, namespaces: Iterable[NetNamespace] | None = None
+) -> HostSnapshot:
+    """Every TCP socket now, of every network namespace (``namespaces``: those listed, else
+    the host's now; ``--netns``: those it names), that passes ``flt``.
 
     ``owners``: find the process holding each socket's fd (a walk of /proc/*/fd); sockets
     no file refers to (timewait sockets, orphans) have none, so an owner filter (--pid,
@@ -41,7 +43,8 @@ def take(flt: EventFilter | None = None, owners: bool = True) -> HostSnapshot:
     """
     flt = flt or EventFilter()
     families = (flt.family,) if flt.family is not None else (4, 6)
-    where = [ns for ns in netns.namespaces() if not flt.netns or ns.inode in flt.netns]
+    listed = netns.namespaces() if namespaces is None else namespaces
+    where = [ns for ns in listed if not flt.netns or ns.inode in flt.netns]
     snap = sockets.snapshot(namespaces=where, families=families)
     own = netns.own()
     for dump in snap.namespaces:
