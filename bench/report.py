@@ -388,19 +388,20 @@ def snapshot_verdicts(snapshot: Mapping[str, Any] | None) -> list[Verdict]:
     the bench's namespace of 50k sockets (median of the runs). Every namespace of the host
     (the bench's loads leave their TIME_WAIT sockets there) and the holders' walk are said."""
     target = f"snapshot of a host with {SNAPSHOT_TARGET_SOCKETS:,} sockets < {SNAPSHOT_TARGET_MS:.0f} ms"
-    one = snapshot.get("sock_diag_all") if snapshot else None
+    snapshot = snapshot or {}
+    one = snapshot.get("sock_diag_all")
     if not isinstance(one, Mapping):
         return [Verdict(target, None, "not measured")]
     made, ms = int(one["count"]), float(one["median_ms"])
     if made < SNAPSHOT_TARGET_SOCKETS * 0.99:
         return [Verdict(target, None, f"measured with {made:,} sockets only ({ms:.0f} ms)")]
     detail = f"{ms:.0f} ms for {made:,} sockets (median)"
-    every = snapshot.get("snapshot_every_namespace") if snapshot else None
+    every = snapshot.get("snapshot_every_namespace")
     if isinstance(every, Mapping):
         detail += (
             f"; every namespace of the host ({int(every['count']):,} sockets): {every['median_ms']:.0f} ms"
         )
-    held = snapshot.get("collect_all_with_owners") if snapshot else None
+    held = snapshot.get("collect_all_with_owners")
     if isinstance(held, Mapping):
         detail += f"; with the holders, as seeding reads them: {held['median_ms']:.0f} ms"
     return [Verdict(target, ms < SNAPSHOT_TARGET_MS, detail)]
