@@ -118,11 +118,23 @@ def record_done(path: str, events: int, lost: int, size: int, skipped: int = 0, 
     line = f"recorded {events:,} events to {safe(path)} ({_size(size)}), {lost:,} lost"
     if lost:
         line += " (the ring buffer was full: raise --buffer or narrow the filters)"
+    return "".join([line, *(f", {note}" for note in unseen_notes(skipped, unseen))])
+
+
+def unseen_notes(skipped: int, unseen: int) -> list[str]:
+    """What the kernel did not see, as `states`' summary and `record`'s last line say it:
+    runs of the transition programs it skipped, and sockets whose last transitions went
+    unseen (``unseen_end``).
+
+    >>> unseen_notes(0, 0), unseen_notes(1200, 1)
+    ([], ['1,200 transition hook runs skipped by the kernel', '1 socket whose last transitions went unseen'])
+    """
+    notes = []
     if skipped:
-        line += f", {skipped:,} transition hook runs skipped by the kernel"
+        notes.append(f"{skipped:,} transition hook runs skipped by the kernel")
     if unseen:
-        line += f", {unseen:,} socket{'s' if unseen != 1 else ''} whose last transitions went unseen"
-    return line
+        notes.append(f"{unseen:,} socket{'s' if unseen != 1 else ''} whose last transitions went unseen")
+    return notes
 
 
 def print_summary(console: Console, summary: StatesSummary, counters: dict[str, Any], reason: str) -> None:
@@ -131,11 +143,8 @@ def print_summary(console: Console, summary: StatesSummary, counters: dict[str, 
     head = Text(f"{summary.events} events")
     head.append(f", {lost} lost", style="bold red" if lost else "")
     skipped = int(counters.get("skipped_transitions") or 0)
-    if skipped:
-        head.append(f", {skipped} transition hook runs skipped by the kernel", style="bold yellow")
-    unseen = int(counters.get("unseen_end") or 0)
-    if unseen:
-        head.append(f", {unseen} sockets whose last transitions went unseen", style="bold yellow")
+    for note in unseen_notes(skipped, int(counters.get("unseen_end") or 0)):
+        head.append(f", {note}", style="bold yellow")
     head.append(f" (stopped: {reason})")
     console.print(head)
     if not summary.transitions:
